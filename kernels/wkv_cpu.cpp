@@ -1,0 +1,273 @@
+// RWKV-4 WKV operator on the CPU: inference forward with state in/out, and the training
+// forward/backward (empty initial state). Same math and signature as wkv.wkv_reference.
+//
+// Layout: k, v, y are [B, T, C] contiguous; w, u are [C]; aa, bb, pp are [B, C] float32.
+// Work is split over (batch, block of channels) with at::parallel_for; inside a block the
+// channel loop is contiguous and branch-free, so the compiler vectorises it (exp included:
+// exp_nonpos below is plain arithmetic, unlike libm's expf).
+//
+// Only exponents <= 0 are ever exponentiated (the running-maximum trick), so nothing overflows
+// for any w or k a float can hold.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // channels per task: 256 B of each stream per time step
+
+// exp(x) for x <= 0, about 2 ulp, vectorisable. Below -87.3 the true value is denormal or zero
+// and is flushed to 0 (it is always added to a term equal to 1, so nothing is lost).
+static inline float exp_nonpos(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float log2e = 1.44269504088896341f;
+  // round(clamped * log2e) with the 1.5 * 2^23 trick (valid without -ffast-math)
+  const float shifter = 12582912.0f;
+  const float n = (clamped * log2e + shifter) - shifter;
+  const float r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // Cody-Waite
+  // exp(r) on |r| <= ln2/2: degree-6 Taylor/minimax polynomial
+  float p = 1.3888889e-3f;
+  p = p * r + 8.3333333e-3f;
+  p = p * r + 4.1666667e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+static inline double exp_nonpos(double x) { return std::exp(x); }
+
+template <typename scalar_t>
+static inline float to_float(scalar_t x) { return static_cast<float>(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Inference forward: state in, state out, y in the input dtype.
+template <typename scalar_t>
+void forward_kernel(int64_t B, int64_t T, int64_t C, const float* w, const float* u,
+                    const scalar_t* k, const scalar_t* v, scalar_t* y,
+                    float* aa, float* bb, float* pp) {
+  const int64_t blocks_per_row = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+    float a[kBlock], b[kBlock], p[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bi = task / blocks_per_row;
+      const int64_t c0 = (task % blocks_per_row) * kBlock;
+      const int64_t n = std::min(kBlock, C - c0);
+      float* aa_row = aa + bi * C + c0;
+      float* bb_row = bb + bi * C + c0;
+      float* pp_row = pp + bi * C + c0;
+      const float* wc = w + c0;
+      const float* uc = u + c0;
+      for (int64_t j = 0; j < n; ++j) { a[j] = aa_row[j]; b[j] = bb_row[j]; p[j] = pp_row[j]; }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t off = (bi * T + t) * C + c0;
+        const scalar_t* kt = k + off;
+        const scalar_t* vt = v + off;
+        scalar_t* yt = y + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float kk = to_float(kt[j]);
+          const float vv = to_float(vt[j]);
+          // output: one of the two factors is exp(0) = 1, so a single exp suffices
+          const float ww = uc[j] + kk;
+          const float d = p[j] - ww;
+          const float ed = exp_nonpos(d > 0.0f ? -d : d);
+          const float e1 = d > 0.0f ? 1.0f : ed;   // weight of the state
+          const float e2 = d > 0.0f ? ed : 1.0f;   // weight of the current token (with bonus)
+          yt[j] = static_cast<scalar_t>((e1 * a[j] + e2 * vv) / (e1 * b[j] + e2));
+          // state update
+          const float ws = p[j] + wc[j];
+          const float d2 = ws - kk;
+          const float ed2 = exp_nonpos(d2 > 0.0f ? -d2 : d2);
+          const float f1 = d2 > 0.0f ? 1.0f : ed2;
+          const float f2 = d2 > 0.0f ? ed2 : 1.0f;
+          a[j] = f1 * a[j] + f2 * vv;
+          b[j] = f1 * b[j] + f2;
+          p[j] = d2 > 0.0f ? ws : kk;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) { aa_row[j] = a[j]; bb_row[j] = b[j]; pp_row[j] = p[j]; }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training forward (empty state). Also writes log D_t (log of the denominator at t), which the
+// backward needs to keep every exponent <= 0. acc_t is float, or double for gradcheck.
+template <typename acc_t>
+void train_forward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, const acc_t* u,
+                          const acc_t* k, const acc_t* v, acc_t* y, acc_t* log_d) {
+  const int64_t blocks_per_row = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+    acc_t a[kBlock], b[kBlock], p[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bi = task / blocks_per_row;
+      const int64_t c0 = (task % blocks_per_row) * kBlock;
+      const int64_t n = std::min(kBlock, C - c0);
+      for (int64_t j = 0; j < n; ++j) { a[j] = 0; b[j] = 0; p[j] = acc_t(-1e30); }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t off = (bi * T + t) * C + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t kk = k[off + j], vv = v[off + j];
+          const acc_t ww = u[c0 + j] + kk;
+          const acc_t d = p[j] - ww;
+          const acc_t ed = exp_nonpos(d > 0 ? -d : d);
+          const acc_t e1 = d > 0 ? acc_t(1) : ed;
+          const acc_t e2 = d > 0 ? ed : acc_t(1);
+          const acc_t den = e1 * b[j] + e2;
+          y[off + j] = (e1 * a[j] + e2 * vv) / den;
+          log_d[off + j] = (d > 0 ? p[j] : ww) + std::log(den);
+          const acc_t ws = p[j] + w[c0 + j];
+          const acc_t d2 = ws - kk;
+          const acc_t ed2 = exp_nonpos(d2 > 0 ? -d2 : d2);
+          const acc_t f1 = d2 > 0 ? acc_t(1) : ed2;
+          const acc_t f2 = d2 > 0 ? ed2 : acc_t(1);
+          a[j] = f1 * a[j] + f2 * vv;
+          b[j] = f1 * b[j] + f2;
+          p[j] = d2 > 0 ? ws : kk;
+        }
+      }
+    }
+  });
+}
+
+// Backward, walking t from T-1 down to 0. With D_t the denominator at t:
+//   direct:   gv_t += gy_t e^{u+k_t}/D_t,   gk_t, gu += gy_t e^{u+k_t}(v_t - y_t)/D_t
+//   indirect: token i feeds every t > i with weight e^{(t-1-i)w + k_i}:
+//     gv_i += e^{k_i} S_i,  gk_i += e^{k_i}(v_i S_i - H_i),  gw += e^{k_i}(v_i SQ_i - HQ_i)
+//   where S_i = sum_{t>i} gy_t e^{(t-1-i)w}/D_t, H_i the same with gy_t y_t, and SQ_i, HQ_i carry
+//   an extra factor (t-1-i). All four share one running exponent `gp`, as aa/bb share pp.
+template <typename acc_t>
+void train_backward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, const acc_t* u,
+                           const acc_t* k, const acc_t* v, const acc_t* y, const acc_t* log_d,
+                           const acc_t* gy, acc_t* gw_part, acc_t* gu_part, acc_t* gk, acc_t* gv) {
+  const int64_t blocks_per_row = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
+    acc_t s[kBlock], h[kBlock], sq[kBlock], hq[kBlock], gp[kBlock], gwa[kBlock], gua[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bi = task / blocks_per_row;
+      const int64_t c0 = (task % blocks_per_row) * kBlock;
+      const int64_t n = std::min(kBlock, C - c0);
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = h[j] = sq[j] = hq[j] = 0; gp[j] = acc_t(-1e30); gwa[j] = gua[j] = 0;
+      }
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t off = (bi * T + t) * C + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t kk = k[off + j], vv = v[off + j], yy = y[off + j], g = gy[off + j];
+          const acc_t ld = log_d[off + j];
+          // direct path of token t into y_t
+          const acc_t e_cur = exp_nonpos(u[c0 + j] + kk - ld);
+          const acc_t direct = g * e_cur;
+          const acc_t ek = exp_nonpos(kk + gp[j]);  // e^{k_t} * scale of S..HQ (<= 1)
+          gv[off + j] = direct + ek * s[j];
+          gk[off + j] = direct * (vv - yy) + ek * (vv * s[j] - h[j]);
+          gua[j] += direct * (vv - yy);
+          gwa[j] += ek * (vv * sq[j] - hq[j]);
+          // fold token t in as a target for the earlier tokens
+          const acc_t old_exp = gp[j] + w[c0 + j];
+          const acc_t new_exp = -ld;
+          const acc_t dd = old_exp - new_exp;
+          const acc_t edd = exp_nonpos(dd > 0 ? -dd : dd);
+          const acc_t f_old = dd > 0 ? acc_t(1) : edd;
+          const acc_t f_new = dd > 0 ? edd : acc_t(1);
+          sq[j] = f_old * (s[j] + sq[j]);
+          hq[j] = f_old * (h[j] + hq[j]);
+          s[j] = f_old * s[j] + f_new * g;
+          h[j] = f_old * h[j] + f_new * g * yy;
+          gp[j] = dd > 0 ? old_exp : new_exp;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        gw_part[bi * C + c0 + j] = gwa[j];
+        gu_part[bi * C + c0 + j] = gua[j];
+      }
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
+                  const torch::Tensor& v) {
+  TORCH_CHECK(k.device().is_cpu(), "wkv_cpu: tensors must be on the CPU");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv_cpu: k and v must be [B, T, C] of equal shape");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "wkv_cpu: k and v must have the same dtype");
+  TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), "wkv_cpu: w and u must have C elements");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(),
+              "wkv_cpu: inputs must be contiguous");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                       torch::Tensor v, torch::Tensor aa, torch::Tensor bb,
+                                       torch::Tensor pp) {
+  check_inputs(w, u, k, v);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv_cpu: w, u must be float32");
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  TORCH_CHECK(aa.sizes() == torch::IntArrayRef({B, C}) && bb.sizes() == aa.sizes() && pp.sizes() == aa.sizes(),
+              "wkv_cpu: aa, bb, pp must be [B, C]");
+  auto aa_out = aa.to(at::kFloat).contiguous().clone();
+  auto bb_out = bb.to(at::kFloat).contiguous().clone();
+  auto pp_out = pp.to(at::kFloat).contiguous().clone();
+  auto y = torch::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "wkv_cpu_forward", [&] {
+    forward_kernel<scalar_t>(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), aa_out.data_ptr<float>(),
+                             bb_out.data_ptr<float>(), pp_out.data_ptr<float>());
+  });
+  return {y, aa_out, bb_out, pp_out};
+}
+
+static std::vector<torch::Tensor> train_forward_impl(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                                     torch::Tensor v) {
+  check_inputs(w, u, k, v);
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  auto y = torch::empty_like(v);
+  auto log_d = torch::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_train_forward", [&] {
+    train_forward_kernel<scalar_t>(B, T, C, w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                                   k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                   log_d.data_ptr<scalar_t>());
+  });
+  return {y, log_d};
+}
+
+torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v) {
+  return train_forward_impl(w, u, k, v)[0];
+}
+
+std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                              torch::Tensor v, torch::Tensor y, torch::Tensor gy) {
+  check_inputs(w, u, k, v);
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  // Recompute log D_t rather than keep it alive between forward and backward (memory over time).
+  auto log_d = train_forward_impl(w, u, k, v)[1];
+  gy = gy.contiguous();
+  auto gk = torch::empty_like(k), gv = torch::empty_like(v);
+  auto gw_part = torch::empty({B, C}, k.options()), gu_part = torch::empty({B, C}, k.options());
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_train_backward", [&] {
+    train_backward_kernel<scalar_t>(B, T, C, w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                                    k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    log_d.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+                                    gw_part.data_ptr<scalar_t>(), gu_part.data_ptr<scalar_t>(),
+                                    gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>());
+  });
+  return {gw_part.sum(0), gu_part.sum(0), gk, gv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &wkv_forward, "WKV forward with state in/out (CPU)");
+  m.def("train_forward", &wkv_train_forward, "WKV training forward from an empty state (CPU)");
+  m.def("train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CPU)");
+}

@@ -1,0 +1,217 @@
+"""Building and loading the compiled WKV kernels (kernels/*.cpp, *.cu) at first use.
+
+Kernels are compiled with `torch.utils.cpp_extension` + ninja into a cache folder keyed by the
+sources' hash, the torch version and the device architecture; later starts import the cached
+library directly, without invoking a compiler. A failed build never stops the app: the engine
+falls back to the pure-PyTorch reference with one warning that names the cause.
+
+Choose the implementation with `load_model(..., wkv=...)` or env `RWKV_PLAYGROUND_WKV`:
+"auto" (CUDA kernel on a GPU, C++ kernel on CPU), "reference", "cpu" or "cuda".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import LoadError
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+ENV_CHOICE = "RWKV_PLAYGROUND_WKV"
+ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
+CHOICES = ("auto", "reference", "cpu", "cuda")
+
+_SOURCES = {
+    "cpu": ["wkv_cpu.cpp"],
+    "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
+}
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+_failed: dict[str, str] = {}
+
+
+def cache_root() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rwkv_playground" / "kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU: key the cache on the CPU's flags.
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
+def build_key(kind: str) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES[kind]:
+        h.update((KERNEL_DIR / name).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.split()[0].encode())
+    if kind == "cuda":
+        h.update(str(torch.version.cuda).encode())
+        if torch.cuda.is_available():
+            h.update(str(torch.cuda.get_device_capability()).encode())
+    else:
+        h.update(_cpu_signature().encode())
+    return h.hexdigest()[:16]
+
+
+def _compile_flags(kind: str) -> dict:
+    if kind == "cpu":
+        cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
+        if platform.machine() in ("x86_64", "AMD64"):
+            cflags.append("-march=native")
+        return {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
+    return {
+        "extra_cflags": ["-O3"],
+        "extra_cuda_cflags": ["-O3", "-Xptxas", "-O3", "-res-usage", "--maxrregcount", "60"],
+    }
+
+
+def _why_unbuildable(kind: str) -> str | None:
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the PyPI package puts a ninja binary on PATH)
+        except ImportError:
+            return "ninja is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        return "no C++ compiler was found (install g++ or clang)"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "no NVIDIA GPU is available to PyTorch"
+        if torch.version.cuda is None:
+            return "this PyTorch build has no CUDA support"
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None:
+            return "nvcc / the CUDA toolkit was not found (set CUDA_HOME)"
+    return None
+
+
+def _import_library(name: str, path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def load_kernel(kind: str, progress: Callable[[str], None] | None = None):
+    """Return the compiled module for "cpu" or "cuda", building it on first use.
+    Raises RuntimeError with the cause if it cannot be built."""
+    report = progress or (lambda msg: None)
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise RuntimeError(_failed[kind])
+        try:
+            module = _build_or_import(kind, report)
+        except Exception as exc:  # any build failure becomes a fallback, with its cause
+            cause = _summarise_failure(exc)
+            _failed[kind] = cause
+            raise RuntimeError(cause) from exc
+        _loaded[kind] = module
+        return module
+
+
+def _build_or_import(kind: str, report: Callable[[str], None]):
+    reason = _why_unbuildable(kind)
+    if reason:
+        raise RuntimeError(reason)
+    key = build_key(kind)
+    name = f"rwkv_wkv_{kind}_{key}"
+    build_dir = cache_root() / name
+    built = build_dir / f"{name}.so"
+    if built.exists():
+        report(f"WKV {kind} kernel: loaded from cache ({build_dir})")
+        return _import_library(name, built)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    report(f"WKV {kind} kernel: compiling with ninja (first start only; "
+           f"{'about 1-2 min' if kind == 'cuda' else 'about 30 s'})...")
+    from torch.utils.cpp_extension import load
+
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def heartbeat():  # builds are silent for tens of seconds: show they are alive
+        while not stop.wait(5.0):
+            report(f"WKV {kind} kernel: still compiling ({time.perf_counter() - t0:.0f} s)")
+
+    ticker = threading.Thread(target=heartbeat, daemon=True)
+    ticker.start()
+    try:
+        module = load(
+            name=name,
+            sources=[str(KERNEL_DIR / s) for s in _SOURCES[kind]],
+            build_directory=str(build_dir),
+            verbose=False,
+            **_compile_flags(kind),
+        )
+    finally:
+        stop.set()
+    report(f"WKV {kind} kernel: built in {time.perf_counter() - t0:.0f} s, cached in {build_dir}")
+    return module
+
+
+def _summarise_failure(exc: Exception) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # the compiler's first error line says the most
+        if "error" in ln.lower() and len(ln) < 300:
+            return ln.strip()
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def select_wkv(preference: str | None, device: torch.device, progress=None):
+    """Pick the WKV implementation for a model on `device`.
+    Returns (name, forward_fn, train_fn, note); note explains a fallback ("" if none)."""
+    from .wkv import make_compiled_wkv, wkv_reference, wkv_train_reference
+
+    preference = (preference or os.environ.get(ENV_CHOICE) or "auto").strip().lower()
+    if preference not in CHOICES:
+        raise LoadError(f"Unknown WKV implementation '{preference}': choose one of {', '.join(CHOICES)}.")
+    device = torch.device(device)
+    if preference == "reference":
+        return "reference", wkv_reference, wkv_train_reference, ""
+    wanted = ("cuda" if device.type == "cuda" else "cpu") if preference == "auto" else preference
+    if wanted != device.type:
+        raise LoadError(f"The '{wanted}' WKV kernel cannot run a model on {device.type}.")
+    try:
+        module = load_kernel(wanted, progress)
+    except RuntimeError as exc:
+        note = f"The {wanted.upper()} WKV kernel is unavailable ({exc}); using the slower PyTorch reference."
+        if preference != "auto":
+            raise LoadError(note) from None
+        if not getattr(select_wkv, "_warned_" + wanted, False):
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+            setattr(select_wkv, "_warned_" + wanted, True)
+        log.warning(note)
+        return "reference", wkv_reference, wkv_train_reference, note
+    forward, train = make_compiled_wkv(module)
+    return wanted, forward, train, ""

@@ -1,0 +1,100 @@
+"""The WKV operator of RWKV-4: one signature, three implementations.
+
+    wkv_forward(w, u, k, v, aa, bb, pp) -> (y, aa, bb, pp)
+
+  w      [C] float32   per-channel decay, already -exp(time_decay) (negative)
+  u      [C] float32   per-channel bonus of the current token (time_first)
+  k, v   [B, T, C]     fp32 / fp16 / bf16
+  aa, bb, pp [B, C]    float32 state in; the new state is returned, inputs are never modified
+  y      [B, T, C]     same dtype as v
+
+For each channel, with the numerically stable running maximum `pp`:
+  y_t  = (e^{pp-p} aa + e^{u+k_t-p} v_t) / (e^{pp-p} bb + e^{u+k_t-p}),   p = max(pp, u+k_t)
+  then aa, bb <- e^{pp+w-q} aa + e^{k_t-q} v_t,  e^{pp+w-q} bb + e^{k_t-q},  pp <- q = max(pp+w, k_t)
+
+`wkv_reference` is the plain PyTorch loop everything else is tested against. The compiled C++ and
+CUDA kernels (kernels/, loaded by `kernels.py`) implement the same signature; `wkv_train` is the
+state-less training form (empty state in, gradients for w, u, k, v out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .state import EMPTY_PP
+
+
+def empty_wkv_state(batch: int, channels: int, device="cpu"):
+    aa = torch.zeros(batch, channels, dtype=torch.float32, device=device)
+    bb = torch.zeros_like(aa)
+    pp = torch.full_like(aa, EMPTY_PP)
+    return aa, bb, pp
+
+
+def wkv_reference(w, u, k, v, aa, bb, pp):
+    """Pure-PyTorch WKV, one time step at a time. Differentiable (autograd) in all inputs."""
+    T = k.shape[1]
+    out_dtype = v.dtype
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32  # float64 kept for gradcheck
+    k, v = k.to(acc), v.to(acc)
+    aa, bb, pp = aa.to(acc), bb.to(acc), pp.to(acc)
+    outputs = []
+    for t in range(T):
+        kt, vt = k[:, t], v[:, t]
+        ww = u + kt
+        p = torch.maximum(pp, ww)
+        e1 = torch.exp(pp - p)
+        e2 = torch.exp(ww - p)
+        outputs.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
+        ww = pp + w
+        p = torch.maximum(ww, kt)
+        e1 = torch.exp(ww - p)
+        e2 = torch.exp(kt - p)
+        aa = e1 * aa + e2 * vt
+        bb = e1 * bb + e2
+        pp = p
+    y = torch.stack(outputs, dim=1) if outputs else k.new_empty(k.shape)
+    return y.to(out_dtype), aa, bb, pp
+
+
+def wkv_train_reference(w, u, k, v):
+    """Training form of the reference: empty state in, only y out."""
+    B, _, C = k.shape
+    aa, bb, pp = empty_wkv_state(B, C, k.device)
+    return wkv_reference(w, u, k, v, aa, bb, pp)[0]
+
+
+class _CompiledWKVTrain(torch.autograd.Function):
+    """Autograd wrapper around a compiled kernel's forward/backward (training, empty state)."""
+
+    @staticmethod
+    def forward(ctx, kernel_module, w, u, k, v):
+        # float64 is kept (the C++ kernel supports it, for gradcheck); anything else runs in fp32.
+        dtype = torch.float64 if k.dtype == torch.float64 and k.device.type == "cpu" else torch.float32
+        w, u, k, v = (t.to(dtype).contiguous() for t in (w, u, k, v))
+        y = kernel_module.train_forward(w, u, k, v)
+        ctx.kernel_module = kernel_module
+        ctx.save_for_backward(w, u, k, v, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w, u, k, v, y = ctx.saved_tensors
+        gw, gu, gk, gv = ctx.kernel_module.train_backward(w, u, k, v, y, grad_y.to(y.dtype).contiguous())
+        return None, gw, gu, gk, gv
+
+
+def make_compiled_wkv(kernel_module):
+    """Wrap a compiled kernel module (C++ or CUDA) in the engine's WKV signature."""
+
+    def wkv_forward(w, u, k, v, aa, bb, pp):
+        y, aa2, bb2, pp2 = kernel_module.forward(
+            w.float().contiguous(), u.float().contiguous(), k.contiguous(), v.contiguous(),
+            aa.float().contiguous(), bb.float().contiguous(), pp.float().contiguous(),
+        )
+        return y, aa2, bb2, pp2
+
+    def wkv_train(w, u, k, v):
+        return _CompiledWKVTrain.apply(kernel_module, w, u, k, v)
+
+    return wkv_forward, wkv_train

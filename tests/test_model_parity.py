@@ -1,0 +1,170 @@
+"""The engine against the world: the `rwkv` pip package (0.8.x, cpu fp32) on the same checkpoints.
+
+Tolerance: max |diff| / max |logit| <= 1e-5 (the documented realistic fp32 tolerance). States are
+compared as aa/bb, pp + log bb, att_x, ffn_x because the (aa, bb, pp) scaling is not unique.
+
+Note on bf16 files: the rwkv package applies LN0 to the embedding while it is still bf16, which
+rounds it (~1e-3). So the package reads the exact fp32 upcast of a bf16 file, and the engine reads
+the bf16 file itself: the values are identical, and the bf16 loading path is covered.
+"""
+
+import pytest
+import torch
+
+from conftest import MID, TINY, write_checkpoint
+
+TOL = 1e-5
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def rwkv_pkg():
+    return pytest.importorskip("rwkv.model", reason="the rwkv pip package is a test dependency (requirements-dev)")
+
+
+def reference_model(rwkv_pkg, path):
+    return rwkv_pkg.RWKV(str(path), strategy="cpu fp32", verbose=False)
+
+
+def random_tokens(n, vocab, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def compare_states(ref_state, state, n_layer):
+    for i in range(n_layer):
+        att_x, aa, bb, pp, ffn_x = ref_state[5 * i: 5 * i + 5]
+        assert rel(state.att_x[i], att_x) <= TOL
+        assert rel(state.ffn_x[i], ffn_x) <= TOL
+        assert rel(state.value_estimate()[i], aa / bb) <= TOL
+        assert (state.log_mass()[i] - (pp + torch.log(bb))).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("wkv", ["reference", "cpu"])
+def test_tiny_sequence_rnn_and_states_match_package(rwkv_pkg, tiny_fp32, wkv):
+    from rwkv_playground import load_model
+
+    ref = reference_model(rwkv_pkg, tiny_fp32)
+    model = load_model(tiny_fp32, wkv=wkv)
+    tokens = random_tokens(70, TINY.vocab_size)
+    ref_all, ref_state = ref.forward(tokens, None, full_output=True)
+    all_logits, state = model.forward(tokens, None, full_output=True)
+    assert all_logits.shape == (70, TINY.vocab_size) and all_logits.dtype == torch.float32
+    assert rel(all_logits, ref_all) <= TOL
+    last, _ = model.forward(tokens)
+    assert last.shape == (TINY.vocab_size,)
+    assert rel(last, ref_all[-1]) <= TOL
+    compare_states(ref_state, state, TINY.n_layer)
+
+    # RNN mode, token by token, on both sides
+    ref_s, s = None, None
+    for t in tokens[:20]:
+        ref_out, ref_s = ref.forward([t], ref_s)
+        out, s = model.forward([t], s)
+        assert rel(out, ref_out) <= TOL
+    compare_states(ref_s, s, TINY.n_layer)
+
+
+def test_bf16_file_loads_exactly(rwkv_pkg, tiny_bf16, ckpt_dir):
+    from rwkv_playground import load_model
+
+    upcast = ckpt_dir / "tiny-bf16-as-fp32.pth"
+    torch.save({k: v.float() for k, v in torch.load(tiny_bf16, weights_only=True).items()}, upcast)
+    ref = reference_model(rwkv_pkg, upcast)
+    model = load_model(tiny_bf16, dtype="fp32")
+    tokens = random_tokens(40, TINY.vocab_size, seed=5)
+    ref_all, ref_state = ref.forward(tokens, None, full_output=True)
+    all_logits, state = model.forward(tokens, None, full_output=True)
+    assert rel(all_logits, ref_all) <= TOL
+    compare_states(ref_state, state, TINY.n_layer)
+
+
+def test_mid_size_shape_matches_package(rwkv_pkg, mid_fp32):
+    """6 x 512 x vocab 50277: sequence (chunked over a chunk boundary) and RNN mode."""
+    from rwkv_playground import load_model
+
+    ref = reference_model(rwkv_pkg, mid_fp32)
+    model = load_model(mid_fp32, chunk_len=48)
+    tokens = random_tokens(100, MID.vocab_size, seed=7)
+    ref_all, ref_state = ref.forward(tokens, None, full_output=True)
+    all_logits, state = model.forward(tokens, None, full_output=True)
+    assert rel(all_logits, ref_all) <= TOL
+    compare_states(ref_state, state, MID.n_layer)
+    ref_out, ref_s = ref.forward(tokens[:1], ref_state)
+    out, s = model.forward(tokens[:1], state)
+    assert rel(out, ref_out) <= TOL
+    compare_states(ref_s, s, MID.n_layer)
+
+
+def test_sequence_equals_rnn_and_chunking_is_invisible(tiny_fp32):
+    from rwkv_playground import load_model
+
+    model = load_model(tiny_fp32)
+    tokens = random_tokens(50, TINY.vocab_size, seed=9)
+    full, state_full = model.forward(tokens, full_output=True, chunk_len=1000)
+    chunked, state_chunked = model.forward(tokens, full_output=True, chunk_len=7)
+    assert rel(chunked, full) <= 1e-6
+    s, outs = None, []
+    for t in tokens:
+        out, s = model.forward([t], s)
+        outs.append(out)
+    assert rel(torch.stack(outs), full) <= 1e-6
+    for a, b in ((state_chunked, state_full), (s, state_full)):
+        assert rel(a.value_estimate(), b.value_estimate()) <= 1e-6
+        assert rel(a.att_x, b.att_x) <= 1e-6
+    assert state_full.token_count == 50 and s.token_count == 50
+
+
+def test_kernel_and_reference_give_same_logits(tiny_fp32):
+    from rwkv_playground import load_model
+
+    tokens = random_tokens(300, TINY.vocab_size, seed=11)
+    a, _ = load_model(tiny_fp32, wkv="reference").forward(tokens, full_output=True)
+    b, _ = load_model(tiny_fp32, wkv="cpu").forward(tokens, full_output=True)
+    assert rel(b, a) <= 1e-6
+
+
+def test_bf16_close_to_fp32(ckpt_dir):
+    from rwkv_playground import load_model
+
+    path = write_checkpoint(ckpt_dir / "tiny-bf16-cmp.pth", TINY, seed=12)
+    tokens = random_tokens(200, TINY.vocab_size, seed=13)
+    fp32, _ = load_model(path, dtype="fp32").forward(tokens, full_output=True)
+    bf16, _ = load_model(path, dtype="bf16").forward(tokens, full_output=True)
+    assert rel(bf16, fp32) <= 0.03
+    agreement = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
+    assert agreement >= 0.90
+
+
+def test_safetensors_and_hf_names_load_the_same(tiny_fp32, ckpt_dir):
+    from safetensors.torch import save_file
+
+    from rwkv_playground import load_model
+
+    weights = torch.load(tiny_fp32, weights_only=True)
+    st_path = ckpt_dir / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(st_path))
+    hf = {}
+    for k, v in weights.items():
+        name = k.replace("emb.", "embeddings.").replace(".ln0.", ".pre_ln.").replace(".att.", ".attention.")
+        name = name.replace(".ffn.", ".feed_forward.").replace("time_mix_k", "time_mix_key")
+        name = name.replace("time_mix_v", "time_mix_value").replace("time_mix_r", "time_mix_receptance")
+        hf[name if name == "head.weight" else "rwkv." + name] = v
+    hf_path = ckpt_dir / "tiny-hf.pth"
+    torch.save(hf, hf_path)
+    tokens = random_tokens(30, TINY.vocab_size)
+    expected, _ = load_model(tiny_fp32).forward(tokens)
+    for path in (st_path, hf_path):
+        got, _ = load_model(path).forward(tokens)
+        assert torch.equal(got, expected)
+
+
+def test_config_is_inferred_from_weights(tiny_fp32):
+    from rwkv_playground import load_model
+
+    info = load_model(tiny_fp32).describe()
+    assert (info["n_layer"], info["n_embd"], info["vocab_size"], info["ffn_dim"]) == (3, 64, 500, 256)
+    assert info["parameters"] == sum(v.numel() for v in torch.load(tiny_fp32, weights_only=True).values())
+    assert info["wkv"] in ("cpu", "reference")

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from rwkv_playground import GenerationError
+from rwkv_playground.sampling import Sampler, SamplingSettings, sample_probs
+
+
+def reference_support(probs: np.ndarray, top_p: float, top_k: int) -> set:
+    """The token set ChatRWKV's PIPELINE.sample_logits keeps (its exact numpy steps)."""
+    sorted_ids = np.argsort(probs)
+    sorted_probs = probs[sorted_ids][::-1]
+    cumulative = np.cumsum(sorted_probs)
+    # Deliberate difference: when float32 rounding keeps the cumsum below top_p (top_p=1.0), the
+    # reference's argmax over all-False picks index 0 and silently samples greedily. We keep all.
+    reach = np.argmax(cumulative >= top_p) if (cumulative >= top_p).any() else len(cumulative) - 1
+    cutoff = float(sorted_probs[reach])
+    kept = probs.copy()
+    kept[kept < cutoff] = 0
+    if 0 < top_k < len(kept):
+        kept[sorted_ids[:-top_k]] = 0
+    return set(np.nonzero(kept)[0].tolist())
+
+
+@pytest.mark.parametrize("vocab", [10, 1000, 50277])
+@pytest.mark.parametrize("top_p,top_k", [(0.5, 0), (0.9, 0), (0.3, 5), (1.0, 0), (0.99, 40)])
+def test_support_and_distribution_match_reference(vocab, top_p, top_k):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(vocab, generator=g) * 3
+    probs = torch.softmax(logits, -1)
+    support = reference_support(probs.numpy(), top_p, top_k)
+    gen = np.random.default_rng(0)
+    draws = [sample_probs(probs, 0.8, top_p, top_k, gen) for _ in range(2000)]
+    assert set(draws) <= support
+    # frequencies follow probs ** (1/T) renormalised over the support
+    ids = sorted(support)
+    target = probs[ids].double() ** (1 / 0.8)
+    target = (target / target.sum()).numpy()
+    counts = np.bincount([ids.index(d) for d in draws], minlength=len(ids)) / len(draws)
+    assert np.abs(counts - target).max() < 0.05
+
+
+def test_ties_at_cutoff_are_kept_like_reference():
+    probs = torch.full((100,), 0.01)
+    support = reference_support(probs.numpy(), 0.3, 0)
+    gen = np.random.default_rng(1)
+    draws = {sample_probs(probs, 1.0, 0.3, 0, gen) for _ in range(3000)}
+    assert len(support) == 100 and len(draws) > 90
+
+
+def test_greedy_cases():
+    probs = torch.softmax(torch.tensor([0.1, 3.0, 0.2, 2.9]), -1)
+    for t, p, k in ((0.0, 0.9, 0), (1.0, 0.0, 0), (1.0, 0.9, 1)):
+        assert sample_probs(probs, t, p, k, None) == 1
+
+
+def test_penalties_only_for_generated_tokens_and_decay():
+    s = Sampler(SamplingSettings(presence_penalty=0.5, count_penalty=0.25, penalty_decay=0.5), vocab_size=6)
+    logits = torch.zeros(6)
+    assert np.array_equal(s.adjust_logits(logits), logits.numpy())  # nothing generated yet: prompt never counts
+    s.observe(2)
+    s.observe(2)
+    s.observe(4)
+    adjusted = s.adjust_logits(logits)
+    # token 2: counts 1 -> 0.5 -> 1.5 -> 0.75 ; token 4: 1
+    assert adjusted[2].item() == pytest.approx(-(0.5 + 0.75 * 0.25))
+    assert adjusted[4].item() == pytest.approx(-(0.5 + 1.0 * 0.25))
+    assert adjusted[0].item() == 0
+
+
+def test_bans_and_seed_reproducibility():
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, banned_tokens=(0, 3), seed=42)
+    logits = torch.zeros(5)
+    logits[0] = logits[3] = 10
+    draws = [Sampler(settings, 5).sample(logits) for _ in range(3)]
+    assert len(set(draws)) == 1
+    s = Sampler(settings, 5)
+    seq = [s.sample(logits) for _ in range(200)]
+    assert 0 not in seq and 3 not in seq
+    s2 = Sampler(settings, 5)
+    assert seq == [s2.sample(logits) for _ in range(200)]
+
+
+def test_invalid_settings():
+    for bad in (dict(temperature=-1), dict(top_p=1.5), dict(top_k=-2), dict(penalty_decay=2)):
+        with pytest.raises(GenerationError):
+            SamplingSettings(**bad).validate()
