@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ sys.path.insert(0, str(ROOT))
 # The rwkv pip package reads these at import time: plain PyTorch path, TorchScript on.
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ["RWKV_CUDA_ON"] = "0"
+# gradio 6.31 calls a pandas-3-deprecated argument in a worker thread (harmless)
+warnings.filterwarnings("ignore", message="The copy keyword is deprecated")
 
 from rwkv_playground.model import RWKVConfig, init_random_weights  # noqa: E402
 
@@ -61,3 +65,63 @@ def world_tokenizer(world_vocab_path):
     from rwkv_playground.tokenizer import load_tokenizer
 
     return load_tokenizer(world_vocab_path)
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+DEMO_CHECKPOINT = ROOT / "assets" / "rwkv4-demo-shakespeare.pth"
+
+
+@pytest.fixture(scope="session")
+def app_model_path(ckpt_dir):
+    """The shipped demo model (what a newcomer runs). APP_TEST_MODEL overrides it for development."""
+    override = os.environ.get("APP_TEST_MODEL")
+    if override:
+        return Path(override)
+    assert DEMO_CHECKPOINT.exists(), "assets/ must ship the demo model (python -m rwkv_playground.train)"
+    return DEMO_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def engine(app_model_path, tmp_path_factory):
+    from rwkv_playground.engine import Engine
+
+    models_dir = tmp_path_factory.mktemp("models")
+    write_checkpoint(models_dir / "other-tiny.pth", WORLD_TINY, seed=21)
+    eng = Engine(models_dir=models_dir)
+    eng.load(app_model_path)
+    return eng
+
+
+@pytest.fixture(scope="session")
+def loaded(engine):
+    return engine.current
+
+
+@pytest.fixture(scope="session")
+def app_url(engine):
+    """The real app (create_app) served on a free loopback port for the session."""
+    import socket
+    import time
+    import urllib.request
+
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    from rwkv_playground.ui import create_app, launch_options
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = create_app(engine)
+    demo.queue(default_concurrency_limit=1)
+    opts = launch_options("127.0.0.1", port, False)
+    demo.launch(prevent_thread_lock=True, quiet=True, **opts)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    demo.close()

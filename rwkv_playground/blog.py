@@ -1,0 +1,148 @@
+"""Long-form writing (the "write a blog post about X" use case) on a recurrent state.
+
+Memory stays constant however long the post: only the state (O(layers x width)) is carried.
+"Continue" resumes from the saved state and logits, nothing is re-read. Outline-first mode
+writes an outline, then each section from a *copy* of the outline's state (State.clone()).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import GenerationError
+from .generation import Generation
+from .sampling import SamplingSettings
+from .state import State
+
+DEFAULT_TEMPLATE = (
+    "Bob: Can you help to write a blog-post about {topic}?{details}\n\n"
+    "Alice: Sure, here is a blog post about {topic}:\n\nTitle:"
+)
+OUTLINE_TEMPLATE = (
+    "Bob: Can you help to write an outline for a blog-post about {topic}?{details}\n\n"
+    "Alice: Sure, here is an outline of a blog post about {topic}:\n\n1."
+)
+MAX_SECTIONS = 8
+
+
+def build_prompt(template: str, topic: str, audience: str = "", tone: str = "", key_points: str = "") -> str:
+    topic = " ".join(topic.split())
+    if not topic:
+        raise GenerationError("Type a topic first.")
+    details = []
+    if audience.strip():
+        details.append(f" The readers are {audience.strip()}.")
+    if tone.strip():
+        details.append(f" Please use a {tone.strip()} tone.")
+    points = [p.strip(" -*\t") for p in key_points.replace(";", "\n").splitlines() if p.strip(" -*\t")]
+    if points:
+        details.append(" Cover these points: " + "; ".join(points) + ".")
+    if "{topic}" not in template:
+        raise GenerationError("The template must contain {topic}.")
+    return template.replace("{topic}", topic).replace("{details}", "".join(details))
+
+
+def parse_outline(text: str) -> list[str]:
+    """Section headings from a numbered or bulleted outline."""
+    headings = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:\d+[.)]|[-*•])\s*(.+?)\s*$", line)
+        if m and len(m.group(1)) > 1:
+            headings.append(m.group(1).rstrip(":"))
+    return headings[:MAX_SECTIONS]
+
+
+@dataclass
+class BlogSession:
+    """One browser session's document and the state/logits after its last token."""
+
+    text: str = ""
+    state: State | None = None
+    logits: torch.Tensor | None = None
+    model_fingerprint: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def _stream(self, loaded, prompt, settings, max_tokens, cancel, stop=(), state=None, logits=None):
+        gen = Generation(loaded.model, loaded.tokenizer, prompt, state=state, logits=logits, settings=settings,
+                         max_tokens=max_tokens, stop=stop, cancel=cancel)
+        try:
+            for piece in gen:
+                yield piece, gen
+        finally:
+            self.stats = {"prompt_tokens": gen.stats.prompt_tokens, "generated_tokens": gen.stats.generated_tokens,
+                          "tokens_per_second": round(gen.stats.tokens_per_second, 2),
+                          "stop_reason": gen.stats.stop_reason}
+            self._last = gen
+
+    def write(self, loaded, prompt: str, settings: SamplingSettings, max_tokens: int,
+              cancel: threading.Event | None = None) -> Iterator[str]:
+        """Start a new document from `prompt`; yields the growing document text."""
+        self.model_fingerprint = loaded.model.fingerprint
+        self.text, self.state, self.logits = "Title:" if prompt.endswith("Title:") else "", None, None
+        start = self.text
+        try:
+            for _, gen in self._stream(loaded, prompt, settings, max_tokens, cancel):
+                self.text = start + gen.text
+                yield self.text
+        finally:
+            self._commit(start)
+
+    def continue_(self, loaded, settings: SamplingSettings, max_tokens: int,
+                  cancel: threading.Event | None = None) -> Iterator[str]:
+        """Keep writing from the saved state (nothing is re-read)."""
+        if self.state is None or self.logits is None:
+            raise GenerationError("There is nothing to continue yet: write something first.")
+        if self.model_fingerprint != loaded.model.fingerprint:
+            raise GenerationError("The model changed since this text was written: start a new post.")
+        start = self.text
+        try:
+            for _, gen in self._stream(loaded, [], settings, max_tokens, cancel, state=self.state, logits=self.logits):
+                self.text = start + gen.text
+                yield self.text
+        finally:
+            self._commit(start)
+
+    def _commit(self, start: str) -> None:
+        gen = getattr(self, "_last", None)
+        if gen is not None and gen.state is not None:
+            self.text = start + gen.text
+            self.state, self.logits = gen.state, gen.last_logits
+
+    def write_with_outline(self, loaded, outline_prompt: str, settings: SamplingSettings,
+                           section_tokens: int, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Outline first, then each section from a fork of the outline's state."""
+        self.model_fingerprint = loaded.model.fingerprint
+        self.text, self.state, self.logits = "", None, None
+        outline = "1."
+        for _, gen in self._stream(loaded, outline_prompt, settings, 200, cancel, stop=["\n\n"]):
+            outline = "1." + gen.text
+            self.text = "Outline:\n" + outline
+            yield self.text
+        outline_gen = self._last
+        headings = parse_outline(outline)
+        if not headings:
+            self.state, self.logits = outline_gen.state, outline_gen.last_logits
+            return
+        outline_state, outline_logits = outline_gen.state, outline_gen.last_logits
+        body = "Outline:\n" + outline + "\n"
+        for number, heading in enumerate(headings, 1):
+            if cancel is not None and cancel.is_set():
+                break
+            section_head = f"\n\n## {number}. {heading}\n\n"
+            # A fork: the outline's state is copied, never re-read.
+            prefix = f"\n\nSection {number}: {heading}\n\n"
+            text = ""
+            for _, gen in self._stream(loaded, prefix, settings, section_tokens, cancel, stop=["\n\nSection"],
+                                       state=outline_state.clone(), logits=outline_logits):
+                text = gen.text
+                self.text = body + section_head + text
+                yield self.text
+            body = body + section_head + text
+        self.text = body
+        self.state, self.logits = self._last.state, self._last.last_logits
+        yield self.text

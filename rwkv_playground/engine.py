@@ -1,0 +1,164 @@
+"""The small API the app calls: which model is loaded, switching models safely, and the lock
+that serialises use of the model. Knows nothing of Gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import LoadError
+from .model import RWKV4, load_model
+from .tokenizer import Tokenizer, load_tokenizer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_CHECKPOINT = ASSETS / "rwkv4-demo-shakespeare.pth"
+WORLD_VOCAB = ASSETS / "rwkv_vocab_v20230424.txt"
+CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
+
+# Released BlinkDL RWKV-4 checkpoints the model panel offers to download (Hugging Face Hub).
+KNOWN_CHECKPOINTS = {
+    "RWKV-4 Pile 169M": ("BlinkDL/rwkv-4-pile-169m", "RWKV-4-Pile-169M-20220807-8023.pth"),
+    "RWKV-4 Pile 430M": ("BlinkDL/rwkv-4-pile-430m", "RWKV-4-Pile-430M-20220808-8066.pth"),
+    "RWKV-4 Raven 1B5 v12": ("BlinkDL/rwkv-4-raven", "RWKV-4-Raven-1B5-v12-Eng98%-Other2%-20230520-ctx4096.pth"),
+    "RWKV-4 Raven 7B v12": ("BlinkDL/rwkv-4-raven", "RWKV-4-Raven-7B-v12-Eng98%-Other2%-20230521-ctx8192.pth"),
+    "RWKV-4 World 0.1B": ("BlinkDL/rwkv-4-world", "RWKV-4-World-0.1B-v1-20230520-ctx4096.pth"),
+}
+# GPT-NeoX's tokenizer (vocab 50277) for Pile / Raven, in HF format, from the RWKV org's HF port.
+NEOX_TOKENIZER = ("RWKV/rwkv-4-169m-pile", "tokenizer.json", "20B_tokenizer.json")
+
+
+@dataclass
+class LoadedModel:
+    model: RWKV4
+    tokenizer: Tokenizer
+    name: str
+    newline_id: int | None
+
+    def describe(self) -> dict:
+        info = self.model.describe()
+        info["name"] = self.name
+        info["tokenizer"] = self.tokenizer.name
+        return info
+
+
+def find_tokenizer(checkpoint: Path, vocab_size: int, search_dirs: list[Path]) -> Path:
+    """Pick the tokenizer for a checkpoint: World vocabulary for vocab 65536, otherwise a
+    `*tokenizer*.json` beside the checkpoint (or in the models folder / assets) of matching size."""
+    if vocab_size == 65536:
+        return WORLD_VOCAB
+    candidates = []
+    for folder in [checkpoint.parent, *search_dirs]:
+        if folder.is_dir():
+            candidates += sorted(folder.glob(f"{checkpoint.stem}*.json")) + sorted(folder.glob("*tokenizer*.json"))
+    for path in candidates:
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            size = len(spec["model"]["vocab"]) + sum(1 for t in spec.get("added_tokens", [])
+                                                     if t["content"] not in spec["model"]["vocab"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if size == vocab_size:
+            return path
+    hint = " (RWKV-4 Pile/Raven use GPT-NeoX's 20B_tokenizer.json)" if vocab_size == 50277 else ""
+    raise LoadError(f"No tokenizer with {vocab_size} tokens was found beside {checkpoint.name}{hint}: "
+                    "pass one with --tokenizer.")
+
+
+class Engine:
+    """Holds the loaded model; switching models and generating are serialised by `lock`."""
+
+    def __init__(self, models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "fp32",
+                 wkv: str | None = None):
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.device = device
+        self.dtype = dtype
+        self.wkv = wkv
+        self.lock = threading.RLock()
+        self.current: LoadedModel | None = None
+        self.load_messages: list[str] = []
+
+    # ---- models folder ---------------------------------------------------------------------
+    def list_models(self) -> list[str]:
+        """Checkpoint names the browser may choose: files in the models folder, plus the demo."""
+        names = []
+        if DEMO_CHECKPOINT.exists():
+            names.append(DEMO_CHECKPOINT.name)
+        if self.models_dir and self.models_dir.is_dir():
+            for p in sorted(self.models_dir.rglob("*")):
+                if p.suffix in CHECKPOINT_SUFFIXES and p.is_file():
+                    rel = p.relative_to(self.models_dir).as_posix()
+                    if rel not in names:
+                        names.append(rel)
+        return names
+
+    def resolve_choice(self, name: str) -> Path:
+        """Map a name chosen in the browser to a file, refusing anything outside the models folder."""
+        if name == DEMO_CHECKPOINT.name:
+            return DEMO_CHECKPOINT
+        if not self.models_dir:
+            raise LoadError("No models folder is configured (start the app with --models-dir DIR).")
+        candidate = (self.models_dir / name).resolve()
+        if not candidate.is_relative_to(self.models_dir) or candidate.suffix not in CHECKPOINT_SUFFIXES:
+            raise LoadError("That file is not in the models folder.")
+        if not candidate.is_file():
+            raise LoadError(f"{name} is not in the models folder any more.")
+        return candidate
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+             progress: Callable[[str, float], None] | None = None) -> LoadedModel:
+        """Load a checkpoint (trusted path from the CLI, or one from resolve_choice)."""
+        path = Path(path)
+        messages: list[str] = []
+
+        def report(msg: str, frac: float) -> None:
+            messages.append(msg)
+            if progress:
+                progress(msg, frac)
+
+        with self.lock:
+            model = load_model(path, device=self.device, dtype=self.dtype, wkv=self.wkv, progress=report)
+            search = [d for d in (self.models_dir, ASSETS) if d]
+            tok_path = Path(tokenizer) if tokenizer else find_tokenizer(path, model.config.vocab_size, search)
+            tok = load_tokenizer(tok_path)
+            if tok.vocab_size > model.config.vocab_size:
+                raise LoadError(f"The tokenizer {tok_path.name} has {tok.vocab_size} tokens but the model only "
+                                f"{model.config.vocab_size}: they do not belong together.")
+            newline = tok.encode("\n")
+            self.current = LoadedModel(model, tok, path.name, newline[0] if len(newline) == 1 else None)
+            self.load_messages = messages
+            return self.current
+
+    def require(self) -> LoadedModel:
+        if self.current is None:
+            raise LoadError("No model is loaded yet.")
+        return self.current
+
+    def download(self, label: str, progress: Callable[[str, float], None] | None = None) -> str:
+        """Download a known BlinkDL checkpoint into the models folder (needs network access)."""
+        if label not in KNOWN_CHECKPOINTS:
+            raise LoadError(f"Unknown checkpoint '{label}'.")
+        if not self.models_dir:
+            raise LoadError("Downloads need a models folder: start the app with --models-dir DIR.")
+        repo, filename = KNOWN_CHECKPOINTS[label]
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise LoadError("huggingface_hub is not installed (pip install huggingface_hub).") from None
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        if progress:
+            progress(f"Downloading {filename} from {repo} ...", 0.0)
+        try:
+            local = hf_hub_download(repo, filename, local_dir=str(self.models_dir))
+            if "World" not in filename:
+                tok = hf_hub_download(NEOX_TOKENIZER[0], NEOX_TOKENIZER[1], local_dir=str(self.models_dir))
+                os.replace(tok, self.models_dir / NEOX_TOKENIZER[2])
+        except Exception as exc:  # network errors come in many types; all mean "not downloaded"
+            text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise LoadError(f"Download failed (is this machine offline?): {text}") from None
+        return Path(local).relative_to(self.models_dir).as_posix()

@@ -1,0 +1,32 @@
+"""The Gradio app. Everything that imports gradio lives in this package; the engine never does.
+
+    demo = create_app(engine)   # builds the UI, launches nothing (tests use this)
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..engine import Engine
+from . import blog_tab, chat_tab, model_panel
+
+CSS = """
+#chat-status, #blog-status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }
+"""
+
+
+def create_app(engine: Engine) -> gr.Blocks:
+    with gr.Blocks(title="RWKV Playground", analytics_enabled=False) as demo:
+        gr.Markdown("## RWKV Playground — chat, long-form writing and a look inside the recurrent state")
+        model_panel.build(engine)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat_tab.build(engine)
+            with gr.Tab("Blog post", id="blog"):
+                blog_tab.build(engine)
+    return demo
+
+
+def launch_options(host: str, port: int, share: bool) -> dict:
+    return {"server_name": host, "server_port": port, "share": share, "css": CSS,
+            "footer_links": ["api", "gradio"], "show_error": False}

@@ -1,0 +1,74 @@
+"""The named API endpoints of a launched app, through gradio_client."""
+
+import copy
+
+import pytest
+
+SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]  # temperature, top_p, top_k, presence, count, decay
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def collect(job):
+    return [copy.deepcopy(out) for out in job]
+
+
+def bot_text(messages):
+    content = messages[-1]["content"]
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content)
+    return content
+
+
+def test_chat_streams_and_reuses_state(client):
+    outs = collect(client.submit("Good morrow, my lord.", "Bob", "Alice", "", *SAMPLING, 40, 3, api_name="/chat"))
+    partial = {bot_text(o[0]) for o in outs if o[0]}
+    assert len(partial) >= 3, "the reply should arrive in several increments"
+    final_messages, final_status = outs[-1][0], outs[-1][1]
+    assert final_messages[-2]["role"] == "user" and "tok/s" in final_status
+    outs2 = collect(client.submit("And then?", "Bob", "Alice", "", *SAMPLING, 20, 4, api_name="/chat"))
+    assert "reused from the state" in outs2[-1][1]
+    assert len(outs2[-1][0]) == 4  # two turns, one per client session
+
+
+def test_regenerate_undo_clear(client):
+    collect(client.submit("Speak.", "Bob", "Alice", "", *SAMPLING, 15, 5, api_name="/chat"))
+    regen = collect(client.submit(*SAMPLING, 15, 6, api_name="/regenerate"))
+    assert "0 prompt tokens read" in regen[-1][1]
+    undone = client.predict(api_name="/undo")
+    assert "removed" in undone[1]
+    cleared = client.predict(api_name="/clear")
+    assert cleared[0] == []
+
+
+def test_empty_message_only_hints(client):
+    out = collect(client.submit("   ", "Bob", "Alice", "", *SAMPLING, 10, 1, api_name="/chat"))
+    assert "Type a message" in out[-1][1]
+
+
+def test_blog_post(client):
+    template = "Bob: Can you help to write a blog-post about {topic}?{details}\n\nAlice: Sure, here is a blog post about {topic}:\n\nTitle:"
+    outs = collect(client.submit("the sea", "sailors", "", "", False, template, *SAMPLING, 150, 2, api_name="/blog"))
+    text, status, download = outs[-1][0], outs[-1][1], outs[-1][2]  # gr.State outputs are not sent
+    assert text.startswith("Title:") and "150 generated" in status
+    assert download and str(download).endswith(".md")
+
+
+def test_model_switch_refuses_paths_outside_the_folder(client, engine, app_model_path):
+    """Two layers: the dropdown refuses unknown values, and Engine.resolve_choice (tested
+    in-process) refuses any path outside the models folder."""
+    from gradio_client.exceptions import AppError
+
+    for bad in ("../../etc/passwd", "/etc/passwd"):
+        with pytest.raises(AppError, match="not in the list of choices"):
+            client.predict(bad, api_name="/load_model")
+    try:
+        info, status = client.predict("other-tiny.pth", api_name="/load_model")
+        assert "Loaded other-tiny.pth" in status and "2 layers" in info
+    finally:
+        engine.load(app_model_path)  # later tests expect the demo model

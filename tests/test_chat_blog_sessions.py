@@ -1,0 +1,158 @@
+"""Engine-side logic behind the Chat and Blog tabs (no Gradio): state reuse, regenerate, undo,
+stop mid-stream, isolation, outline forks, and the model folder's path safety."""
+
+import pytest
+import torch
+
+from rwkv_playground import GenerationError, LoadError
+from rwkv_playground.blog import BlogSession, build_prompt, parse_outline, DEFAULT_TEMPLATE
+from rwkv_playground.chat import ChatFormat, ChatSession, newline_bias
+from rwkv_playground.sampling import SamplingSettings
+
+
+def settings(seed=1):
+    return SamplingSettings(temperature=1.0, top_p=0.8, presence_penalty=0.4, count_penalty=0.4, seed=seed)
+
+
+def run(stream):
+    last = ""
+    for last in stream:
+        pass
+    return last
+
+
+def state_after_text(loaded, text):
+    return loaded.model.forward(loaded.tokenizer.encode(text))
+
+
+def test_turn_reads_only_new_tokens_and_state_matches_history(loaded):
+    enc = loaded.tokenizer.encode
+    s = ChatSession(ChatFormat("Bob", "Alice"))
+    reply1 = run(s.send(loaded, "Good morrow, sweet lady.", settings(1), 30))
+    first = s.turns[0]
+    assert first.stats["prompt_tokens"] == len(enc("Bob: Good morrow, sweet lady.\n\nAlice:"))
+    assert reply1 == first.reply == loaded.tokenizer.decode(first.reply_tokens).strip()
+    run(s.send(loaded, "What news?", settings(2), 30))
+    second = s.turns[1]
+    assert second.stats["prompt_tokens"] == len(enc("\n\nBob: What news?\n\nAlice:"))
+    assert second.stats["tokens_saved"] == first.state_after.token_count > 0
+    # the state equals reading the whole conversation's tokens from scratch
+    expected_logits, expected_state = loaded.model.forward(
+        enc("Bob: Good morrow, sweet lady.\n\nAlice:") + first.reply_tokens
+        + enc("\n\nBob: What news?\n\nAlice:") + second.reply_tokens)
+    assert torch.allclose(second.logits_after, expected_logits, atol=1e-3)
+    assert torch.allclose(second.state_after.value_estimate(), expected_state.value_estimate(), atol=1e-4)
+
+
+def test_regenerate_uses_saved_state_and_seed(loaded):
+    s = ChatSession()
+    a = run(s.send(loaded, "Speak, I pray thee.", settings(5), 25))
+    b = run(s.regenerate(loaded, settings(5), 25))
+    assert a == b and s.turns[-1].stats["prompt_tokens"] == 0
+    c = run(s.regenerate(loaded, settings(6), 25))
+    assert len(s.turns) == 1 and isinstance(c, str)
+
+
+def test_undo_returns_to_previous_state(loaded):
+    s1 = ChatSession()
+    run(s1.send(loaded, "Hello.", settings(1), 20))
+    run(s1.send(loaded, "A detour.", settings(2), 20))
+    assert s1.undo() == "A detour."
+    r1 = run(s1.send(loaded, "How fares the king?", settings(3), 20))
+    s2 = ChatSession()
+    run(s2.send(loaded, "Hello.", settings(1), 20))
+    r2 = run(s2.send(loaded, "How fares the king?", settings(3), 20))
+    assert r1 == r2
+
+
+def test_stop_mid_stream_keeps_history_and_state_consistent(loaded):
+    s = ChatSession()
+    stream = s.send(loaded, "Tell me a long tale.", settings(4), 200)
+    shown = ""
+    for shown in stream:
+        if len(shown) > 15:
+            break
+    stream.close()  # what Gradio does on Stop
+    turn = s.turns[-1]
+    assert turn.complete and turn.reply == shown.strip()
+    assert turn.stats["stop_reason"] == "closed"
+    # the next turn continues from exactly the shown text
+    reply = run(s.send(loaded, "Go on.", settings(5), 10))
+    assert isinstance(reply, str) and len(s.turns) == 2
+
+
+def test_stop_while_reading_the_message_drops_the_turn(loaded):
+    s = ChatSession()
+    stream = s.send(loaded, "word " * 700, settings(), 10)
+    assert next(stream) == ""
+    stream.close()
+    assert s.turns == []
+
+
+def test_sessions_are_isolated_and_empty_message_is_refused(loaded):
+    a, b = ChatSession(), ChatSession()
+    run(a.send(loaded, "Only for A.", settings(1), 10))
+    assert b.turns == [] and b.state is None
+    with pytest.raises(GenerationError, match="Type a message"):
+        run(b.send(loaded, "   ", settings(), 10))
+
+
+def test_format_and_newline_bias():
+    fmt = ChatFormat("User", "Assistant", scenario="A chat.")
+    assert fmt.turn_prompt("hi\n\n\nthere", first=True) == "A chat.\n\nUser: hi\nthere\n\nAssistant:"
+    assert fmt.turn_prompt("again", first=False) == "\n\nUser: again\n\nAssistant:"
+    assert newline_bias(0) == float("-inf") and newline_bias(20) == -2.0
+    assert newline_bias(100) == 0 and newline_bias(1000) == 3.0
+
+
+def test_blog_write_continue_and_constant_state(loaded):
+    b = BlogSession()
+    prompt = build_prompt(DEFAULT_TEMPLATE, "the art of sleep", audience="students", tone="light",
+                          key_points="dreams\n- naps")
+    assert "The readers are students." in prompt and "Cover these points: dreams; naps." in prompt
+    text1 = run(b.write(loaded, prompt, settings(1), 120))
+    assert text1.startswith("Title:") and b.state is not None
+    size = b.state.nbytes()
+    count = b.state.token_count
+    text2 = run(b.continue_(loaded, settings(2), 120))
+    assert text2.startswith(text1) and len(text2) > len(text1)
+    assert b.state.nbytes() == size and b.state.token_count > count  # memory is constant
+    with pytest.raises(GenerationError, match="topic"):
+        build_prompt(DEFAULT_TEMPLATE, "  ")
+
+
+def test_outline_sections_fork_the_outline_state(loaded):
+    from rwkv_playground.blog import OUTLINE_TEMPLATE
+
+    b = BlogSession()
+    forks = []
+    original_clone = type(loaded.model.new_state()).clone
+
+    def spy(self):
+        copy = original_clone(self)
+        forks.append(copy)
+        return copy
+
+    type(loaded.model.new_state()).clone = spy
+    try:
+        text = run(b.write_with_outline(loaded, build_prompt(OUTLINE_TEMPLATE, "gardens"), settings(3), 40))
+    finally:
+        type(loaded.model.new_state()).clone = original_clone
+    assert text.startswith("Outline:\n1.")
+    assert parse_outline("1. Intro\n2) Body:\n- Extra\nplain") == ["Intro", "Body", "Extra"]
+    assert forks  # sections started from copies of the outline state
+
+
+def test_models_folder_path_safety(engine, tmp_path):
+    assert "other-tiny.pth" in engine.list_models()
+    assert engine.resolve_choice("other-tiny.pth").name == "other-tiny.pth"
+    (tmp_path / "secret.pth").write_bytes(b"x")
+    for bad in ("../secret.pth", str(tmp_path / "secret.pth"), "/etc/passwd", "other-tiny.txt", "../../x.pth"):
+        with pytest.raises(LoadError):
+            engine.resolve_choice(bad)
+
+
+def test_download_offline_gives_a_clear_message(engine, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="Download failed"):
+        engine.download("RWKV-4 Pile 169M")

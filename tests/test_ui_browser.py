@@ -1,0 +1,112 @@
+"""Real-browser tests: Playwright drives Debian's Chromium (no browser download exists here).
+They also take the README's screenshots (docs/screenshots/)."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Chromium is not installed (apt-get install chromium); .ci/run installs it")
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        pg = context.new_page()
+        outside = []
+        pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+        pg.goto(app_url)
+        pg.locator("#chat-input textarea").wait_for(timeout=30000)
+        yield pg
+        assert outside == [], f"the page contacted other hosts: {outside[:3]}"
+        browser.close()
+
+
+def set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def bot_texts(page):
+    return page.locator("#chatbot [data-testid='bot']").all_inner_texts()
+
+
+def wait_for_status(page, elem_id, words, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = page.locator(f"#{elem_id}").inner_text()
+        if all(w in text for w in words):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"#{elem_id} never showed {words}: {page.locator(f'#{elem_id}').inner_text()!r}")
+
+
+def test_chat_streams_then_stop_and_regenerate(page):
+    page.get_by_text("Sampling").first.click()
+    set_number(page, "chat-max-tokens", 120)
+    set_number(page, "chat-seed", 7)
+    page.locator("#chat-input textarea").fill("Good morrow, sweet lady. What news from the court?")
+    page.locator("#chat-send").click()
+    seen = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        texts = bot_texts(page)
+        if texts and (not seen or texts[-1] != seen[-1]):
+            seen.append(texts[-1])
+        if "tok/s" in page.locator("#chat-status").inner_text() and "Generating" not in page.locator("#chat-status").inner_text():
+            break
+        time.sleep(0.05)
+    assert len(seen) >= 3, f"expected a streamed reply, saw {len(seen)} states"
+    status = wait_for_status(page, "chat-status", ["generated", "tok/s"])
+    assert "prompt tokens read" in status
+    page.wait_for_timeout(500)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
+
+    # Stop in the middle of a long reply: the partial reply stays, the status says so
+    set_number(page, "chat-max-tokens", 2000)
+    page.locator("#chat-input textarea").fill("Tell me the whole story of the two houses, at length.")
+    page.locator("#chat-send").click()
+    deadline = time.time() + 30
+    while time.time() < deadline and "Generating" not in page.locator("#chat-status").inner_text():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    page.locator("#chat-stop").click()
+    wait_for_status(page, "chat-status", ["Stopped"])
+    stopped_reply = bot_texts(page)[-1]
+    assert len(page.locator("#chatbot [data-testid='user']").all()) == 2
+
+    # Regenerate: a new reply to the same message, from the saved state
+    set_number(page, "chat-max-tokens", 60)
+    set_number(page, "chat-seed", 11)
+    page.locator("#chat-regenerate").click()
+    wait_for_status(page, "chat-status", ["0 prompt tokens read", "generated"])
+    assert bot_texts(page)[-1] != stopped_reply
+    assert len(page.locator("#chatbot [data-testid='user']").all()) == 2
+
+
+def test_blog_tab_writes_a_post(page):
+    page.get_by_role("tab", name="Blog post").click()
+    page.locator("#blog-topic textarea, #blog-topic input").first.fill("the pleasures of a quiet garden")
+    page.get_by_text("Sampling").last.click()
+    set_number(page, "blog-max-tokens", 250)
+    set_number(page, "blog-seed", 3)
+    page.locator("#blog-write").click()
+    status = wait_for_status(page, "blog-status", ["Done", "generated"], timeout=120)
+    assert "250 generated" in status
+    assert page.locator("#blog-output").inner_text().startswith("Title:")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "blog.png"), full_page=True)
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-input textarea").wait_for()
