@@ -59,6 +59,7 @@ def newline_bias(position: int) -> float:
 class Turn:
     user: str
     reply: str = ""
+    prompt_tokens: list[int] = field(default_factory=list)  # the turn's prompt as read
     reply_tokens: list[int] = field(default_factory=list)  # as the state holds them
     stats: dict = field(default_factory=dict)
     state_before: State | None = None
@@ -110,6 +111,7 @@ class ChatSession:
         self.turns.append(turn)
         prompt = self.fmt.turn_prompt(message, first=previous is None)
         tokens = loaded.tokenizer.encode(prompt)
+        turn.prompt_tokens = tokens
         state = turn.state_before.clone() if turn.state_before is not None else loaded.model.new_state()
         t0 = time.perf_counter()
         logits, read = None, 0

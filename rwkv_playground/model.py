@@ -115,6 +115,8 @@ class RWKV4(nn.Module):
         self.source_path: str | None = None
         from .wkv import wkv_reference, wkv_train_reference
 
+        # Optional observer of internals (used by inspect.py): capture(layer, name, tensor [B, T, C]).
+        self.capture: Callable[[int, str, torch.Tensor], None] | None = None
         self.wkv_impl = "reference"
         self.wkv_note = ""
         self._wkv_forward = wkv_reference
@@ -243,6 +245,9 @@ class RWKV4(nn.Module):
         else:
             y, aa, bb, pp = self._wkv_forward(w, u, k, v, s["aa"][:, i], s["bb"][:, i], s["pp"][:, i])
         s["aa"][:, i], s["bb"][:, i], s["pp"][:, i] = aa, bb, pp
+        if self.capture is not None:
+            for name, value in (("att_x", xx), ("k", k), ("v", v), ("wkv", y)):
+                self.capture(i, name, value)
         return _linear(r * y.float(), att.output.weight)
 
     def _channel_mix(self, i: int, block: Block, x: torch.Tensor, s: dict) -> torch.Tensor:
@@ -250,6 +255,8 @@ class RWKV4(nn.Module):
         xx = F.layer_norm(x, (x.shape[-1],), block.ln2.weight, block.ln2.bias, LN_EPS)
         shifted = _token_shift(xx, s["ffn_x"][:, i])
         s["ffn_x"][:, i] = xx[:, -1]
+        if self.capture is not None:
+            self.capture(i, "ffn_x", xx)
         k = torch.square(torch.relu(_linear(_mix(xx, shifted, ffn.time_mix_k), ffn.key.weight)))
         r = torch.sigmoid(_linear(_mix(xx, shifted, ffn.time_mix_r), ffn.receptance.weight))
         return r * _linear(k, ffn.value.weight)

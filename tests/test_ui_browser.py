@@ -110,3 +110,28 @@ def test_blog_tab_writes_a_post(page):
     page.screenshot(path=str(SHOTS / "blog.png"), full_page=True)
     page.get_by_role("tab", name="Chat").click()
     page.locator("#chat-input textarea").wait_for()
+
+
+def test_inspector_records_and_token_slider_changes_views(page):
+    page.get_by_role("tab", name="State inspector").click()
+    page.locator("#insp-text textarea").fill("Romeo: But soft, what light through yonder window breaks?\n\n"
+                                            "Juliet: O Romeo, Romeo, wherefore art thou Romeo?")
+    page.locator("#insp-record").click()
+    wait_for_status(page, "insp-status", ["Recorded", "tokens"], timeout=60)
+    page.locator("#insp-summary .gtitle").wait_for(timeout=20000)
+    info_before = page.locator("#insp-token-info").inner_text()
+    assert "Token" in info_before
+    rng = page.locator("#insp-token input[type=range]")
+    rng.focus()
+    for _ in range(5):
+        rng.press("ArrowLeft")
+    page.locator("#insp-token input[type=number]").fill("3")
+    page.locator("#insp-token input[type=number]").press("Enter")
+    wait_for_status(page, "insp-token-info", ["Token 3 ", "window"], timeout=20)
+    assert page.locator("#insp-token-info").inner_text() != info_before
+    page.get_by_role("tab", name="WKV accumulators").click()
+    page.locator("#insp-plot .heatmaplayer").first.wait_for(timeout=20000)
+    title = page.locator("#insp-plot .gtitle").text_content()
+    assert "value estimate" in title
+    page.wait_for_timeout(900)
+    page.screenshot(path=str(SHOTS / "inspector.png"), full_page=True)

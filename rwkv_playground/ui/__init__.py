@@ -8,7 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..engine import Engine
-from . import blog_tab, chat_tab, model_panel
+from . import blog_tab, chat_tab, inspector_tab, model_panel
 
 CSS = """
 #chat-status, #blog-status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }
@@ -21,9 +21,13 @@ def create_app(engine: Engine) -> gr.Blocks:
         model_panel.build(engine)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat_tab.build(engine)
+                chat_state = chat_tab.build(engine)
             with gr.Tab("Blog post", id="blog"):
-                blog_tab.build(engine)
+                blog_state = blog_tab.build(engine)
+            with gr.Tab("State inspector", id="inspector"):
+                model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
+        # the model's decay / bonus views need no recording: draw them when the page opens
+        demo.load(model_figures, None, figure_outputs, api_visibility="private")
     return demo
 
 

@@ -1,0 +1,240 @@
+"""State inspector tab: decay w, bonus u and the WKV accumulators, token by token.
+
+Recording happens once (Record); every slider move only slices the recording and redraws.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from ..engine import Engine
+from ..errors import GenerationError, LoadError
+from ..inspect import compare_states, effective_attention, model_decay_parameters, record
+from ..state import State
+from . import figures
+from .common import friendly_error
+
+DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
+                "It is the east, and Juliet is the sun.\n\n"
+                "Juliet: O Romeo, Romeo, wherefore art thou Romeo?")
+MAX_CHANNELS = 128
+SOURCES = ["Text below", "Current chat", "Current blog post"]
+
+
+def parse_channels(spec: str, n_embd: int) -> list[int]:
+    """'0-31', '3, 9, 12' or '5' -> channel ids (at most MAX_CHANNELS, within the model)."""
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", (spec or "").strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            out.extend(range(min(a, b), max(a, b) + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise GenerationError(f"Channels: '{part}' is not a number or a range like 0-31.")
+    out = [c for c in dict.fromkeys(out) if 0 <= c < n_embd][:MAX_CHANNELS]
+    return out or list(range(min(32, n_embd)))
+
+
+def window(rec, token: int, size: int) -> tuple[int, int]:
+    size = max(8, min(int(size), rec.n_tokens))
+    start = max(0, min(int(token) - size // 2, rec.n_tokens - size))
+    return start, start + size
+
+
+def spikes(rec, count: int = 12) -> list[tuple[str, int]]:
+    s = np.nan_to_num(rec.surprisal, nan=-1)
+    top = np.argsort(-s)[:count]
+    return [(f"t={t} {rec.token_texts[t]!r} -log p={s[t]:.2f}", int(t)) for t in sorted(top) if s[t] >= 0]
+
+
+def draw_views(rec, layer: int, token: int, channel_spec: str, size: int):
+    """All token-dependent figures (cheap slices of the recording)."""
+    layer = int(min(max(layer, 0), rec.n_layer - 1))
+    token = int(min(max(token, 0), rec.n_tokens - 1))
+    channels = parse_channels(channel_spec, rec.n_embd)
+    start, end = window(rec, token, size)
+    texts = rec.token_texts[start:end]
+    value = rec.value_estimate(layer)[start:end][:, channels]
+    mass = rec.log_mass(layer)[start:end][:, channels]
+    pp = rec.pp[start:end, layer][:, channels]
+    heat_value = figures.accumulator_heatmap(value, texts, start, channels, f"Layer {layer}: value estimate aa/bb",
+                                             "aa/bb", token, zmid=0.0)
+    heat_mass = figures.accumulator_heatmap(mass, texts, start, channels,
+                                            f"Layer {layer}: memory mass pp + log bb", "log mass", token)
+    heat_pp = figures.accumulator_heatmap(pp, texts, start, channels, f"Layer {layer}: pp (running max exponent)",
+                                          "pp", token)
+    shown = channels[:6]
+    lines = figures.channel_lines(rec.value_estimate(layer)[start:end][:, shown], texts, start, shown,
+                                  f"Layer {layer}: aa/bb of channels {shown} over the text", token)
+    weights, prior = effective_attention(rec, layer, channels, start, end)
+    attention = figures.attention_heatmap(weights, prior, texts, start,
+                                          f"Layer {layer}, channels {channel_spec or 'default'}: exact effective attention")
+    summary = figures.token_summary(rec.surprisal[start:end], rec.state_change()[start:end], texts, start, token)
+    at = (f"Token {token} of {rec.n_tokens}: {rec.token_texts[token]!r} · surprisal "
+          f"{rec.surprisal[token]:.2f} nats · window {start}–{end - 1}")
+    return heat_value, heat_mass, heat_pp, lines, attention, summary, at
+
+
+def build(engine: Engine, chat_state, blog_state):
+    recording = gr.State(None)
+    with gr.Row():
+        source = gr.Radio(SOURCES, value=SOURCES[0], label="Record", elem_id="insp-source")
+        record_btn = gr.Button("Record", variant="primary", elem_id="insp-record")
+    text = gr.Textbox(DEFAULT_TEXT, lines=4, label="Text", elem_id="insp-text")
+    status = gr.Markdown("Type a text (or pick the current chat / blog post) and press Record.", elem_id="insp-status")
+    with gr.Row():
+        layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="insp-layer")
+        token = gr.Slider(0, 1, value=0, step=1, label="Token", elem_id="insp-token")
+        size = gr.Slider(16, 512, value=96, step=8, label="Window (tokens)", elem_id="insp-window")
+        channel_spec = gr.Textbox("0-31", label="Channels (e.g. 0-31 or 3,7,9)", elem_id="insp-channels")
+    with gr.Row():
+        spike = gr.Dropdown([], label="Jump to a surprising token", elem_id="insp-spike")
+        token_info = gr.Markdown("", elem_id="insp-token-info")
+    with gr.Tabs():
+        with gr.Tab("Per-token summary"):
+            summary_plot = gr.Plot(elem_id="insp-summary")
+        with gr.Tab("WKV accumulators"):
+            value_plot = gr.Plot(elem_id="insp-plot")
+            lines_plot = gr.Plot(elem_id="insp-lines")
+            mass_plot = gr.Plot(elem_id="insp-mass")
+            pp_plot = gr.Plot(elem_id="insp-pp")
+        with gr.Tab("Effective attention"):
+            attention_plot = gr.Plot(elem_id="insp-attention")
+        with gr.Tab("Decay and bonus"):
+            decay_plot = gr.Plot(elem_id="insp-decay")
+            life_plot = gr.Plot(elem_id="insp-halflife")
+            bonus_plot = gr.Plot(elem_id="insp-bonus")
+            bonus_scatter = gr.Plot(elem_id="insp-bonus-vs-decay")
+        with gr.Tab("State files"):
+            with gr.Row():
+                export_btn = gr.Button("Export the state at the selected token", elem_id="insp-export")
+                export_file = gr.File(label="State file (.safetensors)", elem_id="insp-export-file")
+            with gr.Row():
+                upload = gr.File(label="Load a state file to compare with the selected token",
+                                 file_types=[".safetensors"], elem_id="insp-upload")
+                compare_plot = gr.Plot(elem_id="insp-compare")
+            compare_md = gr.Markdown("", elem_id="insp-compare-text")
+            html_btn = gr.Button("Save all figures as HTML", elem_id="insp-html")
+            html_file = gr.File(label="Figures (standalone HTML)", elem_id="insp-html-file")
+
+    view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, token_info]
+
+    def tokens_for(src, txt, chat_session, blog_session, loaded):
+        tok = loaded.tokenizer
+        if src == SOURCES[1]:
+            if chat_session is None or not chat_session.turns:
+                raise GenerationError("The chat is empty: send a message first (or record a text).")
+            ids = []
+            for turn in chat_session.turns:
+                ids += turn.prompt_tokens + turn.reply_tokens
+            return ids
+        if src == SOURCES[2]:
+            if blog_session is None or not blog_session.text:
+                raise GenerationError("There is no blog post yet: write one first (or record a text).")
+            return tok.encode(blog_session.text)
+        if not txt or not txt.strip():
+            raise GenerationError("Type a text to record first.")
+        return tok.encode(txt)
+
+    def on_record(src, txt, chat_session, blog_session, layer_value, channels, size_value, progress=gr.Progress()):
+        try:
+            loaded = engine.require()
+            progress(0.1, desc="Reading the text")
+            ids = tokens_for(src, txt, chat_session, blog_session, loaded)
+            rec = record(loaded.model, loaded.tokenizer, ids)
+            progress(0.8, desc="Drawing")
+            td, tf = rec.time_decay, rec.time_first
+            last = rec.n_tokens - 1
+            views = draw_views(rec, min(int(layer_value), rec.n_layer - 1), last, channels, size_value)
+            msg = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
+                   "Move the sliders: every view is a slice of this recording.")
+            return (rec, msg, gr.Slider(maximum=rec.n_layer - 1, value=min(int(layer_value), rec.n_layer - 1)),
+                    gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None),
+                    *views, figures.decay_spectrum(td), figures.half_life_heatmap(td),
+                    figures.bonus_heatmap(tf), figures.bonus_vs_decay(td, tf))
+        except Exception as exc:
+            nothing = [gr.Plot()] * 6
+            return (None, friendly_error(exc), gr.Slider(), gr.Slider(), gr.Dropdown(), *nothing, "",
+                    gr.Plot(), gr.Plot(), gr.Plot(), gr.Plot())
+
+    def on_view(rec, layer_value, token_value, channels, size_value):
+        if rec is None:
+            return [gr.Plot()] * 6 + ["Press Record first."]
+        try:
+            return list(draw_views(rec, layer_value, token_value, channels, size_value))
+        except Exception as exc:
+            return [gr.Plot()] * 6 + [friendly_error(exc)]
+
+    def on_spike(choice):
+        return gr.Slider() if choice is None else gr.Slider(value=int(choice))
+
+    def on_export(rec, token_value):
+        if rec is None:
+            return None, "Press Record first."
+        t = int(token_value)
+        folder = Path(tempfile.mkdtemp(prefix="rwkv-state-"))
+        path = folder / f"state-token-{t}.safetensors"
+        rec.state_at(t).save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
+        return str(path), f"Saved the state after token {t}."
+
+    def on_compare(rec, token_value, file):
+        if rec is None or file is None:
+            return gr.Plot(), "Record a text and choose a state file to compare."
+        try:
+            loaded = engine.require()
+            other = State.load(file if isinstance(file, str) else file.name, model=loaded.model)
+            result = compare_states(rec.state_at(int(token_value)), other)
+            rows = result["top_channels"][:8]
+            table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)
+            return (figures.state_comparison(result["per_layer"]),
+                    "Channels that differ most:\n\n| component | layer | channel | abs diff |\n|---|---|---|---|\n" + table)
+        except (LoadError, GenerationError, Exception) as exc:
+            return gr.Plot(), friendly_error(exc)
+
+    def on_html(rec, layer_value, token_value, channels, size_value):
+        if rec is None:
+            return None
+        views = draw_views(rec, layer_value, token_value, channels, size_value)
+        names = ["value estimate", "memory mass", "pp", "channels over the text", "effective attention",
+                 "per-token summary"]
+        figs = dict(zip(names, views[:6]))
+        figs.update({"decay spectrum": figures.decay_spectrum(rec.time_decay),
+                     "half-life": figures.half_life_heatmap(rec.time_decay),
+                     "bonus u": figures.bonus_heatmap(rec.time_first)})
+        path = Path(tempfile.mkdtemp(prefix="rwkv-figs-")) / "rwkv-state-inspector.html"
+        path.write_text(figures.figures_to_html(figs), encoding="utf-8")
+        return str(path)
+
+    record_btn.click(on_record, [source, text, chat_state, blog_state, layer, channel_spec, size],
+                     [recording, status, layer, token, spike, *view_outputs, decay_plot, life_plot, bonus_plot,
+                      bonus_scatter], concurrency_id="model", api_name="inspect")
+    view_inputs = [recording, layer, token, channel_spec, size]
+    for control in (layer, token, size):
+        control.release(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
+    token.input(on_view, view_inputs, view_outputs, concurrency_limit=None, trigger_mode="always_last",
+                api_visibility="private")
+    channel_spec.submit(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
+    spike.change(on_spike, [spike], [token], queue=False, api_visibility="private").then(
+        on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
+    export_btn.click(on_export, [recording, token], [export_file, status], api_visibility="private")
+    upload.change(on_compare, [recording, token, upload], [compare_plot, compare_md], api_visibility="private")
+    html_btn.click(on_html, view_inputs, [html_file], api_visibility="private")
+
+    def model_figures():
+        loaded = engine.current
+        if loaded is None:
+            return gr.Plot(), gr.Plot(), gr.Plot(), gr.Plot()
+        td, tf = model_decay_parameters(loaded.model)
+        return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),
+                figures.bonus_vs_decay(td, tf))
+
+    return model_figures, [decay_plot, life_plot, bonus_plot, bonus_scatter]
