@@ -266,7 +266,10 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
   return {gw_part.sum(0), gu_part.sum(0), gk, gv};
 }
 
+at::Tensor matvec(const at::Tensor& W, const at::Tensor& x);  // kernels/matvec_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matvec", &matvec, "y = W x for the RNN step (W fp32 or bf16) (CPU)");
   m.def("forward", &wkv_forward, "WKV forward with state in/out (CPU)");
   m.def("train_forward", &wkv_train_forward, "WKV training forward from an empty state (CPU)");
   m.def("train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CPU)");

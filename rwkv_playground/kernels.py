@@ -37,7 +37,7 @@ ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
 CHOICES = ("auto", "reference", "cpu", "cuda")
 
 _SOURCES = {
-    "cpu": ["wkv_cpu.cpp"],
+    "cpu": ["wkv_cpu.cpp", "matvec_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
 }
 _lock = threading.Lock()

@@ -119,6 +119,8 @@ class RWKV4(nn.Module):
         self.capture: Callable[[int, str, torch.Tensor], None] | None = None
         self.wkv_impl = "reference"
         self.wkv_note = ""
+        # y = W x for the one-token RNN step on CPU (kernels/matvec_cpu.cpp), when it is built
+        self._matvec: Callable | None = None
         self._wkv_forward = wkv_reference
         self._wkv_train = wkv_train_reference
 
@@ -149,7 +151,18 @@ class RWKV4(nn.Module):
 
         choice = select_wkv(preference, self.device, progress=progress)
         self.wkv_impl, self._wkv_forward, self._wkv_train, self.wkv_note = choice
+        self._matvec = None
+        if self.wkv_impl == "cpu":
+            from .kernels import load_kernel
+
+            self._matvec = getattr(load_kernel("cpu"), "matvec", None)
         return self.wkv_impl
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T as float32; one row on CPU goes through the streaming matvec kernel."""
+        if self._matvec is not None and x.shape[-1] == x.numel():
+            return self._matvec(weight, x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
+        return _linear(x, weight)
 
     # ---- state -------------------------------------------------------------------------------
     def new_state(self, batch: int | None = None) -> State:
@@ -225,16 +238,16 @@ class RWKV4(nn.Module):
         if last_only:
             x = x[:, -1]  # [B, C]: only the last token needs the head
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out.weight, self.ln_out.bias, LN_EPS)
-        return _linear(x, self.head.weight)
+        return self._linear(x, self.head.weight)
 
     def _time_mix(self, i: int, block: Block, x: torch.Tensor, s: dict) -> torch.Tensor:
         att = block.att
         xx = F.layer_norm(x, (x.shape[-1],), block.ln1.weight, block.ln1.bias, LN_EPS)
         shifted = _token_shift(xx, s["att_x"][:, i])
         s["att_x"][:, i] = xx[:, -1]
-        k = _linear(_mix(xx, shifted, att.time_mix_k), att.key.weight)
-        v = _linear(_mix(xx, shifted, att.time_mix_v), att.value.weight)
-        r = torch.sigmoid(_linear(_mix(xx, shifted, att.time_mix_r), att.receptance.weight))
+        k = self._linear(_mix(xx, shifted, att.time_mix_k), att.key.weight)
+        v = self._linear(_mix(xx, shifted, att.time_mix_v), att.value.weight)
+        r = torch.sigmoid(self._linear(_mix(xx, shifted, att.time_mix_r), att.receptance.weight))
         w = -torch.exp(att.time_decay.float())
         u = att.time_first.float()
         if k.shape[1] == 1:
@@ -248,7 +261,7 @@ class RWKV4(nn.Module):
         if self.capture is not None:
             for name, value in (("att_x", xx), ("k", k), ("v", v), ("wkv", y)):
                 self.capture(i, name, value)
-        return _linear(r * y.float(), att.output.weight)
+        return self._linear(r * y.float(), att.output.weight)
 
     def _channel_mix(self, i: int, block: Block, x: torch.Tensor, s: dict) -> torch.Tensor:
         ffn = block.ffn
@@ -257,9 +270,9 @@ class RWKV4(nn.Module):
         s["ffn_x"][:, i] = xx[:, -1]
         if self.capture is not None:
             self.capture(i, "ffn_x", xx)
-        k = torch.square(torch.relu(_linear(_mix(xx, shifted, ffn.time_mix_k), ffn.key.weight)))
-        r = torch.sigmoid(_linear(_mix(xx, shifted, ffn.time_mix_r), ffn.receptance.weight))
-        return r * _linear(k, ffn.value.weight)
+        k = torch.square(torch.relu(self._linear(_mix(xx, shifted, ffn.time_mix_k), ffn.key.weight)))
+        r = torch.sigmoid(self._linear(_mix(xx, shifted, ffn.time_mix_r), ffn.receptance.weight))
+        return r * self._linear(k, ffn.value.weight)
 
     # ---- training ----------------------------------------------------------------------------
     def forward_train(self, idx: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,10 @@ def prepare_data(out: Path, cfg: TrainConfig, cache: Path):
     return tok, train_tokens, valid_tokens, works, train_text
 
 
-def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, resume: bool = True) -> None:
+def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, resume: bool = True,
+          stop_after: int | None = None) -> bool:
+    """Train (resuming from work/ if possible). Returns True when finished, False when it stopped
+    early after `stop_after` steps of this run (checkpointed, resumable)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +216,12 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.ctx_len
+    first_step = step
     while step < cfg.steps:
+        if stop_after is not None and step - first_step >= stop_after:
+            bar.close()
+            print(f"Stopped after {stop_after} steps (step {step}); run again to resume.", flush=True)
+            return False
         t0 = time.perf_counter()
         x, y = batch_at(train_tokens, step, cfg)
         for group in optimizer.param_groups:
@@ -236,7 +244,8 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
             model.train()
             bar.write(f"step {step}: train loss {loss.item():.3f}, validation loss {record['val_loss']:.3f}")
         history.append(record)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or (
+                stop_after is not None and step - first_step >= stop_after):
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "elapsed": elapsed, "history": history, "train_config": asdict(cfg)}, tmp)
@@ -248,6 +257,7 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
     torch.save(weights, out / CHECKPOINT_NAME)
     card = write_card(out, cfg, model_cfg, works, train_tokens, valid_tokens, elapsed, history, device)
     print(json.dumps(card["validation"], indent=2))
+    return True
 
 
 # ---- evaluation and model card ---------------------------------------------------------------
@@ -334,6 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", action="store_true", help="only measure the validation loss of --out's model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="train at most this many steps in this run, then stop (resumable)")
     parser.add_argument("--work", type=Path, default=Path("build/train"),
                         help="where the resumable training state is kept (default: build/train)")
     parser.add_argument("--cache", type=Path, default=_default_cache(), help="where the corpus is downloaded")
@@ -350,7 +362,7 @@ def main(argv=None) -> int:
         return 0
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
     torch.set_num_threads(os.cpu_count() or 1)
-    train(args.out, cfg, args.device, args.cache, args.work, resume=not args.no_resume)
+    train(args.out, cfg, args.device, args.cache, args.work, resume=not args.no_resume, stop_after=args.stop_after)
     return 0
 
 

@@ -72,3 +72,32 @@ def test_model_switch_refuses_paths_outside_the_folder(client, engine, app_model
         assert "Loaded other-tiny.pth" in status and "2 layers" in info
     finally:
         engine.load(app_model_path)  # later tests expect the demo model
+
+
+def test_engine_errors_are_readable_messages_not_tracebacks():
+    """An app whose engine has no model: every endpoint answers with one readable line."""
+    import socket
+
+    from gradio_client import Client
+
+    from rwkv_playground.engine import Engine
+    from rwkv_playground.ui import create_app, launch_options
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = create_app(Engine())
+    demo.queue()
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options("127.0.0.1", port, False))
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        chat = collect(c.submit("Hello", "Bob", "Alice", "", *SAMPLING, 10, 1, api_name="/chat"))
+        assert chat[-1][1] == "⚠ No model is loaded yet."
+        blog = collect(c.submit("x", "", "", "", False, "{topic}", *SAMPLING, 10, 1, api_name="/blog"))
+        assert blog[-1][1] == "⚠ No model is loaded yet."
+        inspect = c.predict("Text below", "some text", 0, "0-31", 96, api_name="/inspect")
+        assert inspect[0] == "⚠ No model is loaded yet."
+        for out in (chat[-1][1], blog[-1][1], inspect[0]):
+            assert "Traceback" not in out
+    finally:
+        demo.close()

@@ -168,3 +168,33 @@ def test_config_is_inferred_from_weights(tiny_fp32):
     assert (info["n_layer"], info["n_embd"], info["vocab_size"], info["ffn_dim"]) == (3, 64, 500, 256)
     assert info["parameters"] == sum(v.numel() for v in torch.load(tiny_fp32, weights_only=True).values())
     assert info["wkv"] in ("cpu", "reference")
+
+
+def test_bf16_file_loads_as_bf16_without_an_fp32_copy(ckpt_dir):
+    """Peak RSS while loading a bf16 checkpoint as bf16 stays close to the weights' size, measured
+    in a fresh process: the high-water mark (VmHWM) is reset right before load_model."""
+    import subprocess
+    import sys
+
+    from conftest import MID, ROOT
+
+    path = write_checkpoint(ckpt_dir / "mid-bf16.pth", MID, seed=3, dtype=torch.bfloat16)
+    weights_bytes = sum(t.numel() * 2 for t in torch.load(path, weights_only=True, mmap=True).values())
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from rwkv_playground import load_model\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
+        "before = status('VmRSS')\n"
+        f"m = load_model({str(path)!r}, dtype='bf16', wkv='reference')\n"
+        "x = sum(float(p.view(-1)[-1].float()) for p in m.parameters())  # touch every tensor\n"
+        "print(status('VmHWM') - before, m.head.weight.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown, dtype = out.stdout.split()
+    assert dtype == "torch.bfloat16"
+    assert int(grown) <= 1.15 * weights_bytes, f"peak grew by {int(grown) / weights_bytes:.2f}x the weights"

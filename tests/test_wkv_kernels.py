@@ -232,3 +232,18 @@ def test_cuda_model_matches_cpu_model(tiny_fp32):
     for dtype, tol in (("fp32", 1e-5), ("fp16", 3e-2), ("bf16", 3e-2)):
         gpu, _ = load_model(tiny_fp32, device="cuda", dtype=dtype).forward(tokens, full_output=True)
         assert ((gpu.cpu() - cpu).abs().max() / cpu.abs().max()).item() <= tol, dtype
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (7, 768), (768, 768), (3072, 768), (768, 3072), (50277, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_matvec_matches_torch(N, K, dtype):
+    from rwkv_playground.kernels import load_kernel
+
+    matvec = load_kernel("cpu").matvec
+    g = torch.Generator().manual_seed(N + K)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    x = torch.randn(K, generator=g)
+    expected = W.double() @ x.double()
+    got = matvec(W, x)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    assert ((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-9)).item() < 1e-5
