@@ -49,6 +49,31 @@ static inline double exp_nonpos(double x) { return std::exp(x); }
 template <typename scalar_t>
 static inline float to_float(scalar_t x) { return static_cast<float>(x); }
 
+// One WKV step of one channel: returns the output for the current token and advances the state
+// (a, b, p). In each pair of factors one is exp(0) = 1, so one exp per pair suffices. With
+// kLogD, also writes log D_t (the log of the output's denominator) for the training backward.
+template <bool kLogD, typename acc_t>
+static inline acc_t wkv_step(acc_t& a, acc_t& b, acc_t& p, const acc_t w, const acc_t u, const acc_t kk,
+                             const acc_t vv, acc_t* log_d) {
+  const acc_t ww = u + kk;
+  const acc_t d = p - ww;
+  const acc_t ed = exp_nonpos(d > 0 ? -d : d);
+  const acc_t e1 = d > 0 ? acc_t(1) : ed;  // weight of the state
+  const acc_t e2 = d > 0 ? ed : acc_t(1);  // weight of the current token (with its bonus)
+  const acc_t den = e1 * b + e2;
+  const acc_t y = (e1 * a + e2 * vv) / den;
+  if (kLogD) *log_d = (d > 0 ? p : ww) + std::log(den);
+  const acc_t ws = p + w;
+  const acc_t d2 = ws - kk;
+  const acc_t ed2 = exp_nonpos(d2 > 0 ? -d2 : d2);
+  const acc_t f1 = d2 > 0 ? acc_t(1) : ed2;
+  const acc_t f2 = d2 > 0 ? ed2 : acc_t(1);
+  a = f1 * a + f2 * vv;
+  b = f1 * b + f2;
+  p = d2 > 0 ? ws : kk;
+  return y;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inference forward: state in, state out, y in the input dtype.
 template <typename scalar_t>
@@ -75,24 +100,8 @@ void forward_kernel(int64_t B, int64_t T, int64_t C, const float* w, const float
         scalar_t* yt = y + off;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          const float kk = to_float(kt[j]);
-          const float vv = to_float(vt[j]);
-          // output: one of the two factors is exp(0) = 1, so a single exp suffices
-          const float ww = uc[j] + kk;
-          const float d = p[j] - ww;
-          const float ed = exp_nonpos(d > 0.0f ? -d : d);
-          const float e1 = d > 0.0f ? 1.0f : ed;   // weight of the state
-          const float e2 = d > 0.0f ? ed : 1.0f;   // weight of the current token (with bonus)
-          yt[j] = static_cast<scalar_t>((e1 * a[j] + e2 * vv) / (e1 * b[j] + e2));
-          // state update
-          const float ws = p[j] + wc[j];
-          const float d2 = ws - kk;
-          const float ed2 = exp_nonpos(d2 > 0.0f ? -d2 : d2);
-          const float f1 = d2 > 0.0f ? 1.0f : ed2;
-          const float f2 = d2 > 0.0f ? ed2 : 1.0f;
-          a[j] = f1 * a[j] + f2 * vv;
-          b[j] = f1 * b[j] + f2;
-          p[j] = d2 > 0.0f ? ws : kk;
+          yt[j] = static_cast<scalar_t>(
+              wkv_step<false, float>(a[j], b[j], p[j], wc[j], uc[j], to_float(kt[j]), to_float(vt[j]), nullptr));
         }
       }
       for (int64_t j = 0; j < n; ++j) { aa_row[j] = a[j]; bb_row[j] = b[j]; pp_row[j] = p[j]; }
@@ -118,23 +127,8 @@ void train_forward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, const
         const int64_t off = (bi * T + t) * C + c0;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t kk = k[off + j], vv = v[off + j];
-          const acc_t ww = u[c0 + j] + kk;
-          const acc_t d = p[j] - ww;
-          const acc_t ed = exp_nonpos(d > 0 ? -d : d);
-          const acc_t e1 = d > 0 ? acc_t(1) : ed;
-          const acc_t e2 = d > 0 ? ed : acc_t(1);
-          const acc_t den = e1 * b[j] + e2;
-          y[off + j] = (e1 * a[j] + e2 * vv) / den;
-          log_d[off + j] = (d > 0 ? p[j] : ww) + std::log(den);
-          const acc_t ws = p[j] + w[c0 + j];
-          const acc_t d2 = ws - kk;
-          const acc_t ed2 = exp_nonpos(d2 > 0 ? -d2 : d2);
-          const acc_t f1 = d2 > 0 ? acc_t(1) : ed2;
-          const acc_t f2 = d2 > 0 ? ed2 : acc_t(1);
-          a[j] = f1 * a[j] + f2 * vv;
-          b[j] = f1 * b[j] + f2;
-          p[j] = d2 > 0 ? ws : kk;
+          y[off + j] = wkv_step<true, acc_t>(a[j], b[j], p[j], w[c0 + j], u[c0 + j], k[off + j], v[off + j],
+                                             log_d + off + j);
         }
       }
     }

@@ -23,6 +23,27 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// One WKV step of one channel: the output for the current token, then the state update (a, b, p).
+// log_d (training only) receives log D_t, the log of the output's denominator.
+__device__ __forceinline__ float wkv_step(float& a, float& b, float& p, const float w, const float u,
+                                          const float kk, const float vv, float* log_d) {
+  const float ww = u + kk;
+  const float d = p - ww;
+  const float ed = expf(-fabsf(d));
+  const float e1 = d > 0.f ? 1.f : ed, e2 = d > 0.f ? ed : 1.f;
+  const float den = e1 * b + e2;
+  const float y = (e1 * a + e2 * vv) / den;
+  if (log_d) *log_d = (d > 0.f ? p : ww) + logf(den);
+  const float ws = p + w;
+  const float d2 = ws - kk;
+  const float ed2 = expf(-fabsf(d2));
+  const float f1 = d2 > 0.f ? 1.f : ed2, f2 = d2 > 0.f ? ed2 : 1.f;
+  a = f1 * a + f2 * vv;
+  b = f1 * b + f2;
+  p = d2 > 0.f ? ws : kk;
+  return y;
+}
+
 template <typename scalar_t>
 __global__ void wkv_forward_kernel(int B, int T, int C, const float* __restrict__ w,
                                    const float* __restrict__ u, const scalar_t* __restrict__ k,
@@ -43,18 +64,7 @@ __global__ void wkv_forward_kernel(int B, int T, int C, const float* __restrict_
       k_next = to_f(k[base + (int64_t)(t + 1) * C]);
       v_next = to_f(v[base + (int64_t)(t + 1) * C]);
     }
-    const float ww = uc + kk;
-    const float d = p - ww;
-    const float ed = expf(-fabsf(d));
-    const float e1 = d > 0.f ? 1.f : ed, e2 = d > 0.f ? ed : 1.f;
-    y[base + (int64_t)t * C] = from_f<scalar_t>((e1 * a + e2 * vv) / (e1 * bsum + e2));
-    const float ws = p + wc;
-    const float d2 = ws - kk;
-    const float ed2 = expf(-fabsf(d2));
-    const float f1 = d2 > 0.f ? 1.f : ed2, f2 = d2 > 0.f ? ed2 : 1.f;
-    a = f1 * a + f2 * vv;
-    bsum = f1 * bsum + f2;
-    p = d2 > 0.f ? ws : kk;
+    y[base + (int64_t)t * C] = from_f<scalar_t>(wkv_step(a, bsum, p, wc, uc, kk, vv, nullptr));
   }
   aa[idx] = a;
   bb[idx] = bsum;
@@ -74,21 +84,7 @@ __global__ void wkv_train_forward_kernel(int B, int T, int C, const float* __res
   const int64_t base = (int64_t)b * T * C + c;
   for (int t = 0; t < T; ++t) {
     const int64_t off = base + (int64_t)t * C;
-    const float kk = k[off], vv = v[off];
-    const float ww = uc + kk;
-    const float d = p - ww;
-    const float ed = expf(-fabsf(d));
-    const float e1 = d > 0.f ? 1.f : ed, e2 = d > 0.f ? ed : 1.f;
-    const float den = e1 * bsum + e2;
-    y[off] = (e1 * a + e2 * vv) / den;
-    if (log_d) log_d[off] = (d > 0.f ? p : ww) + logf(den);
-    const float ws = p + wc;
-    const float d2 = ws - kk;
-    const float ed2 = expf(-fabsf(d2));
-    const float f1 = d2 > 0.f ? 1.f : ed2, f2 = d2 > 0.f ? ed2 : 1.f;
-    a = f1 * a + f2 * vv;
-    bsum = f1 * bsum + f2;
-    p = d2 > 0.f ? ws : kk;
+    y[off] = wkv_step(a, bsum, p, wc, uc, k[off], v[off], log_d ? log_d + off : nullptr);
   }
 }
 

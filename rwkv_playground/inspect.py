@@ -163,25 +163,17 @@ def record(model, tokenizer, tokens: list[int], state: State | None = None) -> R
 
 
 def _replay_wkv(w, u, k, v, aa0, bb0, pp0):
-    """The state after each token, from the captured k, v: the engine's RNN-step arithmetic in
-    float32, vectorised over layers and channels."""
-    T = k.shape[0]
-    aa_all = np.empty_like(k)
-    bb_all = np.empty_like(k)
-    pp_all = np.empty_like(k)
-    aa, bb, pp = aa0.astype(np.float32), bb0.astype(np.float32), pp0.astype(np.float32)
-    with np.errstate(over="ignore", under="ignore"):
-        for t in range(T):
-            kt, vt = k[t], v[t]
-            ww = pp + w
-            p = np.maximum(ww, kt)
-            e1 = np.exp(ww - p)
-            e2 = np.exp(kt - p)
-            aa = e1 * aa + e2 * vt
-            bb = e1 * bb + e2
-            pp = p
-            aa_all[t], bb_all[t], pp_all[t] = aa, bb, pp
-    return aa_all, bb_all, pp_all
+    """The state after each token from the captured k, v [T, L, C]: the reference WKV with the
+    layers as its batch (float32, the engine's RNN-step arithmetic). Returns aa, bb, pp [T, L, C]."""
+    from .wkv import wkv_reference
+
+    def batch_first(a):
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2)))
+
+    *_, (aa, bb, pp) = wkv_reference(torch.from_numpy(w), torch.from_numpy(u), batch_first(k), batch_first(v),
+                                     torch.from_numpy(aa0), torch.from_numpy(bb0), torch.from_numpy(pp0),
+                                     return_states=True)
+    return tuple(np.ascontiguousarray(t.numpy().transpose(1, 0, 2)) for t in (aa, bb, pp))
 
 
 def effective_attention(rec: Recording, layer: int, channels, t_from: int = 0, t_to: int | None = None):

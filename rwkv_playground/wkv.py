@@ -31,14 +31,18 @@ def empty_wkv_state(batch: int, channels: int, device="cpu"):
     return aa, bb, pp
 
 
-def wkv_reference(w, u, k, v, aa, bb, pp):
-    """Pure-PyTorch WKV, one time step at a time. Differentiable (autograd) in all inputs."""
+def wkv_reference(w, u, k, v, aa, bb, pp, return_states: bool = False):
+    """Pure-PyTorch WKV, one time step at a time. Differentiable (autograd) in all inputs.
+
+    w and u may also be [B, C] (one set per batch row: the inspector replays all layers at once).
+    With return_states=True, also returns the state after every step: (aa, bb, pp) each [B, T, C].
+    """
     T = k.shape[1]
     out_dtype = v.dtype
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32  # float64 kept for gradcheck
     k, v = k.to(acc), v.to(acc)
     aa, bb, pp = aa.to(acc), bb.to(acc), pp.to(acc)
-    outputs = []
+    outputs, states = [], []
     for t in range(T):
         kt, vt = k[:, t], v[:, t]
         ww = u + kt
@@ -53,7 +57,12 @@ def wkv_reference(w, u, k, v, aa, bb, pp):
         aa = e1 * aa + e2 * vt
         bb = e1 * bb + e2
         pp = p
+        if return_states:
+            states.append((aa, bb, pp))
     y = torch.stack(outputs, dim=1) if outputs else k.new_empty(k.shape)
+    if return_states:
+        per_step = tuple(torch.stack([s[i] for s in states], dim=1) for i in range(3))
+        return y.to(out_dtype), aa, bb, pp, per_step
     return y.to(out_dtype), aa, bb, pp
 
 

@@ -1,0 +1,183 @@
+"""This engine against the rwkv pip package, interleaved in one run (CPU).
+
+    python benchmarks/bench_speed.py                  # 169M and 430M shapes, fp32 and bf16
+    python benchmarks/bench_speed.py --shapes 169M --passes 2
+
+For each shape and dtype, on deterministic random-weight checkpoints of the real shapes: a prompt
+of 512 tokens, and 128 generated tokens including sampling (top_p 0.7, penalties), alternating the
+two engines pass by pass so both see the same machine conditions. Reports tokens/s of each, the
+ratio, the fraction of the machine's own bounds (a streaming-read bandwidth and a matmul GFLOP/s
+it measures first), and the peak RSS of loading each engine (in a fresh process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import ROOT, SHAPES, checkpoint, machine, write_results
+
+os.environ.setdefault("RWKV_JIT_ON", "1")
+os.environ["RWKV_CUDA_ON"] = "0"
+PROMPT, GENERATE = 512, 128
+
+
+def machine_bounds() -> dict:
+    big = torch.empty(256 * 1024 * 1024 // 4).normal_()
+    big.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        big.sum()
+    bandwidth = 5 * big.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    gflops = 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
+    return {"stream_read_GB_s": round(bandwidth, 1), "matmul_GFLOP_s": round(gflops, 1)}
+
+
+def weight_bytes(shape: str, dtype: str) -> int:
+    c = SHAPES[shape]
+    per_token = c.n_params - c.vocab_size * c.n_embd  # the embedding is a lookup, not read whole
+    return per_token * (4 if dtype == "fp32" else 2)
+
+
+class Ours:
+    name = "rwkv_playground"
+
+    def __init__(self, path, dtype):
+        from rwkv_playground import load_model
+        from rwkv_playground.sampling import Sampler, SamplingSettings
+
+        self.model = load_model(path, dtype=dtype)
+        self.Sampler, self.Settings = Sampler, SamplingSettings
+
+    def prompt(self, tokens):
+        return self.model.forward(tokens)
+
+    def generate(self, logits, state, n):
+        sampler = self.Sampler(self.Settings(top_p=0.7, seed=0), logits.shape[-1])
+        for _ in range(n):
+            token = sampler.sample(logits)
+            sampler.observe(token)
+            logits, state = self.model.forward([token], state, inplace=True)
+
+
+class Pip:
+    name = "rwkv 0.8.32"
+
+    def __init__(self, path, dtype):
+        from rwkv.model import RWKV
+        from rwkv.utils import PIPELINE
+
+        self.model = RWKV(str(path), strategy=f"cpu {dtype}", verbose=False)
+        self.pipeline = PIPELINE(self.model, "rwkv_vocab_v20230424")
+
+    def prompt(self, tokens):
+        return self.model.forward(tokens, None)
+
+    def generate(self, logits, state, n):
+        occurrence = {}
+        for _ in range(n):
+            out = logits.clone()
+            for t, c in occurrence.items():
+                out[t] -= 0.2 + c * 0.2
+            token = self.pipeline.sample_logits(out, temperature=1.0, top_p=0.7)
+            for t in occurrence:
+                occurrence[t] *= 0.996
+            occurrence[token] = occurrence.get(token, 0) + 1
+            logits, state = self.model.forward([token], state)
+
+
+def peak_load_rss(engine: str, path, dtype) -> int:
+    """Peak RSS growth while loading in a fresh process (VmHWM reset before the load)."""
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "os.environ['RWKV_CUDA_ON'] = '0'\n"
+        "import bench_speed\n"
+        "def status(key):\n"
+        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))\n"
+        f"cls = bench_speed.{engine}\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = status('VmRSS')\n"
+        f"e = cls({str(path)!r}, {dtype!r})\n"
+        "print(status('VmHWM') - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.strip() else -1
+
+
+def run(shapes, dtypes, passes) -> None:
+    bounds = machine_bounds()
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            path = checkpoint(shape, torch.bfloat16 if dtype == "bf16" else torch.float32)
+            engines = [Ours(path, dtype), Pip(path, dtype)]
+            tokens = np.random.default_rng(0).integers(0, 50277, PROMPT).tolist()
+            times = {e.name: {"prompt": [], "generate": []} for e in engines}
+            for _ in range(passes):
+                for e in engines:  # interleaved: same conditions for both
+                    t0 = time.perf_counter()
+                    logits, state = e.prompt(tokens)
+                    t1 = time.perf_counter()
+                    e.generate(logits, state, GENERATE)
+                    t2 = time.perf_counter()
+                    times[e.name]["prompt"].append(t1 - t0)
+                    times[e.name]["generate"].append(t2 - t1)
+            del engines
+            row = {"shape": shape, "dtype": dtype}
+            for name, t in times.items():
+                key = "ours" if name == "rwkv_playground" else "pip"
+                row[f"{key}_prompt_tok_s"] = PROMPT / min(t["prompt"])
+                row[f"{key}_generate_tok_s"] = GENERATE / min(t["generate"])
+            row["prompt_ratio"] = row["ours_prompt_tok_s"] / row["pip_prompt_tok_s"]
+            row["generate_ratio"] = row["ours_generate_tok_s"] / row["pip_generate_tok_s"]
+            # fraction of the bandwidth bound: every weight is read once per generated token
+            bound_tok_s = bounds["stream_read_GB_s"] * 1e9 / weight_bytes(shape, dtype)
+            row["ours_generate_fraction_of_bandwidth_bound"] = row["ours_generate_tok_s"] / bound_tok_s
+            row["pip_generate_fraction_of_bandwidth_bound"] = row["pip_generate_tok_s"] / bound_tok_s
+            flops_per_token = 2 * (SHAPES[shape].n_params - SHAPES[shape].vocab_size * SHAPES[shape].n_embd)
+            row["ours_prompt_fraction_of_matmul_bound"] = (row["ours_prompt_tok_s"] * flops_per_token
+                                                           / (bounds["matmul_GFLOP_s"] * 1e9))
+            row["ours_peak_load_rss_MB"] = peak_load_rss("Ours", path, dtype) / 1e6
+            row["pip_peak_load_rss_MB"] = peak_load_rss("Pip", path, dtype) / 1e6
+            row["weights_MB"] = path.stat().st_size / 1e6
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    data = {"machine": machine(), "bounds": bounds, "prompt_tokens": PROMPT, "generated_tokens": GENERATE,
+            "passes": passes, "results": rows}
+    md = [f"# This engine vs the rwkv pip package (CPU, {passes} interleaved passes, best of each)", "",
+          f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}, "
+          f"{data['machine']['date']}. Measured bounds: streaming read {bounds['stream_read_GB_s']} GB/s, "
+          f"matmul {bounds['matmul_GFLOP_s']} GFLOP/s.", "",
+          "| shape | dtype | prompt tok/s (ours / pip / ratio) | generation tok/s (ours / pip / ratio) | "
+          "generation, fraction of bandwidth bound (ours / pip) | peak RSS loading, MB (ours / pip / file) |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['shape']} | {r['dtype']} | {r['ours_prompt_tok_s']:.0f} / {r['pip_prompt_tok_s']:.0f} / "
+                  f"**{r['prompt_ratio']:.2f}x** | {r['ours_generate_tok_s']:.1f} / {r['pip_generate_tok_s']:.1f} / "
+                  f"**{r['generate_ratio']:.2f}x** | {r['ours_generate_fraction_of_bandwidth_bound']:.0%} / "
+                  f"{r['pip_generate_fraction_of_bandwidth_bound']:.0%} | {r['ours_peak_load_rss_MB']:.0f} / "
+                  f"{r['pip_peak_load_rss_MB']:.0f} / {r['weights_MB']:.0f} |")
+    write_results("speed_vs_rwkv_pip", data, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", nargs="+", default=["169M", "430M"], choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    run(args.shapes, args.dtypes, args.passes)
