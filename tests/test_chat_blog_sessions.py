@@ -156,3 +156,26 @@ def test_download_offline_gives_a_clear_message(engine, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoadError, match="Download failed"):
         engine.download("RWKV-4 Pile 169M")
+
+
+def test_event_functions_in_process(engine):
+    """The Gradio handlers themselves, called directly (no server)."""
+    from rwkv_playground.ui import create_app
+
+    demo = create_app(engine)
+    fns = {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
+    sampling = (1.0, 0.7, 0, 0.4, 0.4, 0.996)
+    chat = ChatSession()
+    outs = list(fns["chat"]("Good morrow.", chat, "Bob", "Alice", "", *sampling, 20, 1))
+    messages, status, session, textbox = outs[-1]
+    assert session is chat and len(chat.turns) == 1 and textbox == ""
+    assert messages[-1]["role"] == "assistant" and "generated" in status
+    hint = list(fns["chat"]("   ", chat, "Bob", "Alice", "", *sampling, 20, 1))[-1]
+    assert "Type a message" in hint[1] and len(chat.turns) == 1
+    huge = list(fns["chat"]("Again.", chat, "Bob", "Alice", "", *sampling, 10**9, 1))[-1]
+    assert len(chat.turns) == 2 and "generated" in huge[1]  # max tokens capped, not an error
+    blog = BlogSession()
+    out = list(fns["blog"](blog, "the sea", "", "", "", False, DEFAULT_TEMPLATE, *sampling, 40, 2))[-1]
+    assert out[0].startswith("Title:") and out[3].endswith(".md")
+    rec_out = fns["inspect"]("Current chat", "", chat, blog, 0, "0-15", 32)
+    assert rec_out[0] is not None and "Recorded" in rec_out[1]

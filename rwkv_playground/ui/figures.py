@@ -93,6 +93,17 @@ def accumulator_heatmap(values: np.ndarray, token_texts: list[str], start: int, 
     return fig
 
 
+def state_at_token(value: np.ndarray, token: int, token_text: str) -> go.Figure:
+    """value [L, C]: every layer's value estimate aa/bb after one token."""
+    fig = go.Figure(go.Heatmap(z=value, colorscale="RdBu", zmid=0, colorbar=dict(title="aa/bb"),
+                               hovertemplate="layer %{y}<br>channel %{x}<br>aa/bb %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=f"State after token {token} ({token_text!r}): value estimate aa/bb, all layers",
+                      **{**LAYOUT, "height": 300})
+    fig.update_xaxes(title="channel")
+    fig.update_yaxes(title="layer", dtick=1)
+    return fig
+
+
 def channel_lines(values: np.ndarray, token_texts: list[str], start: int, channels: list[int],
                   title: str, selected: int | None = None) -> go.Figure:
     labels = _token_labels(token_texts, start)

@@ -79,9 +79,10 @@ def draw_views(rec, layer: int, token: int, channel_spec: str, size: int):
     attention = figures.attention_heatmap(weights, prior, texts, start,
                                           f"Layer {layer}, channels {channel_spec or 'default'}: exact effective attention")
     summary = figures.token_summary(rec.surprisal[start:end], rec.state_change()[start:end], texts, start, token)
+    at_token = figures.state_at_token(rec.aa[token] / np.maximum(rec.bb[token], 1e-38), token, rec.token_texts[token])
     at = (f"Token {token} of {rec.n_tokens}: {rec.token_texts[token]!r} · surprisal "
           f"{rec.surprisal[token]:.2f} nats · window {start}–{end - 1}")
-    return heat_value, heat_mass, heat_pp, lines, attention, summary, at
+    return heat_value, heat_mass, heat_pp, lines, attention, summary, at_token, at
 
 
 def build(engine: Engine, chat_state, blog_state):
@@ -103,6 +104,7 @@ def build(engine: Engine, chat_state, blog_state):
         with gr.Tab("Per-token summary"):
             summary_plot = gr.Plot(elem_id="insp-summary")
         with gr.Tab("WKV accumulators"):
+            at_token_plot = gr.Plot(elem_id="insp-at-token")
             value_plot = gr.Plot(elem_id="insp-plot")
             lines_plot = gr.Plot(elem_id="insp-lines")
             mass_plot = gr.Plot(elem_id="insp-mass")
@@ -126,7 +128,8 @@ def build(engine: Engine, chat_state, blog_state):
             html_btn = gr.Button("Save all figures as HTML", elem_id="insp-html")
             html_file = gr.File(label="Figures (standalone HTML)", elem_id="insp-html-file")
 
-    view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, token_info]
+    view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, at_token_plot,
+                    token_info]
 
     def tokens_for(src, txt, chat_session, blog_session, loaded):
         tok = loaded.tokenizer
@@ -162,17 +165,17 @@ def build(engine: Engine, chat_state, blog_state):
                     *views, figures.decay_spectrum(td), figures.half_life_heatmap(td),
                     figures.bonus_heatmap(tf), figures.bonus_vs_decay(td, tf))
         except Exception as exc:
-            nothing = [gr.Plot()] * 6
+            nothing = [gr.Plot()] * 7
             return (None, friendly_error(exc), gr.Slider(), gr.Slider(), gr.Dropdown(), *nothing, "",
                     gr.Plot(), gr.Plot(), gr.Plot(), gr.Plot())
 
     def on_view(rec, layer_value, token_value, channels, size_value):
         if rec is None:
-            return [gr.Plot()] * 6 + ["Press Record first."]
+            return [gr.Plot()] * 7 + ["Press Record first."]
         try:
             return list(draw_views(rec, layer_value, token_value, channels, size_value))
         except Exception as exc:
-            return [gr.Plot()] * 6 + [friendly_error(exc)]
+            return [gr.Plot()] * 7 + [friendly_error(exc)]
 
     def on_spike(choice):
         return gr.Slider() if choice is None else gr.Slider(value=int(choice))
@@ -205,8 +208,8 @@ def build(engine: Engine, chat_state, blog_state):
             return None
         views = draw_views(rec, layer_value, token_value, channels, size_value)
         names = ["value estimate", "memory mass", "pp", "channels over the text", "effective attention",
-                 "per-token summary"]
-        figs = dict(zip(names, views[:6]))
+                 "per-token summary", "state at the selected token"]
+        figs = dict(zip(names, views[:7]))
         figs.update({"decay spectrum": figures.decay_spectrum(rec.time_decay),
                      "half-life": figures.half_life_heatmap(rec.time_decay),
                      "bonus u": figures.bonus_heatmap(rec.time_first)})

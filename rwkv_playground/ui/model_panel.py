@@ -48,7 +48,7 @@ def build(engine: Engine):
     def refresh():
         return gr.Dropdown(choices=engine.list_models())
 
-    def download(label, progress=gr.Progress()):
+    def download(label, progress=gr.Progress(track_tqdm=True)):  # shows huggingface_hub's own bar
         if not label:
             return gr.Dropdown(), "Choose a checkpoint to download."
         try:
