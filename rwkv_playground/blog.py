@@ -115,9 +115,18 @@ class BlogSession:
 
     def write_with_outline(self, loaded, outline_prompt: str, settings: SamplingSettings,
                            section_tokens: int, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Outline first, then each section from a fork of the outline's state."""
+        """Outline first, then each section from a fork of the outline's state. Stopped at any
+        point, the document keeps what was shown and Continue resumes the last stream's state."""
         self.model_fingerprint = loaded.model.fingerprint
         self.text, self.state, self.logits = "", None, None
+        try:
+            yield from self._outline_then_sections(loaded, outline_prompt, settings, section_tokens, cancel)
+        finally:
+            last = getattr(self, "_last", None)
+            if last is not None and last.state is not None:
+                self.state, self.logits = last.state, last.last_logits
+
+    def _outline_then_sections(self, loaded, outline_prompt, settings, section_tokens, cancel):
         outline = "1."
         for _, gen in self._stream(loaded, outline_prompt, settings, 200, cancel, stop=["\n\n"]):
             outline = "1." + gen.text
@@ -126,7 +135,6 @@ class BlogSession:
         outline_gen = self._last
         headings = parse_outline(outline)
         if not headings:
-            self.state, self.logits = outline_gen.state, outline_gen.last_logits
             return
         outline_state, outline_logits = outline_gen.state, outline_gen.last_logits
         body = "Outline:\n" + outline + "\n"
@@ -144,5 +152,4 @@ class BlogSession:
                 yield self.text
             body = body + section_head + text
         self.text = body
-        self.state, self.logits = self._last.state, self._last.last_logits
         yield self.text

@@ -179,3 +179,16 @@ def test_event_functions_in_process(engine):
     assert out[0].startswith("Title:") and out[3].endswith(".md")
     rec_out = fns["inspect"]("Current chat", "", chat, blog, 0, "0-15", 32)
     assert rec_out[0] is not None and "Recorded" in rec_out[1]
+
+
+def test_outline_mode_stopped_midway_can_continue(loaded):
+    from rwkv_playground.blog import OUTLINE_TEMPLATE
+
+    b = BlogSession()
+    stream = b.write_with_outline(loaded, build_prompt(OUTLINE_TEMPLATE, "rivers"), settings(8), 40)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert b.state is not None and b.text.startswith("Outline:")
+    more = run(b.continue_(loaded, settings(9), 10))
+    assert more.startswith(b.text[: len("Outline:")])
