@@ -76,12 +76,12 @@ def check_forward(kernel_forward, inputs, dtype_name):
 
 
 GRID = list(itertools.product([1, 3], [1, 2, 17, 256, 1024], [1, 37, 768], list(DTYPES)))
+# The largest shape (3 x 1024 x 768) runs in fp32 only: the reference loop is slow on CI's 2 cores.
+CPU_GRID = [g for g in GRID if not (g[:3] == (3, 1024, 768) and g[3] != "fp32")]
 
 
-@pytest.mark.parametrize("B,T,C,dtype_name", GRID)
+@pytest.mark.parametrize("B,T,C,dtype_name", CPU_GRID)
 def test_cpu_forward_grid(cpu_kernel, B, T, C, dtype_name):
-    if T == 1024 and C == 768 and B == 3 and dtype_name != "fp32":
-        pytest.skip("largest shape is covered in fp32; the reference loop is slow")  # keeps CI short
     check_forward(cpu_kernel[0], make_inputs(B, T, C, DTYPES[dtype_name]), dtype_name)
 
 
