@@ -47,7 +47,7 @@ def cpu_benchmark(tokens_n: int, repeat: int) -> None:
     rows = {}
     for impl in ("cpu", "reference"):
         model = load_model(path, wkv=impl, chunk_len=tokens_n)
-        rows[impl] = best_of(lambda: model.forward(tokens), repeat=repeat)
+        rows[impl] = best_of(lambda m=model: m.forward(tokens), repeat=repeat)
         spent = timed_wkv(model)
         model.forward(tokens)
         spent[0] = 0.0

@@ -66,18 +66,21 @@ class BlogSession:
     logits: torch.Tensor | None = None
     model_fingerprint: str = ""
     stats: dict = field(default_factory=dict)
+    # The latest Generation (set when a stream starts, so the UI can show live counts).
+    last: Generation | None = field(default=None, repr=False)
 
     def _stream(self, loaded, prompt, settings, max_tokens, cancel, stop=(), state=None, logits=None):
         gen = Generation(loaded.model, loaded.tokenizer, prompt, state=state, logits=logits, settings=settings,
                          max_tokens=max_tokens, stop=stop, cancel=cancel)
+        self.last = gen
         try:
             for piece in gen:
                 yield piece, gen
         finally:
+            gen.close()  # whatever ended the stream (Stop included): gen.state now matches gen.text
             self.stats = {"prompt_tokens": gen.stats.prompt_tokens, "generated_tokens": gen.stats.generated_tokens,
                           "tokens_per_second": round(gen.stats.tokens_per_second, 2),
                           "stop_reason": gen.stats.stop_reason}
-            self._last = gen
 
     def write(self, loaded, prompt: str, settings: SamplingSettings, max_tokens: int,
               cancel: threading.Event | None = None) -> Iterator[str]:
@@ -108,7 +111,7 @@ class BlogSession:
             self._commit(start)
 
     def _commit(self, start: str) -> None:
-        gen = getattr(self, "_last", None)
+        gen = self.last
         if gen is not None and gen.state is not None:
             self.text = start + gen.text
             self.state, self.logits = gen.state, gen.last_logits
@@ -122,7 +125,7 @@ class BlogSession:
         try:
             yield from self._outline_then_sections(loaded, outline_prompt, settings, section_tokens, cancel)
         finally:
-            last = getattr(self, "_last", None)
+            last = self.last
             if last is not None and last.state is not None:
                 self.state, self.logits = last.state, last.last_logits
 
@@ -132,7 +135,7 @@ class BlogSession:
             outline = "1." + gen.text
             self.text = "Outline:\n" + outline
             yield self.text
-        outline_gen = self._last
+        outline_gen = self.last
         headings = parse_outline(outline)
         if not headings:
             return

@@ -8,7 +8,6 @@ re-read, and "tokens saved" is the length of the history the state already holds
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -79,12 +78,12 @@ class ChatSession:
     turns: list[Turn] = field(default_factory=list)
     model_fingerprint: str = ""
 
+    # The Generation streaming right now (for live counts in the UI); None between turns.
+    live: Generation | None = field(default=None, repr=False)
+
     @property
     def state(self) -> State | None:
         return self.turns[-1].state_after if self.turns else None
-
-    def history(self) -> list[tuple[str, str]]:
-        return [(t.user, t.reply) for t in self.turns]
 
     def clear(self) -> None:
         self.turns.clear()
@@ -108,31 +107,11 @@ class ChatSession:
         turn = Turn(user=message.strip(),
                     state_before=previous.state_after if previous else None,
                     logits_before=previous.logits_after if previous else None)
+        turn.prompt_tokens = loaded.tokenizer.encode(self.fmt.turn_prompt(message, first=previous is None))
+        turn.stats = {"tokens_saved": turn.state_before.token_count if turn.state_before else 0}
         self.turns.append(turn)
-        prompt = self.fmt.turn_prompt(message, first=previous is None)
-        tokens = loaded.tokenizer.encode(prompt)
-        turn.prompt_tokens = tokens
-        state = turn.state_before.clone() if turn.state_before is not None else loaded.model.new_state()
-        t0 = time.perf_counter()
-        logits, read = None, 0
-        try:
-            for start in range(0, len(tokens), loaded.model.chunk_len):
-                if cancel is not None and cancel.is_set():
-                    break
-                chunk = tokens[start:start + loaded.model.chunk_len]
-                logits, state = loaded.model.forward(chunk, state, inplace=True)
-                read += len(chunk)
-                yield ""
-        except GeneratorExit:
-            self.turns.pop()  # closed while reading the message: as if it was never sent
-            return
-        if read < len(tokens):
-            self.turns.pop()  # stopped while reading the message: as if it was never sent
-            return
-        turn.state_prompt, turn.logits_prompt = state, logits
-        turn.stats = {"prompt_tokens": len(tokens), "prompt_seconds": round(time.perf_counter() - t0, 3),
-                      "tokens_saved": turn.state_before.token_count if turn.state_before else 0}
-        yield from self._reply(loaded, turn, settings, max_tokens, cancel)
+        yield from self._reply(loaded, turn, turn.prompt_tokens, turn.state_before, turn.logits_before,
+                               settings, max_tokens, cancel)
 
     def regenerate(self, loaded, settings: SamplingSettings, max_tokens: int,
                    cancel: threading.Event | None = None) -> Iterator[str]:
@@ -144,33 +123,42 @@ class ChatSession:
             raise GenerationError("The model changed: the conversation was cleared.")
         turn = self.turns[-1]
         turn.reply, turn.complete = "", False
-        turn.stats = {**turn.stats, "prompt_tokens": 0, "prompt_seconds": 0.0,
-                      "tokens_saved": turn.state_prompt.token_count}
-        yield from self._reply(loaded, turn, settings, max_tokens, cancel)
+        turn.stats = {"tokens_saved": turn.state_prompt.token_count}
+        yield from self._reply(loaded, turn, [], turn.state_prompt, turn.logits_prompt, settings, max_tokens, cancel)
 
-    def _reply(self, loaded, turn: Turn, settings: SamplingSettings, max_tokens: int,
+    def _reply(self, loaded, turn: Turn, prompt_tokens: list[int], state: State | None,
+               logits: torch.Tensor | None, settings: SamplingSettings, max_tokens: int,
                cancel: threading.Event | None) -> Iterator[str]:
+        """Read prompt_tokens (if any) from `state`, then stream the reply; yields its text so far."""
         newline_id = loaded.newline_id
 
-        def bias(step: int, logits: torch.Tensor) -> None:
+        def bias(step: int, step_logits: torch.Tensor) -> None:
             if newline_id is not None:
-                logits[newline_id] += newline_bias(step)
+                step_logits[newline_id] += newline_bias(step)
 
         chat_settings = SamplingSettings(**{**settings.__dict__,
                                             "banned_tokens": tuple(settings.banned_tokens) + (loaded.tokenizer.eos_id,)})
-        gen = Generation(loaded.model, loaded.tokenizer, [], state=turn.state_prompt, logits=turn.logits_prompt,
+        gen = Generation(loaded.model, loaded.tokenizer, prompt_tokens, state=state, logits=logits,
                          settings=chat_settings, max_tokens=max_tokens,
                          stop=[REPLY_END, f"\n{self.fmt.user}:"], cancel=cancel, logits_hook=bias)
+        self.live = gen
         try:
             for _ in gen:
                 turn.reply = gen.text.strip()
                 yield turn.reply
         finally:
-            # Whatever ended the stream (Stop included), the turn holds exactly what was shown.
-            turn.reply = gen.text.strip()
-            turn.reply_tokens = list(gen.tokens)
-            turn.state_after, turn.logits_after = gen.state, gen.last_logits
-            turn.stats.update(generated_tokens=gen.stats.generated_tokens,
-                              tokens_per_second=round(gen.stats.tokens_per_second, 2),
-                              stop_reason=gen.stats.stop_reason)
-            turn.complete = True
+            gen.close()  # whatever ended the stream (Stop included): gen.state now matches gen.text
+            self.live = None
+            if gen.prompt_state is None:
+                self.turns.remove(turn)  # stopped while reading the message: as if never sent
+            else:
+                turn.state_prompt, turn.logits_prompt = gen.prompt_state, gen.prompt_logits
+                turn.reply = gen.text.strip()
+                turn.reply_tokens = list(gen.tokens)
+                turn.state_after, turn.logits_after = gen.state, gen.last_logits
+                turn.stats.update(prompt_tokens=gen.stats.prompt_tokens,
+                                  prompt_seconds=round(gen.stats.prompt_seconds, 3),
+                                  generated_tokens=gen.stats.generated_tokens,
+                                  tokens_per_second=round(gen.stats.tokens_per_second, 2),
+                                  stop_reason=gen.stats.stop_reason)
+                turn.complete = True

@@ -80,7 +80,6 @@ class Engine:
         self.wkv = wkv
         self.lock = threading.RLock()
         self.current: LoadedModel | None = None
-        self.load_messages: list[str] = []
 
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -114,15 +113,8 @@ class Engine:
              progress: Callable[[str, float], None] | None = None) -> LoadedModel:
         """Load a checkpoint (trusted path from the CLI, or one from resolve_choice)."""
         path = Path(path)
-        messages: list[str] = []
-
-        def report(msg: str, frac: float) -> None:
-            messages.append(msg)
-            if progress:
-                progress(msg, frac)
-
         with self.lock:
-            model = load_model(path, device=self.device, dtype=self.dtype, wkv=self.wkv, progress=report)
+            model = load_model(path, device=self.device, dtype=self.dtype, wkv=self.wkv, progress=progress)
             search = [d for d in (self.models_dir, ASSETS) if d]
             tok_path = Path(tokenizer) if tokenizer else find_tokenizer(path, model.config.vocab_size, search)
             tok = load_tokenizer(tok_path)
@@ -131,7 +123,6 @@ class Engine:
                                 f"{model.config.vocab_size}: they do not belong together.")
             newline = tok.encode("\n")
             self.current = LoadedModel(model, tok, path.name, newline[0] if len(newline) == 1 else None)
-            self.load_messages = messages
             return self.current
 
     def require(self) -> LoadedModel:

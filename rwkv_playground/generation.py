@@ -87,7 +87,6 @@ class Generation:
         self.cancel = cancel or threading.Event()
         self.logits_hook = logits_hook
         self.chunk_len = chunk_len or model.chunk_len
-        self.initial_state = state
         self.state: State | None = state.clone() if state is not None else None
         self.tokens: list[int] = []  # generated token ids (after a stop cut: the ones kept)
         self.text = ""  # exactly what was yielded
@@ -95,13 +94,25 @@ class Generation:
         # Logits after the state (what the next token is sampled from); kept in sync with it.
         self.last_logits: torch.Tensor | None = logits
         self.prompt_read = 0  # prompt tokens consumed (less than all only if cancelled in prefill)
-        self._started = False
+        # The state and logits right after the prompt (None until it is fully read): what a chat
+        # keeps to regenerate a reply without reading anything again.
+        self.prompt_state: State | None = None
+        self.prompt_logits: torch.Tensor | None = None
+        self._active = None
+
+    def __iter__(self):
+        if self._active is not None:
+            raise GenerationError("A Generation can be iterated only once.")
+        self._active = self._run()
+        return self._active
+
+    def close(self) -> None:
+        """End the stream now (as a consumer going away does); afterwards `state` matches `text`."""
+        if self._active is not None:
+            self._active.close()
 
     # The generator body. `self.state` is kept in sync with `self.text` in every exit path.
-    def __iter__(self):
-        if self._started:
-            raise GenerationError("A Generation can be iterated only once.")
-        self._started = True
+    def _run(self):
         model, tok = self.model, self.tokenizer
         stats = self.stats
         t0 = time.perf_counter()
@@ -132,6 +143,7 @@ class Generation:
         full_text = ""  # all decoded text so far (may run ahead of what was yielded)
         # Snapshots at clean points (no partial UTF-8 pending): (len(full_text), n_tokens, state)
         snapshots = [(0, 0, self.state.clone(), logits)]
+        self.prompt_state, self.prompt_logits = snapshots[0][2], logits  # never modified: syncs clone it
         max_stop = max((len(s) for s in self.stop), default=0)
         emitted = 0
         t1 = time.perf_counter()

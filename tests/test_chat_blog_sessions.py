@@ -192,3 +192,30 @@ def test_outline_mode_stopped_midway_can_continue(loaded):
     assert b.state is not None and b.text.startswith("Outline:")
     more = run(b.continue_(loaded, settings(9), 10))
     assert more.startswith(b.text[: len("Outline:")])
+
+
+def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(loaded, monkeypatch):
+    """Stop arrives while the reply ends in '\\n' (a possible start of the '\\n\\n' end marker,
+    held back): the reply and the state must both exclude it."""
+    import rwkv_playground.chat as chat_mod
+
+    enc = loaded.tokenizer.encode
+    forced = enc("Ay, my lord") + enc("\n") + enc(" more words follow here")
+
+    def force(step, logits):
+        logits.fill_(float("-inf"))
+        logits[forced[min(step, len(forced) - 1)]] = 0.0
+
+    real_generation = chat_mod.Generation
+    monkeypatch.setattr(chat_mod, "Generation", lambda *a, **k: real_generation(*a, **{**k, "logits_hook": force}))
+    s = ChatSession()
+    stream = s.send(loaded, "Speak.", settings(1), 30)
+    for shown in stream:
+        if shown == "Ay, my lord":
+            break
+    stream.close()
+    turn = s.turns[-1]
+    assert turn.reply == "Ay, my lord"
+    assert loaded.tokenizer.decode(turn.reply_tokens).strip() == "Ay, my lord"
+    expected, _ = loaded.model.forward(turn.prompt_tokens + turn.reply_tokens)
+    assert torch.allclose(turn.logits_after, expected, atol=1e-3)

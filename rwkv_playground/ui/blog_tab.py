@@ -20,7 +20,7 @@ def _new_session() -> BlogSession:
 
 
 def _free(session: BlogSession) -> None:
-    session.state = session.logits = None
+    session.state = session.logits = session.last = None
 
 
 def build(engine: Engine):
@@ -56,7 +56,7 @@ def build(engine: Engine):
         return str(path)
 
     def stream(sess: BlogSession, make_stream, topic_text):
-        t0, last, n = time.perf_counter(), 0.0, 0
+        last = 0.0
         try:
             loaded = engine.require()
             for text in make_stream(loaded):
@@ -64,8 +64,10 @@ def build(engine: Engine):
                 if now - last < 0.1:
                     continue
                 last = now
-                n = sess._last.stats.generated_tokens if getattr(sess, "_last", None) else 0
-                yield sess.text, f"Writing… {n} tokens · {n / max(now - t0, 1e-6):.1f} tok/s", sess, gr.DownloadButton()
+                live = sess.last.stats if sess.last else None
+                n = live.generated_tokens if live else 0
+                speed = live.tokens_per_second if live else 0.0
+                yield sess.text, f"Writing… {n} tokens · {speed:.1f} tok/s", sess, gr.DownloadButton()
             yield sess.text, "Done. " + stats_line(sess.stats), sess, markdown_file(sess.text, topic_text)
         except Exception as exc:
             yield sess.text, friendly_error(exc), sess, gr.DownloadButton()

@@ -63,7 +63,7 @@ def build(engine: Engine):
 
     def stream(sess: ChatSession, make_stream):
         """Drive a session stream and render it; errors become a status line, never a traceback."""
-        t0, last = time.perf_counter(), 0.0
+        last = 0.0
         try:
             loaded = engine.require()
             for text in make_stream(loaded):
@@ -71,9 +71,10 @@ def build(engine: Engine):
                 if now - last < 0.05 and text:  # the browser needs no more than ~20 updates a second
                     continue
                 last = now
-                turn = sess.turns[-1] if sess.turns else None
-                n = len(loaded.tokenizer.encode(text)) if text else 0
-                yield to_messages(sess), f"Generating… {n} tokens, {n / max(now - t0, 1e-6):.1f} tok/s", sess
+                live = sess.live.stats if sess.live else None
+                n = live.generated_tokens if live else 0
+                speed = live.tokens_per_second if live else 0.0
+                yield to_messages(sess), f"Generating… {n} tokens, {speed:.1f} tok/s", sess
             turn = sess.turns[-1] if sess.turns else None
             yield to_messages(sess), stats_line(turn.stats) if turn else "", sess
         except Exception as exc:
