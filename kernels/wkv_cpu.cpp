@@ -17,62 +17,15 @@
 #include <cstring>
 #include <vector>
 
+#include "wkv_step.h"
+
 namespace {
 
+using rwkv_cpu::exp_nonpos;
+using rwkv_cpu::to_float;
+using rwkv_cpu::wkv_step;
+
 constexpr int64_t kBlock = 64;  // channels per task: 256 B of each stream per time step
-
-// exp(x) for x <= 0, about 2 ulp, vectorisable. Below -87.3 the true value is denormal or zero
-// and is flushed to 0 (it is always added to a term equal to 1, so nothing is lost).
-static inline float exp_nonpos(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float log2e = 1.44269504088896341f;
-  // round(clamped * log2e) with the 1.5 * 2^23 trick (valid without -ffast-math)
-  const float shifter = 12582912.0f;
-  const float n = (clamped * log2e + shifter) - shifter;
-  const float r = clamped - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // Cody-Waite
-  // exp(r) on |r| <= ln2/2: degree-6 Taylor/minimax polynomial
-  float p = 1.3888889e-3f;
-  p = p * r + 8.3333333e-3f;
-  p = p * r + 4.1666667e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
-static inline double exp_nonpos(double x) { return std::exp(x); }
-
-template <typename scalar_t>
-static inline float to_float(scalar_t x) { return static_cast<float>(x); }
-
-// One WKV step of one channel: returns the output for the current token and advances the state
-// (a, b, p). In each pair of factors one is exp(0) = 1, so one exp per pair suffices. With
-// kLogD, also writes log D_t (the log of the output's denominator) for the training backward.
-template <bool kLogD, typename acc_t>
-static inline acc_t wkv_step(acc_t& a, acc_t& b, acc_t& p, const acc_t w, const acc_t u, const acc_t kk,
-                             const acc_t vv, acc_t* log_d) {
-  const acc_t ww = u + kk;
-  const acc_t d = p - ww;
-  const acc_t ed = exp_nonpos(d > 0 ? -d : d);
-  const acc_t e1 = d > 0 ? acc_t(1) : ed;  // weight of the state
-  const acc_t e2 = d > 0 ? ed : acc_t(1);  // weight of the current token (with its bonus)
-  const acc_t den = e1 * b + e2;
-  const acc_t y = (e1 * a + e2 * vv) / den;
-  if (kLogD) *log_d = (d > 0 ? p : ww) + std::log(den);
-  const acc_t ws = p + w;
-  const acc_t d2 = ws - kk;
-  const acc_t ed2 = exp_nonpos(d2 > 0 ? -d2 : d2);
-  const acc_t f1 = d2 > 0 ? acc_t(1) : ed2;
-  const acc_t f2 = d2 > 0 ? ed2 : acc_t(1);
-  a = f1 * a + f2 * vv;
-  b = f1 * b + f2;
-  p = d2 > 0 ? ws : kk;
-  return y;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Inference forward: state in, state out, y in the input dtype.
@@ -260,10 +213,17 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
   return {gw_part.sum(0), gu_part.sum(0), gk, gv};
 }
 
-at::Tensor matvec(const at::Tensor& W, const at::Tensor& x);  // kernels/matvec_cpu.cpp
+// kernels/rnn_cpu.cpp
+at::Tensor matvec(const at::Tensor& W, const at::Tensor& x);
+at::Tensor rnn_step(const at::Tensor& emb_row, const std::vector<at::Tensor>& weights, at::Tensor att_x,
+                    at::Tensor aa, at::Tensor bb, at::Tensor pp, at::Tensor ffn_x);
+// kernels/sampling_cpu.cpp
+int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec, "y = W x for the RNN step (W fp32 or bf16) (CPU)");
+  m.def("rnn_step", &rnn_step, "one token through every layer and the head, state advanced in place (CPU)");
+  m.def("sample_top_p", &sample_top_p, "top-p/top-k/temperature draw of one token id from float32 logits (CPU)");
   m.def("forward", &wkv_forward, "WKV forward with state in/out (CPU)");
   m.def("train_forward", &wkv_train_forward, "WKV training forward from an empty state (CPU)");
   m.def("train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CPU)");

@@ -37,9 +37,10 @@ ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
 CHOICES = ("auto", "reference", "cpu", "cuda")
 
 _SOURCES = {
-    "cpu": ["wkv_cpu.cpp", "matvec_cpu.cpp"],
+    "cpu": ["wkv_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
 }
+_HEADERS = {"cpu": ["wkv_step.h"], "cuda": []}  # included by the sources: part of the cache key
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
@@ -68,7 +69,7 @@ def _cpu_signature() -> str:
 
 def build_key(kind: str) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES[kind]:
+    for name in _SOURCES[kind] + _HEADERS[kind]:
         h.update((KERNEL_DIR / name).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.split()[0].encode())
@@ -138,6 +139,11 @@ def load_kernel(kind: str, progress: Callable[[str], None] | None = None):
             raise RuntimeError(cause) from exc
         _loaded[kind] = module
         return module
+
+
+def loaded_kernel(kind: str):
+    """The module for `kind` if it is already loaded in this process, else None (never builds)."""
+    return _loaded.get(kind)
 
 
 def _build_or_import(kind: str, report: Callable[[str], None]):

@@ -27,7 +27,7 @@ from .errors import LoadError, StateError
 from .state import State
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_CHUNK_LEN = 256
+DEFAULT_CHUNK_LEN = 512  # tokens per pass in a prompt: larger GEMMs run closer to peak; [T, 4C] fp32 stays small
 LN_EPS = 1e-5
 # fp16: halve the residual stream every this many layers (weights pre-divided to match), as ChatRWKV.
 FP16_RESCALE_EVERY = 6
@@ -119,8 +119,11 @@ class RWKV4(nn.Module):
         self.capture: Callable[[int, str, torch.Tensor], None] | None = None
         self.wkv_impl = "reference"
         self.wkv_note = ""
-        # y = W x for the one-token RNN step on CPU (kernels/matvec_cpu.cpp), when it is built
+        # CPU kernels for the one-token RNN step (kernels/rnn_cpu.cpp), when built: y = W x, and
+        # the whole-model step with its weight list (made on first use; weights are read-only).
         self._matvec: Callable | None = None
+        self._rnn_step: Callable | None = None
+        self._step_weights: list[torch.Tensor] | None = None
         self._wkv_forward = wkv_reference
         self._wkv_train = wkv_train_reference
 
@@ -151,17 +154,49 @@ class RWKV4(nn.Module):
 
         choice = select_wkv(preference, self.device, progress=progress)
         self.wkv_impl, self._wkv_forward, self._wkv_train, self.wkv_note = choice
-        self._matvec = None
+        self._matvec = self._rnn_step = self._step_weights = None
         if self.wkv_impl == "cpu":
             from .kernels import load_kernel
 
-            self._matvec = getattr(load_kernel("cpu"), "matvec", None)
+            kernel = load_kernel("cpu")
+            self._matvec = getattr(kernel, "matvec", None)
+            self._rnn_step = getattr(kernel, "rnn_step", None)
         return self.wkv_impl
 
+    def _fused_step_weights(self) -> list[torch.Tensor]:
+        """The weights in rnn_step's order (kernels/rnn_cpu.cpp: Global, then Slot per layer)."""
+        if self._step_weights is None:
+            vec = lambda t: t.detach().float().reshape(-1).contiguous()  # noqa: E731
+            mat = lambda t: t.detach().contiguous()  # noqa: E731
+            first = self.blocks[0].ln0
+            weights = [vec(first.weight), vec(first.bias), vec(self.ln_out.weight), vec(self.ln_out.bias),
+                       mat(self.head.weight)]
+            for block in self.blocks:
+                att, ffn = block.att, block.ffn
+                weights += [vec(block.ln1.weight), vec(block.ln1.bias), vec(att.time_mix_k), vec(att.time_mix_v),
+                            vec(att.time_mix_r), vec(-torch.exp(att.time_decay.float())), vec(att.time_first),
+                            mat(att.key.weight), mat(att.value.weight), mat(att.receptance.weight),
+                            mat(att.output.weight), vec(block.ln2.weight), vec(block.ln2.bias),
+                            vec(ffn.time_mix_k), vec(ffn.time_mix_r), mat(ffn.key.weight),
+                            mat(ffn.receptance.weight), mat(ffn.value.weight)]
+            self._step_weights = weights
+        return self._step_weights
+
+    def _can_fuse_step(self, T: int, batched: bool, state: State) -> bool:
+        """One token of one sequence on the CPU kernel, nothing observing the internals."""
+        return (self._rnn_step is not None and T == 1 and not batched and self.capture is None
+                and not self.fp16_rescale and self.head.weight.dtype in (torch.float32, torch.bfloat16)
+                and all(t.is_contiguous() and t.dtype == torch.float32 for t in state.tensors().values()))
+
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T as float32; one row on CPU goes through the streaming matvec kernel."""
+        """x @ weight.T as float32. On CPU: one row goes through the streaming matvec kernel;
+        many rows with bf16 weights are multiplied in fp32 with the weight upcast on the fly
+        (PyTorch's bf16 GEMM runs at a fraction of its fp32 speed on CPUs without AVX512-BF16,
+        and the upcast costs ~1/T of the product)."""
         if self._matvec is not None and x.shape[-1] == x.numel():
             return self._matvec(weight, x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
+        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and x.numel() >= 16 * x.shape[-1]:
+            return F.linear(x.float(), weight.float())
         return _linear(x, weight)
 
     # ---- state -------------------------------------------------------------------------------
@@ -210,17 +245,23 @@ class RWKV4(nn.Module):
         if not state.fingerprint:
             state.fingerprint = self.fingerprint
 
-        # Internally always [B, L, C].
-        s = {name: (t if batched else t.unsqueeze(0)) for name, t in state.tensors().items()}
-        chunk_len = chunk_len or self.chunk_len
-        outputs = []
-        for start in range(0, T, chunk_len):
-            chunk = tokens[:, start:start + chunk_len]
-            last_only = not full_output
-            outputs.append(self._forward_chunk(chunk, s, last_only))
-        logits = outputs[-1] if not full_output else torch.cat(outputs, dim=1)
-        if not batched:
-            logits = logits[0]
+        if self._can_fuse_step(T, batched, state):
+            # Generation's hot path: one C++ call for every layer and the head, state in place.
+            logits = self._rnn_step(self.emb.weight[tokens[0, 0]], self._fused_step_weights(), state.att_x,
+                                    state.aa, state.bb, state.pp, state.ffn_x)
+            if full_output:
+                logits = logits.unsqueeze(0)
+        else:
+            # Internally always [B, L, C].
+            s = {name: (t if batched else t.unsqueeze(0)) for name, t in state.tensors().items()}
+            chunk_len = chunk_len or self.chunk_len
+            outputs = []
+            for start in range(0, T, chunk_len):
+                chunk = tokens[:, start:start + chunk_len]
+                outputs.append(self._forward_chunk(chunk, s, last_only=not full_output))
+            logits = outputs[-1] if not full_output else torch.cat(outputs, dim=1)
+            if not batched:
+                logits = logits[0]
         if isinstance(state.token_count, list):
             state.token_count = [c + T for c in state.token_count]
         else:
@@ -230,9 +271,17 @@ class RWKV4(nn.Module):
     def _forward_chunk(self, tokens: torch.Tensor, s: dict, last_only: bool) -> torch.Tensor:
         x = self.emb.weight[tokens].float()  # [B, T, C]
         x = F.layer_norm(x, (x.shape[-1],), self.blocks[0].ln0.weight, self.blocks[0].ln0.bias, LN_EPS)
+        last_layer = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = x + self._time_mix(i, block, x, s)
-            x = x + self._channel_mix(i, block, x, s)
+            # The last layer's output feeds only the head: when only the last token's logits are
+            # wanted, its attention output is needed for the last 2 tokens (the channel mix's token
+            # shift reads the one before) and its channel mix for the last one. k, v still run on
+            # every token: they make the WKV state. (~7 % of a 12-layer prompt's matmuls.)
+            tail = 2 if last_only and i == last_layer and self.capture is None else None
+            att = self._time_mix(i, block, x, s, tail)
+            x = x[:, x.shape[1] - att.shape[1]:] + att
+            ffn = self._channel_mix(i, block, x, s, 1 if tail else None)
+            x = x[:, x.shape[1] - ffn.shape[1]:] + ffn
             if self.fp16_rescale and (i + 1) % FP16_RESCALE_EVERY == 0:
                 x = x / 2
         if last_only:
@@ -240,14 +289,19 @@ class RWKV4(nn.Module):
         x = F.layer_norm(x, (x.shape[-1],), self.ln_out.weight, self.ln_out.bias, LN_EPS)
         return self._linear(x, self.head.weight)
 
-    def _time_mix(self, i: int, block: Block, x: torch.Tensor, s: dict) -> torch.Tensor:
+    def _time_mix(self, i: int, block: Block, x: torch.Tensor, s: dict, tail: int | None = None) -> torch.Tensor:
+        """The attention's contribution to the residual stream ([B, T, C], or the last `tail`
+        tokens only); advances the layer's att_x / aa / bb / pp state."""
         att = block.att
         xx = F.layer_norm(x, (x.shape[-1],), block.ln1.weight, block.ln1.bias, LN_EPS)
         shifted = _token_shift(xx, s["att_x"][:, i])
         s["att_x"][:, i] = xx[:, -1]
-        k = self._linear(_mix(xx, shifted, att.time_mix_k), att.key.weight)
-        v = self._linear(_mix(xx, shifted, att.time_mix_v), att.value.weight)
-        r = torch.sigmoid(self._linear(_mix(xx, shifted, att.time_mix_r), att.receptance.weight))
+        # lerp(shifted, xx, m) = xx * m + shifted * (1 - m) in one pass (training keeps _mix)
+        k = self._linear(torch.lerp(shifted, xx, att.time_mix_k), att.key.weight)
+        v = self._linear(torch.lerp(shifted, xx, att.time_mix_v), att.value.weight)
+        if tail is not None:
+            xx, shifted = xx[:, -tail:], shifted[:, -tail:]
+        r = torch.sigmoid_(self._linear(torch.lerp(shifted, xx, att.time_mix_r), att.receptance.weight))
         w = -torch.exp(att.time_decay.float())
         u = att.time_first.float()
         if k.shape[1] == 1:
@@ -261,18 +315,24 @@ class RWKV4(nn.Module):
         if self.capture is not None:
             for name, value in (("att_x", xx), ("k", k), ("v", v), ("wkv", y)):
                 self.capture(i, name, value)
-        return self._linear(r * y.float(), att.output.weight)
+        if tail is not None:
+            y = y[:, -tail:]
+        return self._linear(r.mul_(y), att.output.weight)
 
-    def _channel_mix(self, i: int, block: Block, x: torch.Tensor, s: dict) -> torch.Tensor:
+    def _channel_mix(self, i: int, block: Block, x: torch.Tensor, s: dict, tail: int | None = None) -> torch.Tensor:
+        """The FFN's contribution to the residual stream (all tokens, or the last `tail`)."""
         ffn = block.ffn
         xx = F.layer_norm(x, (x.shape[-1],), block.ln2.weight, block.ln2.bias, LN_EPS)
         shifted = _token_shift(xx, s["ffn_x"][:, i])
         s["ffn_x"][:, i] = xx[:, -1]
         if self.capture is not None:
             self.capture(i, "ffn_x", xx)
-        k = torch.square(torch.relu(self._linear(_mix(xx, shifted, ffn.time_mix_k), ffn.key.weight)))
-        r = torch.sigmoid(self._linear(_mix(xx, shifted, ffn.time_mix_r), ffn.receptance.weight))
-        return r * self._linear(k, ffn.value.weight)
+        if tail is not None:
+            xx, shifted = xx[:, -tail:], shifted[:, -tail:]
+        k = torch.relu_(self._linear(torch.lerp(shifted, xx, ffn.time_mix_k), ffn.key.weight))
+        k = k.mul_(k)  # relu(.)^2, in place: [T, 4C] is the largest activation
+        r = torch.sigmoid_(self._linear(torch.lerp(shifted, xx, ffn.time_mix_r), ffn.receptance.weight))
+        return r.mul_(self._linear(k, ffn.value.weight))
 
     # ---- training ----------------------------------------------------------------------------
     def forward_train(self, idx: torch.Tensor) -> torch.Tensor:

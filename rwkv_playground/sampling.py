@@ -8,8 +8,10 @@ Order of operations (as `rwkv.utils.PIPELINE`):
   3. keep only the top_k most probable (if top_k > 0)
   4. probabilities ** (1 / temperature), renormalise, draw with the sampler's own seeded RNG
   5. after the draw: count *= penalty_decay, then count[new token] += 1
-The reference sorts all 50k probabilities every token (3-5 ms); here only the tokens above a
-threshold that provably contains the top-p set are sorted (exact, see sample_logits).
+The reference sorts all 50k probabilities every token (3-5 ms). `sample_logits` below (numpy)
+sorts only the tokens above a threshold that provably contains the top-p set (exact); when the
+CPU kernels are loaded, kernels/sampling_cpu.cpp does the same selection without sorting (a
+mass-weighted quickselect) and is used instead; tests hold the two to the same token.
 """
 
 from __future__ import annotations
@@ -49,17 +51,24 @@ _NARROW = 512  # try to confine the top-p set to this many tokens before sorting
 
 
 def sample_logits(logits: np.ndarray, temperature: float, top_p: float, top_k: int,
-                  rng: np.random.Generator) -> int:
-    """Draw one token id from float32 logits [V] (penalties already applied)."""
+                  rng: np.random.Generator, kernel=None) -> int:
+    """Draw one token id from float32 logits [V] (penalties already applied).
+    kernel: the CPU kernel module (its sample_top_p gives the same token for the same draw)."""
     if temperature == 0 or top_p == 0 or top_k == 1:
         return int(np.argmax(logits))
+    uniform = rng.random()  # one draw per token, whichever path runs: seeds reproduce across both
+    if kernel is not None:
+        token = kernel.sample_top_p(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)),
+                                    float(temperature), float(top_p), int(top_k), uniform)
+        if token >= 0:
+            return int(token)
     shifted = torch.from_numpy(logits - logits.max())
     weights = torch.exp(shifted).numpy()  # unnormalised probabilities (max = 1); torch's exp is SIMD
     total = float(weights.sum(dtype=np.float64))
     target = top_p * total
     # Tokens below tau hold less than (1 - top_p) of the mass together, so the top-p set is
     # always inside {weights >= tau}: only that set needs sorting. Exact, not an approximation.
-    tau = (1.0 - top_p) * total / weights.shape[0]
+    tau = np.float32((1.0 - top_p) * total / weights.shape[0])  # compared in float32 (as the kernel)
     candidates = np.flatnonzero(weights >= tau) if tau > 0 else np.flatnonzero(weights > 0)
     kept = weights[candidates]
     if top_p < 1.0 and len(kept) > _NARROW:
@@ -76,13 +85,14 @@ def sample_logits(logits: np.ndarray, temperature: float, top_p: float, top_k: i
         inside = kept >= descending[reach]
         candidates, kept = candidates[inside], kept[inside]
     if 0 < top_k < len(kept):
-        top = np.argpartition(-kept, top_k - 1)[:top_k]
+        # the k most probable; among ties at the k-th value the lowest ids; then back in id order
+        top = np.sort(np.argsort(-kept, kind="stable")[:top_k])
         candidates, kept = candidates[top], kept[top]
     kept = kept.astype(np.float64)
     if temperature != 1.0:
         kept = kept ** (1.0 / temperature)
     cdf = np.cumsum(kept)
-    pick = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+    pick = min(int(np.searchsorted(cdf, uniform * cdf[-1], side="right")), len(cdf) - 1)
     return int(candidates[pick])
 
 
@@ -100,9 +110,15 @@ class Sampler:
 
     settings: SamplingSettings
     vocab_size: int
+    use_kernel: bool = True  # the C++ sampler when the CPU kernels are loaded (same tokens)
 
     def __post_init__(self):
         self.settings.validate()
+        from .kernels import loaded_kernel
+
+        self._kernel = loaded_kernel("cpu") if self.use_kernel else None
+        if not hasattr(self._kernel, "sample_top_p"):
+            self._kernel = None
         self.rng = np.random.default_rng(self.settings.seed)
         # Penalties touch only tokens generated so far: keep them sparse (ids and decayed counts).
         self._slot: dict[int, int] = {}
@@ -128,7 +144,7 @@ class Sampler:
 
     def sample(self, logits) -> int:
         s = self.settings
-        return sample_logits(self.adjust_logits(logits), s.temperature, s.top_p, s.top_k, self.rng)
+        return sample_logits(self.adjust_logits(logits), s.temperature, s.top_p, s.top_k, self.rng, self._kernel)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token (decay old counts first, as the reference does)."""

@@ -117,6 +117,35 @@ def test_sequence_equals_rnn_and_chunking_is_invisible(tiny_fp32):
     assert state_full.token_count == 50 and s.token_count == 50
 
 
+def test_last_token_prompt_skips_work_but_not_state(tiny_fp32):
+    """Without full_output the last layer runs its output projections and FFN on the last
+    token(s) only: the logits and every part of the state must not notice."""
+    from rwkv_playground import load_model
+
+    model = load_model(tiny_fp32)
+    tokens = random_tokens(40, TINY.vocab_size, seed=21)
+    for chunk_len in (1000, 7, 1):
+        full, state_full = model.forward(tokens, full_output=True, chunk_len=chunk_len)
+        last, state_last = model.forward(tokens, chunk_len=chunk_len)
+        assert rel(last, full[-1]) <= 1e-6
+        for name, tensor in state_full.tensors().items():
+            assert torch.allclose(state_last.tensors()[name], tensor, rtol=1e-6, atol=1e-6), (chunk_len, name)
+
+
+def test_bf16_prompt_is_fp32_math_on_bf16_weights(ckpt_dir, tiny_bf16):
+    """CPU prompts with bf16 weights upcast them per matmul: same numbers as an fp32 model of
+    the bf16-rounded weights (PyTorch's bf16 GEMM would round the activations too)."""
+    from rwkv_playground import load_model
+
+    upcast = ckpt_dir / "tiny-bf16-upcast-for-prompt.pth"
+    torch.save({k: v.float() for k, v in torch.load(tiny_bf16, weights_only=True).items()}, upcast)
+    tokens = random_tokens(64, TINY.vocab_size, seed=22)
+    bf16, state_bf16 = load_model(tiny_bf16, dtype="bf16").forward(tokens, full_output=True)
+    fp32, state_fp32 = load_model(upcast, dtype="fp32").forward(tokens, full_output=True)
+    assert rel(bf16, fp32) <= 1e-5
+    assert rel(state_bf16.att_x, state_fp32.att_x) <= 1e-5
+
+
 def test_kernel_and_reference_give_same_logits(tiny_fp32):
     from rwkv_playground import load_model
 

@@ -32,6 +32,27 @@ def page(app_url):
         browser.close()
 
 
+PACE = {"on": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def laptop_speed(engine):
+    """Pace generation at ~40 tokens/s, a laptop CPU on a real model: on the tiny demo model the
+    fused C++ step runs ~200 tokens/s, and a 50-token reply would finish before the browser could
+    watch it stream or press Stop. The UI behaviour under test is the same at any speed."""
+    model = engine.current.model
+    fast = model.forward
+
+    def paced(tokens, *args, **kwargs):
+        if len(tokens) == 1 and PACE["on"]:
+            time.sleep(0.025)
+        return fast(tokens, *args, **kwargs)
+
+    model.forward = paced
+    yield
+    del model.forward  # the instance attribute goes; the class method is visible again
+
+
 def set_number(page, elem_id, value):
     """Type into a slider's number box and wait until the slider itself has taken the value."""
     box = page.locator(f"#{elem_id} input[type=number]")
@@ -66,6 +87,14 @@ MESSAGE = "Good morrow, sweet lady. What news from the court?"
 def seed_with_long_reply(engine, min_tokens=50):
     """The demo model often answers in one short line; find (in-process, same code path and the
     Chat tab's default sampling) a seed whose reply is long enough to watch it stream."""
+    PACE["on"] = False  # searching in-process: full speed
+    try:
+        return _seed_search(engine, min_tokens)
+    finally:
+        PACE["on"] = True
+
+
+def _seed_search(engine, min_tokens):
     from rwkv_playground.chat import ChatFormat, ChatSession
     from rwkv_playground.sampling import SamplingSettings
 
