@@ -78,7 +78,9 @@ class BlogSession:
                 yield piece, gen
         finally:
             gen.close()  # whatever ended the stream (Stop included): gen.state now matches gen.text
-            self.stats = {"prompt_tokens": gen.stats.prompt_tokens, "generated_tokens": gen.stats.generated_tokens,
+            self.stats = {"prompt_tokens": gen.stats.prompt_tokens,
+                          "prompt_seconds": round(gen.stats.prompt_seconds, 3),
+                          "generated_tokens": gen.stats.generated_tokens,
                           "tokens_per_second": round(gen.stats.tokens_per_second, 2),
                           "stop_reason": gen.stats.stop_reason}
 

@@ -58,7 +58,10 @@ def stats_line(stats: dict) -> str:
         return ""
     parts = []
     if "prompt_tokens" in stats:
-        parts.append(f"{stats['prompt_tokens']} prompt tokens read")
+        read = f"{stats['prompt_tokens']} prompt tokens read"
+        if stats["prompt_tokens"] > 1 and stats.get("prompt_seconds"):
+            read += f" ({stats['prompt_tokens'] / stats['prompt_seconds']:.0f} tok/s)"
+        parts.append(read)
     if "generated_tokens" in stats:
         parts.append(f"{stats['generated_tokens']} generated")
     if stats.get("tokens_per_second"):
