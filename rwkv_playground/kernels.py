@@ -159,7 +159,7 @@ def _build_or_import(kind: str, report: Callable[[str], None]):
         return _import_library(name, built)
     build_dir.mkdir(parents=True, exist_ok=True)
     report(f"WKV {kind} kernel: compiling with ninja (first start only; "
-           f"{'about 1-2 min' if kind == 'cuda' else 'about 30 s'})...")
+           f"{'about 1-2 min' if kind == 'cuda' else 'about 1 min on 2 cores'})...")
     from torch.utils.cpp_extension import load
 
     t0 = time.perf_counter()
