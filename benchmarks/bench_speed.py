@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, SHAPES, checkpoint, machine, write_results
+from common import ROOT, SHAPES, best_of, checkpoint, machine, write_results
 
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ["RWKV_CUDA_ON"] = "0"
@@ -32,21 +32,9 @@ PROMPT, GENERATE = 512, 128
 def machine_bounds() -> dict:
     """Best of several measurements (a single one moves by +-20 % on a shared VM)."""
     big = torch.empty(256 * 1024 * 1024 // 4).normal_()
-    big.sum()
-    best = float("inf")
-    for _ in range(8):
-        t0 = time.perf_counter()
-        big.sum()
-        best = min(best, time.perf_counter() - t0)
-    bandwidth = big.numel() * 4 / best / 1e9
+    bandwidth = big.numel() * 4 / best_of(big.sum, repeat=8)["min_s"] / 1e9
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    gflops = 2 * 1024 ** 3 / best / 1e9
+    gflops = 2 * 1024 ** 3 / best_of(lambda: a @ b, repeat=10)["min_s"] / 1e9
     return {"stream_read_GB_s": round(bandwidth, 1), "matmul_GFLOP_s": round(gflops, 1)}
 
 

@@ -14,22 +14,16 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
 
-from common import SHAPES, checkpoint, machine, write_results
+from common import SHAPES, best_of, checkpoint, machine, write_results
 
 
 def per_call(fn, repeat: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best time of `repeat` calls after one warm-up (seconds)."""
+    return best_of(fn, repeat=repeat)["min_s"]
 
 
 def matvec_rows(kernel) -> list[dict]:

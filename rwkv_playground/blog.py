@@ -78,11 +78,7 @@ class BlogSession:
                 yield piece, gen
         finally:
             gen.close()  # whatever ended the stream (Stop included): gen.state now matches gen.text
-            self.stats = {"prompt_tokens": gen.stats.prompt_tokens,
-                          "prompt_seconds": round(gen.stats.prompt_seconds, 3),
-                          "generated_tokens": gen.stats.generated_tokens,
-                          "tokens_per_second": round(gen.stats.tokens_per_second, 2),
-                          "stop_reason": gen.stats.stop_reason}
+            self.stats = gen.stats.as_dict()
 
     def write(self, loaded, prompt: str, settings: SamplingSettings, max_tokens: int,
               cancel: threading.Event | None = None) -> Iterator[str]:

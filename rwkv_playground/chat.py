@@ -156,9 +156,5 @@ class ChatSession:
                 turn.reply = gen.text.strip()
                 turn.reply_tokens = list(gen.tokens)
                 turn.state_after, turn.logits_after = gen.state, gen.last_logits
-                turn.stats.update(prompt_tokens=gen.stats.prompt_tokens,
-                                  prompt_seconds=round(gen.stats.prompt_seconds, 3),
-                                  generated_tokens=gen.stats.generated_tokens,
-                                  tokens_per_second=round(gen.stats.tokens_per_second, 2),
-                                  stop_reason=gen.stats.stop_reason)
+                turn.stats.update(gen.stats.as_dict())
                 turn.complete = True

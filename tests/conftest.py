@@ -125,3 +125,14 @@ def app_url(engine):
             time.sleep(0.1)
     yield url
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def cpu_kernel_module():
+    """The compiled CPU extension (WKV, matvec, fused step, sampler)."""
+    from rwkv_playground.kernels import load_kernel
+
+    try:
+        return load_kernel("cpu")
+    except RuntimeError as exc:  # CI has a compiler: a failure here is a real failure
+        pytest.fail(f"The C++ kernels did not build: {exc}")

@@ -106,9 +106,9 @@ def test_engine_errors_are_readable_messages_not_tracebacks():
 def test_every_reply_shows_its_reading_and_writing_speed():
     from rwkv_playground.ui.common import stats_line
 
-    line = stats_line({"prompt_tokens": 20, "prompt_seconds": 0.05, "generated_tokens": 53,
+    line = stats_line({"prompt_tokens": 20, "prompt_tokens_per_second": 400.0, "generated_tokens": 53,
                        "tokens_per_second": 183.14, "tokens_saved": 0})
     assert line == "20 prompt tokens read (400 tok/s) · 53 generated · 183.1 tok/s"
     # Regenerate reads nothing: no reading speed to show
-    assert stats_line({"prompt_tokens": 0, "prompt_seconds": 0.0, "generated_tokens": 5,
+    assert stats_line({"prompt_tokens": 0, "prompt_tokens_per_second": 0.0, "generated_tokens": 5,
                        "tokens_per_second": 90.0}) == "0 prompt tokens read · 5 generated · 90.0 tok/s"

@@ -87,16 +87,6 @@ def test_invalid_settings():
             SamplingSettings(**bad).validate()
 
 
-@pytest.fixture(scope="module")
-def cpu_kernel_module():
-    from rwkv_playground.kernels import load_kernel
-
-    try:
-        return load_kernel("cpu")
-    except RuntimeError as exc:  # CI has a compiler: a failure here is a real failure
-        pytest.fail(f"The C++ kernels did not build: {exc}")
-
-
 def _logit_cases():
     g = torch.Generator().manual_seed(7)
     for vocab in (10, 1000, 50277, 65536):

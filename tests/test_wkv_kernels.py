@@ -20,13 +20,8 @@ OUT_TOL = {"fp32": 2e-5, "bf16": 1e-2, "fp16": 2e-3}
 
 
 @pytest.fixture(scope="module")
-def cpu_kernel():
-    from rwkv_playground.kernels import load_kernel
-
-    try:
-        return make_compiled_wkv(load_kernel("cpu"))
-    except RuntimeError as exc:  # CI has a compiler: a failure here is a real failure
-        pytest.fail(f"The C++ WKV kernel did not build: {exc}")
+def cpu_kernel(cpu_kernel_module):
+    return make_compiled_wkv(cpu_kernel_module)
 
 
 def cuda_kernel():
@@ -238,10 +233,8 @@ def test_cuda_model_matches_cpu_model(tiny_fp32):
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (5, 37), (9, 48), (13, 1000), (7, 768), (768, 768), (3072, 768),
                                  (768, 3072), (50277, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_matvec_matches_torch(N, K, dtype):
-    from rwkv_playground.kernels import load_kernel
-
-    matvec = load_kernel("cpu").matvec
+def test_cpu_matvec_matches_torch(cpu_kernel_module, N, K, dtype):
+    matvec = cpu_kernel_module.matvec
     g = torch.Generator().manual_seed(N + K)
     W = torch.randn(N, K, generator=g).to(dtype)
     x = torch.randn(K, generator=g)

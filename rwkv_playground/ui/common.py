@@ -59,8 +59,8 @@ def stats_line(stats: dict) -> str:
     parts = []
     if "prompt_tokens" in stats:
         read = f"{stats['prompt_tokens']} prompt tokens read"
-        if stats["prompt_tokens"] > 1 and stats.get("prompt_seconds"):
-            read += f" ({stats['prompt_tokens'] / stats['prompt_seconds']:.0f} tok/s)"
+        if stats["prompt_tokens"] > 1 and stats.get("prompt_tokens_per_second"):
+            read += f" ({stats['prompt_tokens_per_second']:.0f} tok/s)"
         parts.append(read)
     if "generated_tokens" in stats:
         parts.append(f"{stats['generated_tokens']} generated")
