@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import time
@@ -17,8 +18,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def parse_args(argv=None):
-    from rwkv_playground.engine import DEMO_CHECKPOINT
+    from rwkv_playground.engine import DEMO_CHECKPOINT, ServingSettings
+    from rwkv_playground.scheduler import SchedulerSettings
 
+    serving, scheduling = ServingSettings(), SchedulerSettings()
     p = argparse.ArgumentParser(description="RWKV Playground (RWKV-4)")
     p.add_argument("--model", default=str(DEMO_CHECKPOINT), help="checkpoint (.pth or .safetensors); "
                    "default: the bundled demo model")
@@ -26,14 +29,55 @@ def parse_args(argv=None):
                    "beside the checkpoint")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="default: fp32 on CPU, fp16 on CUDA")
-    p.add_argument("--wkv", default=None, choices=["auto", "reference", "cpu", "cuda"],
-                   help="WKV implementation (default: auto; env RWKV_PLAYGROUND_WKV)")
+                   help="storage of the matrices; default: fp32 on CPU, fp16 on CUDA")
+    g = p.add_argument_group("backends (each: auto, or force one; the model panel shows what runs)")
+    g.add_argument("--wkv", default=None, choices=["auto", "reference", "cpu", "cuda"],
+                   help="the WKV operator (env RWKV_PLAYGROUND_WKV)")
+    g.add_argument("--step", default=None, choices=["auto", "reference", "cpu"],
+                   help="the one-token step of generation (env RWKV_PLAYGROUND_STEP)")
+    g.add_argument("--sampler", default=None, choices=["auto", "reference", "cpu"],
+                   help="the top-p sampler (env RWKV_PLAYGROUND_SAMPLER)")
+    s = p.add_argument_group("serving many visitors")
+    s.add_argument("--max-active", type=int, default=scheduling.max_active,
+                   help="generations advancing together, one batched step per token (default %(default)s)")
+    s.add_argument("--max-queue", type=int, default=scheduling.max_queue,
+                   help="requests waiting beyond those; visitors see their place (default %(default)s)")
+    s.add_argument("--session-memory-mb", type=int, default=serving.memory_budget_bytes >> 20,
+                   help="budget for what all sessions keep (states, recordings); past it the largest objects "
+                        "of idle sessions are dropped (default: a tenth of this machine's memory, %(default)s)")
+    s.add_argument("--session-ttl", type=float, default=serving.session_ttl_s / 60,
+                   help="minutes after which an idle session is freed (default %(default)s)")
+    s.add_argument("--undo-depth", type=int, default=serving.undo_depth,
+                   help="chat turns whose states are kept for Undo / Regenerate (default %(default)s)")
+    s.add_argument("--lock-models", action=argparse.BooleanOptionalAction, default=None,
+                   help="no model switching or downloading from the browser (default: on with --share or a "
+                        "non-loopback --host)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models-dir", default=None, help="folder whose checkpoints the browser may switch to")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     return p.parse_args(argv)
+
+
+def is_public(host: str, share: bool) -> bool:
+    if share:
+        return True
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def serving_settings(args):
+    from rwkv_playground.engine import ServingSettings
+    from rwkv_playground.scheduler import SchedulerSettings
+
+    lock = args.lock_models if args.lock_models is not None else is_public(args.host, args.share)
+    return ServingSettings(scheduler=SchedulerSettings(max_active=args.max_active, max_queue=args.max_queue),
+                           memory_budget_bytes=args.session_memory_mb << 20, session_ttl_s=args.session_ttl * 60,
+                           undo_depth=args.undo_depth, lock_models=lock)
 
 
 def main(argv=None) -> int:
@@ -42,7 +86,9 @@ def main(argv=None) -> int:
     from rwkv_playground.engine import Engine
 
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
-    engine = Engine(models_dir=args.models_dir, device=args.device, dtype=dtype, wkv=args.wkv)
+    engine = Engine(models_dir=args.models_dir, device=args.device, dtype=dtype,
+                    backends={"wkv": args.wkv, "step": args.step, "sampler": args.sampler},
+                    settings=serving_settings(args))
 
     def progress(message: str, fraction: float) -> None:
         print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
@@ -55,14 +101,17 @@ def main(argv=None) -> int:
         return 2
     info = loaded.describe()
     print(f"Model ready in {time.perf_counter() - t0:.1f} s: {info['name']} ({info['n_layer']}x{info['n_embd']}, "
-          f"{info['parameters'] / 1e6:.1f} M parameters, {info['dtype']} on {info['device']}, WKV {info['wkv']})",
-          file=sys.stderr)
+          f"{info['parameters'] / 1e6:.1f} M parameters, {info['dtype']} on {info['device']}; WKV {info['wkv']}, "
+          f"step {info['step']}, sampler {info['sampler']})", file=sys.stderr)
+    if engine.settings.lock_models:
+        print("The model panel is locked (public deployment): no switching or downloads from the browser.",
+              file=sys.stderr)
 
     from rwkv_playground.ui import create_app, launch_options
 
     demo = create_app(engine)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(**launch_options(args.host, args.port, args.share))
+    demo.launch(**launch_options(args.host, args.port, args.share, engine))
     return 0
 
 

@@ -1,32 +1,37 @@
-// The one-token RNN step on the CPU: a streaming matrix-vector product, and a whole-model step
-// (every layer, then the head) in one call.
+// The one-token RNN step on the CPU: matvecs at the memory's streaming rate, and the whole model
+// (every layer, then the head) for B sequences in one call.
 //
-// Generating one token reads every weight once, so the step is bound by memory bandwidth. Two
-// things keep it there rather than below:
-//  * the matvec streams each thread's block of rows, 4 rows at a time sharing the loads of x
-//    (which stays in L1), with AVX2 FMAs; bf16 weights are widened in registers (a shift), so
-//    bf16 reads half the bytes of fp32 at the same instruction count;
-//  * rnn_step runs the small per-layer work (LayerNorm, token-shift mixing, the WKV step,
-//    sigmoid, relu^2) in plain C++ loops between the matvecs, and fuses the matvecs that share a
-//    step into one parallel pass (att key/value/receptance; ffn key/receptance). In PyTorch the
-//    same step is ~30 small operator calls per layer, which cost about as much as the reads.
+// Generating a token reads every weight once, so the step is bound by memory bandwidth:
+//  * each matrix row is streamed from memory once per step whatever B is: the threads split the
+//    rows, and every row is multiplied with all B inputs while it sits in L1;
+//  * bf16 weights are widened in registers (a shift and a mask: a bf16 is the top half of a
+//    float), int8 ones by a sign extension and a convert; both read 1/2 or 1/4 of fp32's bytes;
+//  * the small per-layer work (LayerNorm, token-shift mixing, the WKV step, sigmoid, relu^2)
+//    runs in plain loops between the matvecs, and matvecs that share a step run as one
+//    parallel pass (attention key/value/receptance; FFN key/receptance).
+//
+// Reproducibility: every dot product is accumulated in one fixed order per instruction set and
+// weight type (one vector accumulator over fixed-size steps, a fixed horizontal sum, then the
+// tail in order: matvec_block.inc), whatever the batch size and the blocking. So a sequence's logits do not depend on which other
+// sequences share its step: row b of a batched step equals the one-sequence step bit for bit.
+// (Built with -ffp-contract=off so the scalar parts are not fused differently in different places.)
 
-#include <ATen/ATen.h>
+#include "rnn_cpu.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <cstring>
-#include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
-#define RWKV_AVX2 1
+#define RWKV_X86 1
 #endif
 
 #include "wkv_step.h"
 
+namespace rwkv_cpu {
 namespace {
 
 inline float bf16_to_float(uint16_t bits) {
@@ -35,263 +40,551 @@ inline float bf16_to_float(uint16_t bits) {
   std::memcpy(&f, &widened, sizeof(f));
   return f;
 }
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) { return bf16_to_float(w); }
+inline float widen(int8_t w) { return static_cast<float>(w); }
 
-#ifdef RWKV_AVX2
-inline float hsum(__m256 v) {
+// y_b[n] = scale[n] * (W[n, :] . x_b) for every input b, over a range of rows.
+struct MatvecJob {
+  Matrix W;
+  int64_t B;
+  const float* const* x;      // B inputs of W.cols floats
+  const float* const* pairs;  // bf16: the inputs de-interleaved to match the widened weights
+  float* const* y;            // B outputs of W.rows floats
+};
+
+inline float finish(const MatvecJob& j, int64_t n, float dot) { return j.W.scale ? dot * j.W.scale[n] : dot; }
+
+// ---- portable code: one sequential sum per dot product ---------------------------------------
+namespace scalar {
+template <typename W>
+void rows(const MatvecJob& j, int64_t n0, int64_t n1) {
+  const W* M = static_cast<const W*>(j.W.data);
+  const int64_t K = j.W.cols;
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = M + n * K;
+    for (int64_t b = 0; b < j.B; ++b) {
+      const float* x = j.x[b];
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += widen(row[k]) * x[k];
+      j.y[b][n] = finish(j, n, s);
+    }
+  }
+}
+void run(const MatvecJob& j, int64_t n0, int64_t n1) {
+  switch (j.W.storage) {
+    case Storage::kFloat32: rows<float>(j, n0, n1); break;
+    case Storage::kBFloat16: rows<uint16_t>(j, n0, n1); break;
+    case Storage::kInt8: rows<int8_t>(j, n0, n1); break;
+  }
+}
+}  // namespace scalar
+
+constexpr int64_t kPrefetchBytes = 1024;  // one row stream per core, fetched 1 KB ahead
+
+#ifdef RWKV_X86
+// ---- AVX2 + FMA: 8-lane vectors ---------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kRowBlock = 2;  // rows per block when several inputs share the rows (16 registers)
+inline V zero() { return _mm256_setzero_ps(); }
+inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(V v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
-#endif
+struct F32 {
+  using W = float;
+  static constexpr int64_t kStep = 8;
+  static constexpr int kParts = 1;
+  static constexpr bool kPairs = false;
+  static inline void load(const float* p, V* w) { w[0] = _mm256_loadu_ps(p); }
+};
+struct BF16 {  // 16 bf16 = 8 lanes of two: `lane << 16` is the even one, `lane & 0xFFFF0000` the odd
+  using W = uint16_t;
+  static constexpr int64_t kStep = 16;
+  static constexpr int kParts = 2;
+  static constexpr bool kPairs = true;
+  static inline void load(const uint16_t* p, V* w) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    w[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+struct I8 {
+  using W = int8_t;
+  static constexpr int64_t kStep = 16;
+  static constexpr int kParts = 2;
+  static constexpr bool kPairs = false;
+  static inline void load(const int8_t* p, V* w) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+  }
+};
+#include "matvec_block.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 
-// y[n] = W[n, :] . x for n in [n0, n1). fp32: 4 rows at a time share the loads of x, two
-// accumulators per row hide the FMA latency.
-void matvec_rows(const float* W, const float* x, const float*, float* y, int64_t n0, int64_t n1, int64_t K) {
-  int64_t n = n0;
-#ifdef RWKV_AVX2
-  const int64_t K16 = K & ~int64_t(15);
-  for (; n + 4 <= n1; n += 4) {
-    const float* rows[4] = {W + n * K, W + (n + 1) * K, W + (n + 2) * K, W + (n + 3) * K};
-    __m256 lo[4], hi[4];
-    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int j = 0; j < 4; ++j) {
-        lo[j] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[j] + k), x0, lo[j]);
-        hi[j] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[j] + k + 8), x1, hi[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) {
-      float r = hsum(_mm256_add_ps(lo[j], hi[j]));
-      for (int64_t k = K16; k < K; ++k) r += rows[j][k] * x[k];
-      y[n + j] = r;
-    }
+// ---- AVX-512: 16-lane vectors -----------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+using V = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kRowBlock = 4;  // 4 rows x 4 inputs = 16 accumulators of 32 registers
+inline V zero() { return _mm512_setzero_ps(); }
+inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+struct F32 {
+  using W = float;
+  static constexpr int64_t kStep = 16;
+  static constexpr int kParts = 1;
+  static constexpr bool kPairs = false;
+  static inline void load(const float* p, V* w) { w[0] = _mm512_loadu_ps(p); }
+};
+struct BF16 {
+  using W = uint16_t;
+  static constexpr int64_t kStep = 32;
+  static constexpr int kParts = 2;
+  static constexpr bool kPairs = true;
+  static inline void load(const uint16_t* p, V* w) {
+    const __m512i v = _mm512_loadu_si512(p);
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    w[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+};
+struct I8 {
+  using W = int8_t;
+  static constexpr int64_t kStep = 32;
+  static constexpr int kParts = 2;
+  static constexpr bool kPairs = false;
+  static inline void load(const int8_t* p, V* w) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  }
+};
+#include "matvec_block.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // RWKV_X86
+
+// the step of the bf16 loader: how the inputs are de-interleaved for it
+int64_t bf16_step_of(Isa isa) {
+#ifdef RWKV_X86
+  if (isa == Isa::kAvx512) return avx512::BF16::kStep;
+  if (isa == Isa::kAvx2) return avx2::BF16::kStep;
 #endif
-  for (; n < n1; ++n) {
-    const float* w0 = W + n * K;
-    float s0 = 0.f;
-#pragma omp simd reduction(+ : s0)
-    for (int64_t k = 0; k < K; ++k) s0 += w0[k] * x[k];
-    y[n] = s0;
-  }
+  return 0;
 }
 
-// bf16 weights: a 256-bit load holds 16 of them, two per 32-bit lane. A bf16 is the top half of
-// a float, so `lane << 16` is the even element as fp32 and `lane & 0xFFFF0000` the odd one: two
-// cheap integer ops widen 16 weights (no lane-crossing unpack), and x is de-interleaved once per
-// call to match (x_pairs: per 16 elements, the 8 even ones then the 8 odd ones).
-// One row at a time with a software prefetch 1 KB ahead: measured here, a single stream per
-// core with prefetch reads ~20 GB/s where 4 interleaved row streams read ~12.
-void matvec_rows(const uint16_t* W, const float* x, const float* x_pairs, float* y, int64_t n0, int64_t n1,
-                 int64_t K) {
-  int64_t n = n0;
-#ifdef RWKV_AVX2
-  const int64_t K32 = K & ~int64_t(31);
-  const int64_t K16 = K & ~int64_t(15);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  auto even = [](__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); };
-  auto odd = [&](__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, high)); };
-  auto load = [](const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  for (; n < n1; ++n) {
-    const uint16_t* row = W + n * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k < K32; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + 512), _MM_HINT_T0);
-      const __m256i w0 = load(row + k), w1 = load(row + k + 16);
-      a0 = _mm256_fmadd_ps(even(w0), _mm256_loadu_ps(x_pairs + k), a0);
-      a1 = _mm256_fmadd_ps(odd(w0), _mm256_loadu_ps(x_pairs + k + 8), a1);
-      a2 = _mm256_fmadd_ps(even(w1), _mm256_loadu_ps(x_pairs + k + 16), a2);
-      a3 = _mm256_fmadd_ps(odd(w1), _mm256_loadu_ps(x_pairs + k + 24), a3);
+// x in the order the widened bf16 weights come in: per step of S, the S/2 even elements then the
+// S/2 odd ones (the tail is read from x itself).
+void deinterleave(const float* x, int64_t K, int64_t S, float* out) {
+  for (int64_t k = 0; k + S <= K; k += S) {
+    for (int64_t e = 0; e < S / 2; ++e) {
+      out[k + e] = x[k + 2 * e];
+      out[k + S / 2 + e] = x[k + 2 * e + 1];
     }
-    if (k < K16) {
-      const __m256i w0 = load(row + k);
-      a0 = _mm256_fmadd_ps(even(w0), _mm256_loadu_ps(x_pairs + k), a0);
-      a1 = _mm256_fmadd_ps(odd(w0), _mm256_loadu_ps(x_pairs + k + 8), a1);
-      k += 16;
-    }
-    float r = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; ++k) r += bf16_to_float(row[k]) * x[k];
-    y[n] = r;
-  }
-#endif
-  for (; n < n1; ++n) {
-    const uint16_t* w0 = W + n * K;
-    float s0 = 0.f;
-#pragma omp simd reduction(+ : s0)
-    for (int64_t k = 0; k < K; ++k) s0 += bf16_to_float(w0[k]) * x[k];
-    y[n] = s0;
   }
 }
 
 // Several matvecs in one parallel pass: the threads split the rows of all of them together, so
 // each thread streams about the same number of bytes and there is one fork/join, not several.
-struct MatvecJob {
-  const void* W;
-  const float* x;
-  float* y;
-  int64_t N, K;
-};
-
-template <typename w_t>
-void run_jobs(const std::vector<MatvecJob>& jobs) {
-  int64_t rows = 0;
-  for (const auto& j : jobs) rows += j.N;
-  std::vector<std::vector<float>> x_pairs(jobs.size());
-  if (sizeof(w_t) == 2) {
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      const float* x = jobs[i].x;
-      auto& out = x_pairs[i];
-      out.resize(jobs[i].K);
-      for (int64_t k = 0; k + 16 <= jobs[i].K; k += 16) {
-        for (int e = 0; e < 8; ++e) {
-          out[k + e] = x[k + 2 * e];
-          out[k + 8 + e] = x[k + 2 * e + 1];
-        }
+void run_jobs(Isa isa, std::vector<MatvecJob>& jobs) {
+  static thread_local std::vector<std::vector<float>> pair_storage;
+  static thread_local std::vector<std::vector<const float*>> pair_pointers;
+  const int64_t S = bf16_step_of(isa);
+  if (pair_storage.size() < jobs.size()) {
+    pair_storage.resize(jobs.size());
+    pair_pointers.resize(jobs.size());
+  }
+  int64_t rows = 0, row_bytes = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    MatvecJob& j = jobs[i];
+    rows += j.W.rows;
+    const int64_t bytes = j.W.storage == Storage::kFloat32 ? 4 : j.W.storage == Storage::kBFloat16 ? 2 : 1;
+    row_bytes = std::max(row_bytes, bytes * j.W.cols);
+    if (j.W.storage == Storage::kBFloat16 && S > 0) {
+      auto& store = pair_storage[i];
+      auto& ptrs = pair_pointers[i];
+      if (static_cast<int64_t>(store.size()) < j.B * j.W.cols) store.resize(j.B * j.W.cols);
+      ptrs.resize(j.B);
+      for (int64_t b = 0; b < j.B; ++b) {
+        deinterleave(j.x[b], j.W.cols, S, store.data() + b * j.W.cols);
+        ptrs[b] = store.data() + b * j.W.cols;
       }
+      j.pairs = ptrs.data();
     }
   }
   // at least ~16 KB of weights per task
-  const int64_t grain = std::max<int64_t>(16, 16384 / (sizeof(w_t) * std::max<int64_t>(jobs[0].K, 1)));
+  const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     int64_t offset = 0;
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      const MatvecJob& j = jobs[i];
+    for (const MatvecJob& j : jobs) {
       const int64_t a = std::max(begin, offset) - offset;
-      const int64_t b = std::min(end, offset + j.N) - offset;
-      if (a < b) matvec_rows(static_cast<const w_t*>(j.W), j.x, x_pairs[i].data(), j.y, a, b, j.K);
-      offset += j.N;
+      const int64_t b = std::min(end, offset + j.W.rows) - offset;
+      if (a < b) {
+        switch (isa) {
+#ifdef RWKV_X86
+          case Isa::kAvx512: avx512::run(j, a, b); break;
+          case Isa::kAvx2: avx2::run(j, a, b); break;
+#endif
+          default: scalar::run(j, a, b); break;
+        }
+      }
+      offset += j.W.rows;
     }
   });
 }
 
-void run_jobs(const std::vector<MatvecJob>& jobs, bool bf16) {
-  if (bf16) run_jobs<uint16_t>(jobs); else run_jobs<float>(jobs);
-}
-
-const void* weight_ptr(const at::Tensor& W) {
-  return W.scalar_type() == at::kFloat ? static_cast<const void*>(W.data_ptr<float>())
-                                       : static_cast<const void*>(W.data_ptr<at::BFloat16>());
-}
-
 // LayerNorm of one row; mean and variance accumulated in double (C is small, exactness is cheap).
-void layer_norm(const float* x, const float* weight, const float* bias, float* out, int64_t C) {
+void layer_norm(const float* x, const float* weight, const float* bias, float eps, float* out, int64_t C) {
   double sum = 0.0;
   for (int64_t c = 0; c < C; ++c) sum += x[c];
   const double mean = sum / C;
   double sq = 0.0;
   for (int64_t c = 0; c < C; ++c) sq += (x[c] - mean) * (x[c] - mean);
-  const float inv_std = static_cast<float>(1.0 / std::sqrt(sq / C + 1e-5));
+  const float inv_std = static_cast<float>(1.0 / std::sqrt(sq / C + eps));
   const float m = static_cast<float>(mean);
   for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - m) * inv_std * weight[c] + bias[c];
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// 1 / (1 + e^-x) with only a non-positive exponent evaluated (exp_nonpos: branch-free, so the
+// loops around it vectorise); ~2 ulp.
+inline float sigmoid(float x) {
+  const float e = exp_nonpos(x > 0.f ? -x : x);
+  return (x > 0.f ? 1.0f : e) / (1.0f + e);
+}
+
+// fn(b) for every row b: inline for one row, else spread over the threads. Rows are independent,
+// so where a row runs never changes its numbers.
+template <typename Fn>
+void for_rows(int64_t B, const Fn& fn) {
+  if (B == 1) {
+    fn(0);
+    return;
+  }
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b);
+  });
+}
 
 // token shift: mixed = current * mix + previous * (1 - mix)
 inline void mix(const float* cur, const float* prev, const float* m, float* out, int64_t C) {
   for (int64_t c = 0; c < C; ++c) out[c] = cur[c] * m[c] + prev[c] * (1.0f - m[c]);
 }
 
-// Per-layer slots in rnn_step's weight list (after the kGlobal leading ones).
-enum Slot {
-  kLn1W, kLn1B, kAttMixK, kAttMixV, kAttMixR, kDecay /* w = -exp(time_decay) */, kFirst /* u */,
-  kAttKey, kAttValue, kAttReceptance, kAttOutput,
-  kLn2W, kLn2B, kFfnMixK, kFfnMixR, kFfnKey, kFfnReceptance, kFfnValue,
-  kPerLayer
-};
-enum Global { kLn0W, kLn0B, kLnOutW, kLnOutB, kHead, kGlobal };
+Storage storage_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Storage::kFloat32;
+    case at::kBFloat16: return Storage::kBFloat16;
+    case at::kChar: return Storage::kInt8;
+    default: TORCH_CHECK(false, "rnn_cpu: weights must be float32, bfloat16 or int8, not ", t.scalar_type());
+  }
+}
 
-float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+const char* storage_name(Storage s) {
+  return s == Storage::kFloat32 ? "fp32" : s == Storage::kBFloat16 ? "bf16" : "int8";
+}
+
+// A [rows] block of pointers into a [B, width] buffer.
+std::vector<float*> rows_of(std::vector<float>& buffer, int64_t B, int64_t width) {
+  std::vector<float*> out(B);
+  for (int64_t b = 0; b < B; ++b) out[b] = buffer.data() + b * width;
+  return out;
+}
+
+MatvecJob job(const Matrix& W, int64_t B, const std::vector<float*>& x, const std::vector<float*>& y) {
+  return {W, B, const_cast<const float* const*>(x.data()), nullptr, y.data()};
+}
+
+bool cpu_has_avx512() {
+#ifdef RWKV_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#ifdef RWKV_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
-at::Tensor matvec(const at::Tensor& W, const at::Tensor& x) {
-  TORCH_CHECK(W.device().is_cpu() && x.device().is_cpu(), "matvec: CPU tensors only");
-  TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "matvec: W must be a contiguous [N, K] matrix");
-  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kBFloat16,
-              "matvec: W must be float32 or bfloat16");
-  TORCH_CHECK(x.numel() == W.size(1), "matvec: x must have K elements");
-  const int64_t N = W.size(0), K = W.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous().view({K});
-  at::Tensor y = at::empty({N}, x.options().dtype(at::kFloat));
-  run_jobs({{weight_ptr(W), xf.data_ptr<float>(), y.data_ptr<float>(), N, K}},
-           W.scalar_type() == at::kBFloat16);
-  return y;
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  if (cpu_has_avx512()) out.push_back("avx512");
+  if (cpu_has_avx2()) out.push_back("avx2");
+  out.push_back("scalar");
+  return out;
 }
 
-// One token through the whole model. emb_row: the token's embedding [C]; weights: kGlobal
-// tensors then kPerLayer per layer (vectors float32 [C], matrices all float32 or all bfloat16,
-// contiguous); att_x, aa, bb, pp, ffn_x: the state [L, C] float32, advanced in place.
-// Returns the logits [V] float32. Same math as RWKV4._forward_chunk with T = 1.
-at::Tensor rnn_step(const at::Tensor& emb_row, const std::vector<at::Tensor>& weights, at::Tensor att_x,
-                    at::Tensor aa, at::Tensor bb, at::Tensor pp, at::Tensor ffn_x) {
-  TORCH_CHECK(weights.size() >= kGlobal && (weights.size() - kGlobal) % kPerLayer == 0,
-              "rnn_step: the weight list must hold ", int(kGlobal), " + ", int(kPerLayer), " x n_layer tensors");
-  const int64_t L = (weights.size() - kGlobal) / kPerLayer;
-  const at::Tensor& head = weights[kHead];
-  const int64_t C = head.size(1), V = head.size(0);
-  const bool bf16 = head.scalar_type() == at::kBFloat16;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const at::Tensor& t = weights[i];
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "rnn_step: weight ", i, " must be a contiguous CPU tensor");
-    const bool matrix = t.dim() == 2;
-    TORCH_CHECK(t.scalar_type() == (matrix ? head.scalar_type() : at::kFloat),
-                "rnn_step: weight ", i, " has the wrong dtype");
-    TORCH_CHECK(matrix || t.numel() == C, "rnn_step: weight ", i, " must have ", C, " elements");
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
+  if (name == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "rnn_cpu: this CPU has no AVX-512");
+    return Isa::kAvx512;
   }
-  for (const at::Tensor* s : {&att_x, &aa, &bb, &pp, &ffn_x}) {
-    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->dim() == 2 && s->size(0) == L &&
-                    s->size(1) == C,
-                "rnn_step: state tensors must be contiguous float32 [", L, ", ", C, "]");
+  if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "rnn_cpu: this CPU has no AVX2");
+    return Isa::kAvx2;
   }
-  TORCH_CHECK(emb_row.numel() == C, "rnn_step: the embedding row must have ", C, " elements");
-  const int64_t F = L > 0 ? weights[kGlobal + kFfnKey].size(0) : 0;
+  TORCH_CHECK(name == "scalar", "rnn_cpu: unknown instruction set '", name, "' (auto, avx512, avx2 or scalar)");
+  return Isa::kScalar;
+}
 
-  const at::Tensor emb = emb_row.to(at::kFloat).contiguous();
-  std::vector<float> x(C), xx(C), xk(C), xv(C), xr(C), k(C), v(C), r(C), y(C), out(C), fk(F);
-  layer_norm(emb.data_ptr<float>(), f32(weights[kLn0W]), f32(weights[kLn0B]), x.data(), C);
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
 
+// ---- named weights ----------------------------------------------------------------------------
+
+const float* StepWeights::vector(const std::map<std::string, at::Tensor>& named, const std::string& name) {
+  auto it = named.find(name);
+  TORCH_CHECK(it != named.end(), "StepWeights: missing '", name, "'");
+  const at::Tensor& t = it->second;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "StepWeights: '", name, "' must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(t.numel() == n_embd_, "StepWeights: '", name, "' has ", t.numel(), " elements, expected ", n_embd_);
+  keep_alive_.push_back(t);
+  return t.data_ptr<float>();
+}
+
+Matrix StepWeights::matrix(const std::map<std::string, at::Tensor>& named, const std::string& name, int64_t rows,
+                           int64_t cols) {
+  auto it = named.find(name);
+  TORCH_CHECK(it != named.end(), "StepWeights: missing '", name, "'");
+  const at::Tensor& t = it->second;
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2,
+              "StepWeights: '", name, "' must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "StepWeights: '", name, "' has shape [", t.size(0), ", ",
+              t.size(1), "], expected [", rows, ", ", cols, "]");
+  Matrix m;
+  m.storage = storage_of(t);
+  m.data = t.data_ptr();
+  m.rows = rows;
+  m.cols = cols;
+  keep_alive_.push_back(t);
+  if (m.storage == Storage::kInt8) {
+    auto s = named.find(name + ".scale");
+    TORCH_CHECK(s != named.end(), "StepWeights: int8 '", name, "' needs '", name, ".scale'");
+    TORCH_CHECK(s->second.scalar_type() == at::kFloat && s->second.is_contiguous() && s->second.numel() == rows,
+                "StepWeights: '", name, ".scale' must be ", rows, " contiguous float32 values");
+    m.scale = s->second.data_ptr<float>();
+    keep_alive_.push_back(s->second);
+  }
+  return m;
+}
+
+StepWeights::StepWeights(const std::map<std::string, at::Tensor>& named, int64_t n_layer, double layer_norm_eps,
+                         const std::string& isa)
+    : ln_eps_(static_cast<float>(layer_norm_eps)), isa_(parse_isa(isa)) {
+  TORCH_CHECK(n_layer >= 1, "StepWeights: n_layer must be at least 1");
+  auto emb = named.find("emb.weight");
+  auto ffn = named.find("blocks.0.ffn.key.weight");
+  TORCH_CHECK(emb != named.end() && emb->second.dim() == 2, "StepWeights: missing 'emb.weight'");
+  TORCH_CHECK(ffn != named.end() && ffn->second.dim() == 2, "StepWeights: missing 'blocks.0.ffn.key.weight'");
+  vocab_ = emb->second.size(0);
+  n_embd_ = emb->second.size(1);
+  ffn_dim_ = ffn->second.size(0);
+  const int64_t C = n_embd_, F = ffn_dim_;
+  emb_ = matrix(named, "emb.weight", vocab_, C);
+  TORCH_CHECK(emb_.storage != Storage::kInt8, "StepWeights: the embedding must be float32 or bfloat16");
+  ln0_weight_ = vector(named, "blocks.0.ln0.weight");
+  ln0_bias_ = vector(named, "blocks.0.ln0.bias");
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    LayerWeights l;
+    l.ln1_weight = vector(named, p + "ln1.weight");
+    l.ln1_bias = vector(named, p + "ln1.bias");
+    l.att_mix_k = vector(named, p + "att.time_mix_k");
+    l.att_mix_v = vector(named, p + "att.time_mix_v");
+    l.att_mix_r = vector(named, p + "att.time_mix_r");
+    const float* decay = vector(named, p + "att.time_decay");
+    l.att_decay.resize(C);
+    for (int64_t c = 0; c < C; ++c) l.att_decay[c] = -std::exp(decay[c]);
+    l.att_first = vector(named, p + "att.time_first");
+    l.att_key = matrix(named, p + "att.key.weight", C, C);
+    l.att_value = matrix(named, p + "att.value.weight", C, C);
+    l.att_receptance = matrix(named, p + "att.receptance.weight", C, C);
+    l.att_output = matrix(named, p + "att.output.weight", C, C);
+    l.ln2_weight = vector(named, p + "ln2.weight");
+    l.ln2_bias = vector(named, p + "ln2.bias");
+    l.ffn_mix_k = vector(named, p + "ffn.time_mix_k");
+    l.ffn_mix_r = vector(named, p + "ffn.time_mix_r");
+    l.ffn_key = matrix(named, p + "ffn.key.weight", F, C);
+    l.ffn_receptance = matrix(named, p + "ffn.receptance.weight", C, C);
+    l.ffn_value = matrix(named, p + "ffn.value.weight", C, F);
+    layers_.push_back(std::move(l));
+  }
+  ln_out_weight_ = vector(named, "ln_out.weight");
+  ln_out_bias_ = vector(named, "ln_out.bias");
+  head_ = matrix(named, "head.weight", vocab_, C);
+}
+
+std::vector<std::string> StepWeights::slot_names(int64_t n_layer) {
+  std::vector<std::string> names = {"emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"};
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    for (const char* s : {"ln1.weight", "ln1.bias", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r",
+                          "att.time_decay", "att.time_first", "att.key.weight", "att.value.weight",
+                          "att.receptance.weight", "att.output.weight", "ln2.weight", "ln2.bias",
+                          "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key.weight", "ffn.receptance.weight",
+                          "ffn.value.weight"})
+      names.push_back(p + s);
+  }
+  for (const char* s : {"ln_out.weight", "ln_out.bias", "head.weight"}) names.push_back(s);
+  return names;
+}
+
+std::string StepWeights::storage() const { return storage_name(layers_.front().att_key.storage); }
+
+// ---- the step ---------------------------------------------------------------------------------
+
+at::Tensor StepWeights::step(const at::Tensor& tokens, const std::vector<at::Tensor>& att_x,
+                             const std::vector<at::Tensor>& aa, const std::vector<at::Tensor>& bb,
+                             const std::vector<at::Tensor>& pp, const std::vector<at::Tensor>& ffn_x) const {
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1,
+              "rnn_step: tokens must be a 1-D int64 CPU tensor");
+  const int64_t B = tokens.numel(), L = n_layer(), C = n_embd_, F = ffn_dim_, V = vocab_;
+  const at::Tensor ids = tokens.contiguous();
+  const int64_t* token = ids.data_ptr<int64_t>();
+  for (const auto* list : {&att_x, &aa, &bb, &pp, &ffn_x}) {
+    TORCH_CHECK(static_cast<int64_t>(list->size()) == B, "rnn_step: one state tensor per token");
+    for (const at::Tensor& s : *list) {
+      TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
+                      s.size(0) == L && s.size(1) == C,
+                  "rnn_step: state tensors must be contiguous float32 [", L, ", ", C, "]");
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(token[b] >= 0 && token[b] < V, "rnn_step: token id out of range");
+  at::Tensor logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0) return logits;
+
+  // work buffers, reused between calls (fresh allocations fault pages in on every token)
+  static thread_local std::vector<float> x, xx, xk, xv, xr, k, v, r, y, out, fk;
+  for (auto* buf : {&x, &xx, &xk, &xv, &xr, &k, &v, &r, &y, &out}) buf->resize(B * C);
+  fk.resize(B * F);
+  // (thread_local buffers: the row lambdas below run on other threads, so they use these pointers)
+  auto XS = rows_of(x, B, C), XX = rows_of(xx, B, C);
+  auto XK = rows_of(xk, B, C), XV = rows_of(xv, B, C), XR = rows_of(xr, B, C);
+  auto K_ = rows_of(k, B, C), V_ = rows_of(v, B, C), R_ = rows_of(r, B, C), Y = rows_of(y, B, C);
+  auto OUT = rows_of(out, B, C), FK = rows_of(fk, B, F);
+  std::vector<float*> LOGITS(B);
+  for (int64_t b = 0; b < B; ++b) LOGITS[b] = logits.data_ptr<float>() + b * V;
+
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x.data() + b * C;
+    if (emb_.storage == Storage::kFloat32) {
+      std::copy_n(static_cast<const float*>(emb_.data) + token[b] * C, C, xx.data() + b * C);
+    } else {
+      const uint16_t* row = static_cast<const uint16_t*>(emb_.data) + token[b] * C;
+      for (int64_t c = 0; c < C; ++c) xx[b * C + c] = bf16_to_float(row[c]);
+    }
+    layer_norm(xx.data() + b * C, ln0_weight_, ln0_bias_, ln_eps_, xb, C);
+  }
+
+  std::vector<MatvecJob> jobs;
   for (int64_t i = 0; i < L; ++i) {
-    const at::Tensor* p = weights.data() + kGlobal + i * kPerLayer;
+    const LayerWeights& w = layers_[i];
     // ---- time mixing
-    float* prev_att = f32(att_x) + i * C;
-    layer_norm(x.data(), f32(p[kLn1W]), f32(p[kLn1B]), xx.data(), C);
-    mix(xx.data(), prev_att, f32(p[kAttMixK]), xk.data(), C);
-    mix(xx.data(), prev_att, f32(p[kAttMixV]), xv.data(), C);
-    mix(xx.data(), prev_att, f32(p[kAttMixR]), xr.data(), C);
-    std::copy(xx.begin(), xx.end(), prev_att);
-    run_jobs({{weight_ptr(p[kAttKey]), xk.data(), k.data(), C, C},
-              {weight_ptr(p[kAttValue]), xv.data(), v.data(), C, C},
-              {weight_ptr(p[kAttReceptance]), xr.data(), r.data(), C, C}}, bf16);
-    float* a = f32(aa) + i * C;
-    float* b = f32(bb) + i * C;
-    float* m = f32(pp) + i * C;
-    const float* w = f32(p[kDecay]);
-    const float* u = f32(p[kFirst]);
-    for (int64_t c = 0; c < C; ++c) {
-      y[c] = sigmoid(r[c]) * rwkv_cpu::wkv_step<false, float>(a[c], b[c], m[c], w[c], u[c], k[c], v[c], nullptr);
-    }
-    run_jobs({{weight_ptr(p[kAttOutput]), y.data(), out.data(), C, C}}, bf16);
-    for (int64_t c = 0; c < C; ++c) x[c] += out[c];
+    for_rows(B, [&](int64_t b) {
+      float* prev = att_x[b].data_ptr<float>() + i * C;
+      layer_norm(XS[b], w.ln1_weight, w.ln1_bias, ln_eps_, XX[b], C);
+      mix(XX[b], prev, w.att_mix_k, XK[b], C);
+      mix(XX[b], prev, w.att_mix_v, XV[b], C);
+      mix(XX[b], prev, w.att_mix_r, XR[b], C);
+      std::copy_n(XX[b], C, prev);
+    });
+    jobs = {job(w.att_key, B, XK, K_), job(w.att_value, B, XV, V_), job(w.att_receptance, B, XR, R_)};
+    run_jobs(isa_, jobs);
+    for_rows(B, [&](int64_t b) {
+      float* a = aa[b].data_ptr<float>() + i * C;
+      float* d = bb[b].data_ptr<float>() + i * C;
+      float* m = pp[b].data_ptr<float>() + i * C;
+      const float *kb = K_[b], *vb = V_[b], *rb = R_[b];
+      float* yb = Y[b];
+      for (int64_t c = 0; c < C; ++c) {
+        yb[c] = sigmoid(rb[c]) * wkv_step<false, float>(a[c], d[c], m[c], w.att_decay[c], w.att_first[c], kb[c],
+                                                         vb[c], nullptr);
+      }
+    });
+    jobs = {job(w.att_output, B, Y, OUT)};
+    run_jobs(isa_, jobs);
     // ---- channel mixing
-    float* prev_ffn = f32(ffn_x) + i * C;
-    layer_norm(x.data(), f32(p[kLn2W]), f32(p[kLn2B]), xx.data(), C);
-    mix(xx.data(), prev_ffn, f32(p[kFfnMixK]), xk.data(), C);
-    mix(xx.data(), prev_ffn, f32(p[kFfnMixR]), xr.data(), C);
-    std::copy(xx.begin(), xx.end(), prev_ffn);
-    run_jobs({{weight_ptr(p[kFfnKey]), xk.data(), fk.data(), F, C},
-              {weight_ptr(p[kFfnReceptance]), xr.data(), r.data(), C, C}}, bf16);
-    for (int64_t j = 0; j < F; ++j) {
-      const float relu = fk[j] > 0.f ? fk[j] : 0.f;
-      fk[j] = relu * relu;
-    }
-    run_jobs({{weight_ptr(p[kFfnValue]), fk.data(), out.data(), C, F}}, bf16);
-    for (int64_t c = 0; c < C; ++c) x[c] += sigmoid(r[c]) * out[c];
+    for_rows(B, [&](int64_t b) {
+      float* xb = XS[b];
+      for (int64_t c = 0; c < C; ++c) xb[c] += OUT[b][c];
+      float* prev = ffn_x[b].data_ptr<float>() + i * C;
+      layer_norm(xb, w.ln2_weight, w.ln2_bias, ln_eps_, XX[b], C);
+      mix(XX[b], prev, w.ffn_mix_k, XK[b], C);
+      mix(XX[b], prev, w.ffn_mix_r, XR[b], C);
+      std::copy_n(XX[b], C, prev);
+    });
+    jobs = {job(w.ffn_key, B, XK, FK), job(w.ffn_receptance, B, XR, R_)};
+    run_jobs(isa_, jobs);
+    for_rows(B, [&](int64_t b) {
+      float* fb = FK[b];
+      for (int64_t j = 0; j < F; ++j) {
+        const float relu = fb[j] > 0.f ? fb[j] : 0.f;
+        fb[j] = relu * relu;
+      }
+    });
+    jobs = {job(w.ffn_value, B, FK, OUT)};
+    run_jobs(isa_, jobs);
+    for_rows(B, [&](int64_t b) {
+      float* xb = XS[b];
+      for (int64_t c = 0; c < C; ++c) xb[c] += sigmoid(R_[b][c]) * OUT[b][c];
+    });
   }
-  layer_norm(x.data(), f32(weights[kLnOutW]), f32(weights[kLnOutB]), xx.data(), C);
-  at::Tensor logits = at::empty({V}, emb.options().dtype(at::kFloat));
-  run_jobs({{weight_ptr(head), xx.data(), logits.data_ptr<float>(), V, C}}, bf16);
+  for (int64_t b = 0; b < B; ++b) layer_norm(XS[b], ln_out_weight_, ln_out_bias_, ln_eps_, XX[b], C);
+  jobs = {job(head_, B, XX, LOGITS)};
+  run_jobs(isa_, jobs);
   return logits;
 }
+
+at::Tensor matvec(const at::Tensor& W, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+                  const std::string& isa) {
+  TORCH_CHECK(W.device().is_cpu() && x.device().is_cpu(), "matvec: CPU tensors only");
+  TORCH_CHECK(W.dim() == 2 && W.is_contiguous(), "matvec: W must be a contiguous [N, K] matrix");
+  const int64_t N = W.size(0), K = W.size(1);
+  TORCH_CHECK(x.size(-1) == K && x.dim() <= 2, "matvec: x must be [K] or [B, K]");
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({-1, K});
+  const int64_t B = xf.size(0);
+  Matrix m;
+  m.storage = storage_of(W);
+  m.data = W.data_ptr();
+  m.rows = N;
+  m.cols = K;
+  at::Tensor s;
+  if (m.storage == Storage::kInt8) {
+    TORCH_CHECK(scale.has_value() && scale->numel() == N, "matvec: int8 weights need a scale per row");
+    s = scale->to(at::kFloat).contiguous();
+    m.scale = s.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({B, N}, xf.options());
+  std::vector<float*> xs(B), ys(B);
+  for (int64_t b = 0; b < B; ++b) {
+    xs[b] = const_cast<float*>(xf.data_ptr<float>()) + b * K;
+    ys[b] = y.data_ptr<float>() + b * N;
+  }
+  std::vector<MatvecJob> jobs = {job(m, B, xs, ys)};
+  run_jobs(parse_isa(isa), jobs);
+  return x.dim() == 1 ? y.view({N}) : y;
+}
+
+}  // namespace rwkv_cpu

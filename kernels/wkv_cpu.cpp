@@ -212,19 +212,3 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
   });
   return {gw_part.sum(0), gu_part.sum(0), gk, gv};
 }
-
-// kernels/rnn_cpu.cpp
-at::Tensor matvec(const at::Tensor& W, const at::Tensor& x);
-at::Tensor rnn_step(const at::Tensor& emb_row, const std::vector<at::Tensor>& weights, at::Tensor att_x,
-                    at::Tensor aa, at::Tensor bb, at::Tensor pp, at::Tensor ffn_x);
-// kernels/sampling_cpu.cpp
-int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", &matvec, "y = W x for the RNN step (W fp32 or bf16) (CPU)");
-  m.def("rnn_step", &rnn_step, "one token through every layer and the head, state advanced in place (CPU)");
-  m.def("sample_top_p", &sample_top_p, "top-p/top-k/temperature draw of one token id from float32 logits (CPU)");
-  m.def("forward", &wkv_forward, "WKV forward with state in/out (CPU)");
-  m.def("train_forward", &wkv_train_forward, "WKV training forward from an empty state (CPU)");
-  m.def("train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CPU)");
-}

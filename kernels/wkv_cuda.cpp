@@ -83,7 +83,7 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &wkv_forward, "WKV forward with state in/out (CUDA)");
-  m.def("train_forward", &wkv_train_forward, "WKV training forward from an empty state (CUDA)");
-  m.def("train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CUDA)");
+  m.def("wkv_forward", &wkv_forward, "WKV forward with state in/out (CUDA)");
+  m.def("wkv_train_forward", &wkv_train_forward, "WKV training forward from an empty state (CUDA)");
+  m.def("wkv_train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CUDA)");
 }

@@ -1,13 +1,16 @@
-"""Chat on a recurrent state: formats, ChatRWKV's newline bias, and turn bookkeeping.
+"""Chat on a recurrent state: formats, ChatRWKV's newline bias, turn bookkeeping.
 
-Each turn keeps two states: before the user's message (for Undo / Edit) and after it, before the
-reply (for Regenerate). So a turn only ever reads its own new tokens; the history is never
-re-read, and "tokens saved" is the length of the history the state already holds.
+Each turn keeps the state after the user's message (Regenerate starts there) and after the
+reply (the next turn starts there), so a turn reads only its own new tokens; "tokens saved" is
+the length of the history the state already holds. Only the last `undo_depth` turns keep their
+states, and the server's memory budget may drop them from an idle chat: then the next turn
+re-reads the conversation's tokens once (and says so) instead of failing.
+
+Everything that runs the model goes through the engine's scheduler; a session never touches it.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -16,6 +19,7 @@ import torch
 from .errors import GenerationError
 from .generation import Generation
 from .sampling import SamplingSettings
+from .sessions import Session, follow_generation
 from .state import State
 
 REPLY_END = "\n\n"
@@ -61,75 +65,109 @@ class Turn:
     prompt_tokens: list[int] = field(default_factory=list)  # the turn's prompt as read
     reply_tokens: list[int] = field(default_factory=list)  # as the state holds them
     stats: dict = field(default_factory=dict)
-    state_before: State | None = None
-    logits_before: torch.Tensor | None = None
-    state_prompt: State | None = None
+    # Kept states (None once dropped; rebuilt by re-reading the tokens when needed)
+    state_prompt: State | None = None  # after the user's message: Regenerate starts here
     logits_prompt: torch.Tensor | None = None
-    state_after: State | None = None
+    state_after: State | None = None  # after the reply: the next turn starts here
     logits_after: torch.Tensor | None = None
     complete: bool = False
 
+    def tokens(self) -> list[int]:
+        return self.prompt_tokens + self.reply_tokens
 
-@dataclass
-class ChatSession:
-    """One browser session's conversation and recurrent state."""
+    def kept_bytes(self) -> int:
+        return sum(s.nbytes() for s in (self.state_prompt, self.state_after) if s is not None) + sum(
+            t.numel() * t.element_size() for t in (self.logits_prompt, self.logits_after) if t is not None)
 
-    fmt: ChatFormat = field(default_factory=ChatFormat)
-    turns: list[Turn] = field(default_factory=list)
-    model_fingerprint: str = ""
+    def drop_states(self) -> None:
+        self.state_prompt = self.logits_prompt = self.state_after = self.logits_after = None
 
-    # The Generation streaming right now (for live counts in the UI); None between turns.
-    live: Generation | None = field(default=None, repr=False)
+
+class ChatSession(Session):
+    """One browser session's conversation and recurrent states."""
+
+    kind = "chat"
+
+    def __init__(self, fmt: ChatFormat | None = None, undo_depth: int = 8):
+        super().__init__()
+        self.fmt = fmt or ChatFormat()
+        self.turns: list[Turn] = []
+        self.model_fingerprint = ""
+        self.undo_depth = max(1, int(undo_depth))
 
     @property
     def state(self) -> State | None:
         return self.turns[-1].state_after if self.turns else None
 
     def clear(self) -> None:
+        self._check_idle()
         self.turns.clear()
 
     def undo(self) -> str | None:
         """Drop the last turn; returns its message (for editing)."""
+        self._check_idle()
         return self.turns.pop().user if self.turns else None
 
-    def _check_model(self, loaded) -> None:
-        if self.model_fingerprint and self.model_fingerprint != loaded.model.fingerprint:
-            self.turns.clear()  # a state only means something to the model that made it
-        self.model_fingerprint = loaded.model.fingerprint
+    def _check_idle(self) -> None:
+        if self.busy:
+            raise GenerationError("A reply is being written: wait for it, or press Stop first.")
 
-    def send(self, loaded, message: str, settings: SamplingSettings, max_tokens: int,
-             cancel: threading.Event | None = None) -> Iterator[str]:
-        """Read the user's message into the state, then stream the reply (cumulative text)."""
+    def history_tokens(self, upto: int | None = None) -> list[int]:
+        """Every token the state after turn `upto - 1` has read."""
+        ids: list[int] = []
+        for turn in self.turns[:upto]:
+            ids += turn.tokens()
+        return ids
+
+    def _check_model(self, loaded) -> None:
+        if self.model_fingerprint and self.model_fingerprint != loaded.runtime.fingerprint:
+            self.turns.clear()  # a state only means something to the model that made it
+            self.notices.append("The model changed, so the conversation started over.")
+        self.model_fingerprint = loaded.runtime.fingerprint
+
+    def send(self, engine, message: str, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
+        """Read the user's message into the state, then stream the reply (its text so far)."""
         if not message or not message.strip():
             raise GenerationError("Type a message first.")
+        loaded = engine.require()
         self._check_model(loaded)
         previous = self.turns[-1] if self.turns else None
-        turn = Turn(user=message.strip(),
-                    state_before=previous.state_after if previous else None,
-                    logits_before=previous.logits_after if previous else None)
+        turn = Turn(user=message.strip())
         turn.prompt_tokens = loaded.tokenizer.encode(self.fmt.turn_prompt(message, first=previous is None))
-        turn.stats = {"tokens_saved": turn.state_before.token_count if turn.state_before else 0}
+        if previous is None:
+            prompt, state, logits = turn.prompt_tokens, None, None
+            turn.stats = {"tokens_saved": 0}
+        elif previous.state_after is not None:
+            prompt, state, logits = turn.prompt_tokens, previous.state_after, previous.logits_after
+            turn.stats = {"tokens_saved": state.token_count}
+        else:  # the history's state was dropped: read it again, once
+            history = self.history_tokens()
+            prompt, state, logits = history + turn.prompt_tokens, None, None
+            turn.stats = {"tokens_saved": 0, "history_reread": len(history)}
         self.turns.append(turn)
-        yield from self._reply(loaded, turn, turn.prompt_tokens, turn.state_before, turn.logits_before,
-                               settings, max_tokens, cancel)
+        yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
 
-    def regenerate(self, loaded, settings: SamplingSettings, max_tokens: int,
-                   cancel: threading.Event | None = None) -> Iterator[str]:
-        """A new reply to the last message, from the state saved before the reply."""
-        if not self.turns or self.turns[-1].state_prompt is None:
+    def regenerate(self, engine, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
+        """A new reply to the last message, from the state saved after reading it."""
+        if not self.turns or not self.turns[-1].prompt_tokens:
             raise GenerationError("There is no reply to regenerate yet.")
+        loaded = engine.require()
         self._check_model(loaded)
         if not self.turns:
             raise GenerationError("The model changed: the conversation was cleared.")
         turn = self.turns[-1]
-        turn.reply, turn.complete = "", False
-        turn.stats = {"tokens_saved": turn.state_prompt.token_count}
-        yield from self._reply(loaded, turn, [], turn.state_prompt, turn.logits_prompt, settings, max_tokens, cancel)
+        turn.reply, turn.reply_tokens, turn.complete = "", [], False
+        if turn.state_prompt is not None:
+            prompt, state, logits = [], turn.state_prompt, turn.logits_prompt
+            turn.stats = {"tokens_saved": state.token_count}
+        else:
+            history = self.history_tokens(len(self.turns) - 1)
+            prompt, state, logits = history + turn.prompt_tokens, None, None
+            turn.stats = {"tokens_saved": 0, "history_reread": len(history)}
+        yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
 
-    def _reply(self, loaded, turn: Turn, prompt_tokens: list[int], state: State | None,
-               logits: torch.Tensor | None, settings: SamplingSettings, max_tokens: int,
-               cancel: threading.Event | None) -> Iterator[str]:
-        """Read prompt_tokens (if any) from `state`, then stream the reply; yields its text so far."""
+    def _reply(self, engine, loaded, turn: Turn, prompt: list[int], state: State | None,
+               logits: torch.Tensor | None, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
         newline_id = loaded.newline_id
 
         def bias(step: int, step_logits: torch.Tensor) -> None:
@@ -138,17 +176,14 @@ class ChatSession:
 
         chat_settings = SamplingSettings(**{**settings.__dict__,
                                             "banned_tokens": tuple(settings.banned_tokens) + (loaded.tokenizer.eos_id,)})
-        gen = Generation(loaded.model, loaded.tokenizer, prompt_tokens, state=state, logits=logits,
-                         settings=chat_settings, max_tokens=max_tokens,
-                         stop=[REPLY_END, f"\n{self.fmt.user}:"], cancel=cancel, logits_hook=bias)
-        self.live = gen
+        gen = Generation(loaded.tokenizer, prompt, state=state, logits=logits, settings=chat_settings,
+                         max_tokens=max_tokens, stop=[REPLY_END, f"\n{self.fmt.user}:"], logits_hook=bias,
+                         chunk_len=loaded.runtime.chunk_len, sampler_kernel=loaded.runtime.sampler_kernel)
         try:
-            for _ in gen:
-                turn.reply = gen.text.strip()
+            for text in follow_generation(self, engine, gen):
+                turn.reply = text.strip()
                 yield turn.reply
         finally:
-            gen.close()  # whatever ended the stream (Stop included): gen.state now matches gen.text
-            self.live = None
             if gen.prompt_state is None:
                 self.turns.remove(turn)  # stopped while reading the message: as if never sent
             else:
@@ -158,3 +193,15 @@ class ChatSession:
                 turn.state_after, turn.logits_after = gen.state, gen.last_logits
                 turn.stats.update(gen.stats.as_dict())
                 turn.complete = True
+                for old in self.turns[:-self.undo_depth]:  # the undo depth: older turns keep text only
+                    old.drop_states()
+            self.touch(engine)
+
+    # ---- memory accounting (sessions.Session) ----------------------------------------------------
+    def memory_items(self) -> list[tuple[str, int]]:
+        return [(f"turn {i}", turn.kept_bytes()) for i, turn in enumerate(self.turns) if turn.kept_bytes()]
+
+    def drop(self, key: str) -> str:
+        self.turns[int(key.split()[1])].drop_states()
+        return ("the saved state of this chat (to free memory for other visitors); your next message "
+                "re-reads the conversation once")

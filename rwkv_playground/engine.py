@@ -1,18 +1,28 @@
-"""The small API the app calls: which model is loaded, switching models safely, and the lock
-that serialises use of the model. Knows nothing of Gradio.
+"""The small API the app calls: the loaded model behind its scheduler, switching models,
+sessions and their memory budget. Knows nothing of Gradio.
+
+    engine = Engine(models_dir="~/models")
+    engine.load("assets/rwkv4-demo-shakespeare.pth")
+    chat = engine.add_session(ChatSession())
+    for reply in chat.send(engine, "Good morrow!", SamplingSettings(seed=1), max_tokens=50): ...
+
+Every use of the model (prompts, generation steps, recordings, switching) goes through
+`engine.scheduler`; sessions hold states and text, never the model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import read_checkpoint
 from .errors import LoadError
-from .model import RWKV4, load_model
+from .runtime import Runtime, check_tensors, infer_config, load_runtime
+from .scheduler import Scheduler, SchedulerSettings
+from .sessions import MemoryBudget, Session
 from .tokenizer import Tokenizer, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -32,15 +42,34 @@ KNOWN_CHECKPOINTS = {
 NEOX_TOKENIZER = ("RWKV/rwkv-4-169m-pile", "tokenizer.json", "20B_tokenizer.json")
 
 
+def default_memory_budget() -> int:
+    """A tenth of the machine's memory (at least 256 MB) for what visitors' sessions keep."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(256 << 20, total // 10)
+
+
+@dataclass
+class ServingSettings:
+    """How the app shares one model among its visitors (CLI flags of app.py)."""
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    memory_budget_bytes: int = field(default_factory=default_memory_budget)
+    session_ttl_s: float = 2 * 3600  # an idle session (and what it keeps) is freed after this
+    undo_depth: int = 8  # chat turns whose states are kept for Undo / Regenerate
+    lock_models: bool = False  # no model switching or downloading from the browser
+
+
 @dataclass
 class LoadedModel:
-    model: RWKV4
+    runtime: Runtime
     tokenizer: Tokenizer
     name: str
     newline_id: int | None
 
     def describe(self) -> dict:
-        info = self.model.describe()
+        info = self.runtime.describe()
         info["name"] = self.name
         info["tokenizer"] = self.tokenizer.name
         return info
@@ -70,16 +99,44 @@ def find_tokenizer(checkpoint: Path, vocab_size: int, search_dirs: list[Path]) -
 
 
 class Engine:
-    """Holds the loaded model; switching models and generating are serialised by `lock`."""
+    """The loaded model behind its scheduler, the models folder, and the visitors' sessions."""
 
     def __init__(self, models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "fp32",
-                 wkv: str | None = None):
-        self.models_dir = Path(models_dir).resolve() if models_dir else None
+                 backends: dict | None = None, settings: ServingSettings | None = None):
+        self.models_dir = Path(models_dir).expanduser().resolve() if models_dir else None
         self.device = device
         self.dtype = dtype
-        self.wkv = wkv
-        self.lock = threading.RLock()
-        self.current: LoadedModel | None = None
+        self.backends = dict(backends or {})  # wkv / step / sampler choices (backends.py)
+        self.settings = settings or ServingSettings()
+        self.scheduler = Scheduler(self.settings.scheduler)
+        self.memory = MemoryBudget(self.settings.memory_budget_bytes)
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self.scheduler.loaded
+
+    def require(self) -> LoadedModel:
+        loaded = self.scheduler.loaded
+        if loaded is None:
+            raise LoadError("No model is loaded yet.")
+        return loaded
+
+    def event_concurrency(self) -> int:
+        """How many of the browser's model requests the web server hands over at once: all that the
+        scheduler runs or queues (it, not the web server, decides the order and says the place)."""
+        return self.settings.scheduler.max_active + self.settings.scheduler.max_queue
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def add_session(self, session: Session) -> Session:
+        """Account a visitor's session object in the memory budget."""
+        if hasattr(session, "undo_depth"):
+            session.undo_depth = self.settings.undo_depth
+        return self.memory.add(session)
+
+    def forget(self, session: Session) -> None:
+        """The visitor left: stop what runs for them and free what they kept."""
+        session.close()
+        self.memory.remove(session)
 
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -111,24 +168,38 @@ class Engine:
     # ---- loading ---------------------------------------------------------------------------
     def load(self, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
              progress: Callable[[str, float], None] | None = None) -> LoadedModel:
-        """Load a checkpoint (trusted path from the CLI, or one from resolve_choice)."""
+        """Load a checkpoint (a trusted path from the CLI, or one from resolve_choice). Through the
+        scheduler: generations still running end with one sentence, and the old model is released
+        before the new one is built (two models never share the memory)."""
         path = Path(path)
-        with self.lock:
-            model = load_model(path, device=self.device, dtype=self.dtype, wkv=self.wkv, progress=progress)
-            search = [d for d in (self.models_dir, ASSETS) if d]
-            tok_path = Path(tokenizer) if tokenizer else find_tokenizer(path, model.config.vocab_size, search)
-            tok = load_tokenizer(tok_path)
-            if tok.vocab_size > model.config.vocab_size:
-                raise LoadError(f"The tokenizer {tok_path.name} has {tok.vocab_size} tokens but the model only "
-                                f"{model.config.vocab_size}: they do not belong together.")
-            newline = tok.encode("\n")
-            self.current = LoadedModel(model, tok, path.name, newline[0] if len(newline) == 1 else None)
-            return self.current
 
-    def require(self) -> LoadedModel:
-        if self.current is None:
-            raise LoadError("No model is loaded yet.")
-        return self.current
+        def build(report: Callable[[str, float], None]) -> LoadedModel:
+            runtime = load_runtime(path, device=self.device, dtype=self.dtype, progress=report, **self.backends)
+            search = [d for d in (self.models_dir, ASSETS) if d]
+            tok_path = Path(tokenizer) if tokenizer else find_tokenizer(path, runtime.config.vocab_size, search)
+            tok = load_tokenizer(tok_path)
+            if tok.vocab_size > runtime.config.vocab_size:
+                raise LoadError(f"The tokenizer {tok_path.name} has {tok.vocab_size} tokens but the model only "
+                                f"{runtime.config.vocab_size}: they do not belong together.")
+            newline = tok.encode("\n")
+            return LoadedModel(runtime, tok, path.name, newline[0] if len(newline) == 1 else None)
+
+        def preflight() -> None:  # a bad file is refused while the current model keeps serving
+            tensors = read_checkpoint(path).tensors
+            config = infer_config(tensors)
+            check_tensors(config, tensors)
+            if not tokenizer:
+                find_tokenizer(path, config.vocab_size, [d for d in (self.models_dir, ASSETS) if d])
+
+        ticket = self.scheduler.switch_model(
+            build, f"The model is being switched to {path.name}: this request was stopped.", preflight=preflight)
+        for event in ticket:
+            if event.kind == "progress" and progress is not None:
+                fraction, message = event.value
+                progress(message, fraction)
+        if ticket.error is not None:
+            raise LoadError(ticket.error)
+        return ticket.result
 
     def download(self, label: str, progress: Callable[[str, float], None] | None = None) -> str:
         """Download a known BlinkDL checkpoint into the models folder (needs network access)."""

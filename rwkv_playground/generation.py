@@ -1,23 +1,26 @@
-"""Streaming text generation over a recurrent state.
+"""A generation request: read a prompt, then sample tokens until a limit or a stop.
 
-    stream = generate(model, tokenizer, "Once upon a time", settings=SamplingSettings(seed=1))
-    for piece in stream:          # text increments, never broken UTF-8
+    stream = generate(runtime, tokenizer, "Once upon a time", settings=SamplingSettings(seed=1))
+    for piece in stream:          # text increments, never a broken UTF-8 character
         print(piece, end="")
     stream.state                  # in sync with exactly prompt + stream.text
     stream.stats                  # prompt tokens / seconds, generated tokens, tokens/s, stop reason
 
-Invariant: whatever ends the stream (max tokens, a stop string, end-of-text, `cancel`, or the
-consumer closing the generator), `state` is the state after reading the prompt and then exactly
-the text that was yielded. Stop strings are held back while they may still be forming, and a
-stop string that starts inside a token is handled by re-reading the kept part of that token.
-Prompts are read in chunks and the generator yields "" between chunks, so a consumer can
-cancel a long prefill.
+`Generation` holds the decoding logic only (sampler, stop strings, UTF-8 hold-back, the state it
+owns); it never runs the model. Whoever drives it does: `generate()` below runs one Generation
+alone (scripts, notebooks), and the app's scheduler runs many sessions' Generations together, one
+batched step per token. Both feed it the same prompt chunks and the same one-token steps, so a
+text never depends on who else was generating.
+
+Invariant: whatever ends the stream (max tokens, a stop string, end-of-text, cancel, the consumer
+going away), `state` is the state after reading the prompt and then exactly the text that was
+released. Stop strings are held back while they may still be forming, and a stop string that
+starts inside a token is handled by re-reading the kept part of that token.
 """
 
 from __future__ import annotations
 
 import codecs
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -31,6 +34,9 @@ from .tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 100_000
 MAX_PROMPT_TOKENS = 1_000_000
+# Released text the consumer has not received yet can be taken back when it stops (the scheduler
+# runs ahead of its consumers by a token or two); the state snapshots that allows are capped here.
+MAX_UNSHOWN_SNAPSHOTS = 256
 
 
 @dataclass
@@ -39,7 +45,7 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
-    stop_reason: str = ""  # "max_tokens" | "stop_string" | "end_of_text" | "stop_token" | "cancelled" | "closed"
+    stop_reason: str = ""  # "max_tokens" | "stop_string" | "end_of_text" | "stop_token" | "cancelled" | ...
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -56,15 +62,30 @@ class GenerationStats:
         return d
 
 
-class Generation:
-    """An iterable stream of text increments; see the module docstring."""
+@dataclass
+class _Snapshot:
+    """A clean point (no partial UTF-8 pending) to roll the state back to."""
+    chars: int
+    n_tokens: int
+    state: State
+    logits: torch.Tensor
 
-    def __init__(self, model, tokenizer: Tokenizer, prompt, state: State | None = None,
+
+class Generation:
+    """One request's decoding. The driver's loop (see `generate` and scheduler.py):
+
+        while (chunk := gen.next_prompt_chunk()) is not None:
+            logits = run chunk on gen.state in place; gen.prompt_chunk_read(logits)
+        while (token := gen.next_token()) is not None:
+            logits = one step of [token] on gen.state in place; gen.token_read(logits)
+        gen.finish(runtime)       # syncs the state to the released text
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt, state: State | None = None, logits: torch.Tensor | None = None,
                  settings: SamplingSettings | None = None, max_tokens: int = 200,
                  stop: tuple[str, ...] | list[str] = (), stop_tokens: tuple[int, ...] = (),
-                 cancel: threading.Event | None = None,
                  logits_hook: Callable[[int, torch.Tensor], None] | None = None,
-                 chunk_len: int | None = None, logits: torch.Tensor | None = None):
+                 chunk_len: int = 512, sampler_kernel=None):
         if isinstance(prompt, str):
             prompt_tokens = tokenizer.encode(prompt) if prompt else []
         else:
@@ -75,140 +96,160 @@ class Generation:
             raise GenerationError(f"The prompt is too long ({len(prompt_tokens)} tokens; at most {MAX_PROMPT_TOKENS}).")
         if not (1 <= int(max_tokens) <= MAX_NEW_TOKENS):
             raise GenerationError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_tokens}).")
-        if state is not None:
-            model.check_state(state)
-        self.model = model
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
         self.settings = (settings or SamplingSettings()).validate()
         self.max_tokens = int(max_tokens)
         self.stop = tuple(s for s in stop if s)
         self.stop_tokens = set(stop_tokens) | {tokenizer.eos_id}
-        self.cancel = cancel or threading.Event()
         self.logits_hook = logits_hook
-        self.chunk_len = chunk_len or model.chunk_len
+        self.chunk_len = int(chunk_len)
+        self.sampler_kernel = sampler_kernel
+        # The state this generation owns and advances (None: the driver starts an empty one).
         self.state: State | None = state.clone() if state is not None else None
-        self.tokens: list[int] = []  # generated token ids (after a stop cut: the ones kept)
-        self.text = ""  # exactly what was yielded
+        self.last_logits: torch.Tensor | None = logits  # what the next token is sampled from
+        self.tokens: list[int] = []  # generated ids (after a stop cut: the ones kept)
+        self.text = ""  # exactly what was released
         self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
-        # Logits after the state (what the next token is sampled from); kept in sync with it.
-        self.last_logits: torch.Tensor | None = logits
-        self.prompt_read = 0  # prompt tokens consumed (less than all only if cancelled in prefill)
-        # The state and logits right after the prompt (None until it is fully read): what a chat
-        # keeps to regenerate a reply without reading anything again.
+        self.prompt_read = 0  # prompt tokens consumed
+        # The state and logits right after the prompt (None until it is read): what a chat keeps
+        # to regenerate a reply without reading anything again. Never modified afterwards.
         self.prompt_state: State | None = None
         self.prompt_logits: torch.Tensor | None = None
-        self._active = None
+        self.finished = False
+        # Characters of `text` the consumer has received, when a driver runs ahead of it (the
+        # scheduler); None: everything released counts as received. A stop keeps only these.
+        self.shown: int | None = None
+        self._stop_reason = ""
+        self._t0: float | None = None  # when reading started (not when the request was queued)
+        self._t1: float | None = None
+        self._sampler: Sampler | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._full_text = ""  # everything decoded (may run ahead of what was released)
+        self._emitted = 0
+        self._cut_at: int | None = None
+        self._snapshots: list[_Snapshot] = []
+        self._max_stop = max((len(s) for s in self.stop), default=0)
 
-    def __iter__(self):
-        if self._active is not None:
-            raise GenerationError("A Generation can be iterated only once.")
-        self._active = self._run()
-        return self._active
+    # ---- the driver's side ----------------------------------------------------------------------
+    @property
+    def reading_prompt(self) -> bool:
+        return self.prompt_state is None and not self._stop_reason
 
-    def close(self) -> None:
-        """End the stream now (as a consumer going away does); afterwards `state` matches `text`."""
-        if self._active is not None:
-            self._active.close()
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop at the next chunk or token (the driver then calls finish)."""
+        if not self._stop_reason:
+            self._stop_reason = reason
 
-    # The generator body. `self.state` is kept in sync with `self.text` in every exit path.
-    def _run(self):
-        model, tok = self.model, self.tokenizer
-        stats = self.stats
-        t0 = time.perf_counter()
-        logits = None
-        try:
-            # ---- prefill, chunk by chunk, cancellable between chunks
-            logits = self.last_logits
-            if self.state is None:
-                self.state = model.new_state()
-            for start in range(0, len(self.prompt_tokens), self.chunk_len):
-                if self.cancel.is_set():
-                    stats.stop_reason = "cancelled"
-                    return
-                chunk = self.prompt_tokens[start:start + self.chunk_len]
-                logits, self.state = model.forward(chunk, self.state, inplace=True)
-                self.prompt_read += len(chunk)
-                self.last_logits = logits
-                stats.prompt_seconds = time.perf_counter() - t0
-                yield ""
-            stats.prompt_seconds = time.perf_counter() - t0
-        except GeneratorExit:
-            stats.stop_reason = "closed"
-            return
+    def next_prompt_chunk(self) -> list[int] | None:
+        """The next slice of the prompt to read into `state`, or None once it is read (or cancelled)."""
+        if self._stop_reason or self.prompt_state is not None:
+            return None
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        if self.prompt_read < len(self.prompt_tokens):
+            return self.prompt_tokens[self.prompt_read:self.prompt_read + self.chunk_len]
+        self._prompt_done()
+        return None
 
-        # ---- generation
-        sampler = Sampler(self.settings, logits.shape[-1])
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        full_text = ""  # all decoded text so far (may run ahead of what was yielded)
-        # Snapshots at clean points (no partial UTF-8 pending): (len(full_text), n_tokens, state)
-        snapshots = [(0, 0, self.state.clone(), logits)]
-        self.prompt_state, self.prompt_logits = snapshots[0][2], logits  # never modified: syncs clone it
-        max_stop = max((len(s) for s in self.stop), default=0)
-        emitted = 0
-        t1 = time.perf_counter()
-        stop_reason = "max_tokens"
-        cut_at = None
-        try:
-            for step in range(self.max_tokens):
-                if self.cancel.is_set():
-                    stop_reason = "cancelled"
-                    break
-                if self.logits_hook is not None:
-                    logits = logits.clone()
-                    self.logits_hook(step, logits)
-                token = sampler.sample(logits)
-                if token in self.stop_tokens:
-                    stop_reason = "end_of_text" if token == tok.eos_id else "stop_token"
-                    break
-                sampler.observe(token)
-                self.tokens.append(token)
-                logits, _ = model.forward([token], self.state, inplace=True)
-                self.last_logits = logits
-                stats.generated_tokens = len(self.tokens)
-                full_text += decoder.decode(tok.decode_bytes([token]))
-                pending = decoder.getstate()[0]
-                if not pending:
-                    snapshots.append((len(full_text), len(self.tokens), self.state.clone(), logits))
-                    horizon = len(full_text) - max_stop - 1
-                    while len(snapshots) > 1 and snapshots[1][0] <= horizon:
-                        snapshots.pop(0)
-                # stop strings: search only the region new text can complete
-                if self.stop:
-                    window_start = max(0, emitted - max_stop)
-                    hits = [i for i in (full_text.find(s, window_start) for s in self.stop) if i >= 0]
-                    if hits:
-                        cut_at = min(hits)
-                        stop_reason = "stop_string"
-                        break
-                safe = len(full_text) - self._held_back(full_text)
-                if safe > emitted:
-                    piece = full_text[emitted:safe]
-                    emitted = safe
-                    self.text += piece
-                    stats.generation_seconds = time.perf_counter() - t1
-                    yield piece
-            # normal end: release held-back text (a partial stop string that never completed)
-            if cut_at is None:
-                cut_at = len(full_text) if not decoder.getstate()[0] else snapshots[-1][0]
-            if cut_at > emitted:
-                piece = full_text[emitted:cut_at]
-                self._sync_state_to(cut_at, full_text, snapshots)
-                self.text += piece
-                emitted = cut_at
-                stats.stop_reason = stop_reason
-                stats.generation_seconds = time.perf_counter() - t1
-                yield piece
-            else:
-                self._sync_state_to(emitted, full_text, snapshots)
-            stats.stop_reason = stop_reason
-        except GeneratorExit:
-            # The consumer went away mid-stream: keep the state matching what it received.
-            self._sync_state_to(emitted, full_text, snapshots)
-            stats.stop_reason = "closed"
-        finally:
-            stats.generated_tokens = len(self.tokens)
-            stats.generation_seconds = time.perf_counter() - t1
+    def prompt_chunk_read(self, logits: torch.Tensor) -> None:
+        self.prompt_read += min(self.chunk_len, len(self.prompt_tokens) - self.prompt_read)
+        self.last_logits = logits
+        self.stats.prompt_seconds = time.perf_counter() - self._t0
+
+    def _prompt_done(self) -> None:
+        self.stats.prompt_seconds = time.perf_counter() - self._t0
+        self.prompt_state, self.prompt_logits = self.state.clone(), self.last_logits
+        self._snapshots = [_Snapshot(0, 0, self.prompt_state, self.last_logits)]
+        self._sampler = Sampler(self.settings, self.last_logits.shape[-1], kernel=self.sampler_kernel)
+        self._t1 = time.perf_counter()
+
+    def next_token(self) -> int | None:
+        """Sample the next token from `last_logits`, or None when the generation is over."""
+        if self.prompt_state is None:
+            self.next_prompt_chunk()
+            if self.prompt_state is None:
+                return None
+        if self._stop_reason or self._cut_at is not None:
+            return None
+        step = len(self.tokens)
+        if step >= self.max_tokens:
+            self._stop_reason = "max_tokens"
+            return None
+        logits = self.last_logits
+        if self.logits_hook is not None:
+            logits = logits.clone()
+            self.logits_hook(step, logits)
+        token = self._sampler.sample(logits)
+        if token in self.stop_tokens:
+            self._stop_reason = "end_of_text" if token == self.tokenizer.eos_id else "stop_token"
+            return None
+        self._sampler.observe(token)
+        self.tokens.append(token)
+        return token
+
+    def token_read(self, logits: torch.Tensor) -> str:
+        """After the driver stepped `state` with the last token: returns the text now released."""
+        self.last_logits = logits
+        self.stats.generated_tokens = len(self.tokens)
+        self._full_text += self._decoder.decode(self.tokenizer.decode_bytes([self.tokens[-1]]))
+        if not self._decoder.getstate()[0]:  # a clean point: nothing pending
+            self._snapshots.append(_Snapshot(len(self._full_text), len(self.tokens), self.state.clone(), logits))
+            # keep the last snapshot before any text that may still be cut: a forming stop
+            # string, and text the consumer has not received yet
+            keep_from = len(self._full_text) - self._max_stop - 1
+            if self.shown is not None:
+                keep_from = min(keep_from, self.shown)
+            while len(self._snapshots) > 1 and (self._snapshots[1].chars <= keep_from
+                                                or len(self._snapshots) > MAX_UNSHOWN_SNAPSHOTS):
+                self._snapshots.pop(0)
+        if self.stop:  # search only the region new text can complete
+            window_start = max(0, self._emitted - self._max_stop)
+            hits = [i for i in (self._full_text.find(s, window_start) for s in self.stop) if i >= 0]
+            if hits:
+                self._cut_at = min(hits)
+                self._stop_reason = "stop_string"
+                return ""
+        safe = len(self._full_text) - self._held_back(self._full_text)
+        self.stats.generation_seconds = time.perf_counter() - self._t1
+        return self._release(safe)
+
+    def finish(self, runtime) -> str:
+        """End the generation: the state is synced to the released text (re-reading at most the
+        few characters after the last clean point); returns the last piece of text released."""
+        if self.finished:
+            return ""
+        self.finished = True
+        reason = self._stop_reason or "max_tokens"
+        if self.prompt_state is None:  # ended while reading the prompt
+            self.stats.stop_reason = reason
+            return ""
+        if self._cut_at is None:
+            if reason in ("cancelled", "closed", "error", "model_switched"):
+                # what was shown stays; nothing held back is released, nothing unseen is kept
+                shown = self._emitted if self.shown is None else min(self._emitted, self.shown)
+                self._cut_at = max(shown, self._snapshots[0].chars)  # (at most MAX_UNSHOWN_SNAPSHOTS back)
+            else:  # a held-back prefix of a stop string that never completed is released
+                self._cut_at = len(self._full_text) if not self._decoder.getstate()[0] else self._snapshots[-1].chars
+        if self._cut_at < self._emitted:  # released but never received: taken back
+            self.text, self._emitted = self._full_text[:self._cut_at], self._cut_at
+        piece = self._release(self._cut_at) if self._cut_at > self._emitted else ""
+        self._sync_state_to(self._cut_at, runtime)
+        self.stats.stop_reason = reason
+        self.stats.generated_tokens = len(self.tokens)
+        if self._t1 is not None:
+            self.stats.generation_seconds = time.perf_counter() - self._t1
+        self._snapshots = []
+        return piece
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _release(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        piece = self._full_text[self._emitted:upto]
+        self._emitted = upto
+        self.text += piece
+        return piece
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of `text` that could still become a stop string."""
@@ -220,30 +261,84 @@ class Generation:
                     break
         return longest
 
-    def _sync_state_to(self, cut: int, full_text: str, snapshots) -> None:
-        """Make self.state the state after exactly full_text[:cut] (from the nearest clean snapshot,
-        re-reading the few characters between it and the cut)."""
-        if cut == len(full_text) and snapshots[-1][0] == cut and snapshots[-1][1] == len(self.tokens):
+    def _sync_state_to(self, cut: int, runtime) -> None:
+        """Make `state` the state after exactly full_text[:cut]: from the nearest clean snapshot,
+        re-reading the few characters between it and the cut."""
+        last = self._snapshots[-1]
+        if cut == len(self._full_text) and last.chars == cut and last.n_tokens == len(self.tokens):
             return  # already in sync
-        base = None
-        for snap in reversed(snapshots):
-            if snap[0] <= cut:
-                base = snap
-                break
+        base = next((s for s in reversed(self._snapshots) if s.chars <= cut), None)
         if base is None:  # cannot happen: the first snapshot is at 0 and is kept while needed
             raise GenerationError("Internal error: no state snapshot before the stop position.")
-        chars, n_tokens, state, logits = base
-        state = state.clone()
-        rest = full_text[chars:cut]
-        del self.tokens[n_tokens:]
+        state, logits = base.state.clone(), base.logits
+        rest = self._full_text[base.chars:cut]
+        del self.tokens[base.n_tokens:]
         if rest:
             extra = self.tokenizer.encode(rest)
-            logits, state = self.model.forward(extra, state, inplace=True)
+            logits, state = runtime.forward(extra, state, inplace=True)
             self.tokens.extend(extra)
-        self.state = state
-        self.last_logits = logits
+        self.state, self.last_logits = state, logits
 
 
-def generate(model, tokenizer, prompt, state=None, settings=None, **kwargs) -> Generation:
-    """Start a streaming generation; see `Generation` for the options."""
-    return Generation(model, tokenizer, prompt, state=state, settings=settings, **kwargs)
+class Stream:
+    """A Generation driven by the calling thread, alone on the model (scripts, notebooks, tests).
+    Iterating yields text increments ("" between prompt chunks, so a consumer can stop a long
+    prompt); closing the iterator ends the generation with the state in sync."""
+
+    def __init__(self, runtime, generation: Generation):
+        self.runtime = runtime
+        self.generation = generation
+        self._active = None
+
+    def __iter__(self):
+        if self._active is not None:
+            raise GenerationError("A generation can be iterated only once.")
+        self._active = self._run()
+        return self._active
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+
+    def cancel(self) -> None:
+        self.generation.cancel()
+
+    def __getattr__(self, name):  # state, stats, text, tokens, last_logits, prompt_state, ...
+        return getattr(self.generation, name)
+
+    def _run(self):
+        gen, runtime = self.generation, self.runtime
+        if gen.state is None:
+            gen.state = runtime.new_state()
+        try:
+            while (chunk := gen.next_prompt_chunk()) is not None:
+                logits, _ = runtime.forward(chunk, gen.state, inplace=True)
+                gen.prompt_chunk_read(logits)
+                yield ""
+            while (token := gen.next_token()) is not None:
+                logits = runtime.step([token], [gen.state])[0]
+                piece = gen.token_read(logits)
+                if piece:
+                    yield piece
+        except GeneratorExit:  # the consumer went away: keep the state matching what it received
+            gen.cancel("closed")
+            gen.finish(runtime)
+            return
+        except BaseException:
+            gen.cancel("error")
+            gen.finish(runtime)
+            raise
+        piece = gen.finish(runtime)
+        if piece:
+            yield piece
+
+
+def generate(runtime, tokenizer, prompt, state: State | None = None, settings: SamplingSettings | None = None,
+             **options) -> Stream:
+    """Start a streaming generation on `runtime` alone; options are Generation's (max_tokens,
+    stop, stop_tokens, logits, logits_hook, chunk_len)."""
+    if state is not None:
+        runtime.check_state(state)
+    options.setdefault("chunk_len", runtime.chunk_len)
+    options.setdefault("sampler_kernel", runtime.sampler_kernel)
+    return Stream(runtime, Generation(tokenizer, prompt, state=state, settings=settings, **options))

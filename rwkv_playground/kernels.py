@@ -1,12 +1,11 @@
-"""Building and loading the compiled WKV kernels (kernels/*.cpp, *.cu) at first use.
+"""Building and loading the compiled extensions (kernels/) at first use.
 
-Kernels are compiled with `torch.utils.cpp_extension` + ninja into a cache folder keyed by the
-sources' hash, the torch version and the device architecture; later starts import the cached
-library directly, without invoking a compiler. A failed build never stops the app: the engine
-falls back to the pure-PyTorch reference with one warning that names the cause.
-
-Choose the implementation with `load_model(..., wkv=...)` or env `RWKV_PLAYGROUND_WKV`:
-"auto" (CUDA kernel on a GPU, C++ kernel on CPU), "reference", "cpu" or "cuda".
+Two extensions: "cpu" (kernels/cpu_bindings.cpp: the WKV operator, the one-token RNN step with its
+matvecs, the top-p sampler) and "cuda" (kernels/wkv_cuda.cpp + .cu: the WKV operator on NVIDIA
+GPUs). Each is compiled with `torch.utils.cpp_extension` + ninja into a cache folder keyed by the
+sources' hash, the torch version and the CPU / GPU architecture; later starts import the cached
+library directly, without a compiler. A failed build never stops the app: `backends.py` falls back
+to the PyTorch / numpy references with one note that names the cause.
 """
 
 from __future__ import annotations
@@ -14,33 +13,26 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
-import logging
 import os
 import platform
 import shutil
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .errors import LoadError
-
-log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
-ENV_CHOICE = "RWKV_PLAYGROUND_WKV"
 ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
-CHOICES = ("auto", "reference", "cpu", "cuda")
 
 _SOURCES = {
-    "cpu": ["wkv_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
+    "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
 }
-_HEADERS = {"cpu": ["wkv_step.h"], "cuda": []}  # included by the sources: part of the cache key
+_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "matvec_block.inc"], "cuda": ["wkv_step.h"]}  # included: part of the cache key
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
@@ -84,7 +76,9 @@ def build_key(kind: str) -> str:
 
 def _compile_flags(kind: str) -> dict:
     if kind == "cpu":
-        cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
+        # -ffp-contract=off: a dot product's rounding must not depend on where the compiler inlined it
+        # (the batched step's rows equal the one-sequence step's bit for bit)
+        cflags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
         if platform.machine() in ("x86_64", "AMD64"):
             cflags.append("-march=native")
         return {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
@@ -151,14 +145,14 @@ def _build_or_import(kind: str, report: Callable[[str], None]):
     if reason:
         raise RuntimeError(reason)
     key = build_key(kind)
-    name = f"rwkv_wkv_{kind}_{key}"
+    name = f"rwkv_{kind}_kernels_{key}"
     build_dir = cache_root() / name
     built = build_dir / f"{name}.so"
     if built.exists():
-        report(f"WKV {kind} kernel: loaded from cache ({build_dir})")
+        report(f"{kind.upper()} kernels: loaded from cache ({build_dir})")
         return _import_library(name, built)
     build_dir.mkdir(parents=True, exist_ok=True)
-    report(f"WKV {kind} kernel: compiling with ninja (first start only; "
+    report(f"{kind.upper()} kernels: compiling with ninja (first start only; "
            f"{'about 1-2 min' if kind == 'cuda' else 'about 1 min on 2 cores'})...")
     from torch.utils.cpp_extension import load
 
@@ -167,7 +161,7 @@ def _build_or_import(kind: str, report: Callable[[str], None]):
 
     def heartbeat():  # builds are silent for tens of seconds: show they are alive
         while not stop.wait(5.0):
-            report(f"WKV {kind} kernel: still compiling ({time.perf_counter() - t0:.0f} s)")
+            report(f"{kind.upper()} kernels: still compiling ({time.perf_counter() - t0:.0f} s)")
 
     ticker = threading.Thread(target=heartbeat, daemon=True)
     ticker.start()
@@ -181,7 +175,7 @@ def _build_or_import(kind: str, report: Callable[[str], None]):
         )
     finally:
         stop.set()
-    report(f"WKV {kind} kernel: built in {time.perf_counter() - t0:.0f} s, cached in {build_dir}")
+    report(f"{kind.upper()} kernels: built in {time.perf_counter() - t0:.0f} s, cached in {build_dir}")
     return module
 
 
@@ -192,32 +186,3 @@ def _summarise_failure(exc: Exception) -> str:
         if "error" in ln.lower() and len(ln) < 300:
             return ln.strip()
     return lines[-1][:300] if lines else type(exc).__name__
-
-
-def select_wkv(preference: str | None, device: torch.device, progress=None):
-    """Pick the WKV implementation for a model on `device`.
-    Returns (name, forward_fn, train_fn, note); note explains a fallback ("" if none)."""
-    from .wkv import make_compiled_wkv, wkv_reference, wkv_train_reference
-
-    preference = (preference or os.environ.get(ENV_CHOICE) or "auto").strip().lower()
-    if preference not in CHOICES:
-        raise LoadError(f"Unknown WKV implementation '{preference}': choose one of {', '.join(CHOICES)}.")
-    device = torch.device(device)
-    if preference == "reference":
-        return "reference", wkv_reference, wkv_train_reference, ""
-    wanted = ("cuda" if device.type == "cuda" else "cpu") if preference == "auto" else preference
-    if wanted != device.type:
-        raise LoadError(f"The '{wanted}' WKV kernel cannot run a model on {device.type}.")
-    try:
-        module = load_kernel(wanted, progress)
-    except RuntimeError as exc:
-        note = f"The {wanted.upper()} WKV kernel is unavailable ({exc}); using the slower PyTorch reference."
-        if preference != "auto":
-            raise LoadError(note) from None
-        if not getattr(select_wkv, "_warned_" + wanted, False):
-            warnings.warn(note, RuntimeWarning, stacklevel=2)
-            setattr(select_wkv, "_warned_" + wanted, True)
-        log.warning(note)
-        return "reference", wkv_reference, wkv_train_reference, note
-    forward, train = make_compiled_wkv(module)
-    return wanted, forward, train, ""

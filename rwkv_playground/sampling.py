@@ -104,21 +104,15 @@ def sample_probs(probs: torch.Tensor, temperature: float, top_p: float, top_k: i
         return sample_logits(np.log(probs), temperature, top_p, top_k, rng)
 
 
-@dataclass
 class Sampler:
-    """Stateful sampler: remembers generated-token counts for the penalties, and its own RNG."""
+    """Stateful sampler: remembers generated-token counts for the penalties, and its own RNG.
+    kernel: the compiled CPU module whose sample_top_p replaces the numpy path (same tokens), or
+    None; which one runs is the runtime's "sampler" backend choice."""
 
-    settings: SamplingSettings
-    vocab_size: int
-    use_kernel: bool = True  # the C++ sampler when the CPU kernels are loaded (same tokens)
-
-    def __post_init__(self):
-        self.settings.validate()
-        from .kernels import loaded_kernel
-
-        self._kernel = loaded_kernel("cpu") if self.use_kernel else None
-        if not hasattr(self._kernel, "sample_top_p"):
-            self._kernel = None
+    def __init__(self, settings: SamplingSettings, vocab_size: int, kernel=None):
+        self.settings = settings.validate()
+        self.vocab_size = vocab_size
+        self._kernel = kernel
         self.rng = np.random.default_rng(self.settings.seed)
         # Penalties touch only tokens generated so far: keep them sparse (ids and decayed counts).
         self._slot: dict[int, int] = {}
@@ -144,7 +138,14 @@ class Sampler:
 
     def sample(self, logits) -> int:
         s = self.settings
-        return sample_logits(self.adjust_logits(logits), s.temperature, s.top_p, s.top_k, self.rng, self._kernel)
+        adjusted = self.adjust_logits(logits)
+        top = adjusted.max()  # NaN anywhere makes it NaN
+        if np.isnan(top) or top == np.inf:
+            raise GenerationError("The model produced NaN or infinite logits (a corrupt checkpoint, or fp16 "
+                                  "overflow): nothing can be sampled.")
+        if top == -np.inf:
+            raise GenerationError("Every token is banned or impossible: nothing can be sampled.")
+        return sample_logits(adjusted, s.temperature, s.top_p, s.top_k, self.rng, self._kernel)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token (decay old counts first, as the reference does)."""

@@ -92,6 +92,27 @@ class State:
     def to(self, device) -> "State":
         return self._replace(lambda t: t.to(device))
 
+    def assign(self, other: "State") -> None:
+        """Copy other's tensors into this state's own memory (views of it see the change)."""
+        for name in COMPONENTS:
+            getattr(self, name).copy_(getattr(other, name))
+
+    def as_batch(self) -> "State":
+        """A one-row batched view ([1, L, C]) of a single-sequence state, sharing its memory."""
+        return State(**{name: t.unsqueeze(0) for name, t in self.tensors().items()},
+                     token_count=[int(self.token_count)], fingerprint=self.fingerprint)
+
+    def single(self) -> "State":
+        """The single-sequence view of a one-row batched state."""
+        count = self.token_count[0] if isinstance(self.token_count, list) else self.token_count
+        return State(**{name: t[0] for name, t in self.tensors().items()}, token_count=int(count),
+                     fingerprint=self.fingerprint)
+
+    def unbind_views(self) -> list["State"]:
+        """The rows of a batched state as single-sequence states sharing its memory."""
+        return [State(**{name: t[b] for name, t in self.tensors().items()}, token_count=int(self.token_count[b]),
+                      fingerprint=self.fingerprint) for b in range(self.batch_size)]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 

@@ -2,7 +2,8 @@
 
 - `HFTokenizer`: Hugging Face `tokenizers` JSON (RWKV-4 Pile / Raven use GPT-NeoX's
   `20B_tokenizer.json`; the demo model's tokenizer has the same format).
-- `WorldTokenizer`: RWKV World's `rwkv_vocab_v20230424.txt`, greedy longest match over bytes.
+- `WorldTokenizer`: RWKV World's `rwkv_vocab_v20230424.txt`, greedy longest match over bytes
+  (encoded by the `pyrwkv-tokenizer` package).
 
 Both decode to *bytes* (`decode_bytes`): one token may end inside a UTF-8 character, and the
 streaming generator must hold such partial characters back rather than print U+FFFD.
@@ -97,7 +98,9 @@ class HFTokenizer(Tokenizer):
 
 
 class WorldTokenizer(Tokenizer):
-    """RWKV World tokenizer: greedy longest match over UTF-8 bytes with a byte trie."""
+    """RWKV World tokenizer (greedy longest match over UTF-8 bytes). Encoding runs in the
+    maintained `pyrwkv-tokenizer` (Rust); decoding to bytes uses the vocabulary table read here,
+    so a token that ends inside a UTF-8 character comes out as the raw bytes it holds."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -123,38 +126,15 @@ class WorldTokenizer(Tokenizer):
         if not self._bytes:
             raise LoadError(f"{path.name} is empty.")
         self.vocab_size = max(self._bytes) + 1
-        # Trie as nested dicts keyed by byte value; the id of a complete token sits under key -1.
-        self._trie: dict = {}
-        for token_id, token in self._bytes.items():
-            node = self._trie
-            for byte in token:
-                node = node.setdefault(byte, {})
-            node[-1] = token_id
-        self._max_len = max(len(t) for t in self._bytes.values())
+        try:
+            import pyrwkv_tokenizer
+        except ImportError:
+            raise LoadError("The World tokenizer needs the pyrwkv-tokenizer package (pip install "
+                            "pyrwkv-tokenizer).") from None
+        self._encoder = pyrwkv_tokenizer.WorldTokenizer(str(path))
 
     def encode(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        trie = self._trie
-        ids = []
-        append = ids.append
-        pos, n = 0, len(data)
-        while pos < n:
-            node = trie
-            best_id, best_end = None, pos
-            i = pos
-            while i < n:
-                node = node.get(data[i])
-                if node is None:
-                    break
-                i += 1
-                tid = node.get(-1)
-                if tid is not None:
-                    best_id, best_end = tid, i
-            if best_id is None:  # every single byte is in the vocabulary; guard anyway
-                raise ValueError(f"byte {data[pos]:#x} is not in the World vocabulary")
-            append(best_id)
-            pos = best_end
-        return ids
+        return list(self._encoder.encode(text))
 
     def decode_bytes(self, ids) -> bytes:
         table = self._bytes

@@ -1,4 +1,4 @@
-"""The WKV operator of RWKV-4: one signature, three implementations.
+"""The WKV operator of RWKV-4: one signature, three implementations (PyTorch, C++, CUDA).
 
     wkv_forward(w, u, k, v, aa, bb, pp) -> (y, aa, bb, pp)
 
@@ -81,7 +81,7 @@ class _CompiledWKVTrain(torch.autograd.Function):
         # float64 is kept (the C++ kernel supports it, for gradcheck); anything else runs in fp32.
         dtype = torch.float64 if k.dtype == torch.float64 and k.device.type == "cpu" else torch.float32
         w, u, k, v = (t.to(dtype).contiguous() for t in (w, u, k, v))
-        y = kernel_module.train_forward(w, u, k, v)
+        y = kernel_module.wkv_train_forward(w, u, k, v)
         ctx.kernel_module = kernel_module
         ctx.save_for_backward(w, u, k, v, y)
         return y
@@ -89,7 +89,7 @@ class _CompiledWKVTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         w, u, k, v, y = ctx.saved_tensors
-        gw, gu, gk, gv = ctx.kernel_module.train_backward(w, u, k, v, y, grad_y.to(y.dtype).contiguous())
+        gw, gu, gk, gv = ctx.kernel_module.wkv_train_backward(w, u, k, v, y, grad_y.to(y.dtype).contiguous())
         return None, gw, gu, gk, gv
 
 
@@ -97,7 +97,7 @@ def make_compiled_wkv(kernel_module):
     """Wrap a compiled kernel module (C++ or CUDA) in the engine's WKV signature."""
 
     def wkv_forward(w, u, k, v, aa, bb, pp):
-        y, aa2, bb2, pp2 = kernel_module.forward(
+        y, aa2, bb2, pp2 = kernel_module.wkv_forward(
             w.float().contiguous(), u.float().contiguous(), k.contiguous(), v.contiguous(),
             aa.float().contiguous(), bb.float().contiguous(), pp.float().contiguous(),
         )
@@ -107,3 +107,32 @@ def make_compiled_wkv(kernel_module):
         return _CompiledWKVTrain.apply(kernel_module, w, u, k, v)
 
     return wkv_forward, wkv_train
+
+
+class WKVOperator:
+    """The WKV recurrence as the model calls it: `wkv(w, u, k, v, state) -> (y, state)`.
+
+    state is (aa, bb, pp), each [B, C] float32, and the new state is returned; state None is the
+    training form (an empty state in, differentiable in w, u, k, v, no state out)."""
+
+    def __init__(self, name: str, forward, train):
+        self.name = name
+        self.forward = forward
+        self.train = train
+
+    def __call__(self, w, u, k, v, state):
+        if state is None:
+            return self.train(w, u, k, v), None
+        y, aa, bb, pp = self.forward(w, u, k, v, *state)
+        return y, (aa, bb, pp)
+
+    def __repr__(self) -> str:
+        return f"WKVOperator({self.name!r})"
+
+
+reference_wkv = WKVOperator("reference", wkv_reference, wkv_train_reference)
+
+
+def compiled_wkv(kernel_module, name: str) -> WKVOperator:
+    """The WKV operator of a compiled kernel module ("cpu" or "cuda")."""
+    return WKVOperator(name, *make_compiled_wkv(kernel_module))

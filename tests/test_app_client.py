@@ -36,6 +36,24 @@ def test_chat_streams_and_reuses_state(client):
     assert len(outs2[-1][0]) == 4  # two turns, one per client session
 
 
+def test_api_has_named_parameters_and_the_reply_alone(client):
+    """The API speaks in names (not param_5 ... param_12), and a chat reply is the reply text:
+    its statistics come as separate outputs."""
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    chat = [p["parameter_name"] for p in api["/chat"]["parameters"]]
+    assert chat == ["message", "user_name", "bot_name", "scenario", "temperature", "top_p", "top_k",
+                    "presence_penalty", "count_penalty", "penalty_decay", "max_tokens", "seed"]
+    assert [p["parameter_name"] for p in api["/blog"]["parameters"]][:6] == [
+        "topic", "audience", "tone", "key_points", "outline_first", "template"]
+    for endpoint in api.values():
+        assert not any(p["parameter_name"].startswith("param_") for p in endpoint["parameters"])
+    messages, status, table, _ = client.predict("Speak, I pray.", "Bob", "Alice", "", *SAMPLING, 25, 9,
+                                                api_name="/chat")
+    reply = bot_text(messages)
+    assert reply and "tok/s" not in reply and "<sub>" not in reply
+    assert "tok/s" in status and table["data"][-1][3] >= 1  # generated tokens of the turn
+
+
 def test_regenerate_undo_clear(client):
     collect(client.submit("Speak.", "Bob", "Alice", "", *SAMPLING, 15, 5, api_name="/chat"))
     regen = collect(client.submit(*SAMPLING, 15, 6, api_name="/regenerate"))

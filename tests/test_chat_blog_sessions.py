@@ -1,5 +1,6 @@
 """Engine-side logic behind the Chat and Blog tabs (no Gradio): state reuse, regenerate, undo,
-stop mid-stream, isolation, outline forks, and the model folder's path safety."""
+stop mid-stream, isolation, outline forks, states dropped and rebuilt, and the model folder's path
+safety. Sessions run the model through the engine's scheduler."""
 
 import pytest
 import torch
@@ -22,52 +23,52 @@ def run(stream):
 
 
 def state_after_text(loaded, text):
-    return loaded.model.forward(loaded.tokenizer.encode(text))
+    return loaded.runtime.forward(loaded.tokenizer.encode(text))
 
 
-def test_turn_reads_only_new_tokens_and_state_matches_history(loaded):
+def test_turn_reads_only_new_tokens_and_state_matches_history(engine, loaded):
     enc = loaded.tokenizer.encode
     s = ChatSession(ChatFormat("Bob", "Alice"))
-    reply1 = run(s.send(loaded, "Good morrow, sweet lady.", settings(1), 30))
+    reply1 = run(s.send(engine, "Good morrow, sweet lady.", settings(1), 30))
     first = s.turns[0]
     assert first.stats["prompt_tokens"] == len(enc("Bob: Good morrow, sweet lady.\n\nAlice:"))
     assert reply1 == first.reply == loaded.tokenizer.decode(first.reply_tokens).strip()
-    run(s.send(loaded, "What news?", settings(2), 30))
+    run(s.send(engine, "What news?", settings(2), 30))
     second = s.turns[1]
     assert second.stats["prompt_tokens"] == len(enc("\n\nBob: What news?\n\nAlice:"))
     assert second.stats["tokens_saved"] == first.state_after.token_count > 0
     # the state equals reading the whole conversation's tokens from scratch
-    expected_logits, expected_state = loaded.model.forward(
+    expected_logits, expected_state = loaded.runtime.forward(
         enc("Bob: Good morrow, sweet lady.\n\nAlice:") + first.reply_tokens
         + enc("\n\nBob: What news?\n\nAlice:") + second.reply_tokens)
     assert torch.allclose(second.logits_after, expected_logits, atol=1e-3)
     assert torch.allclose(second.state_after.value_estimate(), expected_state.value_estimate(), atol=1e-4)
 
 
-def test_regenerate_uses_saved_state_and_seed(loaded):
+def test_regenerate_uses_saved_state_and_seed(engine, loaded):
     s = ChatSession()
-    a = run(s.send(loaded, "Speak, I pray thee.", settings(5), 25))
-    b = run(s.regenerate(loaded, settings(5), 25))
+    a = run(s.send(engine, "Speak, I pray thee.", settings(5), 25))
+    b = run(s.regenerate(engine, settings(5), 25))
     assert a == b and s.turns[-1].stats["prompt_tokens"] == 0
-    c = run(s.regenerate(loaded, settings(6), 25))
+    c = run(s.regenerate(engine, settings(6), 25))
     assert len(s.turns) == 1 and isinstance(c, str)
 
 
-def test_undo_returns_to_previous_state(loaded):
+def test_undo_returns_to_previous_state(engine, loaded):
     s1 = ChatSession()
-    run(s1.send(loaded, "Hello.", settings(1), 20))
-    run(s1.send(loaded, "A detour.", settings(2), 20))
+    run(s1.send(engine, "Hello.", settings(1), 20))
+    run(s1.send(engine, "A detour.", settings(2), 20))
     assert s1.undo() == "A detour."
-    r1 = run(s1.send(loaded, "How fares the king?", settings(3), 20))
+    r1 = run(s1.send(engine, "How fares the king?", settings(3), 20))
     s2 = ChatSession()
-    run(s2.send(loaded, "Hello.", settings(1), 20))
-    r2 = run(s2.send(loaded, "How fares the king?", settings(3), 20))
+    run(s2.send(engine, "Hello.", settings(1), 20))
+    r2 = run(s2.send(engine, "How fares the king?", settings(3), 20))
     assert r1 == r2
 
 
-def test_stop_mid_stream_keeps_history_and_state_consistent(loaded):
+def test_stop_mid_stream_keeps_history_and_state_consistent(engine, loaded):
     s = ChatSession()
-    stream = s.send(loaded, "Tell me a long tale.", settings(4), 200)
+    stream = s.send(engine, "Tell me a long tale.", settings(4), 200)
     shown = ""
     for shown in stream:
         if len(shown) > 15:
@@ -77,24 +78,24 @@ def test_stop_mid_stream_keeps_history_and_state_consistent(loaded):
     assert turn.complete and turn.reply == shown.strip()
     assert turn.stats["stop_reason"] == "closed"
     # the next turn continues from exactly the shown text
-    reply = run(s.send(loaded, "Go on.", settings(5), 10))
+    reply = run(s.send(engine, "Go on.", settings(5), 10))
     assert isinstance(reply, str) and len(s.turns) == 2
 
 
-def test_stop_while_reading_the_message_drops_the_turn(loaded):
+def test_stop_while_reading_the_message_drops_the_turn(engine, loaded):
     s = ChatSession()
-    stream = s.send(loaded, "word " * 700, settings(), 10)
+    stream = s.send(engine, "word " * 700, settings(), 10)
     assert next(stream) == ""
     stream.close()
     assert s.turns == []
 
 
-def test_sessions_are_isolated_and_empty_message_is_refused(loaded):
+def test_sessions_are_isolated_and_empty_message_is_refused(engine, loaded):
     a, b = ChatSession(), ChatSession()
-    run(a.send(loaded, "Only for A.", settings(1), 10))
+    run(a.send(engine, "Only for A.", settings(1), 10))
     assert b.turns == [] and b.state is None
     with pytest.raises(GenerationError, match="Type a message"):
-        run(b.send(loaded, "   ", settings(), 10))
+        run(b.send(engine, "   ", settings(), 10))
 
 
 def test_format_and_newline_bias():
@@ -105,39 +106,39 @@ def test_format_and_newline_bias():
     assert newline_bias(100) == 0 and newline_bias(1000) == 3.0
 
 
-def test_blog_write_continue_and_constant_state(loaded):
+def test_blog_write_continue_and_constant_state(engine, loaded):
     b = BlogSession()
     prompt = build_prompt(DEFAULT_TEMPLATE, "the art of sleep", audience="students", tone="light",
                           key_points="dreams\n- naps")
     assert "The readers are students." in prompt and "Cover these points: dreams; naps." in prompt
-    text1 = run(b.write(loaded, prompt, settings(1), 120))
+    text1 = run(b.write(engine, prompt, settings(1), 120))
     assert text1.startswith("Title:") and b.state is not None
     size = b.state.nbytes()
     count = b.state.token_count
-    text2 = run(b.continue_(loaded, settings(2), 120))
+    text2 = run(b.continue_(engine, settings(2), 120))
     assert text2.startswith(text1) and len(text2) > len(text1)
     assert b.state.nbytes() == size and b.state.token_count > count  # memory is constant
     with pytest.raises(GenerationError, match="topic"):
         build_prompt(DEFAULT_TEMPLATE, "  ")
 
 
-def test_outline_sections_fork_the_outline_state(loaded):
+def test_outline_sections_fork_the_outline_state(engine, loaded):
     from rwkv_playground.blog import OUTLINE_TEMPLATE
 
     b = BlogSession()
     forks = []
-    original_clone = type(loaded.model.new_state()).clone
+    original_clone = type(loaded.runtime.new_state()).clone
 
     def spy(self):
         copy = original_clone(self)
         forks.append(copy)
         return copy
 
-    type(loaded.model.new_state()).clone = spy
+    type(loaded.runtime.new_state()).clone = spy
     try:
-        text = run(b.write_with_outline(loaded, build_prompt(OUTLINE_TEMPLATE, "gardens"), settings(3), 40))
+        text = run(b.write_with_outline(engine, build_prompt(OUTLINE_TEMPLATE, "gardens"), settings(3), 40))
     finally:
-        type(loaded.model.new_state()).clone = original_clone
+        type(loaded.runtime.new_state()).clone = original_clone
     assert text.startswith("Outline:\n1.")
     assert parse_outline("1. Intro\n2) Body:\n- Extra\nplain") == ["Intro", "Body", "Extra"]
     assert forks  # sections started from copies of the outline state
@@ -160,6 +161,7 @@ def test_download_offline_gives_a_clear_message(engine, monkeypatch):
 
 def test_event_functions_in_process(engine):
     """The Gradio handlers themselves, called directly (no server)."""
+    from rwkv_playground.inspection import InspectorSession
     from rwkv_playground.ui import create_app
 
     demo = create_app(engine)
@@ -167,9 +169,10 @@ def test_event_functions_in_process(engine):
     sampling = (1.0, 0.7, 0, 0.4, 0.4, 0.996)
     chat = ChatSession()
     outs = list(fns["chat"]("Good morrow.", chat, "Bob", "Alice", "", *sampling, 20, 1))
-    messages, status, session, textbox = outs[-1]
+    messages, status, table, session, textbox = outs[-1]
     assert session is chat and len(chat.turns) == 1 and textbox == ""
-    assert messages[-1]["role"] == "assistant" and "generated" in status
+    assert messages[-1] == {"role": "assistant", "content": chat.turns[0].reply}  # the reply alone
+    assert "generated" in status and table[0][3] == chat.turns[0].stats["generated_tokens"]
     hint = list(fns["chat"]("   ", chat, "Bob", "Alice", "", *sampling, 20, 1))[-1]
     assert "Type a message" in hint[1] and len(chat.turns) == 1
     huge = list(fns["chat"]("Again.", chat, "Bob", "Alice", "", *sampling, 10**9, 1))[-1]
@@ -177,24 +180,26 @@ def test_event_functions_in_process(engine):
     blog = BlogSession()
     out = list(fns["blog"](blog, "the sea", "", "", "", False, DEFAULT_TEMPLATE, *sampling, 40, 2))[-1]
     assert out[0].startswith("Title:") and out[3].endswith(".md")
-    rec_out = fns["inspect"]("Current chat", "", chat, blog, 0, "0-15", 32)
-    assert rec_out[0] is not None and "Recorded" in rec_out[1]
+    inspector = InspectorSession()
+    rec_out = list(fns["inspect"]("Current chat", "", chat, blog, inspector, 0, "0-15", 32))[-1]
+    assert "Recorded" in rec_out[0] and inspector.recording is not None
+    assert inspector.recording.tokens == chat.history_tokens()
 
 
-def test_outline_mode_stopped_midway_can_continue(loaded):
+def test_outline_mode_stopped_midway_can_continue(engine, loaded):
     from rwkv_playground.blog import OUTLINE_TEMPLATE
 
     b = BlogSession()
-    stream = b.write_with_outline(loaded, build_prompt(OUTLINE_TEMPLATE, "rivers"), settings(8), 40)
+    stream = b.write_with_outline(engine, build_prompt(OUTLINE_TEMPLATE, "rivers"), settings(8), 40)
     next(stream)
     next(stream)
     stream.close()
     assert b.state is not None and b.text.startswith("Outline:")
-    more = run(b.continue_(loaded, settings(9), 10))
+    more = run(b.continue_(engine, settings(9), 10))
     assert more.startswith(b.text[: len("Outline:")])
 
 
-def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(loaded, monkeypatch):
+def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(engine, loaded, monkeypatch):
     """Stop arrives while the reply ends in '\\n' (a possible start of the '\\n\\n' end marker,
     held back): the reply and the state must both exclude it."""
     import rwkv_playground.chat as chat_mod
@@ -209,7 +214,7 @@ def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(lo
     real_generation = chat_mod.Generation
     monkeypatch.setattr(chat_mod, "Generation", lambda *a, **k: real_generation(*a, **{**k, "logits_hook": force}))
     s = ChatSession()
-    stream = s.send(loaded, "Speak.", settings(1), 30)
+    stream = s.send(engine, "Speak.", settings(1), 30)
     for shown in stream:
         if shown == "Ay, my lord":
             break
@@ -217,5 +222,5 @@ def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(lo
     turn = s.turns[-1]
     assert turn.reply == "Ay, my lord"
     assert loaded.tokenizer.decode(turn.reply_tokens).strip() == "Ay, my lord"
-    expected, _ = loaded.model.forward(turn.prompt_tokens + turn.reply_tokens)
+    expected, _ = loaded.runtime.forward(turn.prompt_tokens + turn.reply_tokens)
     assert torch.allclose(turn.logits_after, expected, atol=1e-3)

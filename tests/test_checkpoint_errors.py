@@ -1,4 +1,4 @@
-"""Every bad input to load_model gets a LoadError with one clear sentence, and nothing runs."""
+"""Every bad input to load_runtime gets a LoadError with one clear sentence, and nothing runs."""
 
 import pickle
 import zipfile
@@ -6,14 +6,14 @@ import zipfile
 import pytest
 import torch
 
-from conftest import TINY
-from rwkv_playground import LoadError, load_model
+from conftest import ROOT, TINY
+from rwkv_playground import LoadError, load_runtime
 from rwkv_playground.model import init_random_weights
 
 
 def load_error(path, **kw):
     with pytest.raises(LoadError) as info:
-        load_model(path, **kw)
+        load_runtime(path, **kw)
     message = str(info.value)
     assert "\n" not in message and len(message) < 300
     return message
@@ -99,9 +99,65 @@ def test_missing_and_misshaped_keys(tmp_path):
 
 
 def test_unavailable_device_and_dtype(tiny_fp32):
-    assert "fp16 is not supported on CPU" in load_error(tiny_fp32, dtype="fp16")
     assert "Unknown dtype 'int4'" in load_error(tiny_fp32, dtype="int4")
     if not torch.cuda.is_available():
         assert "no NVIDIA GPU" in load_error(tiny_fp32, device="cuda")
     assert "Unknown device" in load_error(tiny_fp32, device="tpu")
-    assert "Unknown WKV implementation" in load_error(tiny_fp32, wkv="fastest")
+    assert "Unknown wkv implementation 'fastest'" in load_error(tiny_fp32, wkv="fastest")
+    assert "Unknown step implementation" in load_error(tiny_fp32, step="gpu")
+    assert "fp16" in load_error(tiny_fp32, dtype="fp16", step="cpu")  # the C++ step reads no fp16
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_weights_of_a_non_floating_dtype_are_refused(tmp_path, dtype):
+    weights = init_random_weights(TINY)
+    weights["blocks.1.att.key.weight"] = weights["blocks.1.att.key.weight"].to(dtype)
+    torch.save(weights, tmp_path / "ints.pth")
+    message = load_error(tmp_path / "ints.pth")
+    assert "'blocks.1.att.key.weight'" in message and str(dtype).replace("torch.", "") in message
+
+
+def test_an_empty_vocabulary_is_refused(tmp_path):
+    weights = init_random_weights(TINY)
+    weights["emb.weight"] = torch.zeros(0, TINY.n_embd)
+    weights["head.weight"] = torch.zeros(0, TINY.n_embd)
+    torch.save(weights, tmp_path / "empty-vocab.pth")
+    assert "empty vocabulary" in load_error(tmp_path / "empty-vocab.pth")
+
+
+@pytest.mark.parametrize("key,where", [("blocks.0.att.time_decay", 3), ("blocks.2.ffn.value.weight", (5, 7)),
+                                       ("head.weight", (1, 2))])
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path, key, where):
+    """A corrupt file whose forward would yield NaN/inf logits: one sentence at load, never an
+    error from deep inside the sampler."""
+    weights = init_random_weights(TINY)
+    weights[key][where] = float("nan") if key != "head.weight" else float("inf")
+    torch.save(weights, tmp_path / "nan.pth")
+    message = load_error(tmp_path / "nan.pth")
+    assert "NaN or infinite" in message
+
+
+def test_nan_logits_at_a_step_are_a_clear_generation_error(tiny_fp32):
+    """If logits go non-finite during generation (fp16 overflow on a long text, a corrupt embedding
+    row), the sampler's caller gets a GenerationError sentence."""
+    from rwkv_playground import GenerationError, load_tokenizer
+    from rwkv_playground.generation import generate
+
+    runtime = load_runtime(tiny_fp32)
+
+    def poison(step, logits):
+        logits[7] = float("nan")
+
+    tok = load_tokenizer(ROOT / "assets" / "rwkv4-demo-tokenizer.json")
+    stream = generate(runtime, tok, [1, 2, 3], max_tokens=5, logits_hook=poison)
+    with pytest.raises(GenerationError, match="NaN or infinite logits"):
+        list(stream)
+    assert stream.stats.stop_reason == "error" and stream.state is not None
+
+
+def test_fp16_runs_on_the_cpu(tiny_fp32):
+    runtime = load_runtime(tiny_fp32, dtype="fp16")
+    info = runtime.describe()
+    assert info["dtype"] == "fp16" and info["step"] == "reference"
+    logits, _ = runtime.forward([1, 2, 3])
+    assert torch.isfinite(logits).all()

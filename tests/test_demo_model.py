@@ -43,7 +43,7 @@ def test_generation_is_fluent_enough(demo):
     from rwkv_playground.generation import generate
     from rwkv_playground.sampling import SamplingSettings
 
-    stream = generate(demo.model, demo.tokenizer, "Romeo: ", max_tokens=60,
+    stream = generate(demo.runtime, demo.tokenizer, "Romeo: ", max_tokens=60,
                       settings=SamplingSettings(temperature=0.8, top_p=0.7, seed=1))
     text = "".join(stream)
     words = text.split()
@@ -54,7 +54,7 @@ def test_generation_is_fluent_enough(demo):
 
 def test_card_matches_the_files_and_beats_the_bigram(demo):
     card = json.loads(CARD.read_text())
-    info = demo.model.describe()
+    info = demo.runtime.describe()
     assert card["shape"]["n_layer"] == info["n_layer"] and card["shape"]["n_embd"] == info["n_embd"]
     assert card["parameters"] == info["parameters"]
     v = card["validation"]
@@ -67,7 +67,7 @@ def test_card_matches_the_files_and_beats_the_bigram(demo):
 def test_eval_reproduces_the_reported_loss_on_a_slice(demo):
     """--eval re-measures the card's number; here a cheap check on the first 2048 validation
     tokens that the engine's loss on held-out text is in the card's range."""
-    from rwkv_playground.train import evaluate_shipped
+    from tools.demo_model.train import evaluate_shipped
 
     loss = evaluate_shipped(ASSETS, max_tokens=2048)
     card = json.loads(CARD.read_text())

@@ -1,16 +1,14 @@
-import threading
-
 import pytest
 import torch
 
-from rwkv_playground import GenerationError, load_model
+from rwkv_playground import GenerationError, load_runtime
 from rwkv_playground.generation import generate
 from rwkv_playground.sampling import SamplingSettings
 
 
 @pytest.fixture(scope="module")
 def model(world_tiny):
-    return load_model(world_tiny)
+    return load_runtime(world_tiny)
 
 
 def force(token_ids):
@@ -94,13 +92,12 @@ def test_held_back_prefix_is_released_when_no_stop_follows(model, world_tokenize
 
 
 def test_cancel_between_tokens(model, world_tokenizer):
-    cancel = threading.Event()
-    gen = generate(model, world_tokenizer, "Hi", settings=SamplingSettings(seed=1), max_tokens=500, cancel=cancel)
+    gen = generate(model, world_tokenizer, "Hi", settings=SamplingSettings(seed=1), max_tokens=500)
     received = ""
     for piece in gen:
         received += piece
         if gen.stats.generated_tokens >= 5:
-            cancel.set()
+            gen.cancel()
     assert gen.stats.stop_reason == "cancelled"
     assert 5 <= gen.stats.generated_tokens <= 6 and received == gen.text
     assert_state_matches_text(model, world_tokenizer, gen, "Hi")
@@ -148,11 +145,10 @@ def test_bad_requests(model, world_tokenizer):
 
 
 def test_long_prompt_is_chunked_and_cancellable_in_prefill(model, world_tokenizer):
-    cancel = threading.Event()
     prompt = "word " * 600
-    gen = generate(model, world_tokenizer, prompt, max_tokens=5, cancel=cancel, chunk_len=128)
+    gen = generate(model, world_tokenizer, prompt, max_tokens=5, chunk_len=128)
     it = iter(gen)
     assert next(it) == ""  # one prefill chunk read
-    cancel.set()
+    gen.cancel()
     assert list(it) == []
     assert gen.stats.stop_reason == "cancelled" and gen.prompt_read == 128

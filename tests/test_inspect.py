@@ -5,33 +5,33 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_playground.inspect import (compare_states, decay_per_token, effective_attention, half_life,
+from rwkv_playground.inspection import (compare_states, decay_per_token, effective_attention, half_life,
                                      model_decay_parameters, record)
 
 
 @pytest.fixture(scope="module")
 def rec(loaded):
     text = "Romeo: But soft, what light through yonder window breaks?\n\nJuliet: O Romeo, Romeo!"
-    return record(loaded.model, loaded.tokenizer, loaded.tokenizer.encode(text))
+    return record(loaded.runtime, loaded.tokenizer, loaded.tokenizer.encode(text))
 
 
 def test_recorded_states_equal_engine_states_at_every_token(loaded, rec):
     state = None
     for t, token in enumerate(rec.tokens):
-        _, state = loaded.model.forward([token], state)
+        _, state = loaded.runtime.forward([token], state)
         for layer in range(rec.n_layer):
             assert np.allclose(rec.value_estimate(layer)[t], state.value_estimate()[layer].numpy(), atol=1e-5)
             assert np.allclose(rec.log_mass(layer)[t], state.log_mass()[layer].numpy(), atol=1e-4)
             assert np.allclose(rec.att_x[t, layer], state.att_x[layer].numpy(), atol=1e-5)
             assert np.allclose(rec.ffn_x[t, layer], state.ffn_x[layer].numpy(), atol=1e-5)
     exported = rec.state_at(rec.n_tokens - 1)
-    a, _ = loaded.model.forward([5], exported)
-    b, _ = loaded.model.forward([5], state)
+    a, _ = loaded.runtime.forward([5], exported)
+    b, _ = loaded.runtime.forward([5], state)
     assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_surprisal_is_minus_log_p_of_the_next_token(loaded, rec):
-    logits, _ = loaded.model.forward(rec.tokens, full_output=True)
+    logits, _ = loaded.runtime.forward(rec.tokens, full_output=True)
     expected = -torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(rec.tokens[1:])[:, None])[:, 0]
     assert np.isnan(rec.surprisal[0])
     assert np.allclose(rec.surprisal[1:], expected.numpy(), atol=1e-4)
@@ -60,8 +60,8 @@ def test_effective_attention_rows_sum_to_one_and_reproduce_wkv(rec, channels):
 
 
 def test_decay_and_half_life_formulas(loaded):
-    td, tf = model_decay_parameters(loaded.model)
-    assert td.shape == (loaded.model.config.n_layer, loaded.model.config.n_embd) == tf.shape
+    td, tf = model_decay_parameters(loaded.runtime)
+    assert td.shape == (loaded.runtime.config.n_layer, loaded.runtime.config.n_embd) == tf.shape
     assert np.allclose(decay_per_token(np.array([0.0])), np.exp(-1))
     assert np.allclose(half_life(np.array([np.log(np.log(2))])), 1.0)  # decay 0.5 per token
     assert np.allclose(decay_per_token(td) ** half_life(td), 0.5)

@@ -44,10 +44,10 @@ def compare_states(ref_state, state, n_layer):
 
 @pytest.mark.parametrize("wkv", ["reference", "cpu"])
 def test_tiny_sequence_rnn_and_states_match_package(rwkv_pkg, tiny_fp32, wkv):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     ref = reference_model(rwkv_pkg, tiny_fp32)
-    model = load_model(tiny_fp32, wkv=wkv)
+    model = load_runtime(tiny_fp32, wkv=wkv)
     tokens = random_tokens(70, TINY.vocab_size)
     ref_all, ref_state = ref.forward(tokens, None, full_output=True)
     all_logits, state = model.forward(tokens, None, full_output=True)
@@ -68,12 +68,12 @@ def test_tiny_sequence_rnn_and_states_match_package(rwkv_pkg, tiny_fp32, wkv):
 
 
 def test_bf16_file_loads_exactly(rwkv_pkg, tiny_bf16, ckpt_dir):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     upcast = ckpt_dir / "tiny-bf16-as-fp32.pth"
     torch.save({k: v.float() for k, v in torch.load(tiny_bf16, weights_only=True).items()}, upcast)
     ref = reference_model(rwkv_pkg, upcast)
-    model = load_model(tiny_bf16, dtype="fp32")
+    model = load_runtime(tiny_bf16, dtype="fp32")
     tokens = random_tokens(40, TINY.vocab_size, seed=5)
     ref_all, ref_state = ref.forward(tokens, None, full_output=True)
     all_logits, state = model.forward(tokens, None, full_output=True)
@@ -83,10 +83,10 @@ def test_bf16_file_loads_exactly(rwkv_pkg, tiny_bf16, ckpt_dir):
 
 def test_mid_size_shape_matches_package(rwkv_pkg, mid_fp32):
     """6 x 512 x vocab 50277: sequence (chunked over a chunk boundary) and RNN mode."""
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     ref = reference_model(rwkv_pkg, mid_fp32)
-    model = load_model(mid_fp32, chunk_len=48)
+    model = load_runtime(mid_fp32, chunk_len=48)
     tokens = random_tokens(100, MID.vocab_size, seed=7)
     ref_all, ref_state = ref.forward(tokens, None, full_output=True)
     all_logits, state = model.forward(tokens, None, full_output=True)
@@ -99,9 +99,9 @@ def test_mid_size_shape_matches_package(rwkv_pkg, mid_fp32):
 
 
 def test_sequence_equals_rnn_and_chunking_is_invisible(tiny_fp32):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
-    model = load_model(tiny_fp32)
+    model = load_runtime(tiny_fp32)
     tokens = random_tokens(50, TINY.vocab_size, seed=9)
     full, state_full = model.forward(tokens, full_output=True, chunk_len=1000)
     chunked, state_chunked = model.forward(tokens, full_output=True, chunk_len=7)
@@ -120,9 +120,9 @@ def test_sequence_equals_rnn_and_chunking_is_invisible(tiny_fp32):
 def test_last_token_prompt_skips_work_but_not_state(tiny_fp32):
     """Without full_output the last layer runs its output projections and FFN on the last
     token(s) only: the logits and every part of the state must not notice."""
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
-    model = load_model(tiny_fp32)
+    model = load_runtime(tiny_fp32)
     tokens = random_tokens(40, TINY.vocab_size, seed=21)
     for chunk_len in (1000, 7, 1):
         full, state_full = model.forward(tokens, full_output=True, chunk_len=chunk_len)
@@ -135,33 +135,33 @@ def test_last_token_prompt_skips_work_but_not_state(tiny_fp32):
 def test_bf16_prompt_is_fp32_math_on_bf16_weights(ckpt_dir, tiny_bf16):
     """CPU prompts with bf16 weights upcast them per matmul: same numbers as an fp32 model of
     the bf16-rounded weights (PyTorch's bf16 GEMM would round the activations too)."""
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     upcast = ckpt_dir / "tiny-bf16-upcast-for-prompt.pth"
     torch.save({k: v.float() for k, v in torch.load(tiny_bf16, weights_only=True).items()}, upcast)
     tokens = random_tokens(64, TINY.vocab_size, seed=22)
-    bf16, state_bf16 = load_model(tiny_bf16, dtype="bf16").forward(tokens, full_output=True)
-    fp32, state_fp32 = load_model(upcast, dtype="fp32").forward(tokens, full_output=True)
+    bf16, state_bf16 = load_runtime(tiny_bf16, dtype="bf16").forward(tokens, full_output=True)
+    fp32, state_fp32 = load_runtime(upcast, dtype="fp32").forward(tokens, full_output=True)
     assert rel(bf16, fp32) <= 1e-5
     assert rel(state_bf16.att_x, state_fp32.att_x) <= 1e-5
 
 
 def test_kernel_and_reference_give_same_logits(tiny_fp32):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     tokens = random_tokens(300, TINY.vocab_size, seed=11)
-    a, _ = load_model(tiny_fp32, wkv="reference").forward(tokens, full_output=True)
-    b, _ = load_model(tiny_fp32, wkv="cpu").forward(tokens, full_output=True)
+    a, _ = load_runtime(tiny_fp32, wkv="reference").forward(tokens, full_output=True)
+    b, _ = load_runtime(tiny_fp32, wkv="cpu").forward(tokens, full_output=True)
     assert rel(b, a) <= 1e-6
 
 
 def test_bf16_close_to_fp32(ckpt_dir):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     path = write_checkpoint(ckpt_dir / "tiny-bf16-cmp.pth", TINY, seed=12)
     tokens = random_tokens(200, TINY.vocab_size, seed=13)
-    fp32, _ = load_model(path, dtype="fp32").forward(tokens, full_output=True)
-    bf16, _ = load_model(path, dtype="bf16").forward(tokens, full_output=True)
+    fp32, _ = load_runtime(path, dtype="fp32").forward(tokens, full_output=True)
+    bf16, _ = load_runtime(path, dtype="bf16").forward(tokens, full_output=True)
     assert rel(bf16, fp32) <= 0.03
     agreement = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
     assert agreement >= 0.90
@@ -170,7 +170,7 @@ def test_bf16_close_to_fp32(ckpt_dir):
 def test_safetensors_and_hf_names_load_the_same(tiny_fp32, ckpt_dir):
     from safetensors.torch import save_file
 
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     weights = torch.load(tiny_fp32, weights_only=True)
     st_path = ckpt_dir / "tiny.safetensors"
@@ -184,16 +184,16 @@ def test_safetensors_and_hf_names_load_the_same(tiny_fp32, ckpt_dir):
     hf_path = ckpt_dir / "tiny-hf.pth"
     torch.save(hf, hf_path)
     tokens = random_tokens(30, TINY.vocab_size)
-    expected, _ = load_model(tiny_fp32).forward(tokens)
+    expected, _ = load_runtime(tiny_fp32).forward(tokens)
     for path in (st_path, hf_path):
-        got, _ = load_model(path).forward(tokens)
+        got, _ = load_runtime(path).forward(tokens)
         assert torch.equal(got, expected)
 
 
 def test_config_is_inferred_from_weights(tiny_fp32):
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
-    info = load_model(tiny_fp32).describe()
+    info = load_runtime(tiny_fp32).describe()
     assert (info["n_layer"], info["n_embd"], info["vocab_size"], info["ffn_dim"]) == (3, 64, 500, 256)
     assert info["parameters"] == sum(v.numel() for v in torch.load(tiny_fp32, weights_only=True).values())
     assert info["wkv"] in ("cpu", "reference")
@@ -201,7 +201,7 @@ def test_config_is_inferred_from_weights(tiny_fp32):
 
 def test_bf16_file_loads_as_bf16_without_an_fp32_copy(ckpt_dir):
     """Peak RSS while loading a bf16 checkpoint as bf16 stays close to the weights' size, measured
-    in a fresh process: the high-water mark (VmHWM) is reset right before load_model."""
+    in a fresh process: the high-water mark (VmHWM) is reset right before load_runtime."""
     import subprocess
     import sys
 
@@ -212,18 +212,42 @@ def test_bf16_file_loads_as_bf16_without_an_fp32_copy(ckpt_dir):
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from rwkv_playground import load_model\n"
+        "from rwkv_playground import load_runtime\n"
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key):\n"
         "            return int(line.split()[1]) * 1024\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
         "before = status('VmRSS')\n"
-        f"m = load_model({str(path)!r}, dtype='bf16', wkv='reference')\n"
-        "x = sum(float(p.view(-1)[-1].float()) for p in m.parameters())  # touch every tensor\n"
-        "print(status('VmHWM') - before, m.head.weight.dtype)\n"
+        f"m = load_runtime({str(path)!r}, dtype='bf16', wkv='reference')\n"
+        "x = sum(float(p.view(-1)[-1].float()) for p in m.model.state_dict().values())  # touch every tensor\n"
+        "print(status('VmHWM') - before, m.model.head.weight.dtype)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grown, dtype = out.stdout.split()
     assert dtype == "torch.bfloat16"
     assert int(grown) <= 1.15 * weights_bytes, f"peak grew by {int(grown) / weights_bytes:.2f}x the weights"
+
+
+@pytest.mark.parametrize("wkv", ["reference", "cpu"])
+def test_training_forward_equals_inference_forward_position_by_position(tiny_fp32, cpu_kernel_module, wkv):
+    """One math for both: the training form (autograd, empty state, the kernel's backward) and the
+    runtime's inference (chunked, from a State) give the same logits at every position."""
+    from rwkv_playground import load_runtime
+    from rwkv_playground.model import RWKV4
+    from rwkv_playground.wkv import compiled_wkv, reference_wkv
+
+    weights = torch.load(tiny_fp32, weights_only=True)
+    model = RWKV4(TINY)
+    model.load_state_dict(weights)
+    op = reference_wkv if wkv == "reference" else compiled_wkv(cpu_kernel_module, "cpu")
+    tokens = torch.tensor([random_tokens(33, TINY.vocab_size, seed=s) for s in (1, 2)])
+    train_logits, no_state = model(tokens, wkv=op)
+    assert no_state is None and train_logits.shape == (2, 33, TINY.vocab_size) and train_logits.requires_grad
+    train_logits.logsumexp(-1).mean().backward()  # differentiable end to end
+    assert model.blocks[0].att.time_decay.grad is not None and model.emb.weight.grad is not None
+    runtime = load_runtime(tiny_fp32, wkv=wkv)
+    for row in range(2):
+        inference, _ = runtime.forward(tokens[row].tolist(), full_output=True, chunk_len=10)
+        per_position = ((train_logits[row].detach() - inference).abs().amax(-1) / inference.abs().amax(-1))
+        assert per_position.max().item() <= 1e-5

@@ -121,11 +121,13 @@ def test_kernel_sampler_draws_the_reference_token(cpu_kernel_module, name, logit
     assert mismatches == 0, f"{mismatches} of {total} draws differ"
 
 
-def test_sampler_uses_the_kernel_when_loaded(cpu_kernel_module):
-    s = Sampler(SamplingSettings(top_p=0.8, seed=3), 50277)
-    assert s._kernel is cpu_kernel_module
-    s_ref = Sampler(SamplingSettings(top_p=0.8, seed=3), 50277, use_kernel=False)
-    assert s_ref._kernel is None
+def test_the_sampler_backend_is_the_runtimes_choice_and_gives_the_same_tokens(cpu_kernel_module, tiny_fp32):
+    from rwkv_playground import load_runtime
+
+    assert load_runtime(tiny_fp32, sampler="cpu").sampler_kernel is cpu_kernel_module
+    assert load_runtime(tiny_fp32, sampler="reference").sampler_kernel is None
+    s = Sampler(SamplingSettings(top_p=0.8, seed=3), 50277, kernel=cpu_kernel_module)
+    s_ref = Sampler(SamplingSettings(top_p=0.8, seed=3), 50277)
     logits = torch.randn(50277, generator=torch.Generator().manual_seed(0)) * 5
     a, b = [], []
     for _ in range(50):  # same seed, penalties evolving: the same sequence from both paths

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from conftest import TINY, write_checkpoint
-from rwkv_playground import LoadError, State, StateError, load_model
+from rwkv_playground import LoadError, State, StateError, load_runtime
 
 
 @pytest.fixture(scope="module")
 def model(tiny_fp32):
-    return load_model(tiny_fp32)
+    return load_runtime(tiny_fp32)
 
 
 def test_components_shapes_and_initial_values(model):
@@ -69,7 +69,7 @@ def test_state_of_another_model_is_refused(model, ckpt_dir, tmp_path):
     _, s = model.forward([1, 2])
     path = tmp_path / "s.safetensors"
     s.save(path)
-    other = load_model(write_checkpoint(ckpt_dir / "other.pth", TINY, seed=99))
+    other = load_runtime(write_checkpoint(ckpt_dir / "other.pth", TINY, seed=99))
     with pytest.raises(StateError, match="different model"):
         State.load(path, model=other)
     small = State.zeros(2, 16)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_playground import train as train_mod
-from rwkv_playground.train import TrainConfig, bigram_baseline, lr_at
+from tools.demo_model import train as train_mod
+from tools.demo_model.train import TrainConfig, bigram_baseline, lr_at
 
 
 class FakeTokenizer:
@@ -43,10 +43,10 @@ def test_tiny_run_loss_goes_down_and_ships_bf16(patched, tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     shipped = torch.load(tmp_path / "out" / train_mod.CHECKPOINT_NAME, weights_only=True)
     assert all(t.dtype == torch.bfloat16 for t in shipped.values())
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
-    model = load_model(tmp_path / "out" / train_mod.CHECKPOINT_NAME)  # loads like a released RWKV-4
-    assert model.config.n_layer == 2 and model.wkv_impl == "cpu"
+    model = load_runtime(tmp_path / "out" / train_mod.CHECKPOINT_NAME)  # loads like a released RWKV-4
+    assert model.config.n_layer == 2 and model.describe()["wkv"] == "cpu"
 
 
 def test_resume_after_interruption_equals_one_run(patched, tmp_path):

@@ -135,23 +135,37 @@ def test_cpu_backward_matches_reference_autograd(cpu_kernel, B, T, C, extreme):
 
 
 def test_fallback_and_forced_choice(monkeypatch, tiny_fp32):
-    from rwkv_playground import LoadError, load_model
-    from rwkv_playground import kernels
+    from rwkv_playground import LoadError, backends, kernels, load_runtime
 
-    assert load_model(tiny_fp32, wkv="reference").wkv_impl == "reference"
-    monkeypatch.setenv(kernels.ENV_CHOICE, "reference")
-    assert load_model(tiny_fp32).wkv_impl == "reference"
-    monkeypatch.delenv(kernels.ENV_CHOICE)
-    # a kernel that cannot be built: 'auto' falls back with one clear note, a forced choice errors
+    assert load_runtime(tiny_fp32, wkv="reference").describe()["wkv"] == "reference"
+    monkeypatch.setenv(backends.ENV["wkv"], "reference")
+    assert load_runtime(tiny_fp32).describe()["wkv"] == "reference"
+    monkeypatch.delenv(backends.ENV["wkv"])
+    # kernels that cannot be built: 'auto' falls back with one clear note per path, a forced choice errors
     monkeypatch.setitem(kernels._failed, "cpu", "no C++ compiler was found (install g++ or clang)")
     monkeypatch.delitem(kernels._loaded, "cpu", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match="no C.. compiler"):
-        model = load_model(tiny_fp32, wkv="auto")
-    assert model.wkv_impl == "reference" and "no C++ compiler" in model.wkv_note
-    with pytest.raises(LoadError, match="unavailable"):
-        load_model(tiny_fp32, wkv="cpu")
+        runtime = load_runtime(tiny_fp32)
+    info = runtime.describe()
+    assert (info["wkv"], info["step"], info["sampler"]) == ("reference", "reference", "reference")
+    assert any("no C++ compiler" in note for note in info["notes"])
+    for choice in ({"wkv": "cpu"}, {"step": "cpu"}, {"sampler": "cpu"}):
+        with pytest.raises(LoadError, match="unavailable"):
+            load_runtime(tiny_fp32, **choice)
     with pytest.raises(LoadError, match="cannot run a model on cpu"):
-        load_model(tiny_fp32, wkv="cuda")
+        load_runtime(tiny_fp32, wkv="cuda")
+
+
+def test_each_backend_is_chosen_on_its_own(tiny_fp32):
+    from rwkv_playground import load_runtime
+
+    info = load_runtime(tiny_fp32, wkv="reference", step="cpu", sampler="reference").describe()
+    assert info["wkv"] == "reference" and info["step"].startswith("cpu") and info["sampler"] == "reference"
+    runtime = load_runtime(tiny_fp32, wkv="cpu", step="reference", sampler="cpu")
+    info = runtime.describe()
+    assert info["wkv"] == "cpu" and info["step"] == "reference" and info["sampler"] == "cpu"
+    assert runtime.sampler_kernel is not None and runtime._step_weights is None
 
 
 def test_second_start_loads_from_cache_without_compiling(tmp_path):
@@ -221,85 +235,10 @@ def test_cuda_backward_matches_reference(B, T, C, extreme):
 
 def test_cuda_model_matches_cpu_model(tiny_fp32):
     cuda_kernel()
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     tokens = list(range(1, 300))
-    cpu, _ = load_model(tiny_fp32).forward(tokens, full_output=True)
+    cpu, _ = load_runtime(tiny_fp32).forward(tokens, full_output=True)
     for dtype, tol in (("fp32", 1e-5), ("fp16", 3e-2), ("bf16", 3e-2)):
-        gpu, _ = load_model(tiny_fp32, device="cuda", dtype=dtype).forward(tokens, full_output=True)
+        gpu, _ = load_runtime(tiny_fp32, device="cuda", dtype=dtype).forward(tokens, full_output=True)
         assert ((gpu.cpu() - cpu).abs().max() / cpu.abs().max()).item() <= tol, dtype
-
-
-@pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (5, 37), (9, 48), (13, 1000), (7, 768), (768, 768), (3072, 768),
-                                 (768, 3072), (50277, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_matvec_matches_torch(cpu_kernel_module, N, K, dtype):
-    matvec = cpu_kernel_module.matvec
-    g = torch.Generator().manual_seed(N + K)
-    W = torch.randn(N, K, generator=g).to(dtype)
-    x = torch.randn(K, generator=g)
-    expected = W.double() @ x.double()
-    got = matvec(W, x)
-    assert got.dtype == torch.float32 and got.shape == (N,)
-    assert ((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-9)).item() < 1e-5
-
-
-# ---- the fused one-token step (kernels/rnn_cpu.cpp) against the PyTorch path ------------------
-
-FUSED_SHAPES = {
-    "tiny": RWKVConfig(n_layer=3, n_embd=64, vocab_size=500, ffn_dim=256),
-    # C and F not multiples of the kernels' 16/32-wide steps, N not a multiple of 4: every tail
-    "odd": RWKVConfig(n_layer=2, n_embd=37, vocab_size=333, ffn_dim=100),
-    "half-step": RWKVConfig(n_layer=2, n_embd=48, vocab_size=1001, ffn_dim=144),
-}
-
-
-@pytest.mark.parametrize("shape", list(FUSED_SHAPES))
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_fused_rnn_step_matches_pytorch_path(tmp_path, shape, dtype):
-    from rwkv_playground import load_model
-
-    config = FUSED_SHAPES[shape]
-    path = tmp_path / f"{shape}.pth"
-    weights = init_random_weights(config, seed=3)
-    # a few channels with extreme decay / bonus: the step must keep the running-max trick
-    weights["blocks.0.att.time_decay"][:3] = torch.tensor([-30.0, 8.0, 0.0])
-    weights["blocks.1.att.time_first"][:2] = torch.tensor([25.0, -25.0])
-    torch.save(weights, path)
-    fused = load_model(path, dtype=dtype, wkv="cpu")
-    plain = load_model(path, dtype=dtype, wkv="cpu")
-    plain._rnn_step = None  # the PyTorch path with the same weights
-    calls = []
-    step = fused._rnn_step
-    fused._rnn_step = lambda *args: calls.append(1) or step(*args)
-
-    prompt = torch.randint(0, config.vocab_size, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-    _, state_f = fused.forward(prompt)
-    _, state_p = plain.forward(prompt)
-    for token in torch.randint(0, config.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist():
-        logits_f, state_f = fused.forward([token], state_f)
-        logits_p, state_p = plain.forward([token], state_p)
-        assert logits_f.shape == logits_p.shape == (config.vocab_size,)
-        assert ((logits_f - logits_p).abs().max() / logits_p.abs().max()).item() <= 1e-5
-        for name, tensor in state_p.tensors().items():
-            got = state_f.tensors()[name]
-            scale = tensor.abs().max().clamp_min(1e-6)
-            if name == "pp":  # pp holds -1e30 in no channel after a prompt; compare as exponents
-                scale = scale.clamp_max(1e3).clamp_min(1.0)
-            assert ((got - tensor).abs().max() / scale).item() <= 1e-5, name
-    assert len(calls) == 12  # the fused path did run (one call per generated token)
-    assert state_f.token_count == state_p.token_count == 21
-
-
-def test_fused_step_leaves_input_state_alone_and_full_output_shape(tiny_fp32):
-    from rwkv_playground import load_model
-
-    model = load_model(tiny_fp32, wkv="cpu")
-    assert model._rnn_step is not None
-    _, state = model.forward([1, 2, 3])
-    before = state.clone()
-    logits, after = model.forward([4], state, full_output=True)
-    assert logits.shape == (1, model.config.vocab_size)
-    for name, tensor in before.tensors().items():
-        assert torch.equal(state.tensors()[name], tensor), name  # not inplace: input untouched
-    assert not torch.equal(after.aa, before.aa)

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import gradio as gr
 
-from ..engine import Engine
 from . import blog_tab, chat_tab, inspector_tab, model_panel
 
 CSS = """
@@ -15,10 +16,10 @@ CSS = """
 """
 
 
-def create_app(engine: Engine) -> gr.Blocks:
+def create_app(engine) -> gr.Blocks:
     with gr.Blocks(title="RWKV Playground", analytics_enabled=False) as demo:
         gr.Markdown("## RWKV Playground — chat, long-form writing and a look inside the recurrent state")
-        model_panel.build(engine)
+        info = model_panel.build(engine)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 chat_state = chat_tab.build(engine)
@@ -26,11 +27,16 @@ def create_app(engine: Engine) -> gr.Blocks:
                 blog_state = blog_tab.build(engine)
             with gr.Tab("State inspector", id="inspector"):
                 model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
-        # the model's decay / bonus views need no recording: draw them when the page opens
         demo.load(model_figures, None, figure_outputs, api_visibility="private")
+        # the panel's description is the server's current one (the model may have been switched)
+        demo.load(partial(model_panel.model_markdown, engine), None, [info], api_visibility="private")
+    for block_fn in demo.fns.values():  # the sessions' page-load factories are not API endpoints
+        if getattr(block_fn.fn, "session_factory", False):
+            block_fn.api_visibility = "private"
     return demo
 
 
-def launch_options(host: str, port: int, share: bool) -> dict:
-    return {"server_name": host, "server_port": port, "share": share, "css": CSS,
+def launch_options(host: str, port: int, share: bool, engine=None) -> dict:
+    threads = 40 if engine is None else max(40, engine.event_concurrency() + 8)
+    return {"server_name": host, "server_port": port, "share": share, "css": CSS, "max_threads": threads,
             "footer_links": ["api", "gradio"], "show_error": False}

@@ -1,30 +1,76 @@
-"""Blog post / long-form tab: the seed's use case, thousands of tokens at constant memory."""
+"""Blog post / long-form tab: the seed's use case, thousands of tokens at constant memory.
+
+Handlers are module-level functions of the engine and the inputs; `build` lays out and wires.
+"""
 
 from __future__ import annotations
 
 import re
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
-from ..engine import Engine
-from .common import friendly_error, sampling_controls, settings_from, stats_line
+from .common import friendly_error, sampling_controls, session_state, settings_from, stats_line, stream, with_notices
 
 
-def _new_session() -> BlogSession:
-    # a factory, not the class: gr.State would treat a dataclass class as a value
-    return BlogSession()
+def markdown_file(text: str, topic: str) -> str:
+    """The post as a .md file to download (a fresh temporary folder per file)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (topic or "post").lower()).strip("-")[:40] or "post"
+    path = Path(tempfile.mkdtemp(prefix="rwkv-blog-")) / f"{slug}.md"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
-def _free(session: BlogSession) -> None:
-    session.state = session.logits = session.last = None
+def view(session: BlogSession, status: str, topic: str, final: bool = False):
+    """The tab's outputs: the post, the status line, the session, the download (when finished)."""
+    download = markdown_file(session.text, topic) if final and session.text else gr.DownloadButton()
+    return session.text, status, session, download
 
 
-def build(engine: Engine):
-    session = gr.State(_new_session, time_to_live=6 * 3600, delete_callback=_free)
+def _run(session: BlogSession, make_stream, topic: str):
+    yield from stream(session, make_stream, lambda status, final: view(session, status, topic, final),
+                      lambda: "Done. " + stats_line(session.stats))
+
+
+def on_write(engine, session, topic, audience, tone, key_points, outline_first, template, temperature, top_p,
+             top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
+    """Write a new post (or an outline, then each section from a fork of its state)."""
+    try:
+        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                             penalty_decay, max_tokens, seed)
+        prompt = build_prompt(OUTLINE_TEMPLATE if outline_first else template, topic, audience, tone, key_points)
+    except Exception as exc:
+        yield view(session, friendly_error(exc), topic)
+        return
+    if outline_first:
+        per_section = max(50, max_tokens // 6)
+        make = lambda: session.write_with_outline(engine, prompt, settings, per_section)  # noqa: E731
+    else:
+        make = lambda: session.write(engine, prompt, settings, max_tokens)  # noqa: E731
+    yield from _run(session, make, topic)
+
+
+def on_continue(engine, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                max_tokens, seed):
+    """Keep writing from the saved state."""
+    try:
+        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                             penalty_decay, max_tokens, seed)
+    except Exception as exc:
+        yield view(session, friendly_error(exc), topic)
+        return
+    yield from _run(session, lambda: session.continue_(engine, settings, max_tokens), topic)
+
+
+def on_stop(session, topic):
+    return view(session, with_notices(session, "Stopped. " + stats_line(session.stats)), topic, final=True)
+
+
+def build(engine) -> gr.State:
+    session = session_state(engine, BlogSession)
     with gr.Row():
         with gr.Column(scale=1):
             topic = gr.Textbox(label="Topic", placeholder="e.g. why recurrent networks are back",
@@ -46,63 +92,16 @@ def build(engine: Engine):
                 cont = gr.Button("Continue", elem_id="blog-continue")
                 download = gr.DownloadButton("Download .md", elem_id="blog-download")
             status = gr.Markdown("", elem_id="blog-status")
-            output = gr.Markdown("", elem_id="blog-output", height=560)
+            # line_breaks: the model's single newlines ("Title: ...\nIntroduction: ...") stay lines
+            output = gr.Markdown("", elem_id="blog-output", height=560, line_breaks=True)
 
-    def markdown_file(text: str, topic_text: str) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", (topic_text or "post").lower()).strip("-")[:40] or "post"
-        folder = Path(tempfile.mkdtemp(prefix="rwkv-blog-"))
-        path = folder / f"{slug}.md"
-        path.write_text(text, encoding="utf-8")
-        return str(path)
-
-    def stream(sess: BlogSession, make_stream, topic_text):
-        last = 0.0
-        try:
-            loaded = engine.require()
-            for text in make_stream(loaded):
-                now = time.perf_counter()
-                if now - last < 0.1:
-                    continue
-                last = now
-                live = sess.last.stats if sess.last else None
-                n = live.generated_tokens if live else 0
-                speed = live.tokens_per_second if live else 0.0
-                yield sess.text, f"Writing… {n} tokens · {speed:.1f} tok/s", sess, gr.DownloadButton()
-            yield sess.text, "Done. " + stats_line(sess.stats), sess, markdown_file(sess.text, topic_text)
-        except Exception as exc:
-            yield sess.text, friendly_error(exc), sess, gr.DownloadButton()
-
-    def on_write(sess, topic_text, aud, ton, points, outline, tmpl, *sampling_values):
-        try:
-            settings, max_tokens = settings_from(*sampling_values)
-            prompt = build_prompt(OUTLINE_TEMPLATE if outline else tmpl, topic_text, aud, ton, points)
-        except Exception as exc:
-            yield sess.text, friendly_error(exc), sess, gr.DownloadButton()
-            return
-        if outline:
-            per_section = max(50, max_tokens // 6)
-            make = lambda loaded: sess.write_with_outline(loaded, prompt, settings, per_section)  # noqa: E731
-        else:
-            make = lambda loaded: sess.write(loaded, prompt, settings, max_tokens)  # noqa: E731
-        yield from stream(sess, make, topic_text)
-
-    def on_continue(sess, topic_text, *sampling_values):
-        try:
-            settings, max_tokens = settings_from(*sampling_values)
-        except Exception as exc:
-            yield sess.text, friendly_error(exc), sess, gr.DownloadButton()
-            return
-        yield from stream(sess, lambda loaded: sess.continue_(loaded, settings, max_tokens), topic_text)
-
-    def on_stop(sess, topic_text):
-        return sess.text, "Stopped. " + stats_line(sess.stats), sess, (markdown_file(sess.text, topic_text)
-                                                                      if sess.text else gr.DownloadButton())
-
+    model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     outputs = [output, status, session, download]
-    write_ev = write.click(on_write, [session, topic, audience, tone, key_points, outline_first, template, *sampling],
-                          outputs, concurrency_id="model", api_name="blog")
-    cont_ev = cont.click(on_continue, [session, topic, *sampling], outputs, concurrency_id="model",
-                         api_name="blog_continue")
+    write_ev = write.click(partial(on_write, engine),
+                           [session, topic, audience, tone, key_points, outline_first, template, *sampling],
+                           outputs, api_name="blog", **model_events)
+    cont_ev = cont.click(partial(on_continue, engine), [session, topic, *sampling], outputs, api_name="blog_continue",
+                         **model_events)
     stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(on_stop, [session, topic], outputs,
                                                                   api_visibility="private")
     return session

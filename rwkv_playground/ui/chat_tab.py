@@ -1,39 +1,123 @@
-"""Chat tab: streaming replies on a per-session recurrent state."""
+"""Chat tab: streaming replies on a per-visitor recurrent state.
+
+Each handler is a module-level function of the engine and the inputs (readable, callable from a
+test); `build` only lays out the components and wires them. The chat's messages carry the replies
+alone; each turn's statistics are shown beside them (the status line and the per-turn table) and
+returned by the API as separate outputs.
+"""
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import gradio as gr
 
 from ..chat import PRESETS, ChatFormat, ChatSession
-from ..engine import Engine
-from .common import friendly_error, sampling_controls, settings_from, stats_line
+from .common import friendly_error, sampling_controls, session_state, settings_from, stats_line, stream, with_notices
 
-SESSION_TTL_S = 6 * 3600  # idle sessions (and their states) are freed after this
+STATS_HEADERS = ["turn", "prompt tokens read", "read tok/s", "generated", "tok/s", "history reused", "stop"]
 
 
-def to_messages(session: ChatSession) -> list[dict]:
+def messages_of(session: ChatSession) -> list[dict]:
     messages = []
     for turn in session.turns:
         messages.append({"role": "user", "content": turn.user})
-        content = turn.reply or ("…" if not turn.complete else "(no reply)")
-        line = stats_line(turn.stats) if turn.complete else ""
-        messages.append({"role": "assistant", "content": content + (f"\n\n<sub>{line}</sub>" if line else "")})
+        messages.append({"role": "assistant", "content": turn.reply or ("…" if not turn.complete else "(no reply)")})
     return messages
 
 
-def _new_session() -> ChatSession:
-    # a factory, not the class: gr.State would treat a dataclass class as a value
-    return ChatSession()
+def stats_table(session: ChatSession) -> list[list]:
+    rows = []
+    for number, turn in enumerate(session.turns, 1):
+        s = turn.stats
+        if not turn.complete:
+            continue
+        rows.append([number, s.get("prompt_tokens", 0), round(s.get("prompt_tokens_per_second", 0.0)),
+                     s.get("generated_tokens", 0), round(s.get("tokens_per_second", 0.0), 1),
+                     s.get("tokens_saved", 0), s.get("stop_reason", "")])
+    return rows
 
 
-def _free(session: ChatSession) -> None:
-    session.clear()
+def last_stats(session: ChatSession) -> str:
+    return stats_line(session.turns[-1].stats) if session.turns else ""
 
 
-def build(engine: Engine):
-    session = gr.State(_new_session, time_to_live=SESSION_TTL_S, delete_callback=_free)
+def view(session: ChatSession, status: str):
+    """The tab's outputs for a session: messages, status line, per-turn statistics, session."""
+    return messages_of(session), status, stats_table(session), session
+
+
+def on_send(engine, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
+            presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
+    """Send a message and stream the reply; the message box is emptied once it is taken."""
+    if not message or not message.strip():
+        yield *view(session, "Type a message first, then press Enter or Send."), message
+        return
+    try:
+        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                             penalty_decay, max_tokens, seed)
+    except Exception as exc:
+        yield *view(session, friendly_error(exc)), message
+        return
+    session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "")
+    for outputs in stream(session, lambda: session.send(engine, message, settings, max_tokens),
+                          lambda status, final: view(session, status), lambda: last_stats(session)):
+        yield *outputs, ""
+
+
+def on_regenerate(engine, session, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                  max_tokens, seed):
+    """A new reply to the last message, from the state kept after reading it."""
+    try:
+        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                             penalty_decay, max_tokens, seed)
+    except Exception as exc:
+        yield view(session, friendly_error(exc))
+        return
+    yield from stream(session, lambda: session.regenerate(engine, settings, max_tokens),
+                      lambda status, final: view(session, status), lambda: last_stats(session))
+
+
+def on_undo(session):
+    try:
+        session.undo()
+    except Exception as exc:
+        return view(session, friendly_error(exc))
+    return view(session, with_notices(session, "Last turn removed; the state is back to before it."))
+
+
+def on_edit(session):
+    try:
+        last = session.undo()
+    except Exception as exc:
+        return *view(session, friendly_error(exc)), gr.Textbox()
+    if last is None:
+        return *view(session, "Nothing to edit yet."), gr.Textbox()
+    return *view(session, "Edit your last message and send it again."), last
+
+
+def on_clear(session):
+    try:
+        session.clear()
+    except Exception as exc:
+        return view(session, friendly_error(exc))
+    return view(session, "Conversation cleared.")
+
+
+def on_stop(session):
+    """After Stop: the partial reply stays, and the state matches it."""
+    line = last_stats(session)
+    return view(session, with_notices(session, "Stopped. " + line if line else "Stopped."))
+
+
+def choose_preset(name):
+    if name in PRESETS:
+        return PRESETS[name].user, PRESETS[name].bot
+    return gr.Textbox(), gr.Textbox()
+
+
+def build(engine) -> gr.State:
+    session = session_state(engine, ChatSession)
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=list(PRESETS)[0], label="Format",
                              elem_id="chat-format", scale=2)
@@ -53,83 +137,23 @@ def build(engine: Engine):
         edit = gr.Button("✎ Edit last message", elem_id="chat-edit")
         clear = gr.Button("✕ Clear", elem_id="chat-clear")
     status = gr.Markdown("", elem_id="chat-status")
+    with gr.Accordion("Statistics per turn", open=False):
+        table = gr.Dataframe(headers=STATS_HEADERS, value=[], interactive=False, elem_id="chat-stats")
     sampling = sampling_controls("chat", temperature=1.0, top_p=0.5, presence=0.4, count=0.4, decay=0.996,
                                  max_tokens=200)
 
-    def choose_preset(name):
-        if name in PRESETS:
-            return PRESETS[name].user, PRESETS[name].bot
-        return gr.Textbox(), gr.Textbox()
-
-    def stream(sess: ChatSession, make_stream):
-        """Drive a session stream and render it; errors become a status line, never a traceback."""
-        last = 0.0
-        try:
-            loaded = engine.require()
-            for text in make_stream(loaded):
-                now = time.perf_counter()
-                if now - last < 0.05 and text:  # the browser needs no more than ~20 updates a second
-                    continue
-                last = now
-                live = sess.live.stats if sess.live else None
-                n = live.generated_tokens if live else 0
-                speed = live.tokens_per_second if live else 0.0
-                yield to_messages(sess), f"Generating… {n} tokens, {speed:.1f} tok/s", sess
-            turn = sess.turns[-1] if sess.turns else None
-            yield to_messages(sess), stats_line(turn.stats) if turn else "", sess
-        except Exception as exc:
-            yield to_messages(sess), friendly_error(exc), sess
-
-    def on_send(text, sess, user, bot, scen, *sampling_values):
-        if not text or not text.strip():
-            yield to_messages(sess), "Type a message first, then press Enter or Send.", sess, text
-            return
-        try:
-            settings, max_tokens = settings_from(*sampling_values)
-        except Exception as exc:
-            yield to_messages(sess), friendly_error(exc), sess, text
-            return
-        sess.fmt = ChatFormat(user.strip() or "User", bot.strip() or "Assistant", scen or "")
-        for messages, stat, s in stream(sess, lambda loaded: sess.send(loaded, text, settings, max_tokens)):
-            yield messages, stat, s, ""
-
-    def on_regenerate(sess, *sampling_values):
-        try:
-            settings, max_tokens = settings_from(*sampling_values)
-        except Exception as exc:
-            yield to_messages(sess), friendly_error(exc), sess
-            return
-        yield from stream(sess, lambda loaded: sess.regenerate(loaded, settings, max_tokens))
-
-    def on_undo(sess):
-        sess.undo()
-        return to_messages(sess), "Last turn removed; the state is back to before it.", sess
-
-    def on_edit(sess):
-        last = sess.undo()
-        if last is None:
-            return to_messages(sess), "Nothing to edit yet.", sess, gr.Textbox()
-        return to_messages(sess), "Edit your last message and send it again.", sess, last
-
-    def on_clear(sess):
-        sess.clear()
-        return [], "Conversation cleared.", sess
-
-    def on_stop(sess):
-        turn = sess.turns[-1] if sess.turns else None
-        return to_messages(sess), ("Stopped. " + stats_line(turn.stats)) if turn else "Stopped.", sess
-
-    preset.change(choose_preset, [preset], [user_name, bot_name], queue=False, api_visibility="private")
+    model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
+    shown = [chatbot, status, table, session]
     inputs = [message, session, user_name, bot_name, scenario, *sampling]
-    outputs = [chatbot, status, session, message]
-    send_ev = send.click(on_send, inputs, outputs, concurrency_id="model", api_name="chat")
-    submit_ev = message.submit(on_send, inputs, outputs, concurrency_id="model", api_visibility="private")
-    regen_ev = regenerate.click(on_regenerate, [session, *sampling], [chatbot, status, session],
-                                concurrency_id="model", api_name="regenerate")
+    preset.change(choose_preset, [preset], [user_name, bot_name], queue=False, api_visibility="private")
+    send_ev = send.click(partial(on_send, engine), inputs, [*shown, message], api_name="chat", **model_events)
+    submit_ev = message.submit(partial(on_send, engine), inputs, [*shown, message], api_visibility="private",
+                               **model_events)
+    regen_ev = regenerate.click(partial(on_regenerate, engine), [session, *sampling], shown, api_name="regenerate",
+                                **model_events)
     stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
-        on_stop, [session], [chatbot, status, session], api_visibility="private")
-    undo.click(on_undo, [session], [chatbot, status, session], concurrency_id="model", api_name="undo")
-    edit.click(on_edit, [session], [chatbot, status, session, message], concurrency_id="model",
-               api_visibility="private")
-    clear.click(on_clear, [session], [chatbot, status, session], concurrency_id="model", api_name="clear")
+        on_stop, [session], shown, api_visibility="private")
+    undo.click(on_undo, [session], shown, api_name="undo", queue=False)
+    edit.click(on_edit, [session], [*shown, message], api_visibility="private", queue=False)
+    clear.click(on_clear, [session], shown, api_name="clear", queue=False)
     return session

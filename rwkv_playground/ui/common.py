@@ -1,22 +1,37 @@
-"""Helpers shared by the tabs: sampling controls, readable errors, stats lines."""
+"""What the tabs share: sampling controls, per-visitor session state, the one streaming helper,
+readable errors and statistics lines."""
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable, Iterator
 
 import gradio as gr
 
 from ..errors import PlaygroundError
 from ..sampling import SamplingSettings
+from ..sessions import Session
 
 log = logging.getLogger("rwkv_playground.ui")
 MAX_TOKENS_CAP = 8192  # per request from the browser; the engine's own limit is higher
+UPDATES_PER_SECOND = 20  # the browser needs no more
+
+
+def session_state(engine, factory: Callable[[], Session]) -> gr.State:
+    """A per-visitor session object, accounted in the engine's memory budget, freed when the tab
+    closes or after the engine's session lifetime of inactivity."""
+    def new_session():
+        return engine.add_session(factory())
+
+    new_session.session_factory = True  # create_app keeps these page-load functions out of the API
+    return gr.State(new_session, time_to_live=engine.settings.session_ttl_s, delete_callback=engine.forget)
 
 
 def sampling_controls(prefix: str, temperature=1.0, top_p=0.7, presence=0.4, count=0.4, decay=0.996,
-                      max_tokens=300, max_tokens_cap=MAX_TOKENS_CAP):
-    """The sampling sliders of a tab, in a fixed order (see settings_from)."""
-    with gr.Accordion("Sampling", open=False):
+                      max_tokens=300, max_tokens_cap=MAX_TOKENS_CAP) -> list:
+    """The sampling controls of a tab, in the order of `settings_from`'s parameters."""
+    with gr.Accordion("Sampling", open=False, elem_id=f"{prefix}-sampling"):
         with gr.Row():
             t = gr.Slider(0.0, 3.0, value=temperature, step=0.05, label="Temperature",
                           info="0 = always the most likely token", elem_id=f"{prefix}-temperature")
@@ -28,19 +43,20 @@ def sampling_controls(prefix: str, temperature=1.0, top_p=0.7, presence=0.4, cou
             cnt = gr.Slider(0.0, 2.0, value=count, step=0.05, label="Count penalty", elem_id=f"{prefix}-count")
             dec = gr.Slider(0.9, 1.0, value=decay, step=0.001, label="Penalty decay", elem_id=f"{prefix}-decay")
         with gr.Row():
-            mx = gr.Slider(1, max_tokens_cap, value=max_tokens, step=1, label="Max tokens",
+            mx = gr.Number(value=max_tokens, precision=0, minimum=1, maximum=max_tokens_cap, label="Max tokens",
                            elem_id=f"{prefix}-max-tokens")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
     return [t, p, k, pres, cnt, dec, mx, seed]
 
 
-def settings_from(temperature, top_p, top_k, presence, count, decay, max_tokens, seed):
+def settings_from(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
+    """The sampling controls' values -> (SamplingSettings, max_tokens capped for the browser)."""
     settings = SamplingSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                                presence_penalty=float(presence), count_penalty=float(count),
-                                penalty_decay=float(decay),
+                                presence_penalty=float(presence_penalty), count_penalty=float(count_penalty),
+                                penalty_decay=float(penalty_decay),
                                 seed=None if seed is None or int(seed) < 0 else int(seed))
     settings.validate()
-    max_tokens = max(1, min(int(max_tokens), MAX_TOKENS_CAP))  # the browser's value is only a wish
+    max_tokens = max(1, min(int(max_tokens or 1), MAX_TOKENS_CAP))  # the browser's value is only a wish
     return settings, max_tokens
 
 
@@ -68,6 +84,47 @@ def stats_line(stats: dict) -> str:
         parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
     if stats.get("tokens_saved"):
         parts.append(f"{stats['tokens_saved']} history tokens reused from the state (not re-read)")
+    if stats.get("history_reread"):
+        parts.append(f"{stats['history_reread']} history tokens re-read (the saved state had been dropped)")
     if stats.get("stop_reason") in ("cancelled", "closed"):
         parts.append("stopped")
     return " · ".join(parts)
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def live_status(session: Session) -> str:
+    """What a running request of this session is doing, in a few words."""
+    if session.waiting:
+        return f"Waiting for the model: {ordinal(session.waiting)} in the queue…"
+    live = session.live
+    if live is None:
+        return "Working…"
+    if live.prompt_state is None:
+        return f"Reading the prompt… {live.prompt_read} of {len(live.prompt_tokens)} tokens"
+    return f"Generating… {live.stats.generated_tokens} tokens · {live.stats.tokens_per_second:.1f} tok/s"
+
+
+def with_notices(session: Session, status: str) -> str:
+    """The status line, after anything the visitor must be told (e.g. what the server dropped)."""
+    notices = session.take_notices()
+    return " ".join(f"ℹ {n}" for n in notices) + (" · " if notices and status else "") + status
+
+
+def stream(session: Session, make_stream: Callable[[], Iterator], render: Callable[[str, bool], tuple],
+           final_status: Callable[[], str]) -> Iterator[tuple]:
+    """Drive a session's stream for the browser (the one streaming helper of the tabs): yields
+    render(status, False) at most UPDATES_PER_SECOND times a second while it runs, then
+    render(final_status(), True); any error becomes one status line, never a traceback."""
+    last = 0.0
+    try:
+        for _ in make_stream():
+            now = time.perf_counter()
+            if now - last >= 1.0 / UPDATES_PER_SECOND:
+                last = now
+                yield render(live_status(session), False)
+        yield render(with_notices(session, final_status()), True)
+    except Exception as exc:
+        yield render(with_notices(session, friendly_error(exc)), True)

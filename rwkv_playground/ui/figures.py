@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from ..inspect import decay_per_token, half_life
+from ..inspection import decay_per_token, half_life
 
 # The template object is built once: naming it in every update_layout re-validates it (~80 ms).
 _TEMPLATE = go.layout.Template(pio.templates["plotly_white"])

@@ -1,23 +1,24 @@
 """State inspector tab: decay w, bonus u and the WKV accumulators, token by token.
 
-Recording happens once (Record); every slider move only slices the recording and redraws.
+Recording happens once (Record, through the engine's scheduler); every slider move only slices
+the recording and redraws. Handlers are module-level functions; `build` lays out and wires.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
-from ..engine import Engine
-from ..errors import GenerationError, LoadError
-from ..inspect import compare_states, effective_attention, model_decay_parameters, record
+from ..errors import GenerationError
+from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
 from ..state import State
 from . import figures
-from .common import friendly_error
+from .common import friendly_error, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
                 "It is the east, and Juliet is the sun.\n\n"
@@ -85,8 +86,120 @@ def draw_views(rec, layer: int, token: int, channel_spec: str, size: int):
     return heat_value, heat_mass, heat_pp, lines, attention, summary, at_token, at
 
 
-def build(engine: Engine, chat_state, blog_state):
-    recording = gr.State(None)
+N_VIEWS = 7  # figures returned by draw_views (then the token line)
+NO_VIEWS = [gr.Plot()] * N_VIEWS
+
+
+def model_figures(runtime) -> tuple:
+    td, tf = model_decay_parameters(runtime)
+    return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),
+            figures.bonus_vs_decay(td, tf))
+
+
+def tokens_to_record(source, text, chat_session, blog_session, tokenizer) -> list[int]:
+    """The token ids the chosen source holds (exactly what the chat's / post's state read)."""
+    if source == SOURCES[1]:
+        if chat_session is None or not chat_session.turns:
+            raise GenerationError("The chat is empty: send a message first (or record a text).")
+        return chat_session.history_tokens()
+    if source == SOURCES[2]:
+        if blog_session is None or not blog_session.tokens:
+            raise GenerationError("There is no blog post yet: write one first (or record a text).")
+        return list(blog_session.tokens)
+    if not text or not text.strip():
+        raise GenerationError("Type a text to record first.")
+    return tokenizer.encode(text)
+
+
+def on_record(engine, source, text, chat_session, blog_session, session, layer, channels, window_size):
+    """Record the chosen text (progress while it runs), then draw every view at its last token.
+    Outputs: status, layer slider, token slider, spike list, the views, the token line, the four
+    model figures, session."""
+    unchanged = (gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *[gr.Plot()] * 4, session)
+    try:
+        loaded = engine.require()
+        ids = tokens_to_record(source, text, chat_session, blog_session, loaded.tokenizer)
+        for event in session.record(engine, ids):
+            if event.kind == "progress":
+                yield (f"Recording… {event.value[1]}", *unchanged)
+            elif event.kind == "queued":
+                yield (f"Waiting for the model: place {event.value} in the queue…", *unchanged)
+        rec = session.recording
+        layer = min(int(layer), rec.n_layer - 1)
+        last = rec.n_tokens - 1
+        views = draw_views(rec, layer, last, channels, window_size)
+        status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
+                  "Move the sliders: every view is a slice of this recording.")
+        yield (with_notices(session, status), gr.Slider(maximum=rec.n_layer - 1, value=layer),
+               gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None), *views,
+               *model_figures(loaded.runtime), session)
+    except Exception as exc:
+        yield (with_notices(session, friendly_error(exc)), *unchanged)
+
+
+def on_view(session, layer, token, channels, window_size):
+    if session.recording is None:
+        return [*NO_VIEWS, with_notices(session, "Press Record first.")]
+    try:
+        return list(draw_views(session.recording, layer, token, channels, window_size))
+    except Exception as exc:
+        return [*NO_VIEWS, friendly_error(exc)]
+
+
+def on_spike(choice):
+    return gr.Slider() if choice is None else gr.Slider(value=int(choice))
+
+
+def on_export(session, token):
+    rec = session.recording
+    if rec is None:
+        return None, with_notices(session, "Press Record first.")
+    t = int(token)
+    path = Path(tempfile.mkdtemp(prefix="rwkv-state-")) / f"state-token-{t}.safetensors"
+    rec.state_at(t).save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
+    return str(path), f"Saved the state after token {t}."
+
+
+def on_compare(engine, session, token, file):
+    if session.recording is None or file is None:
+        return gr.Plot(), "Record a text and choose a state file to compare."
+    try:
+        other = State.load(file if isinstance(file, str) else file.name)
+        engine.require().runtime.check_state(other)
+        result = compare_states(session.recording.state_at(int(token)), other)
+        rows = result["top_channels"][:8]
+        table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)
+        return (figures.state_comparison(result["per_layer"]),
+                "Channels that differ most:\n\n| component | layer | channel | abs diff |\n|---|---|---|---|\n" + table)
+    except Exception as exc:
+        return gr.Plot(), friendly_error(exc)
+
+
+def on_html(session, layer, token, channels, window_size):
+    rec = session.recording
+    if rec is None:
+        return None
+    views = draw_views(rec, layer, token, channels, window_size)
+    names = ["value estimate", "memory mass", "pp", "channels over the text", "effective attention",
+             "per-token summary", "state at the selected token"]
+    figs = dict(zip(names, views[:N_VIEWS]))
+    figs.update({"decay spectrum": figures.decay_spectrum(rec.time_decay),
+                 "half-life": figures.half_life_heatmap(rec.time_decay),
+                 "bonus u": figures.bonus_heatmap(rec.time_first)})
+    path = Path(tempfile.mkdtemp(prefix="rwkv-figs-")) / "rwkv-state-inspector.html"
+    path.write_text(figures.figures_to_html(figs), encoding="utf-8")
+    return str(path)
+
+
+def on_load(engine):
+    """The model's decay / bonus views need no recording: drawn when the page opens."""
+    loaded = engine.current
+    return model_figures(loaded.runtime) if loaded is not None else (gr.Plot(),) * 4
+
+
+def build(engine, chat_state, blog_state):
+    """Returns (the page-load function, its outputs)."""
+    session = session_state(engine, InspectorSession)
     with gr.Row():
         source = gr.Radio(SOURCES, value=SOURCES[0], label="Record", elem_id="insp-source")
         record_btn = gr.Button("Record", variant="primary", elem_id="insp-record")
@@ -130,97 +243,12 @@ def build(engine: Engine, chat_state, blog_state):
 
     view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, at_token_plot,
                     token_info]
-
-    def tokens_for(src, txt, chat_session, blog_session, loaded):
-        tok = loaded.tokenizer
-        if src == SOURCES[1]:
-            if chat_session is None or not chat_session.turns:
-                raise GenerationError("The chat is empty: send a message first (or record a text).")
-            ids = []
-            for turn in chat_session.turns:
-                ids += turn.prompt_tokens + turn.reply_tokens
-            return ids
-        if src == SOURCES[2]:
-            if blog_session is None or not blog_session.text:
-                raise GenerationError("There is no blog post yet: write one first (or record a text).")
-            return tok.encode(blog_session.text)
-        if not txt or not txt.strip():
-            raise GenerationError("Type a text to record first.")
-        return tok.encode(txt)
-
-    def on_record(src, txt, chat_session, blog_session, layer_value, channels, size_value, progress=gr.Progress()):
-        try:
-            loaded = engine.require()
-            progress(0.1, desc="Reading the text")
-            ids = tokens_for(src, txt, chat_session, blog_session, loaded)
-            rec = record(loaded.model, loaded.tokenizer, ids)
-            progress(0.8, desc="Drawing")
-            td, tf = rec.time_decay, rec.time_first
-            last = rec.n_tokens - 1
-            views = draw_views(rec, min(int(layer_value), rec.n_layer - 1), last, channels, size_value)
-            msg = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
-                   "Move the sliders: every view is a slice of this recording.")
-            return (rec, msg, gr.Slider(maximum=rec.n_layer - 1, value=min(int(layer_value), rec.n_layer - 1)),
-                    gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None),
-                    *views, figures.decay_spectrum(td), figures.half_life_heatmap(td),
-                    figures.bonus_heatmap(tf), figures.bonus_vs_decay(td, tf))
-        except Exception as exc:
-            nothing = [gr.Plot()] * 7
-            return (None, friendly_error(exc), gr.Slider(), gr.Slider(), gr.Dropdown(), *nothing, "",
-                    gr.Plot(), gr.Plot(), gr.Plot(), gr.Plot())
-
-    def on_view(rec, layer_value, token_value, channels, size_value):
-        if rec is None:
-            return [gr.Plot()] * 7 + ["Press Record first."]
-        try:
-            return list(draw_views(rec, layer_value, token_value, channels, size_value))
-        except Exception as exc:
-            return [gr.Plot()] * 7 + [friendly_error(exc)]
-
-    def on_spike(choice):
-        return gr.Slider() if choice is None else gr.Slider(value=int(choice))
-
-    def on_export(rec, token_value):
-        if rec is None:
-            return None, "Press Record first."
-        t = int(token_value)
-        folder = Path(tempfile.mkdtemp(prefix="rwkv-state-"))
-        path = folder / f"state-token-{t}.safetensors"
-        rec.state_at(t).save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
-        return str(path), f"Saved the state after token {t}."
-
-    def on_compare(rec, token_value, file):
-        if rec is None or file is None:
-            return gr.Plot(), "Record a text and choose a state file to compare."
-        try:
-            loaded = engine.require()
-            other = State.load(file if isinstance(file, str) else file.name, model=loaded.model)
-            result = compare_states(rec.state_at(int(token_value)), other)
-            rows = result["top_channels"][:8]
-            table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)
-            return (figures.state_comparison(result["per_layer"]),
-                    "Channels that differ most:\n\n| component | layer | channel | abs diff |\n|---|---|---|---|\n" + table)
-        except (LoadError, GenerationError, Exception) as exc:
-            return gr.Plot(), friendly_error(exc)
-
-    def on_html(rec, layer_value, token_value, channels, size_value):
-        if rec is None:
-            return None
-        views = draw_views(rec, layer_value, token_value, channels, size_value)
-        names = ["value estimate", "memory mass", "pp", "channels over the text", "effective attention",
-                 "per-token summary", "state at the selected token"]
-        figs = dict(zip(names, views[:7]))
-        figs.update({"decay spectrum": figures.decay_spectrum(rec.time_decay),
-                     "half-life": figures.half_life_heatmap(rec.time_decay),
-                     "bonus u": figures.bonus_heatmap(rec.time_first)})
-        path = Path(tempfile.mkdtemp(prefix="rwkv-figs-")) / "rwkv-state-inspector.html"
-        path.write_text(figures.figures_to_html(figs), encoding="utf-8")
-        return str(path)
-
-    record_btn.click(on_record, [source, text, chat_state, blog_state, layer, channel_spec, size],
-                     [recording, status, layer, token, spike, *view_outputs, decay_plot, life_plot, bonus_plot,
-                      bonus_scatter], concurrency_id="model", api_name="inspect")
-    view_inputs = [recording, layer, token, channel_spec, size]
+    model_plots = [decay_plot, life_plot, bonus_plot, bonus_scatter]
+    record_btn.click(partial(on_record, engine), [source, text, chat_state, blog_state, session, layer, channel_spec,
+                                                  size],
+                     [status, layer, token, spike, *view_outputs, *model_plots, session], api_name="inspect",
+                     concurrency_id="model", concurrency_limit=engine.event_concurrency())
+    view_inputs = [session, layer, token, channel_spec, size]
     for control in (layer, token, size):
         control.release(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
     token.input(on_view, view_inputs, view_outputs, concurrency_limit=None, trigger_mode="always_last",
@@ -228,16 +256,8 @@ def build(engine: Engine, chat_state, blog_state):
     channel_spec.submit(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
     spike.change(on_spike, [spike], [token], queue=False, api_visibility="private").then(
         on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
-    export_btn.click(on_export, [recording, token], [export_file, status], api_visibility="private")
-    upload.change(on_compare, [recording, token, upload], [compare_plot, compare_md], api_visibility="private")
+    export_btn.click(on_export, [session, token], [export_file, status], api_visibility="private")
+    upload.change(partial(on_compare, engine), [session, token, upload], [compare_plot, compare_md],
+                  api_visibility="private")
     html_btn.click(on_html, view_inputs, [html_file], api_visibility="private")
-
-    def model_figures():
-        loaded = engine.current
-        if loaded is None:
-            return gr.Plot(), gr.Plot(), gr.Plot(), gr.Plot()
-        td, tf = model_decay_parameters(loaded.model)
-        return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),
-                figures.bonus_vs_decay(td, tf))
-
-    return model_figures, [decay_plot, life_plot, bonus_plot, bonus_scatter]
+    return partial(on_load, engine), model_plots

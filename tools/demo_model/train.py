@@ -1,10 +1,10 @@
 """Train the demo RWKV-4 model that ships in assets/ (and evaluate it).
 
-    python -m rwkv_playground.train --out assets            # train (resumes if interrupted)
-    python -m rwkv_playground.train --out assets --eval     # re-measure the shipped model
+    python -m tools.demo_model.train --out assets            # train (resumes if interrupted)
+    python -m tools.demo_model.train --out assets --eval     # re-measure the shipped model
 
-Uses the engine's own model definition (`RWKV4.forward_train`) and the compiled WKV kernels'
-backward (C++ on CPU, CUDA on a GPU). The corpus is prepared by `corpus.py`; the tokenizer is a
+Uses the engine's own model definition (`RWKV4.forward` from an empty state: the same math the
+app runs) and the compiled WKV kernels' backward (C++ on CPU, CUDA on a GPU). The corpus is prepared by `corpus.py`; the tokenizer is a
 byte-level BPE trained with `tokenizers` and saved in the same JSON format as RWKV-4's
 `20B_tokenizer.json`. The result is a bf16 checkpoint in BlinkDL's format, loaded by the app
 exactly like a released RWKV-4 model.
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RWKV4, RWKVConfig, expected_shapes
+from rwkv_playground import backends
+from rwkv_playground.model import RWKV4, RWKVConfig, expected_shapes
 
 CHECKPOINT_NAME = "rwkv4-demo-shakespeare.pth"
 TOKENIZER_NAME = "rwkv4-demo-tokenizer.json"
@@ -127,7 +128,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate_training_model(model: RWKV4, tokens: np.ndarray, ctx_len: int, max_windows: int = 64) -> float:
+def evaluate_training_model(model: RWKV4, wkv, tokens: np.ndarray, ctx_len: int, max_windows: int = 64) -> float:
     """Mean next-token loss over consecutive windows of the validation tokens (fast estimate)."""
     n = min(max_windows, (len(tokens) - 1) // ctx_len)
     data = torch.from_numpy(tokens[: n * ctx_len + 1].astype(np.int64))
@@ -135,7 +136,7 @@ def evaluate_training_model(model: RWKV4, tokens: np.ndarray, ctx_len: int, max_
     y = data[1:].reshape(n, ctx_len)
     losses = []
     for i in range(0, n, 16):
-        logits = model.forward_train(x[i:i + 16])
+        logits, _ = model(x[i:i + 16], wkv=wkv)
         losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="sum"))
     return float(sum(losses) / (n * ctx_len))
 
@@ -164,8 +165,9 @@ def bigram_baseline(train_tokens: np.ndarray, valid_tokens: np.ndarray, vocab: i
 # ---- training ---------------------------------------------------------------------------------
 
 def prepare_data(out: Path, cfg: TrainConfig, cache: Path):
+    from rwkv_playground.tokenizer import load_tokenizer
+
     from .corpus import build_corpus
-    from .tokenizer import load_tokenizer
 
     train_text, valid_text, works = build_corpus(cache)
     tok_path = out / TOKENIZER_NAME
@@ -193,8 +195,10 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
     model = RWKV4(model_cfg)
     model.load_state_dict(init_training_weights(model_cfg, cfg.seed))
     model.to(device)
-    wkv = model.set_wkv("auto", progress=lambda m: print(m, flush=True))
-    print(f"WKV implementation for training: {wkv} {model.wkv_note}", flush=True)
+    chosen = backends.resolve(torch.device(device), "fp32", wkv="auto", step="reference", sampler="reference",
+                              progress=lambda m: print(m, flush=True))
+    wkv = chosen.wkv  # its training form (no state) runs the compiled kernel's backward
+    print(f"WKV implementation for training: {wkv.name} {' '.join(chosen.notes)}", flush=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() == 2 and "emb" not in name else no_decay).append(p)
@@ -226,7 +230,7 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
         x, y = batch_at(train_tokens, step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits = model.forward_train(x.to(device))
+        logits, _ = model(x.to(device), wkv=wkv)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,7 +244,7 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
         record = {"step": step, "loss": round(loss.item(), 4)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
-            record["val_loss"] = round(evaluate_training_model(model, valid_tokens, cfg.ctx_len), 4)
+            record["val_loss"] = round(evaluate_training_model(model, wkv, valid_tokens, cfg.ctx_len), 4)
             model.train()
             bar.write(f"step {step}: train loss {loss.item():.3f}, validation loss {record['val_loss']:.3f}")
         history.append(record)
@@ -265,12 +269,13 @@ def train(out: Path, cfg: TrainConfig, device: str, cache: Path, work: Path, res
 def evaluate_shipped(out: Path, ctx_len: int = 1024, max_tokens: int | None = None) -> float:
     """Validation loss of the shipped bf16 checkpoint through the inference engine (the numbers
     a user of the app gets), reading the held-out text in windows of ctx_len from an empty state."""
-    from . import load_model
+    from rwkv_playground import load_runtime
+    from rwkv_playground.tokenizer import load_tokenizer
+
     from .corpus import build_corpus
-    from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(out / TOKENIZER_NAME)
-    model = load_model(out / CHECKPOINT_NAME, dtype="fp32")
+    runtime = load_runtime(out / CHECKPOINT_NAME, dtype="fp32")
     _, valid_text, _ = build_corpus(_default_cache())
     tokens = tok.encode(valid_text)
     if max_tokens:
@@ -280,7 +285,7 @@ def evaluate_shipped(out: Path, ctx_len: int = 1024, max_tokens: int | None = No
         window = tokens[start:start + ctx_len + 1]
         if len(window) < 2:
             break
-        logits, _ = model.forward(window[:-1], full_output=True)
+        logits, _ = runtime.forward(window[:-1], full_output=True)
         total += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
         count += len(window) - 1
     return total / count
@@ -316,11 +321,11 @@ def write_card(out, cfg, model_cfg, works, train_tokens, valid_tokens, elapsed, 
                      "seconds": round(elapsed, 1), "device": device,
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                                 + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
-                     "command": "python -m rwkv_playground.train --out assets",
+                     "command": "python -m tools.demo_model.train --out assets",
                      "history": history},
         "validation": {
             "loss": round(val_loss, 4), "perplexity": round(math.exp(val_loss), 2),
-            "measured_with": "python -m rwkv_playground.train --out assets --eval (bf16 checkpoint, "
+            "measured_with": "python -m tools.demo_model.train --out assets --eval (bf16 checkpoint, "
                              "engine in fp32, windows of 1024 tokens from an empty state)",
             "bigram_baseline_loss": round(baseline["loss"], 4),
             "bigram_baseline_perplexity": round(baseline["perplexity"], 2),

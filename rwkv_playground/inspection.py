@@ -1,8 +1,9 @@
 """Looking inside the recurrent state: recordings per token, decays, half-lives, effective attention.
 
-`record(model, tokenizer, tokens)` runs the text once and keeps, for every token and layer, the
+`record(runtime, tokenizer, tokens)` runs the text once and keeps, for every token and layer, the
 WKV inputs (k, v), the WKV output, the token-shift vectors and the state (aa, bb, pp) *after*
-that token. The state is obtained by replaying the WKV recurrence over the captured k, v - the
+that token (observed through the `observe` argument of Runtime.forward). The state is obtained
+by replaying the WKV recurrence over the captured k, v - the
 same float32 arithmetic as the engine's RNN step, so it equals the engine's state after each
 token (tested) - while the heavy matmuls run once in sequence mode. Every view is then a cheap
 slice of these arrays (numpy, no torch, no plotting here).
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .sessions import Session, run_task
 from .state import State
 
 MAX_RECORD_FLOATS = 400_000_000  # ~1.6 GB of float32 across all recorded arrays
@@ -75,6 +77,10 @@ class Recording:
                      ffn_x=pick(self.ffn_x), token_count=int(self.initial_count) + t + 1,
                      fingerprint=self.fingerprint)
 
+    def nbytes(self) -> int:
+        arrays = [self.k, self.v, self.wkv, self.aa, self.bb, self.pp, self.att_x, self.ffn_x, self.surprisal]
+        return sum(a.nbytes for a in arrays)
+
     def state_change(self) -> np.ndarray:
         """[T, L]: relative L2 change of each layer's state at each token, on the invariant parts
         (value estimate aa/bb, the two token-shift vectors). Computed once, then cached."""
@@ -104,62 +110,81 @@ def half_life(time_decay: np.ndarray) -> np.ndarray:
     return math.log(2) / np.exp(time_decay.astype(np.float64))
 
 
-def model_decay_parameters(model) -> tuple[np.ndarray, np.ndarray]:
-    td = np.stack([b.att.time_decay.detach().float().cpu().numpy() for b in model.blocks])
-    tf = np.stack([b.att.time_first.detach().float().cpu().numpy() for b in model.blocks])
+def model_decay_parameters(runtime) -> tuple[np.ndarray, np.ndarray]:
+    """time_decay and time_first of every layer: [L, C] each."""
+    blocks = runtime.model.blocks
+    td = np.stack([b.att.time_decay.detach().float().cpu().numpy() for b in blocks])
+    tf = np.stack([b.att.time_first.detach().float().cpu().numpy() for b in blocks])
     return td, tf
 
 
-def record(model, tokenizer, tokens: list[int], state: State | None = None) -> Recording:
-    """Run `tokens` from `state` (default: empty) and record everything per token."""
+class _Recorder:
+    """The observer passed to Runtime.forward: copies k, v, wkv and the token-shift inputs of every
+    layer into preallocated [T, L, C] arrays, chunk after chunk."""
+
+    NAMES = ("k", "v", "wkv", "att_x", "ffn_x")
+
+    def __init__(self, T: int, L: int, C: int):
+        self.store = {n: np.empty((T, L, C), dtype=np.float32) for n in self.NAMES}
+        self.offset = 0  # where the current chunk starts
+
+    def __call__(self, layer: int, name: str, value: torch.Tensor) -> None:
+        if name in self.store:
+            chunk = value[0].detach().float().cpu().numpy()
+            self.store[name][self.offset:self.offset + chunk.shape[0], layer] = chunk
+
+
+def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
+    """The recording as a task for the scheduler: a generator reading one chunk per next()
+    (yielding (fraction, message)), whose return value is the Recording."""
     if not tokens:
         raise GenerationError("There is no text to record: type some text first.")
-    L, C = model.config.n_layer, model.config.n_embd
+    L, C = runtime.config.n_layer, runtime.config.n_embd
     T = len(tokens)
     if 7 * T * L * C > MAX_RECORD_FLOATS:
         limit = MAX_RECORD_FLOATS // (7 * L * C)
         raise GenerationError(f"That text is {T} tokens; this model can record at most {limit} tokens at a time.")
-    names = ("k", "v", "wkv", "att_x", "ffn_x")
-    store = {n: np.empty((T, L, C), dtype=np.float32) for n in names}
-    offset = 0
-
-    def capture(layer, name, value):
-        chunk = value[0].detach().float().cpu().numpy()
-        store[name][offset:offset + chunk.shape[0], layer] = chunk
-
-    start_state = state.clone() if state is not None else model.new_state()
+    recorder = _Recorder(T, L, C)
+    start_state = state.clone() if state is not None else runtime.new_state()
     # copies: the state is advanced in place below, and .numpy() would share its memory
     initial = {n: t.detach().float().cpu().numpy().copy() for n, t in start_state.tensors().items()}
     initial_count = start_state.token_count if isinstance(start_state.token_count, int) else 0
     surprisal = np.full(T, np.nan, dtype=np.float32)
     previous_logits = None
     current = start_state
-    model.capture = capture
-    try:
-        for start in range(0, T, model.chunk_len):
-            chunk = tokens[start:start + model.chunk_len]
-            offset = start
-            logits, current = model.forward(chunk, current, full_output=True, inplace=True)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            ids = torch.tensor(chunk)
-            # -log p(token_t | before): row t-1 of this chunk's logits, or the previous chunk's last
-            if previous_logits is not None:
-                surprisal[start] = float(-torch.log_softmax(previous_logits, -1)[chunk[0]])
-            if len(chunk) > 1:
-                surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
-            previous_logits = logits[-1].float()
-    finally:
-        model.capture = None
+    for start in range(0, T, runtime.chunk_len):
+        chunk = tokens[start:start + runtime.chunk_len]
+        recorder.offset = start
+        logits, current = runtime.forward(chunk, current, full_output=True, inplace=True, observe=recorder)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.tensor(chunk)
+        # -log p(token_t | before): row t-1 of this chunk's logits, or the previous chunk's last
+        if previous_logits is not None:
+            surprisal[start] = float(-torch.log_softmax(previous_logits, -1)[chunk[0]])
+        if len(chunk) > 1:
+            surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
+        previous_logits = logits[-1].float()
+        yield (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
 
-    td, tf = model_decay_parameters(model)
+    store = recorder.store
+    td, tf = model_decay_parameters(runtime)
     aa, bb, pp = _replay_wkv(-np.exp(td.astype(np.float32)), tf.astype(np.float32), store["k"], store["v"],
                              initial["aa"], initial["bb"], initial["pp"])
-    rec = Recording(tokens=list(tokens), token_texts=[tokenizer.token_text(t) for t in tokens],
-                    time_decay=td, time_first=tf, k=store["k"], v=store["v"], wkv=store["wkv"],
-                    aa=aa, bb=bb, pp=pp, att_x=store["att_x"], ffn_x=store["ffn_x"], initial=initial,
-                    surprisal=surprisal, fingerprint=model.fingerprint)
-    rec.initial_count = initial_count
-    return rec
+    return Recording(tokens=list(tokens), token_texts=[tokenizer.token_text(t) for t in tokens],
+                     time_decay=td, time_first=tf, k=store["k"], v=store["v"], wkv=store["wkv"],
+                     aa=aa, bb=bb, pp=pp, att_x=store["att_x"], ffn_x=store["ffn_x"], initial=initial,
+                     surprisal=surprisal, fingerprint=runtime.fingerprint, initial_count=initial_count)
+
+
+def record(runtime, tokenizer, tokens: list[int], state: State | None = None) -> Recording:
+    """Run `tokens` from `state` (default: empty) and record everything per token (the calling
+    thread runs the model: scripts and notebooks; the app goes through its scheduler)."""
+    task = record_task(runtime, tokenizer, tokens, state)
+    while True:
+        try:
+            next(task)
+        except StopIteration as done:
+            return done.value
 
 
 def _replay_wkv(w, u, k, v, aa0, bb0, pp0):
@@ -235,3 +260,32 @@ def compare_states(a: State, b: State) -> dict:
                 top.append({"component": name, "layer": layer, "channel": c, "abs_diff": float(diff[c])})
     top.sort(key=lambda r: -r["abs_diff"])
     return {"per_layer": rows, "top_channels": top[:20]}
+
+
+class InspectorSession(Session):
+    """One visitor's State inspector: the current recording (accounted in the memory budget)."""
+
+    kind = "inspector"
+
+    def __init__(self):
+        super().__init__()
+        self.recording: Recording | None = None
+
+    def record(self, engine, tokens: list[int], state: State | None = None):
+        """Record `tokens` through the engine's scheduler; yields its events (progress, then done).
+        The recording is kept in `self.recording`."""
+        tokenizer = engine.require().tokenizer
+        self.recording = None
+        for event in run_task(self, engine, lambda runtime: record_task(runtime, tokenizer, tokens, state),
+                              label="recording"):
+            if event.kind == "done":
+                self.recording = event.value
+                self.touch(engine)
+            yield event
+
+    def memory_items(self) -> list[tuple[str, int]]:
+        return [("recording", self.recording.nbytes())] if self.recording is not None else []
+
+    def drop(self, key: str) -> str:
+        self.recording = None
+        return "your State inspector recording (press Record again to make a new one)"

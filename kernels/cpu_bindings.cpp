@@ -1,0 +1,47 @@
+// The Python module of the CPU kernels: the WKV operator (kernels/wkv_cpu.cpp), the one-token
+// RNN step and its matvecs (kernels/rnn_cpu.cpp), and the top-p sampler (kernels/sampling_cpu.cpp).
+#include <torch/extension.h>
+
+#include "rnn_cpu.h"
+
+// kernels/wkv_cpu.cpp
+std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                       torch::Tensor aa, torch::Tensor bb, torch::Tensor pp);
+torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v);
+std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                              torch::Tensor y, torch::Tensor gy);
+// kernels/sampling_cpu.cpp
+int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform);
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "RWKV Playground CPU kernels: WKV operator, one-token RNN step, top-p sampler";
+  // The WKV operator: the same three functions as the CUDA module (rwkv_playground.wkv wraps them).
+  m.def("wkv_forward", &wkv_forward, "WKV forward with state in/out", py::call_guard<py::gil_scoped_release>());
+  m.def("wkv_train_forward", &wkv_train_forward, "WKV training forward from an empty state",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("wkv_train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv)",
+        py::call_guard<py::gil_scoped_release>());
+
+  using rwkv_cpu::StepWeights;
+  py::class_<StepWeights>(m, "StepWeights",
+                          "The model's weights for the one-token step, taken by checkpoint name and validated once")
+      .def(py::init<const std::map<std::string, at::Tensor>&, int64_t, double, const std::string&>(),
+           py::arg("weights"), py::arg("n_layer"), py::arg("layer_norm_eps"), py::arg("isa") = "auto")
+      .def_static("slot_names", &StepWeights::slot_names, py::arg("n_layer"),
+                  "every weight name the step reads (int8 matrices also need '<name>.scale')")
+      .def_property_readonly("isa", &StepWeights::isa)
+      .def_property_readonly("storage", &StepWeights::storage)
+      .def("step", &StepWeights::step, py::arg("tokens"), py::arg("att_x"), py::arg("aa"), py::arg("bb"),
+           py::arg("pp"), py::arg("ffn_x"), py::call_guard<py::gil_scoped_release>(),
+           "one token for each of B sequences through every layer and the head; the states ([L, C] "
+           "float32 tensors, one per sequence) advance in place; returns the logits [B, V]");
+  m.def("matvec", &rwkv_cpu::matvec, py::arg("weight"), py::arg("x"), py::arg("scale") = py::none(),
+        py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
+        "y = x W^T for x [K] or [B, K] (W float32, bfloat16, or int8 with a scale per row)");
+  m.def("available_isas", &rwkv_cpu::available_isas, "instruction sets this CPU can run, best first");
+
+  m.def("sample_top_p", &sample_top_p, "top-p/top-k/temperature draw of one token id from float32 logits",
+        py::call_guard<py::gil_scoped_release>());
+}

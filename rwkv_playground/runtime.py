@@ -1,0 +1,353 @@
+"""The runtime: an RWKV4 model placed for inference, and everything about *how* it runs.
+
+The model (model.py) is parameters and math. The runtime owns: the device; the storage dtype of
+the matrices (fp32 / bf16 / fp16 / int8, via `StoredLinear`); the backend of each fast path
+(backends.py); prompts read in chunks of `chunk_len` tokens (constant memory for any length); the
+fused one-token step for one or many sequences; and observation of the internals, which is an
+argument of the call (what the inspector records), never a hook left on the shared model.
+
+    runtime = load_runtime("assets/rwkv4-demo-shakespeare.pth", dtype="bf16")
+    logits, state = runtime.forward(tokens)                  # [V], State
+    logits = runtime.step([token_a, token_b], [state_a, state_b])  # [2, V]; states advance in place
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends as backends_mod
+from .checkpoint import read_checkpoint
+from .errors import LoadError, StateError
+from .model import FP16_RESCALE_EVERY, LN_EPS, RWKV4, RWKVConfig, expected_shapes
+from .state import State
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# tokens per pass in a prompt: larger GEMMs run closer to peak, and [T, 4C] fp32 stays small
+DEFAULT_CHUNK_LEN = 512
+
+# observe(layer, name, tensor [B, T_chunk, ...]): called per chunk, chunks in order
+Observer = Callable[[int, str, torch.Tensor], None]
+
+
+class StoredLinear(nn.Module):
+    """A Linear layer's weight [N, K] as inference stores it, computing x @ W^T in float32.
+
+    On the CPU, bf16 weights multiply float32 activations: the weight is upcast for the product
+    (PyTorch's bf16 GEMM runs at a fraction of fp32's speed on CPUs without native bf16 units, and
+    the upcast costs ~1/T of a T-row product), which is also what the fused C++ step computes.
+    `native_bf16` (CPUs with AMX / AVX512-BF16, chosen by the runtime) lets products of 16 rows or
+    more run PyTorch's bf16 GEMM instead, which rounds the activations to bf16. fp16 weights (GPU
+    storage; also runs on the CPU, slowly) multiply fp16 activations."""
+
+    def __init__(self, weight: torch.Tensor, native_bf16: bool = False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.native_bf16 = native_bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == torch.float32:
+            return F.linear(x.float(), w)
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not (
+                self.native_bf16 and x.numel() >= 16 * w.shape[1]):
+            return upcast_linear(x.float(), w)
+        return F.linear(x.to(w.dtype), w).float()
+
+
+# A product that upcasts its weight does so this many fp32 values at a time (64 MB): a 50k-row
+# head, or a 14B model's FFN, never gets a whole fp32 copy.
+UPCAST_BLOCK_FLOATS = 16 << 20
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T in float32, the weight converted block of rows by block."""
+    rows = max(1, UPCAST_BLOCK_FLOATS // weight.shape[1])
+
+    def block(start: int) -> torch.Tensor:
+        w = weight[start:start + rows].float()
+        return w if scale is None else w.mul_(scale[start:start + rows, None])
+
+    if weight.shape[0] <= rows:
+        return F.linear(x, block(0))
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        out[..., start:start + rows] = F.linear(x, block(start))
+    return out
+
+
+def infer_config(tensors: dict[str, torch.Tensor]) -> RWKVConfig:
+    if "emb.weight" not in tensors:
+        raise LoadError("The checkpoint is missing key 'emb.weight'.")
+    emb = tensors["emb.weight"]
+    if emb.dim() != 2:
+        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}, expected [vocab, n_embd].")
+    vocab_size, n_embd = emb.shape
+    if vocab_size == 0 or n_embd == 0:
+        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}: the model has an empty vocabulary or width.")
+    layer_ids = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not layer_ids:
+        raise LoadError("The checkpoint has no 'blocks.N.*' keys.")
+    ffn_key = tensors.get("blocks.0.ffn.key.weight")
+    if ffn_key is None:
+        raise LoadError("The checkpoint is missing key 'blocks.0.ffn.key.weight'.")
+    return RWKVConfig(n_layer=max(layer_ids) + 1, n_embd=n_embd, vocab_size=vocab_size, ffn_dim=ffn_key.shape[0])
+
+
+def check_tensors(config: RWKVConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Every expected key with its shape and a floating dtype, nothing else."""
+    expected = expected_shapes(config)
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise LoadError(f"The checkpoint is missing key '{key}'.")
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise LoadError(f"Key '{key}' has shape {list(t.shape)}, expected {list(shape)}.")
+        if not t.is_floating_point():
+            raise LoadError(f"Key '{key}' holds {str(t.dtype).replace('torch.', '')} values; an RWKV-4 "
+                            "checkpoint stores floating-point weights.")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise LoadError(f"The checkpoint has unexpected key '{unexpected[0]}' (not an RWKV-4 model?).")
+
+
+def fingerprint_of(config: RWKVConfig, tensors: dict[str, torch.Tensor]) -> str:
+    """A short id of the weights: shape plus a hash of the small per-channel tensors and one row
+    of the embedding (cheap, yet differs between any two trained or random models)."""
+    h = hashlib.sha256(repr(config).encode())
+    for i in range(config.n_layer):
+        for name in ("time_decay", "time_first"):
+            h.update(tensors[f"blocks.{i}.att.{name}"].float().contiguous().numpy().tobytes())
+    h.update(tensors["emb.weight"][:4].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resolve_device(device: str) -> torch.device:
+    device = str(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoadError("CUDA was requested but no NVIDIA GPU is available to PyTorch on this machine.")
+    elif device != "cpu":
+        raise LoadError(f"Unknown device '{device}': choose cpu or cuda.")
+    return torch.device(device)
+
+
+class Runtime:
+    """An RWKV4 model ready for inference. Build it with `load_runtime`."""
+
+    def __init__(self, model: RWKV4, *, device: torch.device, dtype: str, backends: backends_mod.Backends,
+                 chunk_len: int, fingerprint: str, source_path: str | None):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.backends = backends
+        self.chunk_len = chunk_len
+        self.fingerprint = fingerprint
+        self.source_path = source_path
+        self._step_weights = None
+        if backends.step == "cpu":
+            # the fused step reads the weights by their checkpoint names (validated once here)
+            named = {name: t.detach() for name, t in model.state_dict().items()}
+            self._step_weights = backends.cpu_kernels.StepWeights(named, model.config.n_layer, LN_EPS)
+
+    # ---- description -----------------------------------------------------------------------------
+    @property
+    def config(self) -> RWKVConfig:
+        return self.model.config
+
+    @property
+    def sampler_kernel(self):
+        return self.backends.sampler_kernel
+
+    def describe(self) -> dict:
+        c = self.config
+        step = self.backends.step
+        if self._step_weights is not None:
+            step += f" ({self._step_weights.isa})"
+        return {
+            "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size, "ffn_dim": c.ffn_dim,
+            "parameters": c.n_params, "dtype": self.dtype, "device": str(self.device),
+            "wkv": self.backends.wkv.name, "step": step, "sampler": self.backends.sampler,
+            "notes": list(self.backends.notes), "chunk_len": self.chunk_len,
+            "fingerprint": self.fingerprint, "path": self.source_path,
+        }
+
+    # ---- state -------------------------------------------------------------------------------------
+    def new_state(self, batch: int | None = None) -> State:
+        return State.zeros(self.config.n_layer, self.config.n_embd, batch, self.device, self.fingerprint)
+
+    def check_state(self, state: State) -> None:
+        c = self.config
+        if (state.n_layer, state.n_embd) != (c.n_layer, c.n_embd):
+            raise StateError(
+                f"This state is for a model with {state.n_layer} layers x {state.n_embd} channels; "
+                f"the loaded model has {c.n_layer} x {c.n_embd}."
+            )
+        if state.fingerprint and self.fingerprint and state.fingerprint != self.fingerprint:
+            raise StateError("This state was produced by a different model (fingerprints differ).")
+
+    # ---- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, tokens, state: State | None = None, full_output: bool = False, chunk_len: int | None = None,
+                inplace: bool = False, observe: Observer | None = None):
+        """Run tokens through the model. Returns (logits, new_state).
+
+        tokens: list of ids / 1-D tensor (one sequence) or 2-D [B, T] tensor (a batch).
+        logits: float32 [V] for the last token ([T, V] with full_output); [B, V] / [B, T, V] batched.
+        The input state is left untouched unless inplace=True. observe(layer, name, tensor) sees
+        the internals chunk by chunk (the fused step never runs then).
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        batched = tokens.dim() == 2
+        if not batched:
+            tokens = tokens.reshape(1, -1)
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("forward() needs at least one token.")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
+            raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}).")
+        state = self._prepare_state(state, B if batched else None, inplace)
+
+        if T == 1 and observe is None:
+            rows = state.unbind_views() if batched else [state]
+            logits = self.step(tokens[:, 0].tolist(), rows)
+            logits = logits.unsqueeze(1) if full_output else logits
+            if not batched:
+                logits = logits[0]
+            if batched:
+                state.token_count = [c + 1 for c in state.token_count]
+            return logits, state
+
+        work = state if batched else state.as_batch()
+        chunk_len = chunk_len or self.chunk_len
+        outputs = []
+        for start in range(0, T, chunk_len):
+            chunk = tokens[:, start:start + chunk_len]
+            logits, new = self.model(chunk, work, wkv=self.backends.wkv, last_only=not full_output and observe is None,
+                                     observe=observe)
+            work.assign(new)
+            outputs.append(logits)
+        logits = torch.cat(outputs, dim=1) if full_output else outputs[-1]
+        if not batched:
+            logits = logits[0]  # (work is a view of state: state has the new values already)
+        state.token_count = [c + T for c in state.token_count] if batched else state.token_count + T
+        return logits, state
+
+    @torch.no_grad()
+    def step(self, tokens: Sequence[int], states: Sequence[State]) -> torch.Tensor:
+        """One token for each of B sequences (their single-sequence states advance in place).
+        Returns logits [B, V] float32. Row b does not depend on the other rows: the fused step
+        accumulates every row in one fixed order, and the PyTorch path runs rows one at a time."""
+        if len(tokens) != len(states):
+            raise ValueError("step() needs one state per token.")
+        for s in states:
+            self.check_state(s)
+        if self._step_weights is not None and self.device.type == "cpu":
+            logits = self._step_weights.step(torch.tensor(list(tokens), dtype=torch.long),
+                                             [s.att_x for s in states], [s.aa for s in states],
+                                             [s.bb for s in states], [s.pp for s in states],
+                                             [s.ffn_x for s in states])
+        else:
+            rows = []
+            for token, s in zip(tokens, states):
+                work = s.as_batch()
+                out, new = self.model(torch.tensor([[token]], device=self.device), work, wkv=self.backends.wkv,
+                                      last_only=True)
+                s.assign(new.single())
+                rows.append(out[0])
+            logits = torch.stack(rows) if rows else torch.empty(0, self.config.vocab_size)
+        for s in states:
+            s.token_count += 1
+        return logits
+
+    def _prepare_state(self, state: State | None, batch: int | None, inplace: bool) -> State:
+        if state is None:
+            return self.new_state(batch)
+        self.check_state(state)
+        if state.is_batched != (batch is not None) or (batch is not None and state.batch_size != batch):
+            raise StateError("The state's batch size does not match the tokens' batch size.")
+        if not inplace:
+            state = state.clone()
+        if state.device != self.device:
+            state = state.to(self.device)  # (inplace on another device cannot be honoured)
+        if not state.fingerprint:
+            state.fingerprint = self.fingerprint
+        return state
+
+
+def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None = None, step: str | None = None,
+                 sampler: str | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
+                 progress: Callable[[str, float], None] | None = None) -> Runtime:
+    """Load an RWKV-4 checkpoint (.pth or .safetensors) for inference.
+
+    dtype: "fp32" | "bf16" | "fp16" for the matrices (the residual stream, LayerNorms, token
+    shift and the WKV state are float32 in every case).
+    wkv / step / sampler: each fast path's backend (see backends.py); default "auto".
+    progress: optional callback(message, fraction) for long loads.
+    Raises LoadError with a one-sentence explanation on any problem.
+    """
+    report = progress or (lambda msg, frac: None)
+    if dtype not in DTYPES:
+        raise LoadError(f"Unknown dtype '{dtype}': choose fp32, bf16 or fp16.")
+    dev = _resolve_device(device)
+    t0 = time.perf_counter()
+    report(f"Reading {os.path.basename(str(path))}", 0.0)
+    raw = read_checkpoint(path)
+    tensors = raw.tensors
+    config = infer_config(tensors)
+    check_tensors(config, tensors)
+    fingerprint = fingerprint_of(config, tensors)
+
+    with torch.device("meta"):
+        model = RWKV4(config)
+    storage = DTYPES[dtype]
+    converted = {}
+    keys = list(expected_shapes(config))
+    for n, key in enumerate(keys):
+        t = tensors.pop(key)  # drop our reference as we go: peak memory stays near the final size
+        is_matrix = t.dim() == 2
+        if not is_matrix and not bool(torch.isfinite(t).all()):
+            raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
+        want = storage if is_matrix else torch.float32
+        if dtype == "fp16" and key.endswith(("att.output.weight", "ffn.value.weight")):
+            # Pre-divide so fp16 activations stay in range; the forward halves x to match.
+            t = t.float() / (2 ** (int(key.split(".")[1]) // FP16_RESCALE_EVERY))
+        if t.dtype != want or t.device != dev:
+            t = t.to(device=dev, dtype=want)
+        converted[key] = t
+        if n % 8 == 0:
+            report(f"Converting weights ({n + 1}/{len(keys)})", (n + 1) / len(keys))
+    model.load_state_dict(converted, assign=True, strict=True)
+    del converted
+    _store_linears(model)
+    model.requires_grad_(False)
+    model.eval()
+    model.rescale_every = FP16_RESCALE_EVERY if dtype == "fp16" else 0
+
+    report("Preparing the kernels", 0.95)
+    chosen = backends_mod.resolve(dev, dtype, wkv=wkv, step=step, sampler=sampler,
+                                  progress=lambda msg: report(msg, 0.97))
+    runtime = Runtime(model, device=dev, dtype=dtype, backends=chosen, chunk_len=chunk_len,
+                      fingerprint=fingerprint, source_path=str(raw.path))
+    # One probe token: a corrupt matrix (NaN, inf) or an fp16 overflow shows here, not at a sampler.
+    probe, _ = runtime.forward([0])
+    if not bool(torch.isfinite(probe).all()):
+        raise LoadError(f"{raw.path.name} produces NaN or infinite logits ("
+                        + ("fp16 overflows on this model: use bf16 or fp32" if dtype == "fp16"
+                           else "its weights are corrupt") + ").")
+    report(f"Loaded in {time.perf_counter() - t0:.1f} s", 1.0)
+    return runtime
+
+
+def _store_linears(model: RWKV4) -> None:
+    """Swap every nn.Linear for a StoredLinear holding the same (converted) weight."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, StoredLinear(child.weight.data))

@@ -1,0 +1,177 @@
+"""What every visitor's session object shares: its account in the server's memory budget, the
+notices the visitor should read, and following a generation through the scheduler.
+
+Many visitors share one server, so nothing a session keeps may grow without bound: every session
+reports what it holds (`memory_items`), and `MemoryBudget` drops the largest objects of idle
+sessions first once the total passes the limit. The session keeps a sentence saying what was
+dropped, shown to the visitor when they come back; what was dropped is rebuilt by re-reading
+tokens where that is possible (chat, blog), or asked for again (a recording).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Iterator
+
+from .errors import GenerationError
+from .generation import Generation
+from .scheduler import Event, Ticket
+
+
+class Session:
+    """Base of the chat, blog, inspector and notebook sessions."""
+
+    kind = "session"
+
+    def __init__(self):
+        self.notices: list[str] = []  # sentences for the visitor (e.g. what was dropped, and why)
+        self.live: Generation | None = None  # the generation streaming now (for live counts)
+        self.waiting: int | None = None  # place in the scheduler's queue while waiting
+        self.busy = False  # a request of this session is running
+        self.last_active = time.monotonic()
+        self._tickets: set[Ticket] = set()
+
+    def __deepcopy__(self, memo):
+        # A session is a live server-side object (running requests, its memory account): Gradio
+        # deep-copies a State's initial value, which for a per-visitor session must be the object
+        # itself, or the copy would escape the memory budget.
+        return self
+
+    # ---- memory accounting
+    def memory_items(self) -> list[tuple[str, int]]:
+        """(key, bytes) of every droppable object this session keeps."""
+        return []
+
+    def drop(self, key: str) -> str:
+        """Free one object; returns what was dropped, as a phrase for the visitor."""
+        raise KeyError(key)
+
+    def memory_bytes(self) -> int:
+        return sum(n for _, n in self.memory_items())
+
+    def touch(self, engine=None) -> None:
+        """Record activity; after a request that kept new objects, let the budget act."""
+        self.last_active = time.monotonic()
+        if engine is not None:
+            engine.memory.enforce(keep=self)
+
+    def take_notices(self) -> list[str]:
+        notices, self.notices = self.notices, []
+        return notices
+
+    def close(self) -> None:
+        """The visitor left (tab closed, session expired): stop what still runs for them."""
+        for ticket in list(self._tickets):
+            ticket.cancel("closed")
+
+    # ---- requests
+    def follow(self, ticket: Ticket) -> Iterator[Event]:
+        """A ticket's events; an early close (Stop, a closed tab) cancels the request and waits for
+        it to end (within one scheduler tick), so what it produced is in a consistent state."""
+        self._tickets.add(ticket)
+        ticket.consumed_chars = 0
+        try:
+            for event in ticket:
+                if event.kind == "queued":
+                    self.waiting = event.value
+                elif event.kind in ("started", "text", "progress"):
+                    self.waiting = None
+                elif event.kind == "error":
+                    raise GenerationError(event.value)
+                if event.kind == "text":  # counted before it is handed on: a close lands after it
+                    ticket.consumed_chars += len(event.value)
+                yield event
+        finally:
+            if not ticket.finished.is_set():
+                ticket.cancel("closed")
+                ticket.finished.wait()
+            self._tickets.discard(ticket)
+            self.waiting = None
+
+
+def follow_generation(session: Session, engine, generation: Generation) -> Iterator[str]:
+    """Run `generation` through the engine's scheduler, yielding the text received so far after
+    each event (the worker may already be a token ahead: what counts is what was received). On
+    return (normal, error or early close) generation.state is in sync with generation.text, which
+    is exactly the text received."""
+    if session.busy:
+        raise GenerationError("This session is already generating: wait for it to finish, or press Stop.")
+    session.busy, session.live = True, generation
+    session.last_active = time.monotonic()
+    received = ""
+    try:
+        for event in session.follow(engine.scheduler.submit_generation(generation, label=session.kind)):
+            if event.kind == "text":
+                received += event.value
+            yield received
+    finally:
+        session.busy, session.live = False, None
+
+
+def run_task(session: Session, engine, task, label: str = "") -> Iterator[Event]:
+    """Run a model task (see Scheduler.submit_task) for this session, yielding its events; the
+    last one is "done" with the result."""
+    if session.busy:
+        raise GenerationError("This session is already using the model: wait for it to finish, or press Stop.")
+    session.busy = True
+    session.last_active = time.monotonic()
+    try:
+        yield from session.follow(engine.scheduler.submit_task(task, label=label or session.kind))
+    finally:
+        session.busy = False
+
+
+class MemoryBudget:
+    """Accounts the objects every session keeps; past `limit_bytes`, drops the largest objects of
+    idle sessions first (then of other sessions that are not generating), and tells each visitor."""
+
+    def __init__(self, limit_bytes: int, idle_after_s: float = 60.0):
+        self.limit_bytes = int(limit_bytes)
+        self.idle_after_s = idle_after_s
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.dropped = 0  # objects dropped so far (tests, the status line)
+
+    def add(self, session: Session) -> Session:
+        with self._lock:
+            self._sessions.add(session)
+        return session
+
+    def remove(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions)
+
+    def used_bytes(self) -> int:
+        return sum(s.memory_bytes() for s in self.sessions())
+
+    def enforce(self, keep: Session | None = None) -> int:
+        """Drop objects until the total is within the limit; returns the bytes in use after."""
+        with self._lock:
+            sessions = list(self._sessions)
+            items = [(n, s, key) for s in sessions for key, n in s.memory_items()]
+            total = sum(n for n, _, _ in items)
+            if total <= self.limit_bytes:
+                return total
+            now = time.monotonic()
+
+            def order(item):
+                n, s, _ = item
+                idle = not s.busy and now - s.last_active >= self.idle_after_s
+                return (0 if idle else 1, -n)
+
+            for n, s, key in sorted(items, key=order):
+                if total <= self.limit_bytes:
+                    break
+                if s is keep or s.busy:
+                    continue
+                what = s.drop(key)
+                s.notices.append(f"To free memory for other visitors, the server dropped {what}.")
+                total -= n
+                self.dropped += 1
+            return total
