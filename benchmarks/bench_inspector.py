@@ -12,7 +12,7 @@ from common import ROOT, machine, write_results
 
 def main() -> None:
     from rwkv_playground.engine import DEMO_CHECKPOINT, Engine
-    from rwkv_playground.inspect import record
+    from rwkv_playground.inspection import record
     from rwkv_playground.ui import figures
     from rwkv_playground.ui.inspector_tab import draw_views
 
@@ -22,7 +22,7 @@ def main() -> None:
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        rec = record(loaded.model, loaded.tokenizer, tokens)
+        rec = record(loaded.runtime, loaded.tokenizer, tokens)
         t1 = time.perf_counter()
         draw_views(rec, 2, 256, "0-63", 128)
         figures.decay_spectrum(rec.time_decay), figures.half_life_heatmap(rec.time_decay)

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, SHAPES, best_of, checkpoint, machine, write_results
+from common import ROOT, SHAPES, best_of, checkpoint, machine, results_dir, write_results
 
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ["RWKV_CUDA_ON"] = "0"
@@ -48,21 +48,21 @@ class Ours:
     name = "rwkv_playground"
 
     def __init__(self, path, dtype):
-        from rwkv_playground import load_model
+        from rwkv_playground import load_runtime
         from rwkv_playground.sampling import Sampler, SamplingSettings
 
-        self.model = load_model(path, dtype=dtype)
+        self.runtime = load_runtime(path, dtype=dtype)
         self.Sampler, self.Settings = Sampler, SamplingSettings
 
     def prompt(self, tokens):
-        return self.model.forward(tokens)
+        return self.runtime.forward(tokens)
 
     def generate(self, logits, state, n):
-        sampler = self.Sampler(self.Settings(top_p=0.7, seed=0), logits.shape[-1])
+        sampler = self.Sampler(self.Settings(top_p=0.7, seed=0), logits.shape[-1], kernel=self.runtime.sampler_kernel)
         for _ in range(n):
             token = sampler.sample(logits)
             sampler.observe(token)
-            logits, state = self.model.forward([token], state, inplace=True)
+            logits = self.runtime.step([token], [state])[0]
 
 
 class Pip:
@@ -169,7 +169,7 @@ def run(shapes, dtypes, passes) -> None:
 def rebound() -> None:
     """Re-measure the machine's bounds (best of several) and recompute the fractions of the last
     results file; the tokens/s are kept as measured. Keeps the better of the stored and new bounds."""
-    data = json.loads((ROOT / "benchmarks" / "results" / "speed_vs_rwkv_pip.json").read_text())
+    data = json.loads((results_dir() / "speed_vs_rwkv_pip.json").read_text())
     now = machine_bounds()
     data["bounds"] = {key: max(data["bounds"][key], now[key]) for key in now}
     data["bounds_note"] = "re-measured after the run (best of 8 reads / 10 GEMMs); the better of both kept"

@@ -2,11 +2,11 @@
 
     python benchmarks/bench_step.py
 
-1. matvec: the streaming kernel (kernels/rnn_cpu.cpp) vs torch.mv on the 169M matrices, fp32 and
-   bf16, as GB/s of weights read (cold: each matrix is read once per pass, as in generation),
-   next to a plain streaming read of the same bytes.
-2. the RNN step: the fused whole-model C++ step vs the same model's PyTorch path (which uses the
-   matvec kernel per matrix) vs PyTorch alone (no kernels), tokens/s without sampling.
+1. matvec: the streaming kernel (kernels/rnn_cpu.cpp, every instruction set this CPU runs) vs
+   torch.mv on the 169M matrices, fp32 and bf16, as GB/s of weights read (cold: each matrix is
+   read once per pass, as in generation), next to a plain streaming read of the same bytes.
+2. the one-token step: the fused whole-model C++ step vs the model's PyTorch forward, tokens/s
+   without sampling.
 3. the prompt (512 tokens): with and without the last-layer shortcut, and for bf16 weights with
    and without the per-matmul fp32 upcast.
 """
@@ -39,73 +39,62 @@ def matvec_rows(kernel) -> list[dict]:
             mats = [one.clone() for _ in range(max(2, min(64, int(256e6 // nbytes))))]
             x = torch.randn(k)
             x_w = x.to(dtype)
-            ours = per_call(lambda: [kernel.matvec(m, x) for m in mats], 3) / len(mats)
+            ours = {isa: per_call(lambda isa=isa: [kernel.matvec(m, x, None, isa) for m in mats], 3) / len(mats)
+                    for isa in kernel.available_isas() if isa != "scalar"}
             torch_mv = per_call(lambda: [torch.mv(m, x_w) for m in mats], 3) / len(mats)
             # the same bytes read as float32 (torch's bf16/int16 sums are not vectorised)
             flat = torch.cat([m.view(-1) for m in mats]).view(torch.float32)
             stream = per_call(lambda: flat.sum(), 3) / len(mats)
             rows.append({"matrix": name, "dtype": str(dtype).split(".")[-1],
-                         "ours_GB_s": nbytes / ours / 1e9, "torch_mv_GB_s": nbytes / torch_mv / 1e9,
-                         "stream_sum_GB_s": nbytes / stream / 1e9})
+                         **{f"ours_{isa}_GB_s": nbytes / t / 1e9 for isa, t in ours.items()},
+                         "torch_mv_GB_s": nbytes / torch_mv / 1e9, "stream_sum_GB_s": nbytes / stream / 1e9})
             print(rows[-1], flush=True)
     return rows
 
 
 def step_rows() -> list[dict]:
-    from rwkv_playground import load_model
+    from rwkv_playground import load_runtime
 
     rows = []
     for dtype in ("fp32", "bf16"):
         path = checkpoint("169M", torch.bfloat16 if dtype == "bf16" else torch.float32)
-        model = load_model(path, dtype=dtype, wkv="cpu")
-        plain = load_model(path, dtype=dtype, wkv="reference")  # no kernels at all
-        _, state = model.forward([1, 2, 3])
+        fused = load_runtime(path, dtype=dtype, step="cpu")
+        plain = load_runtime(path, dtype=dtype, step="reference")  # the model's PyTorch forward
+        _, state = fused.forward([1, 2, 3])
         n = 24
 
-        def steps(m):
+        def steps(runtime):
             s = state.clone()
             for t in range(n):
-                m.forward([t], s, inplace=True)
+                runtime.step([t], [s])
 
-        fused = per_call(lambda: steps(model), 3)
-        rnn_step, model._rnn_step = model._rnn_step, None
-        matvec_only = per_call(lambda: steps(model), 3)
-        model._rnn_step = rnn_step
-        pytorch = per_call(lambda: steps(plain), 3)
-        rows.append({"dtype": dtype, "fused_step_tok_s": n / fused, "pytorch_with_matvec_kernel_tok_s": n / matvec_only,
-                     "pytorch_only_tok_s": n / pytorch})
+        rows.append({"dtype": dtype, "fused_step_tok_s": n / per_call(lambda: steps(fused), 3),
+                     "pytorch_step_tok_s": n / per_call(lambda: steps(plain), 3)})
         print(rows[-1], flush=True)
     return rows
 
 
 def prompt_rows() -> list[dict]:
-    from rwkv_playground import load_model
-    from rwkv_playground import model as model_module
+    from rwkv_playground import load_runtime
+    from rwkv_playground import runtime as runtime_module
 
     tokens = np.random.default_rng(0).integers(0, 50277, 512).tolist()
     rows = []
     for dtype in ("fp32", "bf16"):
-        m = load_model(checkpoint("169M", torch.bfloat16 if dtype == "bf16" else torch.float32), dtype=dtype)
+        m = load_runtime(checkpoint("169M", torch.bfloat16 if dtype == "bf16" else torch.float32), dtype=dtype)
         full = per_call(lambda: m.forward(tokens), 2)
-        # the last-layer shortcut off: full_output computes every token's head too, so instead
-        # time the same forward with the shortcut disabled through capture (which turns it off)
-        m.capture = lambda *a: None
-        no_shortcut = per_call(lambda: m.forward(tokens), 2)
-        m.capture = None
+        # the last-layer shortcut is off whenever something observes the internals
+        no_shortcut = per_call(lambda: m.forward(tokens, observe=lambda *a: None), 2)
         row = {"dtype": dtype, "prompt_tok_s": 512 / full, "without_last_layer_shortcut_tok_s": 512 / no_shortcut}
-        if dtype == "bf16":
-            original = model_module.RWKV4._linear
-
-            def bf16_gemm(self, x, weight):  # the previous path: PyTorch's bf16 matmul
-                if self._matvec is not None and x.shape[-1] == x.numel():
-                    return self._matvec(weight, x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
-                return model_module._linear(x, weight)
-
-            model_module.RWKV4._linear = bf16_gemm
+        if dtype == "bf16":  # PyTorch's bf16 GEMM (activations rounded to bf16) instead of the upcast
+            linears = [mod for mod in m.model.modules() if isinstance(mod, runtime_module.StoredLinear)]
+            for mod in linears:
+                mod.native_bf16 = True
             try:
                 row["with_pytorch_bf16_gemm_tok_s"] = 512 / per_call(lambda: m.forward(tokens), 1)
             finally:
-                model_module.RWKV4._linear = original
+                for mod in linears:
+                    mod.native_bf16 = False
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -120,13 +109,15 @@ def main() -> None:
     md = ["# Where the CPU speed comes from (169M shape)", "",
           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.", "",
           "## Matrix-vector product (generation reads every weight once per token)", "",
-          "| matrix | dtype | rnn_cpu.cpp matvec | torch.mv | plain streaming read (torch sum) |", "|---|---|---|---|---|"]
-    md += [f"| {r['matrix']} | {r['dtype']} | {r['ours_GB_s']:.1f} GB/s | {r['torch_mv_GB_s']:.1f} GB/s | "
-           f"{r['stream_sum_GB_s']:.1f} GB/s |" for r in data["matvec"]]
+          "| matrix | dtype | rnn_cpu.cpp matvec (per instruction set) | torch.mv | plain streaming read (torch sum) |",
+          "|---|---|---|---|---|"]
+    for r in data["matvec"]:
+        ours = ", ".join(f"{key[5:-5]} {value:.1f}" for key, value in r.items() if key.startswith("ours_"))
+        md.append(f"| {r['matrix']} | {r['dtype']} | {ours} GB/s | {r['torch_mv_GB_s']:.1f} GB/s | "
+                  f"{r['stream_sum_GB_s']:.1f} GB/s |")
     md += ["", "## One-token step, no sampling (tokens/s)", "",
-           "| dtype | fused C++ step | PyTorch step + matvec kernel | PyTorch only |", "|---|---|---|---|"]
-    md += [f"| {r['dtype']} | {r['fused_step_tok_s']:.1f} | {r['pytorch_with_matvec_kernel_tok_s']:.1f} | "
-           f"{r['pytorch_only_tok_s']:.1f} |" for r in data["step"]]
+           "| dtype | fused C++ step | the model's PyTorch forward |", "|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['fused_step_tok_s']:.1f} | {r['pytorch_step_tok_s']:.1f} |" for r in data["step"]]
     md += ["", "## 512-token prompt (tokens/s)", "",
            "| dtype | as shipped | without the last-layer shortcut | with PyTorch's bf16 GEMM instead of the upcast |",
            "|---|---|---|---|"]

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -47,6 +48,21 @@ def best_of(fn, repeat: int = 5, warmup: int = 1) -> dict:
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": repeat}
 
 
+# CPU features that decide which code paths run (and so which results are comparable)
+FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -56,17 +72,35 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+    info = {"cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
+def machine_slug(info: dict | None = None) -> str:
+    """The results folder of this kind of machine: vendor/model name plus the widest vector units,
+    e.g. "amd-epyc_avx2" or "intel-xeon_avx512-amx"."""
+    info = info or machine()
+    name = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", "", info["cpu"].lower())
+    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+    features = set(info.get("cpu_features", []))
+    vector = "avx512" if "avx512f" in features else "avx2" if "avx2" in features else "novec"
+    extra = "-amx" if "amx_bf16" in features else "-bf16" if "avx512_bf16" in features else ""
+    return f"{name}_{vector}{extra}"
+
+
+def results_dir() -> Path:
+    return RESULTS / machine_slug()
+
+
 def write_results(name: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    """Results go to results/<machine kind>/: every kind of CPU keeps its own."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(markdown)
     print(markdown)
-    print(f"written: benchmarks/results/{name}.json and .md")
+    print(f"written: {folder.relative_to(ROOT)}/{name}.json and .md")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -110,6 +111,8 @@ class Engine:
         self.settings = settings or ServingSettings()
         self.scheduler = Scheduler(self.settings.scheduler)
         self.memory = MemoryBudget(self.settings.memory_budget_bytes)
+        self._visits: dict[str, list[Session]] = {}  # open pages' sessions, by Gradio's session id
+        self._visits_lock = threading.Lock()
 
     @property
     def current(self) -> LoadedModel | None:
@@ -133,10 +136,28 @@ class Engine:
             session.undo_depth = self.settings.undo_depth
         return self.memory.add(session)
 
-    def forget(self, session: Session) -> None:
+    def forget(self, session: Session | None) -> None:
         """The visitor left: stop what runs for them and free what they kept."""
+        if session is None:
+            return
         session.close()
+        session.release()
         self.memory.remove(session)
+
+    def join_visit(self, visitor: str | None, session: Session) -> None:
+        """Remember a session under its visitor's id (a page, or an API client), so that the
+        visitor leaving frees it at once."""
+        if visitor:
+            with self._visits_lock:
+                sessions = self._visits.setdefault(visitor, [])
+                if not any(s is session for s in sessions):
+                    sessions.append(session)
+
+    def close_visit(self, visitor: str) -> None:
+        with self._visits_lock:
+            sessions = self._visits.pop(visitor, [])
+        for session in sessions:
+            self.forget(session)
 
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:

@@ -32,7 +32,8 @@ _SOURCES = {
     "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
 }
-_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "matvec_block.inc"], "cuda": ["wkv_step.h"]}  # included: part of the cache key
+# included by the sources: part of the cache key
+_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "matvec_block.inc"], "cuda": ["wkv_step.h"]}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}

@@ -46,19 +46,28 @@ class StoredLinear(nn.Module):
     more run PyTorch's bf16 GEMM instead, which rounds the activations to bf16. fp16 weights (GPU
     storage; also runs on the CPU, slowly) multiply fp16 activations."""
 
-    def __init__(self, weight: torch.Tensor, native_bf16: bool = False):
+    def __init__(self, weight: torch.Tensor, native_bf16: bool = False, matvec=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.native_bf16 = native_bf16
+        # The C++ streaming matvec (the "cpu" step backend's), for products of a few rows: the
+        # same fp32 math on the stored weights without converting the matrix.
+        self.matvec = matvec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        rows = x.numel() // w.shape[1]
+        if self.matvec is not None and rows < MATVEC_MAX_ROWS and w.device.type == "cpu" and w.dtype != torch.float16:
+            return self.matvec(w, x.reshape(rows, -1).float(), None, "auto").reshape(*x.shape[:-1], w.shape[0])
         if w.dtype == torch.float32:
             return F.linear(x.float(), w)
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not (
-                self.native_bf16 and x.numel() >= 16 * w.shape[1]):
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not (self.native_bf16 and rows >= MATVEC_MAX_ROWS):
             return upcast_linear(x.float(), w)
         return F.linear(x.to(w.dtype), w).float()
+
+
+# Below this many rows a product reads the weights (matvec); from it on it is a GEMM.
+MATVEC_MAX_ROWS = 16
 
 
 # A product that upcasts its weight does so this many fp32 values at a time (64 MB): a 50k-row
@@ -152,6 +161,9 @@ class Runtime:
         self.source_path = source_path
         self._step_weights = None
         if backends.step == "cpu":
+            for module in model.modules():  # few-row products (a prompt's last layer) read, not convert
+                if isinstance(module, StoredLinear):
+                    module.matvec = backends.cpu_kernels.matvec
             # the fused step reads the weights by their checkpoint names (validated once here)
             named = {name: t.detach() for name, t in model.state_dict().items()}
             self._step_weights = backends.cpu_kernels.StepWeights(named, model.config.n_layer, LN_EPS)

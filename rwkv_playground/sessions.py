@@ -33,12 +33,6 @@ class Session:
         self.last_active = time.monotonic()
         self._tickets: set[Ticket] = set()
 
-    def __deepcopy__(self, memo):
-        # A session is a live server-side object (running requests, its memory account): Gradio
-        # deep-copies a State's initial value, which for a per-visitor session must be the object
-        # itself, or the copy would escape the memory budget.
-        return self
-
     # ---- memory accounting
     def memory_items(self) -> list[tuple[str, int]]:
         """(key, bytes) of every droppable object this session keeps."""
@@ -47,6 +41,11 @@ class Session:
     def drop(self, key: str) -> str:
         """Free one object; returns what was dropped, as a phrase for the visitor."""
         raise KeyError(key)
+
+    def release(self) -> None:
+        """Free everything droppable (the visitor is gone)."""
+        for key, _ in self.memory_items():
+            self.drop(key)
 
     def memory_bytes(self) -> int:
         return sum(n for _, n in self.memory_items())

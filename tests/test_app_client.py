@@ -1,6 +1,7 @@
 """The named API endpoints of a launched app, through gradio_client."""
 
 import copy
+import time
 
 import pytest
 
@@ -130,3 +131,99 @@ def test_every_reply_shows_its_reading_and_writing_speed():
     # Regenerate reads nothing: no reading speed to show
     assert stats_line({"prompt_tokens": 0, "prompt_tokens_per_second": 0.0, "generated_tokens": 5,
                        "tokens_per_second": 90.0}) == "0 prompt tokens read · 5 generated · 90.0 tok/s"
+
+
+# ---- many visitors at once (loopback only) ------------------------------------------------------
+
+def chat_alone(engine, message, seed, max_tokens):
+    """The reply the same request gets with the model to itself (in-process, same sampling)."""
+    from rwkv_playground.chat import ChatFormat, ChatSession
+    from rwkv_playground.ui.common import settings_from
+
+    settings, max_tokens = settings_from(*SAMPLING, max_tokens, seed)
+    session = ChatSession(ChatFormat("Bob", "Alice"))
+    reply = ""
+    for reply in session.send(engine, message, settings, max_tokens):
+        pass
+    return reply
+
+
+def client_chat(url, message, seed, max_tokens):
+    from gradio_client import Client
+
+    messages, status, _, _ = Client(url, verbose=False).predict(message, "Bob", "Alice", "", *SAMPLING, max_tokens,
+                                                                seed, api_name="/chat")
+    return bot_text(messages), status
+
+
+def test_eight_sessions_at_once_each_get_their_solo_reply(app_url, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [(f"Good morrow, friend number {n}.", 100 + n, 30 + 5 * n) for n in range(8)]
+    expected = [chat_alone(engine, *r) for r in requests]
+    ticks = engine.scheduler.ticks
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: client_chat(app_url, *r), requests))
+    assert [reply for reply, _ in got] == expected  # bit for bit: nobody's reply depends on the others
+    assert all("tok/s" in status for _, status in got)
+    assert engine.scheduler.ticks > ticks and max(engine.scheduler.batch_sizes) >= 2  # they shared steps
+
+
+def test_stop_under_load_ends_only_that_reply(app_url, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    requests = [(f"Speak of the sea, number {n}.", 200 + n, 40) for n in range(4)]
+    expected = [chat_alone(engine, *r) for r in requests]
+    stopper = Client(app_url, verbose=False)
+    long_job = stopper.submit("Tell me the whole story, at length.", "Bob", "Alice", "", *SAMPLING, 3000, 7,
+                              api_name="/chat")
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client_chat, app_url, *r) for r in requests]
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(out[0] and len(bot_text(out[0])) > 20 for out in long_job.outputs()):
+            time.sleep(0.05)
+        long_job.cancel()
+        got = [f.result(timeout=120) for f in futures]
+    assert [reply for reply, _ in got] == expected
+
+
+def test_a_model_switch_under_load_ends_running_replies_with_a_sentence(app_url, engine, app_model_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    clients = [Client(app_url, verbose=False) for _ in range(3)]
+    template = "Bob: Write about {topic}.{details}\n\nAlice: Here it is:\n\nTitle:"
+    jobs = [c.submit(f"rivers {n}", "", "", "", False, template, *SAMPLING, 6000, n, api_name="/blog")
+            for n, c in enumerate(clients)]  # long posts: still being written at the switch
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(any(len(o[0]) > 50 for o in j.outputs()) for j in jobs):
+        time.sleep(0.05)
+    try:
+        info, status = Client(app_url, verbose=False).predict("other-tiny.pth", api_name="/load_model")
+        assert "Loaded other-tiny.pth" in status and "2 layers" in info
+        with ThreadPoolExecutor(3) as pool:
+            finals = list(pool.map(lambda j: j.result(timeout=60), jobs))
+        for text, blog_status, _ in finals:
+            assert blog_status.startswith("⚠ The model is being switched to other-tiny.pth")
+            assert text.startswith("Title:") and len(text) > 50  # what was written stays
+    finally:
+        engine.load(app_model_path)  # later tests expect the demo model
+
+
+def test_a_closed_api_client_frees_its_sessions_at_once(app_url, engine):
+    from gradio_client import Client
+
+    before = set(engine._visits)
+    client = Client(app_url, verbose=False)
+    client.predict("Hello there.", "Bob", "Alice", "", *SAMPLING, 10, 1, api_name="/chat")
+    (visitor,) = set(engine._visits) - before
+    (chat,) = engine._visits[visitor]
+    assert chat.memory_bytes() > 0 and chat in engine.memory.sessions()
+    client.close()  # its heartbeat ends: Gradio's unload
+    deadline = time.time() + 20
+    while time.time() < deadline and visitor in engine._visits:
+        time.sleep(0.1)
+    assert visitor not in engine._visits and chat.memory_bytes() == 0 and chat not in engine.memory.sessions()

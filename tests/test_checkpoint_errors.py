@@ -1,7 +1,6 @@
 """Every bad input to load_runtime gets a LoadError with one clear sentence, and nothing runs."""
 
 import pickle
-import zipfile
 
 import pytest
 import torch

@@ -196,3 +196,30 @@ def test_inspector_records_and_token_slider_changes_views(page):
     assert "value estimate" in title
     page.wait_for_timeout(900)
     page.screenshot(path=str(SHOTS / "inspector.png"), full_page=True)
+
+
+def test_closing_the_tab_frees_that_visitors_sessions(app_url, engine, page):
+    """Gradio's unload: the page's chat state is released at once (not after the session TTL)."""
+    before = set(engine._visits)
+    other = page.context.new_page()
+    other.goto(app_url)
+    other.locator("#chat-input textarea").wait_for(timeout=30000)
+    deadline = time.time() + 10
+    while time.time() < deadline and not set(engine._visits) - before:
+        time.sleep(0.05)
+    (visitor,) = set(engine._visits) - before
+    chat = engine._visits[visitor][0]
+    PACE["on"] = False
+    try:
+        other.locator("#chat-input textarea").fill("Good morrow.")
+        other.locator("#chat-send").click()
+        wait_for_status(other, "chat-status", ["generated"])
+    finally:
+        PACE["on"] = True
+    assert chat.turns and chat.memory_bytes() > 0 and chat in engine.memory.sessions()
+    other.close()
+    deadline = time.time() + 20
+    while time.time() < deadline and visitor in engine._visits:
+        time.sleep(0.1)
+    assert visitor not in engine._visits
+    assert chat.memory_bytes() == 0 and chat not in engine.memory.sessions()

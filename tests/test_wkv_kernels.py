@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from rwkv_playground.wkv import empty_wkv_state, make_compiled_wkv, wkv_reference, wkv_train_reference
-from rwkv_playground.model import RWKVConfig, init_random_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Output tolerance relative to max |y|: inputs are identical, so only the rounding of y to the

@@ -9,7 +9,11 @@ from functools import partial
 
 import gradio as gr
 
+from ..blog import BlogSession
+from ..chat import ChatSession
+from ..inspection import InspectorSession
 from . import blog_tab, chat_tab, inspector_tab, model_panel
+from .common import ensure_session
 
 CSS = """
 #chat-status, #blog-status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }
@@ -26,13 +30,23 @@ def create_app(engine) -> gr.Blocks:
             with gr.Tab("Blog post", id="blog"):
                 blog_state = blog_tab.build(engine)
             with gr.Tab("State inspector", id="inspector"):
-                model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
+                inspector_state, model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
         demo.load(model_figures, None, figure_outputs, api_visibility="private")
         # the panel's description is the server's current one (the model may have been switched)
         demo.load(partial(model_panel.model_markdown, engine), None, [info], api_visibility="private")
-    for block_fn in demo.fns.values():  # the sessions' page-load factories are not API endpoints
-        if getattr(block_fn.fn, "session_factory", False):
-            block_fn.api_visibility = "private"
+
+        def on_visit(request: gr.Request):
+            """A page opened: this visitor's sessions, known by the page's session id."""
+            return tuple(ensure_session(engine, None, factory, request)
+                         for factory in (ChatSession, BlogSession, InspectorSession))
+
+        def on_leave(request: gr.Request):
+            """The tab was closed: stop what runs for this visitor and free what they kept."""
+            if request:
+                engine.close_visit(request.session_hash)
+
+        demo.load(on_visit, None, [chat_state, blog_state, inspector_state], api_visibility="private")
+        demo.unload(on_leave)
     return demo
 
 

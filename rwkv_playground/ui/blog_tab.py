@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import re
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
-from .common import friendly_error, sampling_controls, session_state, settings_from, stats_line, stream, with_notices
+from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
+                     stream, with_notices)
 
 
 def markdown_file(text: str, topic: str) -> str:
@@ -35,42 +35,50 @@ def _run(session: BlogSession, make_stream, topic: str):
                       lambda: "Done. " + stats_line(session.stats))
 
 
-def on_write(engine, session, topic, audience, tone, key_points, outline_first, template, temperature, top_p,
-             top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
-    """Write a new post (or an outline, then each section from a fork of its state)."""
-    try:
-        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                             penalty_decay, max_tokens, seed)
-        prompt = build_prompt(OUTLINE_TEMPLATE if outline_first else template, topic, audience, tone, key_points)
-    except Exception as exc:
-        yield view(session, friendly_error(exc), topic)
-        return
-    if outline_first:
-        per_section = max(50, max_tokens // 6)
-        make = lambda: session.write_with_outline(engine, prompt, settings, per_section)  # noqa: E731
-    else:
-        make = lambda: session.write(engine, prompt, settings, max_tokens)  # noqa: E731
-    yield from _run(session, make, topic)
+class BlogTab:
+    """The Blog tab's event handlers: one method per event, each callable on its own (tests do)."""
 
+    def __init__(self, engine):
+        self.engine = engine
 
-def on_continue(engine, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                max_tokens, seed):
-    """Keep writing from the saved state."""
-    try:
-        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                             penalty_decay, max_tokens, seed)
-    except Exception as exc:
-        yield view(session, friendly_error(exc), topic)
-        return
-    yield from _run(session, lambda: session.continue_(engine, settings, max_tokens), topic)
+    def on_write(self, session, topic, audience, tone, key_points, outline_first, template, temperature, top_p,
+                 top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed, request: gr.Request = None):
+        """Write a new post (or an outline, then each section from a fork of its state)."""
+        session = ensure_session(self.engine, session, BlogSession, request)
+        try:
+            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                                 penalty_decay, max_tokens, seed)
+            prompt = build_prompt(OUTLINE_TEMPLATE if outline_first else template, topic, audience, tone, key_points)
+        except Exception as exc:
+            yield view(session, friendly_error(exc), topic)
+            return
+        if outline_first:
+            per_section = max(50, max_tokens // 6)
+            make = lambda: session.write_with_outline(self.engine, prompt, settings, per_section)  # noqa: E731
+        else:
+            make = lambda: session.write(self.engine, prompt, settings, max_tokens)  # noqa: E731
+        yield from _run(session, make, topic)
 
+    def on_continue(self, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                    max_tokens, seed, request: gr.Request = None):
+        """Keep writing from the saved state."""
+        session = ensure_session(self.engine, session, BlogSession, request)
+        try:
+            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                                 penalty_decay, max_tokens, seed)
+        except Exception as exc:
+            yield view(session, friendly_error(exc), topic)
+            return
+        yield from _run(session, lambda: session.continue_(self.engine, settings, max_tokens), topic)
 
-def on_stop(session, topic):
-    return view(session, with_notices(session, "Stopped. " + stats_line(session.stats)), topic, final=True)
+    def on_stop(self, session, topic, request: gr.Request = None):
+        session = ensure_session(self.engine, session, BlogSession, request)
+        return view(session, with_notices(session, "Stopped. " + stats_line(session.stats)), topic, final=True)
 
 
 def build(engine) -> gr.State:
-    session = session_state(engine, BlogSession)
+    tab = BlogTab(engine)
+    session = session_state(engine)
     with gr.Row():
         with gr.Column(scale=1):
             topic = gr.Textbox(label="Topic", placeholder="e.g. why recurrent networks are back",
@@ -97,11 +105,11 @@ def build(engine) -> gr.State:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     outputs = [output, status, session, download]
-    write_ev = write.click(partial(on_write, engine),
+    write_ev = write.click(tab.on_write,
                            [session, topic, audience, tone, key_points, outline_first, template, *sampling],
                            outputs, api_name="blog", **model_events)
-    cont_ev = cont.click(partial(on_continue, engine), [session, topic, *sampling], outputs, api_name="blog_continue",
+    cont_ev = cont.click(tab.on_continue, [session, topic, *sampling], outputs, api_name="blog_continue",
                          **model_events)
-    stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(on_stop, [session, topic], outputs,
+    stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
                                                                   api_visibility="private")
     return session

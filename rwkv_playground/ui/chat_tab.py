@@ -8,12 +8,12 @@ returned by the API as separate outputs.
 
 from __future__ import annotations
 
-from functools import partial
 
 import gradio as gr
 
 from ..chat import PRESETS, ChatFormat, ChatSession
-from .common import friendly_error, sampling_controls, session_state, settings_from, stats_line, stream, with_notices
+from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
+                     stream, with_notices)
 
 STATS_HEADERS = ["turn", "prompt tokens read", "read tok/s", "generated", "tok/s", "history reused", "stop"]
 
@@ -47,77 +47,85 @@ def view(session: ChatSession, status: str):
     return messages_of(session), status, stats_table(session), session
 
 
-def on_send(engine, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
-            presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
-    """Send a message and stream the reply; the message box is emptied once it is taken."""
-    if not message or not message.strip():
-        yield *view(session, "Type a message first, then press Enter or Send."), message
-        return
-    try:
-        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                             penalty_decay, max_tokens, seed)
-    except Exception as exc:
-        yield *view(session, friendly_error(exc)), message
-        return
-    session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "")
-    for outputs in stream(session, lambda: session.send(engine, message, settings, max_tokens),
-                          lambda status, final: view(session, status), lambda: last_stats(session)):
-        yield *outputs, ""
-
-
-def on_regenerate(engine, session, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                  max_tokens, seed):
-    """A new reply to the last message, from the state kept after reading it."""
-    try:
-        settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                             penalty_decay, max_tokens, seed)
-    except Exception as exc:
-        yield view(session, friendly_error(exc))
-        return
-    yield from stream(session, lambda: session.regenerate(engine, settings, max_tokens),
-                      lambda status, final: view(session, status), lambda: last_stats(session))
-
-
-def on_undo(session):
-    try:
-        session.undo()
-    except Exception as exc:
-        return view(session, friendly_error(exc))
-    return view(session, with_notices(session, "Last turn removed; the state is back to before it."))
-
-
-def on_edit(session):
-    try:
-        last = session.undo()
-    except Exception as exc:
-        return *view(session, friendly_error(exc)), gr.Textbox()
-    if last is None:
-        return *view(session, "Nothing to edit yet."), gr.Textbox()
-    return *view(session, "Edit your last message and send it again."), last
-
-
-def on_clear(session):
-    try:
-        session.clear()
-    except Exception as exc:
-        return view(session, friendly_error(exc))
-    return view(session, "Conversation cleared.")
-
-
-def on_stop(session):
-    """After Stop: the partial reply stays, and the state matches it."""
-    line = last_stats(session)
-    return view(session, with_notices(session, "Stopped. " + line if line else "Stopped."))
-
-
 def choose_preset(name):
     if name in PRESETS:
         return PRESETS[name].user, PRESETS[name].bot
     return gr.Textbox(), gr.Textbox()
 
 
+class ChatTab:
+    """The Chat tab's event handlers: one method per event, each callable on its own (tests do)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_send(self, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
+                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, request: gr.Request = None):
+        """Send a message and stream the reply; the message box is emptied once it is taken."""
+        session = ensure_session(self.engine, session, ChatSession, request)
+        if not message or not message.strip():
+            yield *view(session, "Type a message first, then press Enter or Send."), message
+            return
+        try:
+            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                                 penalty_decay, max_tokens, seed)
+        except Exception as exc:
+            yield *view(session, friendly_error(exc)), message
+            return
+        session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "")
+        for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
+                              lambda status, final: view(session, status), lambda: last_stats(session)):
+            yield *outputs, ""
+
+    def on_regenerate(self, session, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                      max_tokens, seed, request: gr.Request = None):
+        """A new reply to the last message, from the state kept after reading it."""
+        session = ensure_session(self.engine, session, ChatSession, request)
+        try:
+            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
+                                                 penalty_decay, max_tokens, seed)
+        except Exception as exc:
+            yield view(session, friendly_error(exc))
+            return
+        yield from stream(session, lambda: session.regenerate(self.engine, settings, max_tokens),
+                          lambda status, final: view(session, status), lambda: last_stats(session))
+
+    def on_undo(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        try:
+            session.undo()
+        except Exception as exc:
+            return view(session, friendly_error(exc))
+        return view(session, with_notices(session, "Last turn removed; the state is back to before it."))
+
+    def on_edit(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        try:
+            last = session.undo()
+        except Exception as exc:
+            return *view(session, friendly_error(exc)), gr.Textbox()
+        if last is None:
+            return *view(session, "Nothing to edit yet."), gr.Textbox()
+        return *view(session, "Edit your last message and send it again."), last
+
+    def on_clear(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        try:
+            session.clear()
+        except Exception as exc:
+            return view(session, friendly_error(exc))
+        return view(session, "Conversation cleared.")
+
+    def on_stop(self, session, request: gr.Request = None):
+        """After Stop: the partial reply stays, and the state matches it."""
+        session = ensure_session(self.engine, session, ChatSession, request)
+        line = last_stats(session)
+        return view(session, with_notices(session, "Stopped. " + line if line else "Stopped."))
+
+
 def build(engine) -> gr.State:
-    session = session_state(engine, ChatSession)
+    tab = ChatTab(engine)
+    session = session_state(engine)
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=list(PRESETS)[0], label="Format",
                              elem_id="chat-format", scale=2)
@@ -146,14 +154,14 @@ def build(engine) -> gr.State:
     shown = [chatbot, status, table, session]
     inputs = [message, session, user_name, bot_name, scenario, *sampling]
     preset.change(choose_preset, [preset], [user_name, bot_name], queue=False, api_visibility="private")
-    send_ev = send.click(partial(on_send, engine), inputs, [*shown, message], api_name="chat", **model_events)
-    submit_ev = message.submit(partial(on_send, engine), inputs, [*shown, message], api_visibility="private",
+    send_ev = send.click(tab.on_send, inputs, [*shown, message], api_name="chat", **model_events)
+    submit_ev = message.submit(tab.on_send, inputs, [*shown, message], api_visibility="private",
                                **model_events)
-    regen_ev = regenerate.click(partial(on_regenerate, engine), [session, *sampling], shown, api_name="regenerate",
+    regen_ev = regenerate.click(tab.on_regenerate, [session, *sampling], shown, api_name="regenerate",
                                 **model_events)
     stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
-        on_stop, [session], shown, api_visibility="private")
-    undo.click(on_undo, [session], shown, api_name="undo", queue=False)
-    edit.click(on_edit, [session], [*shown, message], api_visibility="private", queue=False)
-    clear.click(on_clear, [session], shown, api_name="clear", queue=False)
+        tab.on_stop, [session], shown, api_visibility="private")
+    undo.click(tab.on_undo, [session], shown, api_name="undo", queue=False)
+    edit.click(tab.on_edit, [session], [*shown, message], api_visibility="private", queue=False)
+    clear.click(tab.on_clear, [session], shown, api_name="clear", queue=False)
     return session

@@ -18,14 +18,22 @@ MAX_TOKENS_CAP = 8192  # per request from the browser; the engine's own limit is
 UPDATES_PER_SECOND = 20  # the browser needs no more
 
 
-def session_state(engine, factory: Callable[[], Session]) -> gr.State:
-    """A per-visitor session object, accounted in the engine's memory budget, freed when the tab
-    closes or after the engine's session lifetime of inactivity."""
-    def new_session():
-        return engine.add_session(factory())
+def session_state(engine) -> gr.State:
+    """A visitor's session object: made when their page opens (or at their first API call),
+    freed when the tab closes (unload), after the session lifetime of inactivity, and piecewise
+    by the memory budget."""
+    return gr.State(None, time_to_live=engine.settings.session_ttl_s, delete_callback=engine.forget)
 
-    new_session.session_factory = True  # create_app keeps these page-load functions out of the API
-    return gr.State(new_session, time_to_live=engine.settings.session_ttl_s, delete_callback=engine.forget)
+
+def ensure_session(engine, session: Session | None, factory: Callable[[], Session],
+                   request: gr.Request | None = None) -> Session:
+    """The visitor's session (made at their first call if their page did not make it), known
+    under their id so that their leaving (tab closed, API client closed) frees it at once."""
+    if session is None:
+        session = engine.add_session(factory())
+    if request is not None:
+        engine.join_visit(request.session_hash, session)
+    return session
 
 
 def sampling_controls(prefix: str, temperature=1.0, top_p=0.7, presence=0.4, count=0.4, decay=0.996,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +17,7 @@ from ..errors import GenerationError
 from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
 from ..state import State
 from . import figures
-from .common import friendly_error, session_state, with_notices
+from .common import ensure_session, friendly_error, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
                 "It is the east, and Juliet is the sun.\n\n"
@@ -111,35 +110,9 @@ def tokens_to_record(source, text, chat_session, blog_session, tokenizer) -> lis
     return tokenizer.encode(text)
 
 
-def on_record(engine, source, text, chat_session, blog_session, session, layer, channels, window_size):
-    """Record the chosen text (progress while it runs), then draw every view at its last token.
-    Outputs: status, layer slider, token slider, spike list, the views, the token line, the four
-    model figures, session."""
-    unchanged = (gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *[gr.Plot()] * 4, session)
-    try:
-        loaded = engine.require()
-        ids = tokens_to_record(source, text, chat_session, blog_session, loaded.tokenizer)
-        for event in session.record(engine, ids):
-            if event.kind == "progress":
-                yield (f"Recording… {event.value[1]}", *unchanged)
-            elif event.kind == "queued":
-                yield (f"Waiting for the model: place {event.value} in the queue…", *unchanged)
-        rec = session.recording
-        layer = min(int(layer), rec.n_layer - 1)
-        last = rec.n_tokens - 1
-        views = draw_views(rec, layer, last, channels, window_size)
-        status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
-                  "Move the sliders: every view is a slice of this recording.")
-        yield (with_notices(session, status), gr.Slider(maximum=rec.n_layer - 1, value=layer),
-               gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None), *views,
-               *model_figures(loaded.runtime), session)
-    except Exception as exc:
-        yield (with_notices(session, friendly_error(exc)), *unchanged)
-
-
 def on_view(session, layer, token, channels, window_size):
-    if session.recording is None:
-        return [*NO_VIEWS, with_notices(session, "Press Record first.")]
+    if session is None or session.recording is None:
+        return [*NO_VIEWS, with_notices(session, "Press Record first.") if session else "Press Record first."]
     try:
         return list(draw_views(session.recording, layer, token, channels, window_size))
     except Exception as exc:
@@ -151,32 +124,17 @@ def on_spike(choice):
 
 
 def on_export(session, token):
-    rec = session.recording
+    rec = session.recording if session is not None else None
     if rec is None:
-        return None, with_notices(session, "Press Record first.")
+        return None, "Press Record first."
     t = int(token)
     path = Path(tempfile.mkdtemp(prefix="rwkv-state-")) / f"state-token-{t}.safetensors"
     rec.state_at(t).save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
     return str(path), f"Saved the state after token {t}."
 
 
-def on_compare(engine, session, token, file):
-    if session.recording is None or file is None:
-        return gr.Plot(), "Record a text and choose a state file to compare."
-    try:
-        other = State.load(file if isinstance(file, str) else file.name)
-        engine.require().runtime.check_state(other)
-        result = compare_states(session.recording.state_at(int(token)), other)
-        rows = result["top_channels"][:8]
-        table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)
-        return (figures.state_comparison(result["per_layer"]),
-                "Channels that differ most:\n\n| component | layer | channel | abs diff |\n|---|---|---|---|\n" + table)
-    except Exception as exc:
-        return gr.Plot(), friendly_error(exc)
-
-
 def on_html(session, layer, token, channels, window_size):
-    rec = session.recording
+    rec = session.recording if session is not None else None
     if rec is None:
         return None
     views = draw_views(rec, layer, token, channels, window_size)
@@ -191,15 +149,63 @@ def on_html(session, layer, token, channels, window_size):
     return str(path)
 
 
-def on_load(engine):
-    """The model's decay / bonus views need no recording: drawn when the page opens."""
-    loaded = engine.current
-    return model_figures(loaded.runtime) if loaded is not None else (gr.Plot(),) * 4
+class InspectorTab:
+    """The State inspector's handlers that use the model or the visitor's session (one method per event)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_record(self, source, text, chat_session, blog_session, session, layer, channels, window_size,
+                  request: gr.Request = None):
+        """Record the chosen text (progress while it runs), then draw every view at its last token.
+        Outputs: status, layer slider, token slider, spike list, the views, the token line, the four
+        model figures, session."""
+        session = ensure_session(self.engine, session, InspectorSession, request)
+        unchanged = (gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *[gr.Plot()] * 4, session)
+        try:
+            loaded = self.engine.require()
+            ids = tokens_to_record(source, text, chat_session, blog_session, loaded.tokenizer)
+            for event in session.record(self.engine, ids):
+                if event.kind == "progress":
+                    yield (f"Recording… {event.value[1]}", *unchanged)
+                elif event.kind == "queued":
+                    yield (f"Waiting for the model: place {event.value} in the queue…", *unchanged)
+            rec = session.recording
+            layer = min(int(layer), rec.n_layer - 1)
+            last = rec.n_tokens - 1
+            views = draw_views(rec, layer, last, channels, window_size)
+            status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
+                      "Move the sliders: every view is a slice of this recording.")
+            yield (with_notices(session, status), gr.Slider(maximum=rec.n_layer - 1, value=layer),
+                   gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None), *views,
+                   *model_figures(loaded.runtime), session)
+        except Exception as exc:
+            yield (with_notices(session, friendly_error(exc)), *unchanged)
+
+    def on_compare(self, session, token, file):
+        if session is None or session.recording is None or file is None:
+            return gr.Plot(), "Record a text and choose a state file to compare."
+        try:
+            other = State.load(file if isinstance(file, str) else file.name)
+            self.engine.require().runtime.check_state(other)
+            result = compare_states(session.recording.state_at(int(token)), other)
+            rows = result["top_channels"][:8]
+            table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)
+            return (figures.state_comparison(result["per_layer"]),
+                    "Channels that differ most:\n\n| component | layer | channel | abs diff |\n|---|---|---|---|\n" + table)
+        except Exception as exc:
+            return gr.Plot(), friendly_error(exc)
+
+    def on_load(self):
+        """The model's decay / bonus views need no recording: drawn when the page opens."""
+        loaded = self.engine.current
+        return model_figures(loaded.runtime) if loaded is not None else (gr.Plot(),) * 4
 
 
 def build(engine, chat_state, blog_state):
-    """Returns (the page-load function, its outputs)."""
-    session = session_state(engine, InspectorSession)
+    """Returns (the session state, the page-load function, its outputs)."""
+    tab = InspectorTab(engine)
+    session = session_state(engine)
     with gr.Row():
         source = gr.Radio(SOURCES, value=SOURCES[0], label="Record", elem_id="insp-source")
         record_btn = gr.Button("Record", variant="primary", elem_id="insp-record")
@@ -244,7 +250,7 @@ def build(engine, chat_state, blog_state):
     view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, at_token_plot,
                     token_info]
     model_plots = [decay_plot, life_plot, bonus_plot, bonus_scatter]
-    record_btn.click(partial(on_record, engine), [source, text, chat_state, blog_state, session, layer, channel_spec,
+    record_btn.click(tab.on_record, [source, text, chat_state, blog_state, session, layer, channel_spec,
                                                   size],
                      [status, layer, token, spike, *view_outputs, *model_plots, session], api_name="inspect",
                      concurrency_id="model", concurrency_limit=engine.event_concurrency())
@@ -257,7 +263,7 @@ def build(engine, chat_state, blog_state):
     spike.change(on_spike, [spike], [token], queue=False, api_visibility="private").then(
         on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
     export_btn.click(on_export, [session, token], [export_file, status], api_visibility="private")
-    upload.change(partial(on_compare, engine), [session, token, upload], [compare_plot, compare_md],
+    upload.change(tab.on_compare, [session, token, upload], [compare_plot, compare_md],
                   api_visibility="private")
     html_btn.click(on_html, view_inputs, [html_file], api_visibility="private")
-    return partial(on_load, engine), model_plots
+    return session, tab.on_load, model_plots

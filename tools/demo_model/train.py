@@ -4,8 +4,8 @@
     python -m tools.demo_model.train --out assets --eval     # re-measure the shipped model
 
 Uses the engine's own model definition (`RWKV4.forward` from an empty state: the same math the
-app runs) and the compiled WKV kernels' backward (C++ on CPU, CUDA on a GPU). The corpus is prepared by `corpus.py`; the tokenizer is a
-byte-level BPE trained with `tokenizers` and saved in the same JSON format as RWKV-4's
+app runs) and the compiled WKV kernels' backward (C++ on CPU, CUDA on a GPU). The corpus is
+prepared by `corpus.py`; the tokenizer is a byte-level BPE trained with `tokenizers` and saved in the same JSON format as RWKV-4's
 `20B_tokenizer.json`. The result is a bf16 checkpoint in BlinkDL's format, loaded by the app
 exactly like a released RWKV-4 model.
 """
