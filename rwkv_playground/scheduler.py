@@ -85,6 +85,31 @@ class Ticket:
             if event.kind in ("done", "error"):
                 return
 
+    def coalesced(self, interval: float) -> Iterator[Event]:
+        """The events, at most one batch per `interval` seconds: the text that arrived meanwhile
+        comes as one "text" event; the end comes at once, whatever the interval."""
+        last = 0.0
+        while True:
+            if interval > 0:
+                self.finished.wait(max(0.0, last + interval - time.monotonic()))
+                last = time.monotonic()
+            batch = [self.events.get()]
+            while batch[-1].kind not in ("done", "error"):
+                try:
+                    batch.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            text = "".join(e.value for e in batch if e.kind == "text")
+            for event in batch:
+                if event.kind == "text":
+                    if text:
+                        yield Event("text", text)
+                        text = ""
+                    continue
+                yield event
+                if event.kind in ("done", "error"):
+                    return
+
     def wait(self, timeout: float | None = None):
         """Block until the request ended; returns its result or raises its error."""
         if not self.finished.wait(timeout):

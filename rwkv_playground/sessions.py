@@ -30,7 +30,12 @@ class Session:
         self.live: Generation | None = None  # the generation streaming now (for live counts)
         self.waiting: int | None = None  # place in the scheduler's queue while waiting
         self.busy = False  # a request of this session is running
+        # Seconds between two updates handed to the consumer (0: every event at once). A browser
+        # needs ~20 a second; fewer wake-ups of the consumer's thread leave the model's thread
+        # the interpreter lock (with many visitors, per-token wake-ups slowed every tick).
+        self.update_interval = 0.0
         self.last_active = time.monotonic()
+        self.budget: weakref.ref | None = None  # the MemoryBudget accounting this session
         self._tickets: set[Ticket] = set()
 
     # ---- memory accounting
@@ -72,7 +77,7 @@ class Session:
         self._tickets.add(ticket)
         ticket.consumed_chars = 0
         try:
-            for event in ticket:
+            for event in ticket.coalesced(self.update_interval):
                 if event.kind == "queued":
                     self.waiting = event.value
                 elif event.kind in ("started", "text", "progress"):
@@ -88,6 +93,19 @@ class Session:
                 ticket.finished.wait()
             self._tickets.discard(ticket)
             self.waiting = None
+
+
+def forget_session(session: Session | None) -> None:
+    """The visitor left: stop what runs for them, free what they kept, leave the budget.
+    (A plain function of the session: Gradio deep-copies its State's delete_callback into every
+    page config, so it must not reach the engine and its model.)"""
+    if session is None:
+        return
+    session.close()
+    session.release()
+    budget = session.budget() if session.budget is not None else None
+    if budget is not None:
+        budget.remove(session)
 
 
 def follow_generation(session: Session, engine, generation: Generation) -> Iterator[str]:
@@ -136,6 +154,7 @@ class MemoryBudget:
     def add(self, session: Session) -> Session:
         with self._lock:
             self._sessions.add(session)
+        session.budget = weakref.ref(self)
         return session
 
     def remove(self, session: Session) -> None:

@@ -172,7 +172,7 @@ def test_event_functions_in_process(engine):
     messages, status, table, session, textbox = outs[-1]
     assert session is chat and len(chat.turns) == 1 and textbox == ""
     assert messages[-1] == {"role": "assistant", "content": chat.turns[0].reply}  # the reply alone
-    assert "generated" in status and table[0][3] == chat.turns[0].stats["generated_tokens"]
+    assert "generated" in status and table[0]["generated_tokens"] == chat.turns[0].stats["generated_tokens"]
     hint = list(fns["chat"]("   ", chat, "Bob", "Alice", "", *sampling, 20, 1))[-1]
     assert "Type a message" in hint[1] and len(chat.turns) == 1
     huge = list(fns["chat"]("Again.", chat, "Bob", "Alice", "", *sampling, 10**9, 1))[-1]
@@ -224,3 +224,20 @@ def test_stop_while_a_stop_string_is_held_back_keeps_state_equal_to_the_reply(en
     assert loaded.tokenizer.decode(turn.reply_tokens).strip() == "Ay, my lord"
     expected, _ = loaded.runtime.forward(turn.prompt_tokens + turn.reply_tokens)
     assert torch.allclose(turn.logits_after, expected, atol=1e-3)
+
+
+def test_the_page_config_never_reaches_the_model(engine, monkeypatch):
+    """Gradio deep-copies the page config on every page load (and a State's delete_callback is in
+    it): nothing in it may lead to the engine, or every visitor would copy the model."""
+    import copy
+
+    from rwkv_playground.runtime import Runtime
+    from rwkv_playground.ui import create_app
+
+    demo = create_app(engine)
+
+    def reached(self, memo):
+        raise AssertionError("the page config reaches the model")
+
+    monkeypatch.setattr(Runtime, "__deepcopy__", reached, raising=False)
+    copy.deepcopy(demo.get_config_file())  # what every page load does

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from functools import partial
 
 import gradio as gr
@@ -20,7 +22,30 @@ CSS = """
 """
 
 
+def _remember_absent_optional_modules() -> None:
+    """Gradio tries `import matplotlib` around every event; when it is not installed, each try
+    searches the whole import path again (~1 ms of file lookups, per event, per visitor). Record
+    the absence once, as the import system's own negative entry (`sys.modules[name] = None`)."""
+    for name in ("matplotlib",):
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = None
+
+
+def forget_gradio_session(demo: gr.Blocks, session_hash: str) -> None:
+    """Drop Gradio's own copy of a closed session's component values. Gradio keeps a closed
+    session for an hour in case its tab reopens; each holds the outputs it was last sent (chat
+    history, the inspector's figures: a megabyte or more), so a busy demo would keep every
+    visitor of the last hour in memory. A visitor who closed the tab starts afresh instead."""
+    holder = getattr(demo, "state_holder", None)
+    if holder is None or not hasattr(holder, "session_data"):
+        return
+    with holder.lock:
+        holder.session_data.pop(session_hash, None)
+        getattr(holder, "time_last_used", {}).pop(session_hash, None)
+
+
 def create_app(engine) -> gr.Blocks:
+    _remember_absent_optional_modules()
     with gr.Blocks(title="RWKV Playground", analytics_enabled=False) as demo:
         gr.Markdown("## RWKV Playground — chat, long-form writing and a look inside the recurrent state")
         info = model_panel.build(engine)
@@ -44,6 +69,7 @@ def create_app(engine) -> gr.Blocks:
             """The tab was closed: stop what runs for this visitor and free what they kept."""
             if request:
                 engine.close_visit(request.session_hash)
+                forget_gradio_session(demo, request.session_hash)
 
         demo.load(on_visit, None, [chat_state, blog_state, inspector_state], api_visibility="private")
         demo.unload(on_leave)

@@ -15,9 +15,6 @@ from ..chat import PRESETS, ChatFormat, ChatSession
 from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
                      stream, with_notices)
 
-STATS_HEADERS = ["turn", "prompt tokens read", "read tok/s", "generated", "tok/s", "history reused", "stop"]
-
-
 def messages_of(session: ChatSession) -> list[dict]:
     messages = []
     for turn in session.turns:
@@ -26,16 +23,9 @@ def messages_of(session: ChatSession) -> list[dict]:
     return messages
 
 
-def stats_table(session: ChatSession) -> list[list]:
-    rows = []
-    for number, turn in enumerate(session.turns, 1):
-        s = turn.stats
-        if not turn.complete:
-            continue
-        rows.append([number, s.get("prompt_tokens", 0), round(s.get("prompt_tokens_per_second", 0.0)),
-                     s.get("generated_tokens", 0), round(s.get("tokens_per_second", 0.0), 1),
-                     s.get("tokens_saved", 0), s.get("stop_reason", "")])
-    return rows
+def stats_table(session: ChatSession) -> list[dict]:
+    """Each finished turn's statistics (shown in the UI, and returned by the API on their own)."""
+    return [{"turn": number, **turn.stats} for number, turn in enumerate(session.turns, 1) if turn.complete]
 
 
 def last_stats(session: ChatSession) -> str:
@@ -146,7 +136,7 @@ def build(engine) -> gr.State:
         clear = gr.Button("✕ Clear", elem_id="chat-clear")
     status = gr.Markdown("", elem_id="chat-status")
     with gr.Accordion("Statistics per turn", open=False):
-        table = gr.Dataframe(headers=STATS_HEADERS, value=[], interactive=False, elem_id="chat-stats")
+        table = gr.JSON([], elem_id="chat-stats")
     sampling = sampling_controls("chat", temperature=1.0, top_p=0.5, presence=0.4, count=0.4, decay=0.996,
                                  max_tokens=200)
 

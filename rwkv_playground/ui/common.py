@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..errors import PlaygroundError
 from ..sampling import SamplingSettings
-from ..sessions import Session
+from ..sessions import Session, forget_session
 
 log = logging.getLogger("rwkv_playground.ui")
 MAX_TOKENS_CAP = 8192  # per request from the browser; the engine's own limit is higher
@@ -22,7 +22,8 @@ def session_state(engine) -> gr.State:
     """A visitor's session object: made when their page opens (or at their first API call),
     freed when the tab closes (unload), after the session lifetime of inactivity, and piecewise
     by the memory budget."""
-    return gr.State(None, time_to_live=engine.settings.session_ttl_s, delete_callback=engine.forget)
+    # delete_callback: a plain function (Gradio copies it into every page config, deeply)
+    return gr.State(None, time_to_live=engine.settings.session_ttl_s, delete_callback=forget_session)
 
 
 def ensure_session(engine, session: Session | None, factory: Callable[[], Session],
@@ -31,6 +32,7 @@ def ensure_session(engine, session: Session | None, factory: Callable[[], Sessio
     under their id so that their leaving (tab closed, API client closed) frees it at once."""
     if session is None:
         session = engine.add_session(factory())
+    session.update_interval = 1.0 / UPDATES_PER_SECOND
     if request is not None:
         engine.join_visit(request.session_hash, session)
     return session

@@ -1,0 +1,227 @@
+"""Many visitors on one server: latency under load and memory over many sessions (loopback only).
+
+    python benchmarks/bench_serving.py                    # the demo model and a 169M-shape model
+    python benchmarks/bench_serving.py --models demo --sessions 200
+
+The app runs as its own process (python app.py, on 127.0.0.1 and a free port). Latency: each
+visitor is a Gradio session driven through the REST API by light asyncio clients in this one
+process (on a 2-core machine, heavier clients take the CPU the server is measured on). Memory:
+each short session is a gradio_client Client, closed at the end as a browser tab would be.
+
+1. Simultaneous chats: the same chat turns sent by one session alone, then by 16 sessions at
+   once; median turn latency of each (target: 16 at once <= 2x alone).
+2. A chat turn while another visitor's 1500-token blog post is being written, against the same
+   turn on an idle server (target: <= 3x).
+3. Memory: `--sessions` short sessions one after another (a chat turn, an inspector recording,
+   then the client closes); the server's resident memory after 10 and after all of them
+   (target: within 10 %).
+
+The 169M-shape model has random weights and the World vocabulary (12 x 768, vocab 65536: the
+shape of RWKV-4 World 0.1B), so it replies at a real model's speed; the demo model is tiny and
+fast, so there the web server's own overhead dominates a turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import httpx
+import torch
+
+from common import CACHE, ROOT, machine, write_results
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]
+TURNS = 4
+TEMPLATE = "Bob: Write about {topic}.{details}\n\nAlice: Here it is:\n\nTitle:"
+
+
+def world_169m() -> str:
+    from rwkv_playground.model import RWKVConfig, init_random_weights
+
+    path = CACHE / "random-world-169M-bf16.pth"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        config = RWKVConfig(n_layer=12, n_embd=768, vocab_size=65536, ffn_dim=3072)
+        torch.save(init_random_weights(config, seed=0, dtype=torch.bfloat16), path)
+    return str(path)
+
+
+class Server:
+    """python app.py in its own process, on a free loopback port."""
+
+    def __init__(self, model: str, dtype: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--model", model, "--dtype", dtype, "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "gradio_api/info", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the app did not start")
+
+    def rss_mb(self) -> float:
+        for line in open(f"/proc/{self.process.pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+        return -1.0
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+async def rest_call(http, url: str, api: str, data: list, session_hash: str) -> tuple[float, list]:
+    """One call through Gradio's REST API (POST, then the event's stream): seconds, final data."""
+    t0 = time.perf_counter()
+    response = await http.post(f"{url}gradio_api/call/{api}", json={"data": data, "session_hash": session_hash})
+    event_id = response.json()["event_id"]
+    kind, final = None, None
+    async with http.stream("GET", f"{url}gradio_api/call/{api}/{event_id}") as stream:
+        async for line in stream.aiter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                final = json.loads(line[5:]) if kind == "complete" else line[5:]
+                break
+    if kind != "complete":
+        raise RuntimeError(f"{api} failed: {final}")
+    return time.perf_counter() - t0, final
+
+
+async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float = 0.0) -> list[float]:
+    """TURNS chat turns of one visitor (its own session); the wall time of each."""
+    session_hash = uuid.uuid4().hex
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    times = []
+    for turn in range(TURNS):
+        seconds, _ = await rest_call(http, url, "chat", [f"Tell me about the sea, part {turn}.", "Bob", "Alice", "",
+                                                          *SAMPLING, max_tokens, seed + turn], session_hash)
+        times.append(seconds)
+    return times
+
+
+async def simultaneous(url: str, sessions: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=300) as http:
+        await chat_turns(http, url, 0, max_tokens)  # warm-up
+        alone = [t for s in range(4) for t in await chat_turns(http, url, 100 * s, max_tokens)]
+        start_at = time.time() + 1
+        together = [t for times in await asyncio.gather(
+            *[chat_turns(http, url, 100 * s, max_tokens, start_at) for s in range(sessions)]) for t in times]
+    solo, load = statistics.median(alone), statistics.median(together)
+    return {"sessions": sessions, "max_tokens": max_tokens, "solo_median_s": solo, "together_median_s": load,
+            "ratio": load / solo}
+
+
+async def during_blog(url: str, max_tokens: int, blog_tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=600) as http:
+        idle = [t for s in range(3) for t in await chat_turns(http, url, 500 + s, max_tokens)]
+        blog = asyncio.create_task(rest_call(http, url, "blog", ["the tides", "", "", "", False, TEMPLATE, *SAMPLING,
+                                                                  blog_tokens, 1], uuid.uuid4().hex))
+        await asyncio.sleep(1.0)  # the post is being written
+        busy = [t for s in range(3) for t in await chat_turns(http, url, 500 + s, max_tokens)]
+        still_writing = not blog.done()
+        await blog
+    return {"max_tokens": max_tokens, "blog_tokens": blog_tokens, "idle_median_s": statistics.median(idle),
+            "during_blog_median_s": statistics.median(busy), "ratio": statistics.median(busy) / statistics.median(idle),
+            "blog_still_writing_at_the_end": still_writing}
+
+
+def soak(server: Server, sessions: int) -> dict:
+    def short_session(n):
+        c = client(server.url)
+        c.predict(f"Good morrow, number {n}.", "Bob", "Alice", "", *SAMPLING, 16, n, api_name="/chat")
+        c.predict("Text below", "Romeo: But soft, what light through yonder window breaks? " * 8, 0, "0-31", 96,
+                  api_name="/inspect")
+        c.close()
+
+    readings = {}
+    for n in range(sessions):
+        short_session(n)
+        if n + 1 in (10, sessions):
+            time.sleep(20)  # the closed clients' heartbeats end (Gradio notices within ~15 s)
+            readings[n + 1] = server.rss_mb()
+            print(f"after {n + 1} sessions: {readings[n + 1]:.0f} MB", flush=True)
+    first, last = readings[10], readings[sessions]
+    return {"sessions": sessions, "rss_after_10_MB": first, f"rss_after_{sessions}_MB": last,
+            "growth": last / first - 1}
+
+
+def main(models: list[str], sessions: int, parts: list[str]) -> None:
+    rows = []
+    for name in models:
+        model, dtype, max_tokens = ((str(ROOT / "assets" / "rwkv4-demo-shakespeare.pth"), "fp32", 40) if name == "demo"
+                                    else (world_169m(), "bf16", 24))
+        server = Server(model, dtype)
+        try:
+            row = {"model": name, "dtype": dtype}
+            if "latency" in parts:
+                row["simultaneous"] = asyncio.run(simultaneous(server.url, 16, max_tokens))
+                print(row, flush=True)
+                row["during_blog"] = asyncio.run(during_blog(server.url, max_tokens, 1500))
+                print(row, flush=True)
+            if name == "demo" and "memory" in parts:
+                row["memory"] = soak(server, sessions)
+            rows.append(row)
+            print(row, flush=True)
+        finally:
+            server.close()
+    data = {"machine": machine(), "turns_per_session": TURNS, "results": rows}
+    m = data["machine"]
+    md = ["# Many visitors on one server (loopback; the app in its own process)", "",
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.", "",
+          "Latency: Gradio sessions driven through its REST API by light asyncio clients; "
+          f"{TURNS} chat turns per visitor, the same turns (seeds) alone and together.", "",
+          "| model | 16 chats at once: median turn / alone (target <= 2x) | a chat turn during a 1500-token post / "
+          "idle (target <= 3x) |", "|---|---|---|"]
+    for r in rows:
+        if "simultaneous" not in r:
+            continue
+        s, b = r["simultaneous"], r["during_blog"]
+        md.append(f"| {r['model']} ({r['dtype']}, {s['max_tokens']}-token replies) | {s['together_median_s']:.2f} s / "
+                  f"{s['solo_median_s']:.2f} s = **{s['ratio']:.2f}x** | {b['during_blog_median_s']:.2f} s / "
+                  f"{b['idle_median_s']:.2f} s = **{b['ratio']:.2f}x**"
+                  + ("" if b["blog_still_writing_at_the_end"] else " (the post ended before the last turn)") + " |")
+    for r in rows:
+        if "memory" in r:
+            mem = r["memory"]
+            last = mem["rss_after_%d_MB" % mem["sessions"]]
+            md += ["", f"Memory of the server process (demo model): after 10 short sessions "
+                       f"{mem['rss_after_10_MB']:.0f} MB, after {mem['sessions']} "
+                       f"{last:.0f} MB: **{mem['growth'] * 100:+.1f} %** "
+                       "(target within 10 %). Each session: one chat turn, one inspector recording, then the client "
+                       "closes."]
+    write_results("serving", data, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["demo", "169M"], choices=["demo", "169M"])
+    parser.add_argument("--sessions", type=int, default=200, help="short sessions of the memory soak")
+    parser.add_argument("--parts", nargs="+", default=["latency", "memory"], choices=["latency", "memory"])
+    args = parser.parse_args()
+    main(args.models, args.sessions, args.parts)
