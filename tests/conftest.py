@@ -1,7 +1,9 @@
 """Shared fixtures: random-weight RWKV-4 checkpoints in BlinkDL's format, built by the tests."""
 
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import warnings
@@ -136,3 +138,23 @@ def cpu_kernel_module():
         return load_kernel("cpu")
     except RuntimeError as exc:  # CI has a compiler: a failure here is a real failure
         pytest.fail(f"The C++ kernels did not build: {exc}")
+
+
+@contextlib.contextmanager
+def paced(engine, seconds_per_step: float, when=lambda: True):
+    """Slow every generation step down to a laptop's pace on a real model: the demo model writes
+    a reply faster than a client or browser can watch it stream. (Each scheduler tick is one
+    batched step, so pacing the step paces every generation.) `when()` switches it on and off."""
+    runtime = engine.current.runtime
+    fast = runtime.step
+
+    def step(tokens, states):
+        if when():
+            time.sleep(seconds_per_step)
+        return fast(tokens, states)
+
+    runtime.step = step
+    try:
+        yield
+    finally:
+        del runtime.step  # the instance attribute goes; the class method is visible again

@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from conftest import paced
+
 SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]  # temperature, top_p, top_k, presence, count, decay
 
 
@@ -26,8 +28,9 @@ def bot_text(messages):
     return content
 
 
-def test_chat_streams_and_reuses_state(client):
-    outs = collect(client.submit("Good morrow, my lord.", "Bob", "Alice", "", *SAMPLING, 40, 3, api_name="/chat"))
+def test_chat_streams_and_reuses_state(client, engine):
+    with paced(engine, 0.02):
+        outs = collect(client.submit("Good morrow, my lord.", "Bob", "Alice", "", *SAMPLING, 40, 3, api_name="/chat"))
     partial = {bot_text(o[0]) for o in outs if o[0]}
     assert len(partial) >= 3, "the reply should arrive in several increments"
     final_messages, final_status = outs[-1][0], outs[-1][1]

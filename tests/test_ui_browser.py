@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import paced
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,21 +39,10 @@ PACE = {"on": True}
 
 @pytest.fixture(scope="module", autouse=True)
 def laptop_speed(engine):
-    """Pace generation at ~40 tokens/s, a laptop CPU on a real model: on the tiny demo model the
-    fused C++ step runs several hundred tokens/s, and a 50-token reply would finish before the
-    browser could watch it stream or press Stop. The UI behaviour under test is the same at any
-    speed. (Each scheduler tick is one batched step: pacing the step paces every generation.)"""
-    runtime = engine.current.runtime
-    fast = runtime.step
-
-    def paced(tokens, states):
-        if PACE["on"]:
-            time.sleep(0.025)
-        return fast(tokens, states)
-
-    runtime.step = paced
-    yield
-    del runtime.step  # the instance attribute goes; the class method is visible again
+    """Generation at ~40 tokens/s (a laptop CPU on a real model), so the browser can watch a
+    reply stream and press Stop; the UI behaviour under test is the same at any speed."""
+    with paced(engine, 0.025, when=lambda: PACE["on"]):
+        yield
 
 
 def set_number(page, elem_id, value):
