@@ -177,8 +177,8 @@ class State:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, device="cpu") -> "State":
-        """Read a state file; with `model`, refuse a state of another shape or model fingerprint."""
+    def load(cls, path: str | os.PathLike, runtime=None, device="cpu") -> "State":
+        """Read a state file; with `runtime`, refuse a state of another shape or model fingerprint."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -201,6 +201,6 @@ class State:
             fingerprint=meta.get("fingerprint", ""),
             metadata=json.loads(meta["extra"]) if "extra" in meta else {},
         )
-        if model is not None:
-            model.check_state(state)
+        if runtime is not None:
+            runtime.check_state(state)
         return state

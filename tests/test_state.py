@@ -56,7 +56,7 @@ def test_save_and_load_roundtrip(model, tmp_path):
     _, s = model.forward([3, 1, 4, 1, 5])
     path = tmp_path / "state.safetensors"
     s.save(path, extra_metadata={"text": "π"})
-    loaded = State.load(path, model=model)
+    loaded = State.load(path, runtime=model)
     assert all(torch.equal(a, b) for a, b in zip(loaded.tensors().values(), s.tensors().values()))
     assert loaded.token_count == 5 and loaded.fingerprint == model.fingerprint
     assert loaded.metadata == {"text": "π"}
@@ -71,7 +71,7 @@ def test_state_of_another_model_is_refused(model, ckpt_dir, tmp_path):
     s.save(path)
     other = load_runtime(write_checkpoint(ckpt_dir / "other.pth", TINY, seed=99))
     with pytest.raises(StateError, match="different model"):
-        State.load(path, model=other)
+        State.load(path, runtime=other)
     small = State.zeros(2, 16)
     with pytest.raises(StateError, match="2 layers x 16 channels"):
         model.forward([1], small)

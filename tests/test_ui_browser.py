@@ -148,7 +148,7 @@ def test_chat_streams_then_stop_and_regenerate(page, engine):
     assert len(page.locator("#chatbot [data-testid='user']").all()) == 2
 
 
-def test_blog_tab_writes_a_post(page):
+def test_blog_tab_writes_a_post(page, engine):
     page.get_by_role("tab", name="Blog post").click()
     page.locator("#blog-topic textarea, #blog-topic input").first.fill("the pleasures of a quiet garden")
     page.get_by_text("Sampling").last.click()
@@ -157,7 +157,15 @@ def test_blog_tab_writes_a_post(page):
     page.locator("#blog-write").click()
     status = wait_for_status(page, "blog-status", ["Done", "generated"], timeout=120)
     assert "250 generated" in status
-    assert page.locator("#blog-output").inner_text().startswith("Title:")
+    shown = page.locator("#blog-output").inner_text()
+    assert shown.startswith("Title:")
+    # the model's single line breaks stay line breaks (Markdown would join those lines)
+    (post,) = [s.text for sessions in engine._visits.values() for s in sessions if getattr(s, "text", "")
+               and s.text.startswith("Title:")]
+    single_breaks = [line for before, line in zip(post.split("\n"), post.split("\n")[1:]) if before and line.strip()]
+    assert single_breaks, post
+    for line in single_breaks[:3]:
+        assert "\n" + line.strip()[:20] in shown, line
     page.wait_for_timeout(500)
     page.screenshot(path=str(SHOTS / "blog.png"), full_page=True)
     page.get_by_role("tab", name="Chat").click()

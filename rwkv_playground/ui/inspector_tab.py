@@ -186,8 +186,7 @@ class InspectorTab:
         if session is None or session.recording is None or file is None:
             return gr.Plot(), "Record a text and choose a state file to compare."
         try:
-            other = State.load(file if isinstance(file, str) else file.name)
-            self.engine.require().runtime.check_state(other)
+            other = State.load(file if isinstance(file, str) else file.name, runtime=self.engine.require().runtime)
             result = compare_states(session.recording.state_at(int(token)), other)
             rows = result["top_channels"][:8]
             table = "\n".join(f"| {r['component']} | {r['layer']} | {r['channel']} | {r['abs_diff']:.4g} |" for r in rows)

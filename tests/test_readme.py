@@ -1,0 +1,48 @@
+"""The README's words hold: its Python example runs as written, and the names it and the package
+docstring use exist."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(re.escape(marker) + r"\s*```(?:python|bash)\n(.*?)```", text, re.S)
+    assert match, f"README.md has no code block after {marker}"
+    return match.group(1)
+
+
+def test_the_python_example_runs_as_written(tmp_path):
+    code = readme_block("<!-- python-example -->")
+    (tmp_path / "assets").symlink_to(ROOT / "assets")  # the example's relative paths
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([6, 256])" in out.stdout and "'stop_reason'" in out.stdout
+    assert (tmp_path / "juliet.safetensors").exists()
+
+
+def test_the_package_docstring_example_runs():
+    import rwkv_playground
+
+    first_line = next(line.strip() for line in rwkv_playground.__doc__.splitlines() if line.strip().startswith("from "))
+    exec(first_line, {})  # the import line a reader copies
+
+
+APP_FLAGS = ["--model", "--tokenizer", "--device", "--dtype", "--wkv", "--step", "--sampler", "--max-active",
+             "--max-queue", "--session-memory-mb", "--session-ttl", "--undo-depth", "--lock-models", "--host", "--port",
+             "--models-dir", "--share"]
+
+
+def test_the_files_and_app_options_the_readme_names_exist():
+    text = (ROOT / "README.md").read_text()
+    for path in re.findall(r"`((?:rwkv_playground|kernels|tools|benchmarks|tests|docs)/[\w./-]+\.(?:py|cpp|cu|h|md))`",
+                           text):
+        assert (ROOT / path).exists(), path
+    help_text = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout
+    for flag in APP_FLAGS:
+        assert flag in text and flag in help_text, flag
