@@ -519,7 +519,7 @@ at::Tensor StepWeights::step(const at::Tensor& tokens, const std::vector<at::Ten
       const float *kb = K_[b], *vb = V_[b], *rb = R_[b];
       float* yb = Y[b];
       for (int64_t c = 0; c < C; ++c) {
-        yb[c] = sigmoid(rb[c]) * wkv_step<false, float>(a[c], d[c], m[c], w.att_decay[c], w.att_first[c], kb[c],
+        yb[c] = sigmoid(rb[c]) * rwkv::wkv_step<false, float>(a[c], d[c], m[c], w.att_decay[c], w.att_first[c], kb[c],
                                                          vb[c], nullptr);
       }
     });

@@ -21,9 +21,8 @@
 
 namespace {
 
-using rwkv_cpu::exp_nonpos;
+using rwkv::wkv_step;
 using rwkv_cpu::to_float;
-using rwkv_cpu::wkv_step;
 
 constexpr int64_t kBlock = 64;  // channels per task: 256 B of each stream per time step
 
@@ -88,57 +87,29 @@ void train_forward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, const
   });
 }
 
-// Backward, walking t from T-1 down to 0. With D_t the denominator at t:
-//   direct:   gv_t += gy_t e^{u+k_t}/D_t,   gk_t, gu += gy_t e^{u+k_t}(v_t - y_t)/D_t
-//   indirect: token i feeds every t > i with weight e^{(t-1-i)w + k_i}:
-//     gv_i += e^{k_i} S_i,  gk_i += e^{k_i}(v_i S_i - H_i),  gw += e^{k_i}(v_i SQ_i - HQ_i)
-//   where S_i = sum_{t>i} gy_t e^{(t-1-i)w}/D_t, H_i the same with gy_t y_t, and SQ_i, HQ_i carry
-//   an extra factor (t-1-i). All four share one running exponent `gp`, as aa/bb share pp.
+// Backward, walking t from T-1 down to 0 (the sums and their derivation: wkv_step.h).
 template <typename acc_t>
 void train_backward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, const acc_t* u,
                            const acc_t* k, const acc_t* v, const acc_t* y, const acc_t* log_d,
                            const acc_t* gy, acc_t* gw_part, acc_t* gu_part, acc_t* gk, acc_t* gv) {
   const int64_t blocks_per_row = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, B * blocks_per_row, 1, [&](int64_t begin, int64_t end) {
-    acc_t s[kBlock], h[kBlock], sq[kBlock], hq[kBlock], gp[kBlock], gwa[kBlock], gua[kBlock];
+    rwkv::BackwardSums<acc_t> sums[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / blocks_per_row;
       const int64_t c0 = (task % blocks_per_row) * kBlock;
       const int64_t n = std::min(kBlock, C - c0);
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = h[j] = sq[j] = hq[j] = 0; gp[j] = acc_t(-1e30); gwa[j] = gua[j] = 0;
-      }
+      for (int64_t j = 0; j < n; ++j) sums[j] = rwkv::BackwardSums<acc_t>();
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t off = (bi * T + t) * C + c0;
-#pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t kk = k[off + j], vv = v[off + j], yy = y[off + j], g = gy[off + j];
-          const acc_t ld = log_d[off + j];
-          // direct path of token t into y_t
-          const acc_t e_cur = exp_nonpos(u[c0 + j] + kk - ld);
-          const acc_t direct = g * e_cur;
-          const acc_t ek = exp_nonpos(kk + gp[j]);  // e^{k_t} * scale of S..HQ (<= 1)
-          gv[off + j] = direct + ek * s[j];
-          gk[off + j] = direct * (vv - yy) + ek * (vv * s[j] - h[j]);
-          gua[j] += direct * (vv - yy);
-          gwa[j] += ek * (vv * sq[j] - hq[j]);
-          // fold token t in as a target for the earlier tokens
-          const acc_t old_exp = gp[j] + w[c0 + j];
-          const acc_t new_exp = -ld;
-          const acc_t dd = old_exp - new_exp;
-          const acc_t edd = exp_nonpos(dd > 0 ? -dd : dd);
-          const acc_t f_old = dd > 0 ? acc_t(1) : edd;
-          const acc_t f_new = dd > 0 ? edd : acc_t(1);
-          sq[j] = f_old * (s[j] + sq[j]);
-          hq[j] = f_old * (h[j] + hq[j]);
-          s[j] = f_old * s[j] + f_new * g;
-          h[j] = f_old * h[j] + f_new * g * yy;
-          gp[j] = dd > 0 ? old_exp : new_exp;
+          rwkv::wkv_backward_step(sums[j], w[c0 + j], u[c0 + j], k[off + j], v[off + j], y[off + j], gy[off + j],
+                                  log_d[off + j], gk[off + j], gv[off + j]);
         }
       }
       for (int64_t j = 0; j < n; ++j) {
-        gw_part[bi * C + c0 + j] = gwa[j];
-        gu_part[bi * C + c0 + j] = gua[j];
+        gw_part[bi * C + c0 + j] = sums[j].gw;
+        gu_part[bi * C + c0 + j] = sums[j].gu;
       }
     }
   });
@@ -162,11 +133,14 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
   check_inputs(w, u, k, v);
   TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv_cpu: w, u must be float32");
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  TORCH_CHECK(aa.sizes() == torch::IntArrayRef({B, C}) && bb.sizes() == aa.sizes() && pp.sizes() == aa.sizes(),
-              "wkv_cpu: aa, bb, pp must be [B, C]");
-  auto aa_out = aa.to(at::kFloat).contiguous().clone();
-  auto bb_out = bb.to(at::kFloat).contiguous().clone();
-  auto pp_out = pp.to(at::kFloat).contiguous().clone();
+  for (const torch::Tensor* s : {&aa, &bb, &pp}) {  // the same checks as the CUDA binding's
+    TORCH_CHECK(s->device().is_cpu(), "wkv_cpu: aa, bb, pp must be on the CPU");
+    TORCH_CHECK(s->scalar_type() == at::kFloat, "wkv_cpu: aa, bb, pp must be float32");
+    TORCH_CHECK(s->sizes() == torch::IntArrayRef({B, C}), "wkv_cpu: aa, bb, pp must be [B, C]");
+  }
+  auto aa_out = aa.contiguous().clone();
+  auto bb_out = bb.contiguous().clone();
+  auto pp_out = pp.contiguous().clone();
   auto y = torch::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "wkv_cpu_forward", [&] {
     forward_kernel<scalar_t>(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),

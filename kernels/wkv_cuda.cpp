@@ -1,40 +1,63 @@
-// Python binding of kernels/wkv_cuda.cu: the same three functions as kernels/wkv_cpu.cpp.
+// Python binding of kernels/wkv_cuda.cu: the same three functions as the CPU module's WKV
+// (kernels/wkv_cpu.cpp), with the same checks on every tensor.
+//
+// The tests' CPU emulation (tests/cuda_emulation/) compiles this file too, with stand-ins for the
+// c10/cuda headers, and runs it on CPU tensors: RWKV_ON_DEVICE is then "on the CPU".
 #include <torch/extension.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <vector>
 
-void cuda_wkv_forward(int dtype, int B, int T, int C, const float* w, const float* u, const void* k,
-                      const void* v, void* y, float* aa, float* bb, float* pp, cudaStream_t stream);
-void cuda_wkv_train_forward(int B, int T, int C, const float* w, const float* u, const float* k,
-                            const float* v, float* y, float* log_d, cudaStream_t stream);
-void cuda_wkv_train_backward(int B, int T, int C, const float* w, const float* u, const float* k,
-                             const float* v, const float* y, const float* log_d, const float* gy,
-                             float* gw_part, float* gu_part, float* gk, float* gv, cudaStream_t stream);
+#ifdef RWKV_CUDA_EMULATION
+#define RWKV_ON_DEVICE(t) ((t).is_cpu())
+#else
+#define RWKV_ON_DEVICE(t) ((t).is_cuda())
+#endif
+
+cudaError_t cuda_wkv_forward(int dtype, int B, int T, int C, const float* w, const float* u, const void* k,
+                             const void* v, void* y, float* aa, float* bb, float* pp, cudaStream_t stream);
+cudaError_t cuda_wkv_train_forward(int B, int T, int C, const float* w, const float* u, const float* k,
+                                   const float* v, float* y, float* log_d, cudaStream_t stream);
+cudaError_t cuda_wkv_train_backward(int B, int T, int C, const float* w, const float* u, const float* k,
+                                    const float* v, const float* y, const float* log_d, const float* gy,
+                                    float* gw_part, float* gu_part, float* gk, float* gv, cudaStream_t stream);
 
 namespace {
+
 void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(k.is_cuda() && v.is_cuda() && w.is_cuda() && u.is_cuda(), "wkv_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(RWKV_ON_DEVICE(k) && RWKV_ON_DEVICE(v) && RWKV_ON_DEVICE(w) && RWKV_ON_DEVICE(u),
+              "wkv_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv_cuda: k and v must be [B, T, C] of equal shape");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "wkv_cuda: k and v must have the same dtype");
   TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), "wkv_cuda: w and u must have C elements");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(),
               "wkv_cuda: inputs must be contiguous");
-  TORCH_CHECK(k.size(0) * k.size(2) < (1LL << 31), "wkv_cuda: B * C too large");
+  TORCH_CHECK(k.size(0) * k.size(2) < (1LL << 31) && k.size(1) < (1LL << 31), "wkv_cuda: B * C or T too large");
 }
+
+void check_state(const torch::Tensor& s, const torch::Tensor& k) {  // the same checks as the CPU binding's
+  TORCH_CHECK(RWKV_ON_DEVICE(s) && s.device() == k.device(), "wkv_cuda: aa, bb, pp must be on k's CUDA device");
+  TORCH_CHECK(s.scalar_type() == at::kFloat, "wkv_cuda: aa, bb, pp must be float32");
+  TORCH_CHECK(s.sizes() == torch::IntArrayRef({k.size(0), k.size(2)}), "wkv_cuda: aa, bb, pp must be [B, C]");
+}
+
+void check_launch(cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, "wkv_cuda: the kernel launch failed: ", cudaGetErrorString(error));
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                        torch::Tensor aa, torch::Tensor bb, torch::Tensor pp) {
   check_inputs(w, u, k, v);
   TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv_cuda: w, u must be float32");
+  for (const torch::Tensor* s : {&aa, &bb, &pp}) check_state(*s, k);
   const c10::cuda::CUDAGuard guard(k.device());
   const int B = k.size(0), T = k.size(1), C = k.size(2);
-  auto aa_out = aa.to(at::kFloat).contiguous().clone();
-  auto bb_out = bb.to(at::kFloat).contiguous().clone();
-  auto pp_out = pp.to(at::kFloat).contiguous().clone();
+  auto aa_out = aa.contiguous().clone();
+  auto bb_out = bb.contiguous().clone();
+  auto pp_out = pp.contiguous().clone();
   auto y = torch::empty_like(v);
   int dtype;
   switch (k.scalar_type()) {
@@ -43,47 +66,54 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
     case at::kBFloat16: dtype = 2; break;
     default: TORCH_CHECK(false, "wkv_cuda: k, v must be float32, float16 or bfloat16");
   }
-  cuda_wkv_forward(dtype, B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(), v.data_ptr(),
-                   y.data_ptr(), aa_out.data_ptr<float>(), bb_out.data_ptr<float>(), pp_out.data_ptr<float>(),
-                   c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(cuda_wkv_forward(dtype, B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
+                                v.data_ptr(), y.data_ptr(), aa_out.data_ptr<float>(), bb_out.data_ptr<float>(),
+                                pp_out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
   return {y, aa_out, bb_out, pp_out};
 }
 
 torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v) {
   check_inputs(w, u, k, v);
-  TORCH_CHECK(k.scalar_type() == at::kFloat, "wkv_cuda: training takes float32");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "wkv_cuda: training takes float32");
   const c10::cuda::CUDAGuard guard(k.device());
-  auto y = torch::empty_like(v);
-  cuda_wkv_train_forward(k.size(0), k.size(1), k.size(2), w.data_ptr<float>(), u.data_ptr<float>(),
-                         k.data_ptr<float>(), v.data_ptr<float>(), y.data_ptr<float>(), nullptr,
-                         c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto y = torch::empty_like(v), log_d = torch::empty_like(v);
+  check_launch(cuda_wkv_train_forward(k.size(0), k.size(1), k.size(2), w.data_ptr<float>(), u.data_ptr<float>(),
+                                      k.data_ptr<float>(), v.data_ptr<float>(), y.data_ptr<float>(),
+                                      log_d.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 
 std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                               torch::Tensor y, torch::Tensor gy) {
   check_inputs(w, u, k, v);
+  TORCH_CHECK(k.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "wkv_cuda: training takes float32");
+  TORCH_CHECK(y.sizes() == k.sizes() && gy.sizes() == k.sizes(), "wkv_cuda: y and gy must be [B, T, C]");
   const c10::cuda::CUDAGuard guard(k.device());
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   gy = gy.contiguous();
+  y = y.contiguous();
+  // Recompute log D_t rather than keep it alive between forward and backward (memory over time).
   auto y_re = torch::empty_like(v), log_d = torch::empty_like(v);
-  cuda_wkv_train_forward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                         v.data_ptr<float>(), y_re.data_ptr<float>(), log_d.data_ptr<float>(), stream);
+  check_launch(cuda_wkv_train_forward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
+                                      v.data_ptr<float>(), y_re.data_ptr<float>(), log_d.data_ptr<float>(), stream));
   auto gk = torch::empty_like(k), gv = torch::empty_like(v);
   auto gw_part = torch::empty({B, C}, k.options()), gu_part = torch::empty({B, C}, k.options());
-  cuda_wkv_train_backward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                          v.data_ptr<float>(), y.data_ptr<float>(), log_d.data_ptr<float>(), gy.data_ptr<float>(),
-                          gw_part.data_ptr<float>(), gu_part.data_ptr<float>(), gk.data_ptr<float>(),
-                          gv.data_ptr<float>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(cuda_wkv_train_backward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
+                                       v.data_ptr<float>(), y.data_ptr<float>(), log_d.data_ptr<float>(),
+                                       gy.data_ptr<float>(), gw_part.data_ptr<float>(), gu_part.data_ptr<float>(),
+                                       gk.data_ptr<float>(), gv.data_ptr<float>(), stream));
   return {gw_part.sum(0), gu_part.sum(0), gk, gv};
 }
 
+#ifndef RWKV_CUDA_EXTRA_BINDINGS
+#define RWKV_CUDA_EXTRA_BINDINGS(m)
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "RWKV Playground CUDA kernels: the WKV operator";
   m.def("wkv_forward", &wkv_forward, "WKV forward with state in/out (CUDA)");
   m.def("wkv_train_forward", &wkv_train_forward, "WKV training forward from an empty state (CUDA)");
   m.def("wkv_train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CUDA)");
+  RWKV_CUDA_EXTRA_BINDINGS(m)  // the CPU emulation adds its test hooks here
 }
