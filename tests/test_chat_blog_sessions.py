@@ -184,6 +184,8 @@ def test_event_functions_in_process(engine):
     rec_out = list(fns["inspect"]("Current chat", "", chat, blog, inspector, 0, "0-15", 32))[-1]
     assert "Recorded" in rec_out[0] and inspector.recording is not None
     assert inspector.recording.tokens == chat.history_tokens()
+    report = fns["selftest"]()  # the model panel's self-test button, through the scheduler
+    assert report.startswith("**All ") and "| step | cpu (" in report
 
 
 def test_outline_mode_stopped_midway_can_continue(engine, loaded):

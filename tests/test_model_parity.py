@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import MID, TINY, write_checkpoint
+from rwkv_playground.model import RWKVConfig, init_random_weights
 
 TOL = 1e-5
 
@@ -251,3 +252,46 @@ def test_training_forward_equals_inference_forward_position_by_position(tiny_fp3
         inference, _ = runtime.forward(tokens[row].tolist(), full_output=True, chunk_len=10)
         per_position = ((train_logits[row].detach() - inference).abs().amax(-1) / inference.abs().amax(-1))
         assert per_position.max().item() <= 1e-5
+
+
+FP16_TOL = 1e-2  # fp16 activations and weights: ~1e-3 relative per matmul, 12 layers
+
+
+def test_fp16_with_its_rescale_stays_finite_where_plain_fp16_overflows(tmp_path):
+    """fp16 (the GPU users' dtype) runs on the CPU too, so its per-layer rescale is tested here:
+    layers 6-11 of this checkpoint write FFN outputs past fp16's range (65504). Stored as ChatRWKV
+    does (those layers' output projections divided by 2, the residual halved after every 6th
+    layer), the logits stay finite and within FP16_TOL of fp32; the same weights in fp16 without
+    the rescale overflow to inf / NaN."""
+    from rwkv_playground import load_runtime
+    from rwkv_playground.runtime import StoredLinear
+
+    config = RWKVConfig(n_layer=12, n_embd=64, vocab_size=500, ffn_dim=256)
+    weights = init_random_weights(config, seed=3)
+    for i in range(6, 12):
+        weights[f"blocks.{i}.ffn.value.weight"] *= 40000.0
+    path = tmp_path / "overflows-fp16.pth"
+    torch.save(weights, path)
+    tokens = random_tokens(60, config.vocab_size, seed=4)
+    fp32, _ = load_runtime(path).forward(tokens, full_output=True)
+    runtime = load_runtime(path, dtype="fp16")
+    assert runtime.model.rescale_every == 6
+    fp16, _ = runtime.forward(tokens, full_output=True)
+    assert torch.isfinite(fp16).all()
+    assert rel(fp16, fp32) <= FP16_TOL and (fp16.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
+    plain = load_runtime(path)  # the same weights in fp16, no pre-division, no halving
+    for module in plain.model.modules():
+        if isinstance(module, StoredLinear):
+            module.weight = module.weight.half()
+    logits, _ = plain.forward(tokens, full_output=True)
+    assert not torch.isfinite(logits).all()
+
+
+def test_fp16_is_close_to_fp32_on_ordinary_weights(tiny_fp32):
+    from rwkv_playground import load_runtime
+
+    tokens = random_tokens(100, TINY.vocab_size, seed=6)
+    fp32, state32 = load_runtime(tiny_fp32).forward(tokens, full_output=True)
+    fp16, state16 = load_runtime(tiny_fp32, dtype="fp16").forward(tokens, full_output=True)
+    assert rel(fp16, fp32) <= FP16_TOL and (fp16.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
+    assert rel(state16.value_estimate(), state32.value_estimate()) <= FP16_TOL

@@ -43,6 +43,22 @@ def on_load(engine, name, progress=gr.Progress()):
         return model_markdown(engine), friendly_error(exc)
 
 
+def on_selftest(engine):
+    """Every kernel against its reference on this machine (python -m rwkv_playground.selftest),
+    run by the scheduler like any model work."""
+    from ..selftest import run, table
+
+    ticket = engine.scheduler.submit_task(lambda runtime: run(), label="self-test")
+    try:
+        rows = ticket.wait()
+    except Exception as exc:
+        return friendly_error(exc)
+    bad = [r for r in rows if not r.ok]
+    verdict = (f"**All {len(rows)} checks passed.**" if not bad else
+               f"**{len(bad)} of {len(rows)} checks failed**: please attach this table to a bug report.")
+    return verdict + "\n\n" + table(rows)
+
+
 def on_refresh(engine):
     return gr.Dropdown(choices=engine.list_models())
 
@@ -76,6 +92,11 @@ def build(engine):
             download_btn = gr.Button("Download", elem_id="model-download", scale=1)
         status = gr.Markdown("The model is fixed on this server (public deployment)." if locked else "",
                              elem_id="model-status")
+        with gr.Accordion("Self-test: every kernel against its reference on this machine", open=False):
+            selftest_btn = gr.Button("Run the self-test", elem_id="model-selftest")
+            selftest_out = gr.Markdown("", elem_id="model-selftest-result")
+    selftest_btn.click(partial(on_selftest, engine), None, [selftest_out], api_name="selftest",
+                       concurrency_id="selftest", concurrency_limit=1)
     if not locked:
         load_btn.click(partial(on_load, engine), [choice], [info, status], api_name="load_model",
                        concurrency_id="switch", concurrency_limit=1)
