@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer file (.json or World .txt); default: found "
                    "beside the checkpoint")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="storage of the matrices; default: fp32 on CPU, fp16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8", "fp16"],
+                   help="storage of the matrices; default: fp32 on CPU, fp16 on CUDA. int8 quantizes at load "
+                        "(a quarter of fp32's memory; Raven 14B fits 24 GB)")
     g = p.add_argument_group("backends (each: auto, or force one; the model panel shows what runs)")
     g.add_argument("--wkv", default=None, choices=["auto", "reference", "cpu", "cuda"],
                    help="the WKV operator (env RWKV_PLAYGROUND_WKV)")
@@ -37,6 +38,9 @@ def parse_args(argv=None):
                    help="the one-token step of generation (env RWKV_PLAYGROUND_STEP)")
     g.add_argument("--sampler", default=None, choices=["auto", "reference", "cpu"],
                    help="the top-p sampler (env RWKV_PLAYGROUND_SAMPLER)")
+    g.add_argument("--gemm", default=None, choices=["auto", "upcast", "native"],
+                   help="prompt products of bf16/int8 weights: fp32 on converted weights, or the CPU's native "
+                        "bf16 GEMM (env RWKV_PLAYGROUND_GEMM; auto measures once where AMX/AVX512-BF16 exist)")
     s = p.add_argument_group("serving many visitors")
     s.add_argument("--max-active", type=int, default=scheduling.max_active,
                    help="generations advancing together, one batched step per token (default %(default)s)")
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
 
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     engine = Engine(models_dir=args.models_dir, device=args.device, dtype=dtype,
-                    backends={"wkv": args.wkv, "step": args.step, "sampler": args.sampler},
+                    backends={"wkv": args.wkv, "step": args.step, "sampler": args.sampler, "gemm": args.gemm},
                     settings=serving_settings(args))
 
     def progress(message: str, fraction: float) -> None:
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     info = loaded.describe()
     print(f"Model ready in {time.perf_counter() - t0:.1f} s: {info['name']} ({info['n_layer']}x{info['n_embd']}, "
           f"{info['parameters'] / 1e6:.1f} M parameters, {info['dtype']} on {info['device']}; WKV {info['wkv']}, "
-          f"step {info['step']}, sampler {info['sampler']})", file=sys.stderr)
+          f"step {info['step']}, sampler {info['sampler']}, prompt GEMM {info['gemm']})", file=sys.stderr)
     if engine.settings.lock_models:
         print("The model panel is locked (public deployment): no switching or downloads from the browser.",
               file=sys.stderr)

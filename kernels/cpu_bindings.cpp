@@ -11,7 +11,8 @@ torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor 
 std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                               torch::Tensor y, torch::Tensor gy);
 // kernels/sampling_cpu.cpp
-int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform);
+int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform,
+                     const std::string& isa);
 
 namespace py = pybind11;
 
@@ -30,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const std::map<std::string, at::Tensor>&, int64_t, double, const std::string&>(),
            py::arg("weights"), py::arg("n_layer"), py::arg("layer_norm_eps"), py::arg("isa") = "auto")
       .def_static("slot_names", &StepWeights::slot_names, py::arg("n_layer"),
-                  "every weight name the step reads (int8 matrices also need '<name>.scale')")
+                  "every weight name the step reads (int8 matrices also need '<name>_scale')")
       .def_property_readonly("isa", &StepWeights::isa)
       .def_property_readonly("storage", &StepWeights::storage)
       .def("step", &StepWeights::step, py::arg("tokens"), py::arg("att_x"), py::arg("aa"), py::arg("bb"),
@@ -41,7 +42,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
         "y = x W^T for x [K] or [B, K] (W float32, bfloat16, or int8 with a scale per row)");
   m.def("available_isas", &rwkv_cpu::available_isas, "instruction sets this CPU can run, best first");
+  m.def("cpu_features", &rwkv_cpu::cpu_features, "cpuid features that choose paths (avx512_bf16, amx_bf16, ...)");
+  m.def("stream_read", &rwkv_cpu::stream_read, py::arg("buffer"), py::arg("isa") = "auto",
+        py::call_guard<py::gil_scoped_release>(), "read every byte once on all threads (bandwidth bound); a checksum");
 
-  m.def("sample_top_p", &sample_top_p, "top-p/top-k/temperature draw of one token id from float32 logits",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("sample_top_p", &sample_top_p, py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
+        py::arg("uniform"), py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
+        "top-p/top-k/temperature draw of one token id from float32 logits");
 }

@@ -21,10 +21,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define RWKV_X86 1
 #endif
@@ -80,7 +82,7 @@ void run(const MatvecJob& j, int64_t n0, int64_t n1) {
 }
 }  // namespace scalar
 
-constexpr int64_t kPrefetchBytes = 1024;  // one row stream per core, fetched 1 KB ahead
+constexpr int64_t kPrefetchBytes = 16384;  // how far ahead the matvecs prefetch (whole blocks)
 
 #ifdef RWKV_X86
 // ---- AVX2 + FMA: 8-lane vectors ---------------------------------------------------------------
@@ -121,10 +123,9 @@ struct I8 {
   static constexpr int64_t kStep = 16;
   static constexpr int kParts = 2;
   static constexpr bool kPairs = false;
-  static inline void load(const int8_t* p, V* w) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+  static inline void load(const int8_t* p, V* w) {  // two sign-extending loads: no shuffle uop
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
   }
 };
 #include "matvec_block.inc"
@@ -160,15 +161,14 @@ struct BF16 {
     w[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
-struct I8 {
+struct I8 {  // a whole cache line (64 weights) per step: one prefetch per line
   using W = int8_t;
-  static constexpr int64_t kStep = 32;
-  static constexpr int kParts = 2;
+  static constexpr int64_t kStep = 64;
+  static constexpr int kParts = 4;
   static constexpr bool kPairs = false;
-  static inline void load(const int8_t* p, V* w) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  static inline void load(const int8_t* p, V* w) {  // sign-extending loads: no shuffle uop
+    for (int part = 0; part < 4; ++part)
+      w[part] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * part))));
   }
 };
 #include "matvec_block.inc"
@@ -323,7 +323,97 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Sum of the 64-bit words of [begin, end): every byte is loaded, with four independent chains.
+#ifdef RWKV_X86
+#pragma GCC push_options
+#pragma GCC target("avx2")
+uint64_t sum_words_avx2(const uint8_t* begin, const uint8_t* end) {
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  const uint8_t* p = begin;
+  for (; p + 128 <= end; p += 128)
+    for (int a = 0; a < 4; ++a)
+      acc[a] = _mm256_add_epi64(acc[a], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * a)));
+  uint64_t lanes[4], total = 0;
+  for (int a = 0; a < 4; ++a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), acc[a]);
+    total += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  }
+  for (; p < end; ++p) total += *p;
+  return total;
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+uint64_t sum_words_avx512(const uint8_t* begin, const uint8_t* end) {
+  __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  const uint8_t* p = begin;
+  for (; p + 256 <= end; p += 256)
+    for (int a = 0; a < 4; ++a) acc[a] = _mm512_add_epi64(acc[a], _mm512_loadu_si512(p + 64 * a));
+  uint64_t total = 0;
+  for (int a = 0; a < 4; ++a) total += static_cast<uint64_t>(_mm512_reduce_add_epi64(acc[a]));
+  for (; p < end; ++p) total += *p;
+  return total;
+}
+#pragma GCC pop_options
+#endif
+
+uint64_t sum_words_scalar(const uint8_t* begin, const uint8_t* end) {
+  uint64_t total = 0;
+  const uint8_t* p = begin;
+  for (; p + 8 <= end; p += 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    total += w;
+  }
+  for (; p < end; ++p) total += *p;
+  return total;
+}
+
 }  // namespace
+
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> out;
+#ifdef RWKV_X86
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    if (b & (1u << 5)) out.push_back("avx2");
+    if (b & (1u << 16)) out.push_back("avx512f");
+    if (c & (1u << 11)) out.push_back("avx512_vnni");
+    if (d & (1u << 22)) out.push_back("amx_bf16");
+    if (d & (1u << 24)) out.push_back("amx_tile");
+    if (d & (1u << 25)) out.push_back("amx_int8");
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    if (a & (1u << 4)) out.push_back("avx_vnni");
+    if (a & (1u << 5)) out.push_back("avx512_bf16");
+  }
+  if (cpu_has_avx2()) out.push_back("fma");
+#endif
+  return out;
+}
+
+int64_t stream_read(const at::Tensor& buffer, const std::string& isa) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "stream_read: a contiguous CPU tensor");
+  const uint8_t* data = static_cast<const uint8_t*>(buffer.data_ptr());
+  const int64_t bytes = buffer.numel() * buffer.element_size();
+  const Isa chosen = parse_isa(isa);
+  constexpr int64_t kChunk = 1 << 20;  // 1 MB per task: the threads stream disjoint ranges
+  std::atomic<uint64_t> total{0};
+  at::parallel_for(0, (bytes + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    const uint8_t* first = data + begin * kChunk;
+    const uint8_t* last = data + std::min(bytes, end * kChunk);
+    uint64_t sum;
+    switch (chosen) {
+#ifdef RWKV_X86
+      case Isa::kAvx512: sum = sum_words_avx512(first, last); break;
+      case Isa::kAvx2: sum = sum_words_avx2(first, last); break;
+#endif
+      default: sum = sum_words_scalar(first, last); break;
+    }
+    total += sum;
+  });
+  return static_cast<int64_t>(total.load());
+}
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
@@ -380,10 +470,11 @@ Matrix StepWeights::matrix(const std::map<std::string, at::Tensor>& named, const
   m.cols = cols;
   keep_alive_.push_back(t);
   if (m.storage == Storage::kInt8) {
-    auto s = named.find(name + ".scale");
-    TORCH_CHECK(s != named.end(), "StepWeights: int8 '", name, "' needs '", name, ".scale'");
-    TORCH_CHECK(s->second.scalar_type() == at::kFloat && s->second.is_contiguous() && s->second.numel() == rows,
-                "StepWeights: '", name, ".scale' must be ", rows, " contiguous float32 values");
+    auto s = named.find(name + "_scale");
+    TORCH_CHECK(s != named.end(), "StepWeights: int8 '", name, "' needs '", name, "_scale'");
+    TORCH_CHECK(s->second.device().is_cpu() && s->second.scalar_type() == at::kFloat && s->second.is_contiguous() &&
+                    s->second.numel() == rows,
+                "StepWeights: '", name, "_scale' must be ", rows, " contiguous float32 values");
     m.scale = s->second.data_ptr<float>();
     keep_alive_.push_back(s->second);
   }

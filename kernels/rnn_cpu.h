@@ -16,6 +16,11 @@ enum class Isa { kScalar, kAvx2, kAvx512 };
 Isa parse_isa(const std::string& name);  // "auto" | "avx512" | "avx2" | "scalar"
 const char* isa_name(Isa isa);
 std::vector<std::string> available_isas();
+// What the CPU offers beyond the ISA levels (cpuid): "avx512_bf16", "amx_bf16", "avx512_vnni", ...
+std::vector<std::string> cpu_features();
+// Reads every byte of `buffer` once, split over all threads (the benchmark's bandwidth bound:
+// what the cores can actually stream). Returns a checksum so the reads cannot be elided.
+int64_t stream_read(const at::Tensor& buffer, const std::string& isa);
 
 enum class Storage { kFloat32, kBFloat16, kInt8 };
 
@@ -37,12 +42,12 @@ struct LayerWeights {
 
 // The model's weights for the step, looked up by their checkpoint names and validated once
 // (shape, dtype, device, contiguity), so no positional list crosses the Python/C++ boundary.
-// int8 matrices come with "<name>.scale" (float32, one per row).
+// int8 matrices come with "<name>_scale" (float32, one per row: runtime.StoredLinear's buffer).
 class StepWeights {
  public:
   StepWeights(const std::map<std::string, at::Tensor>& named, int64_t n_layer, double layer_norm_eps,
               const std::string& isa);
-  // Every name the step reads, for a model of n_layer layers (matrices without ".scale").
+  // Every name the step reads, for a model of n_layer layers (int8 matrices also need "<name>_scale").
   static std::vector<std::string> slot_names(int64_t n_layer);
 
   int64_t n_layer() const { return static_cast<int64_t>(layers_.size()); }

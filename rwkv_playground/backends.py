@@ -1,29 +1,37 @@
 """Which implementation runs each fast path, chosen separately and shown to the user.
 
-Three choices, each "auto" by default:
+Four choices, each "auto" by default:
   wkv      the WKV recurrence in prompts (and in steps the model's PyTorch forward runs):
            "reference" (PyTorch, wkv.py), "cpu" (kernels/wkv_cpu.cpp), "cuda" (kernels/wkv_cuda.cu)
   step     the one-token step of generation: "reference" (the model's PyTorch forward, with the
            chosen WKV) or "cpu" (kernels/rnn_cpu.cpp: every layer and the head in one call)
   sampler  top-p sampling: "reference" (numpy, sampling.py) or "cpu" (kernels/sampling_cpu.cpp)
+  gemm     prompt products of bf16 / int8 weights on the CPU (runtime.StoredLinear): "upcast"
+           (to float32, exact) or "native" (PyTorch's bf16 GEMM: AMX / AVX512-BF16 via oneDNN)
 
 "auto" takes the compiled kernel for the device when it builds, else the reference with one note
-that names the cause; an explicit kernel choice that cannot run is a LoadError. Environment
-defaults: RWKV_PLAYGROUND_WKV, RWKV_PLAYGROUND_STEP, RWKV_PLAYGROUND_SAMPLER.
+that names the cause; an explicit kernel choice that cannot run is a LoadError. The SIMD code in
+the kernels is chosen by cpuid at run time (AVX-512, AVX2, scalar). "auto" for gemm is "native"
+only where the CPU has bf16 units (cpuid) *and* a one-time measurement on this machine shows it
+faster; the measurement is cached beside the compiled kernels. Environment defaults:
+RWKV_PLAYGROUND_WKV, RWKV_PLAYGROUND_STEP, RWKV_PLAYGROUND_SAMPLER, RWKV_PLAYGROUND_GEMM.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .errors import LoadError
-from .kernels import load_kernel
+from .kernels import kernel_cache_dir, load_kernel
 from .wkv import WKVOperator, compiled_wkv, reference_wkv
 
 log = logging.getLogger(__name__)
@@ -32,8 +40,12 @@ CHOICES = {
     "wkv": ("auto", "reference", "cpu", "cuda"),
     "step": ("auto", "reference", "cpu"),
     "sampler": ("auto", "reference", "cpu"),
+    "gemm": ("auto", "upcast", "native"),
 }
-ENV = {"wkv": "RWKV_PLAYGROUND_WKV", "step": "RWKV_PLAYGROUND_STEP", "sampler": "RWKV_PLAYGROUND_SAMPLER"}
+ENV = {"wkv": "RWKV_PLAYGROUND_WKV", "step": "RWKV_PLAYGROUND_STEP", "sampler": "RWKV_PLAYGROUND_SAMPLER",
+       "gemm": "RWKV_PLAYGROUND_GEMM"}
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # cpuid features that make a native bf16 GEMM worth measuring
+NATIVE_GEMM_MIN_SPEEDUP = 1.25  # "auto" picks native only when clearly faster (the upcast is exact)
 _warned: set[str] = set()
 
 
@@ -45,13 +57,20 @@ class Backends:
     sampler: str  # "cpu" or "reference"
     cpu_kernels: object | None = None  # the compiled CPU module, when any choice uses it
     notes: list[str] = field(default_factory=list)  # why a kernel is not in use
+    gemm: str = "fp32"  # "native" / "upcast" (bf16 and int8 weights on the CPU), else the storage's own
+    gemm_reason: str = ""  # what decided it, shown in the model panel
 
     @property
     def sampler_kernel(self):
         return self.cpu_kernels if self.sampler == "cpu" else None
 
+    @property
+    def simd(self) -> str:
+        """The instruction set the kernels' SIMD code runs ("avx512", "avx2", "scalar")."""
+        return self.cpu_kernels.available_isas()[0] if self.cpu_kernels is not None else "none"
+
     def describe(self) -> dict:
-        return {"wkv": self.wkv.name, "step": self.step, "sampler": self.sampler}
+        return {"wkv": self.wkv.name, "step": self.step, "sampler": self.sampler, "gemm": self.gemm}
 
 
 def _preference(kind: str, value: str | None) -> str:
@@ -69,10 +88,12 @@ def _fallback(note: str) -> None:
 
 
 def resolve(device: torch.device, storage: str, wkv: str | None = None, step: str | None = None,
-            sampler: str | None = None, progress: Callable[[str], None] | None = None) -> Backends:
-    """Resolve the three choices for a model on `device` stored as `storage` (fp32/bf16/fp16/int8)."""
+            sampler: str | None = None, gemm: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Backends:
+    """Resolve the four choices for a model on `device` stored as `storage` (fp32/bf16/fp16/int8)."""
     device = torch.device(device)
-    wanted = {kind: _preference(kind, value) for kind, value in (("wkv", wkv), ("step", step), ("sampler", sampler))}
+    wanted = {kind: _preference(kind, value)
+              for kind, value in (("wkv", wkv), ("step", step), ("sampler", sampler), ("gemm", gemm))}
     notes: list[str] = []
     modules: dict[str, object | None] = {}
 
@@ -119,5 +140,59 @@ def resolve(device: torch.device, storage: str, wkv: str | None = None, step: st
         if kernel("cpu", "sampling", forced=wanted["sampler"] == "cpu") is not None:
             sampler_choice = "cpu"
 
+    # gemm: how prompts multiply bf16 / int8 weights on the CPU
+    gemm_choice, gemm_reason = storage, ""
+    if device.type == "cpu" and storage in ("bf16", "int8"):
+        if wanted["gemm"] != "auto":
+            gemm_choice, gemm_reason = wanted["gemm"], "chosen"
+        else:
+            module = modules.get("cpu") if "cpu" in modules else kernel("cpu", "the GEMM choice", forced=False)
+            features = list(module.cpu_features()) if module is not None else []
+            gemm_choice, gemm_reason = choose_gemm(features, lambda: measured_native_speedup(progress))
     return Backends(wkv=wkv_op, step=step_choice, sampler=sampler_choice, cpu_kernels=modules.get("cpu"),
-                    notes=notes)
+                    notes=notes, gemm=gemm_choice, gemm_reason=gemm_reason)
+
+
+def choose_gemm(features: list[str], speedup: Callable[[], float]) -> tuple[str, str]:
+    """("native" | "upcast", why): by cpuid first; where the CPU has bf16 units, by measurement."""
+    units = [f for f in BF16_UNITS if f in features]
+    if not units:
+        return "upcast", "no AMX / AVX512-BF16 on this CPU"
+    ratio = speedup()
+    name = units[0].replace("_bf16", "").upper().replace("AVX512", "AVX512-BF16")
+    if ratio >= NATIVE_GEMM_MIN_SPEEDUP:
+        return "native", f"{name}: measured {ratio:.1f}x the fp32 upcast"
+    return "upcast", f"{name} present but measured only {ratio:.2f}x the fp32 upcast"
+
+
+def measured_native_speedup(progress: Callable[[str], None] | None = None) -> float:
+    """How much faster a bf16 GEMM runs natively than through the fp32 upcast, at a prompt chunk's
+    shape (512 tokens x 1024 x 1024). Measured once per machine, cached beside the CPU kernels."""
+    cache = kernel_cache_dir("cpu") / "gemm_speedup.json"
+    try:
+        return float(json.loads(cache.read_text())["native_over_upcast"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if progress:
+        progress("Measuring this CPU's bf16 GEMM (once)")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1024, generator=g)
+    w = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+
+    def best(fn) -> float:
+        fn()  # (the first call JIT-compiles oneDNN's kernel)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ratio = best(lambda: F.linear(x, w.float())) / best(lambda: F.linear(x.to(torch.bfloat16), w))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"native_over_upcast": ratio, "shape": [512, 1024, 1024],
+                                     "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    except OSError:
+        pass
+    return ratio

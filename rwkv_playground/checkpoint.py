@@ -8,7 +8,10 @@ without a full extra copy of the model in memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import pickle
 import re
@@ -35,6 +38,33 @@ _HF_RENAMES = [
     (r"\.time_mix_value$", ".time_mix_v"),
     (r"\.time_mix_receptance$", ".time_mix_r"),
 ]
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file pages are dropped, contents kept)
+_libc = None
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel a memory-mapped tensor's pages are no longer needed, once it is converted.
+
+    Page cache of an mmap'd checkpoint counts in the process's resident memory until the kernel
+    reclaims it; converting a 28 GB bf16 file to int8 on a 24 GB machine must not keep it all.
+    MADV_PAGEOUT never changes contents (anonymous pages would be swapped, not zeroed), so this is
+    safe whatever the tensor's memory is. Best effort: a no-op where unsupported."""
+    global _libc
+    if not hasattr(os, "sysconf") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        page = mmap.PAGESIZE
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = (start + page - 1) // page * page, end // page * page  # whole pages only
+        if last > first:
+            _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -76,7 +106,7 @@ def _rename_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _load_pth(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(4)
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         raise LoadError(f"{path.name} is not a PyTorch or safetensors checkpoint (unrecognised file content).")
     try:
         # mmap keeps the file's pages out of anonymous memory: converting tensor by tensor then
@@ -99,8 +129,8 @@ def _load_pth(path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
+    # The format is an 8-byte header length, a JSON header of {name: {dtype, shape, data_offsets}},
+    # then the raw data: read here directly (no code runs from the file).
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -113,17 +143,49 @@ def _load_safetensors(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LoadError(f"{path.name} is not a safetensors checkpoint (invalid header).") from None
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + data_end > size:
-        raise LoadError(f"{path.name} is truncated or corrupt (the file is shorter than its header says).")
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-        return tensors
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise LoadError(f"{path.name} is truncated or corrupt: {exc}") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for k, v in header.items() if k != "__metadata__"):
+        raise LoadError(f"{path.name} is not a safetensors checkpoint (invalid header).")
+    tensors = {}
+    # Memory-map the file (MAP_PRIVATE, like torch.load(mmap=True)) and view each tensor in place:
+    # a 28 GB checkpoint is never copied into anonymous memory before it is converted.
+    data_start = 8 + header_len
+    storage = None
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise LoadError(f"{path.name}: tensor '{key}' has an unsupported dtype or an invalid header "
+                            "entry.") from None
+        count = 1
+        for n in shape:
+            count *= n
+        if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize or begin < 0:
+            raise LoadError(f"{path.name}: tensor '{key}' has a size that does not match its shape.")
+        if data_start + end > size:
+            raise LoadError(f"{path.name} is truncated or corrupt (the file is shorter than its header says).")
+        offset = data_start + begin
+        if offset % dtype.itemsize:  # unaligned (the format does not promise alignment): a copy
+            with open(path, "rb") as f:
+                f.seek(offset)
+                buffer = bytearray(f.read(end - begin))
+            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count).reshape(shape) if count else \
+                torch.empty(shape, dtype=dtype)
+            continue
+        if storage is None:
+            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+    return tensors
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:

@@ -126,7 +126,7 @@ class Engine:
         self.models_dir = Path(models_dir).expanduser().resolve() if models_dir else None
         self.device = device
         self.dtype = dtype
-        self.backends = dict(backends or {})  # wkv / step / sampler choices (backends.py)
+        self.backends = dict(backends or {})  # wkv / step / sampler / gemm choices (backends.py)
         self.settings = settings or ServingSettings()
         self.scheduler = Scheduler(self.settings.scheduler)
         self.memory = MemoryBudget(self.settings.memory_budget_bytes)

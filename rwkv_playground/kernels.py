@@ -141,13 +141,18 @@ def loaded_kernel(kind: str):
     return _loaded.get(kind)
 
 
+def kernel_cache_dir(kind: str) -> Path:
+    """The folder of the compiled `kind` kernels for these sources, this torch and this CPU/GPU
+    (one-time measurements of the machine are cached here too)."""
+    return cache_root() / f"rwkv_{kind}_kernels_{build_key(kind)}"
+
+
 def _build_or_import(kind: str, report: Callable[[str], None]):
     reason = _why_unbuildable(kind)
     if reason:
         raise RuntimeError(reason)
-    key = build_key(kind)
-    name = f"rwkv_{kind}_kernels_{key}"
-    build_dir = cache_root() / name
+    build_dir = kernel_cache_dir(kind)
+    name = build_dir.name
     built = build_dir / f"{name}.so"
     if built.exists():
         report(f"{kind.upper()} kernels: loaded from cache ({build_dir})")

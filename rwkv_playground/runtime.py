@@ -23,12 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends as backends_mod
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, release_file_pages
 from .errors import LoadError, StateError
 from .model import FP16_RESCALE_EVERY, LN_EPS, RWKV4, RWKVConfig, expected_shapes
+from .quantization import quantize_rows
 from .state import State
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# storage of the matrices; int8 keeps the embedding in bf16 (one row is read per token)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 # tokens per pass in a prompt: larger GEMMs run closer to peak, and [T, 4C] fp32 stays small
 DEFAULT_CHUNK_LEN = 512
 
@@ -39,30 +41,42 @@ Observer = Callable[[int, str, torch.Tensor], None]
 class StoredLinear(nn.Module):
     """A Linear layer's weight [N, K] as inference stores it, computing x @ W^T in float32.
 
-    On the CPU, bf16 weights multiply float32 activations: the weight is upcast for the product
-    (PyTorch's bf16 GEMM runs at a fraction of fp32's speed on CPUs without native bf16 units, and
-    the upcast costs ~1/T of a T-row product), which is also what the fused C++ step computes.
-    `native_bf16` (CPUs with AMX / AVX512-BF16, chosen by the runtime) lets products of 16 rows or
-    more run PyTorch's bf16 GEMM instead, which rounds the activations to bf16. fp16 weights (GPU
-    storage; also runs on the CPU, slowly) multiply fp16 activations."""
+    Storage: fp32; bf16; int8 with one float32 scale per row (`weight_scale`, quantization.py);
+    fp16 (GPU storage, multiplies fp16 activations; also runs on the CPU, slowly).
+    On the CPU a product of a few rows (< MATVEC_MAX_ROWS: a prompt's last layer) runs the C++
+    streaming matvec on the stored weights when the runtime set `matvec`. A product of more rows
+    is a GEMM, in one of two forms the runtime chooses per CPU (backends.py, "gemm"):
+      upcast  the weights are converted to float32 block by block (int8: dequantized) and
+              multiply float32 activations: exact, and the fast form on CPUs without bf16 units;
+      native  PyTorch's bf16 GEMM (AMX / AVX512-BF16 through oneDNN): activations rounded to
+              bf16, int8 blocks dequantized to bf16; several times faster where the units exist.
+    """
 
-    def __init__(self, weight: torch.Tensor, native_bf16: bool = False, matvec=None):
+    def __init__(self, out_features: int, in_features: int, storage: torch.dtype, device="meta"):
         super().__init__()
-        self.register_buffer("weight", weight)
-        self.native_bf16 = native_bf16
-        # The C++ streaming matvec (the "cpu" step backend's), for products of a few rows: the
-        # same fp32 math on the stored weights without converting the matrix.
-        self.matvec = matvec
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=storage, device=device))
+        if storage == torch.int8:
+            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        else:
+            self.weight_scale = None
+        self.native_bf16 = False
+        self.matvec = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        w, scale = self.weight, self.weight_scale
         rows = x.numel() // w.shape[1]
-        if self.matvec is not None and rows < MATVEC_MAX_ROWS and w.device.type == "cpu" and w.dtype != torch.float16:
-            return self.matvec(w, x.reshape(rows, -1).float(), None, "auto").reshape(*x.shape[:-1], w.shape[0])
+        on_cpu = w.device.type == "cpu"
+        if self.matvec is not None and rows < MATVEC_MAX_ROWS and on_cpu and w.dtype != torch.float16:
+            y = self.matvec(w, x.reshape(rows, -1).float(), scale, "auto")
+            return y.reshape(*x.shape[:-1], w.shape[0])
         if w.dtype == torch.float32:
             return F.linear(x.float(), w)
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not (self.native_bf16 and rows >= MATVEC_MAX_ROWS):
-            return upcast_linear(x.float(), w)
+        if on_cpu and self.native_bf16 and rows >= MATVEC_MAX_ROWS:
+            if scale is None:
+                return F.linear(x.to(torch.bfloat16), w).float()
+            return upcast_linear(x.to(torch.bfloat16), w, scale).float()
+        if w.dtype == torch.bfloat16 and on_cpu or scale is not None:
+            return upcast_linear(x.float(), w, scale)
         return F.linear(x.to(w.dtype), w).float()
 
 
@@ -70,18 +84,20 @@ class StoredLinear(nn.Module):
 MATVEC_MAX_ROWS = 16
 
 
-# A product that upcasts its weight does so this many fp32 values at a time (64 MB): a 50k-row
-# head, or a 14B model's FFN, never gets a whole fp32 copy.
+# A product that converts its weight does so this many values at a time (64 MB in fp32): a
+# 50k-row head, or a 14B model's FFN, never gets a whole converted copy.
 UPCAST_BLOCK_FLOATS = 16 << 20
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ (weight * scale[:, None]).T in float32, the weight converted block of rows by block."""
+    """x @ (weight * scale[:, None]).T in x's dtype, the weight converted block of rows by block."""
     rows = max(1, UPCAST_BLOCK_FLOATS // weight.shape[1])
 
     def block(start: int) -> torch.Tensor:
-        w = weight[start:start + rows].float()
-        return w if scale is None else w.mul_(scale[start:start + rows, None])
+        w = weight[start:start + rows]
+        if scale is None:
+            return w.to(x.dtype)
+        return w.float().mul_(scale[start:start + rows, None]).to(x.dtype)
 
     if weight.shape[0] <= rows:
         return F.linear(x, block(0))
@@ -160,6 +176,9 @@ class Runtime:
         self.fingerprint = fingerprint
         self.source_path = source_path
         self._step_weights = None
+        for module in model.modules():
+            if isinstance(module, StoredLinear):
+                module.native_bf16 = backends.gemm == "native"
         if backends.step == "cpu":
             for module in model.modules():  # few-row products (a prompt's last layer) read, not convert
                 if isinstance(module, StoredLinear):
@@ -186,6 +205,7 @@ class Runtime:
             "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size, "ffn_dim": c.ffn_dim,
             "parameters": c.n_params, "dtype": self.dtype, "device": str(self.device),
             "wkv": self.backends.wkv.name, "step": step, "sampler": self.backends.sampler,
+            "simd": self.backends.simd, "gemm": self.backends.gemm, "gemm_reason": self.backends.gemm_reason,
             "notes": list(self.backends.notes), "chunk_len": self.chunk_len,
             "fingerprint": self.fingerprint, "path": self.source_path,
         }
@@ -294,19 +314,20 @@ class Runtime:
 
 
 def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None = None, step: str | None = None,
-                 sampler: str | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
+                 sampler: str | None = None, gemm: str | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
                  progress: Callable[[str, float], None] | None = None) -> Runtime:
     """Load an RWKV-4 checkpoint (.pth or .safetensors) for inference.
 
-    dtype: "fp32" | "bf16" | "fp16" for the matrices (the residual stream, LayerNorms, token
-    shift and the WKV state are float32 in every case).
-    wkv / step / sampler: each fast path's backend (see backends.py); default "auto".
+    dtype: "fp32" | "bf16" | "int8" | "fp16" for the matrices (the residual stream, LayerNorms,
+    token shift and the WKV state are float32 in every case). int8 quantizes each matrix at load
+    (one scale per row), one tensor at a time; its embedding is stored in bf16.
+    wkv / step / sampler / gemm: each fast path's backend (see backends.py); default "auto".
     progress: optional callback(message, fraction) for long loads.
     Raises LoadError with a one-sentence explanation on any problem.
     """
     report = progress or (lambda msg, frac: None)
     if dtype not in DTYPES:
-        raise LoadError(f"Unknown dtype '{dtype}': choose fp32, bf16 or fp16.")
+        raise LoadError(f"Unknown dtype '{dtype}': choose fp32, bf16, int8 or fp16.")
     dev = _resolve_device(device)
     t0 = time.perf_counter()
     report(f"Reading {os.path.basename(str(path))}", 0.0)
@@ -319,6 +340,7 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     with torch.device("meta"):
         model = RWKV4(config)
     storage = DTYPES[dtype]
+    _store_linears(model, storage)
     converted = {}
     keys = list(expected_shapes(config))
     for n, key in enumerate(keys):
@@ -326,24 +348,30 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
         is_matrix = t.dim() == 2
         if not is_matrix and not bool(torch.isfinite(t).all()):
             raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
-        want = storage if is_matrix else torch.float32
         if dtype == "fp16" and key.endswith(("att.output.weight", "ffn.value.weight")):
             # Pre-divide so fp16 activations stay in range; the forward halves x to match.
             t = t.float() / (2 ** (int(key.split(".")[1]) // FP16_RESCALE_EVERY))
-        if t.dtype != want or t.device != dev:
-            t = t.to(device=dev, dtype=want)
-        converted[key] = t
+        if dtype == "int8" and is_matrix and key != "emb.weight":
+            q, scale = quantize_rows(t, release=release_file_pages)
+            if not bool(torch.isfinite(scale).all()):
+                raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
+            converted[key], converted[key + "_scale"] = q.to(dev), scale.to(dev)
+        else:
+            want = (torch.bfloat16 if storage == torch.int8 else storage) if is_matrix else torch.float32
+            converted[key] = t.to(device=dev, dtype=want)
+        if converted[key] is not t:
+            release_file_pages(t)  # the mmap'd original is read once: let its pages go
+        del t
         if n % 8 == 0:
             report(f"Converting weights ({n + 1}/{len(keys)})", (n + 1) / len(keys))
     model.load_state_dict(converted, assign=True, strict=True)
     del converted
-    _store_linears(model)
     model.requires_grad_(False)
     model.eval()
     model.rescale_every = FP16_RESCALE_EVERY if dtype == "fp16" else 0
 
     report("Preparing the kernels", 0.95)
-    chosen = backends_mod.resolve(dev, dtype, wkv=wkv, step=step, sampler=sampler,
+    chosen = backends_mod.resolve(dev, dtype, wkv=wkv, step=step, sampler=sampler, gemm=gemm,
                                   progress=lambda msg: report(msg, 0.97))
     runtime = Runtime(model, device=dev, dtype=dtype, backends=chosen, chunk_len=chunk_len,
                       fingerprint=fingerprint, source_path=str(raw.path))
@@ -357,9 +385,9 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     return runtime
 
 
-def _store_linears(model: RWKV4) -> None:
-    """Swap every nn.Linear for a StoredLinear holding the same (converted) weight."""
+def _store_linears(model: RWKV4, storage: torch.dtype) -> None:
+    """Swap every nn.Linear for an (empty, meta) StoredLinear of the storage dtype, to be loaded."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, StoredLinear(child.weight.data))
+                setattr(module, name, StoredLinear(child.out_features, child.in_features, storage))

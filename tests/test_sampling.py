@@ -103,8 +103,16 @@ def _logit_cases():
 
 @pytest.mark.parametrize("name,logits", list(_logit_cases()), ids=lambda v: v if isinstance(v, str) else "")
 def test_kernel_sampler_draws_the_reference_token(cpu_kernel_module, name, logits):
-    """kernels/sampling_cpu.cpp against the numpy reference: same token for the same draw."""
+    """kernels/sampling_cpu.cpp on every instruction set against the numpy reference: same token
+    for the same draw."""
     from rwkv_playground.sampling import sample_logits
+
+    class OneIsa:  # the kernel module with its instruction set pinned
+        def __init__(self, isa):
+            self.isa = isa
+
+        def sample_top_p(self, *args):
+            return cpu_kernel_module.sample_top_p(*args, isa=self.isa)
 
     values = logits.numpy().astype(np.float32)
     mismatches, total = 0, 0
@@ -112,10 +120,11 @@ def test_kernel_sampler_draws_the_reference_token(cpu_kernel_module, name, logit
                                       (0.7, 0.7, 0), (1.5, 0.95, 0), (1.0, 0.9, 5), (1.0, 1.0, 3), (0.8, 0.6, 40)):
         for seed in range(12):
             ref = sample_logits(values, temperature, top_p, top_k, np.random.default_rng(seed))
-            fast = sample_logits(values, temperature, top_p, top_k, np.random.default_rng(seed),
-                                 kernel=cpu_kernel_module)
-            total += 1
-            mismatches += ref != fast
+            for isa in cpu_kernel_module.available_isas():  # scalar, avx2, avx512: each its own passes
+                fast = sample_logits(values, temperature, top_p, top_k, np.random.default_rng(seed),
+                                     kernel=OneIsa(isa))
+                total += 1
+                mismatches += ref != fast
     # The two differ only in the last bits of exp() and of summation order: a differing token
     # needs a draw within ~1e-7 of a boundary. Any systematic difference shows up as many.
     assert mismatches == 0, f"{mismatches} of {total} draws differ"

@@ -55,7 +55,7 @@ def assert_states_close(got, expected, tol=1e-5):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_fused_step_matches_the_model_on_every_instruction_set(tmp_path, shape, dtype):
     from rwkv_playground import load_runtime
 
@@ -78,7 +78,7 @@ def test_fused_step_matches_the_model_on_every_instruction_set(tmp_path, shape, 
         assert state_f.token_count == state_p.token_count == 21
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_batched_rows_equal_the_one_sequence_step_bit_for_bit(tmp_path, dtype):
     """Rows of different histories, joining and leaving: each row's logits and state are exactly
     those of the one-sequence step (the scheduler's promise that nobody's text depends on others)."""
@@ -160,18 +160,29 @@ def test_step_leaves_the_input_state_alone_through_forward(tiny_fp32):
     assert torch.equal(batch_logits[0], logits[0])
 
 
-@pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (5, 37), (9, 48), (13, 1000), (7, 768), (768, 768), (3072, 768),
-                                 (768, 3072), (50277, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# K: every loader's step (8/16/32/64) and its tails; N: blocks of 2 and 4 rows and their tails
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (5, 37), (9, 48), (6, 63), (5, 65), (11, 127), (13, 1000), (7, 768),
+                                 (768, 768), (3072, 768), (768, 3072), (50277, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("B", [1, 3, 6])
 def test_matvec_matches_float64_on_every_instruction_set(cpu_kernel_module, N, K, dtype, B):
+    """int8 weights against the float64 product with the matrix they stand for (q * scale)."""
+    from rwkv_playground.quantization import dequantize_rows, quantize_rows
+
     g = torch.Generator().manual_seed(N + K)
-    W = torch.randn(N, K, generator=g).to(dtype)
+    W = torch.randn(N, K, generator=g)
+    scale = None
+    if dtype == torch.int8:
+        W, scale = quantize_rows(W)
+        expected_W = dequantize_rows(W, scale, torch.float64)
+    else:
+        W = W.to(dtype)
+        expected_W = W.double()
     x = torch.randn(B, K, generator=g)
-    expected = x.double() @ W.double().T
+    expected = x.double() @ expected_W.T
     for isa in cpu_kernel_module.available_isas():
-        got = cpu_kernel_module.matvec(W, x, None, isa)
+        got = cpu_kernel_module.matvec(W, x, scale, isa)
         assert got.dtype == torch.float32 and got.shape == (B, N)
         assert ((got.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-9)).item() < 1e-5, isa
         if B > 1:  # each row as the one-input product, bit for bit
-            assert torch.equal(got[B - 1], cpu_kernel_module.matvec(W, x[B - 1], None, isa)), isa
+            assert torch.equal(got[B - 1], cpu_kernel_module.matvec(W, x[B - 1], scale, isa)), isa

@@ -21,11 +21,15 @@ def model_markdown(engine) -> str:
     step = i["step"]
     step = step.replace("cpu", "fused C++", 1) if step.startswith("cpu") else BACKEND_NAMES.get(step, step)
     notes = "".join(f"<br>⚠ {note}" for note in i["notes"])
+    gemm = {"native": "native bf16 GEMM", "upcast": "fp32 GEMM on converted weights"}.get(i["gemm"], i["gemm"] + " GEMM")
+    if i["gemm_reason"]:
+        gemm += f" ({i['gemm_reason']})"
     s = engine.scheduler.status()
     return (f"**{i['name']}** — {i['n_layer']} layers × {i['n_embd']} wide, vocab {i['vocab_size']:,}, "
             f"{i['parameters'] / 1e6:.1f} M parameters · {i['dtype']} on {i['device']} · tokenizer: {i['tokenizer']}"
             f"<br>Backends: WKV {BACKEND_NAMES.get(i['wkv'], i['wkv'])} · one-token step {step} · "
-            f"sampler {BACKEND_NAMES.get(i['sampler'], i['sampler'])} · prompts read in chunks of {i['chunk_len']}"
+            f"sampler {BACKEND_NAMES.get(i['sampler'], i['sampler'])} · SIMD {i['simd']}"
+            f"<br>Prompts: read in chunks of {i['chunk_len']} tokens, {gemm}"
             f"<br>Serving: up to {s['max_active']} generations at once, {s['max_queue']} waiting"
             + notes)
 
