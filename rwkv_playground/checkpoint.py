@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,9 +177,26 @@ def _load_safetensors(path: Path) -> dict:
                 torch.empty(shape, dtype=dtype)
             continue
         if storage is None:
-            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+            storage = _map_file(path, size)
         tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
     return tensors
+
+
+def _map_file(path: Path, size: int) -> torch.UntypedStorage:
+    """The whole file as bytes in memory without reading it: a private (copy-on-write) mapping, or
+    where the system refuses to reserve memory for one (a file larger than RAM + swap: Raven 14B's
+    28 GB on a 24 GB machine), a read-only mapping. Nothing writes to loaded weights in place;
+    with the read-only mapping an attempt would fault instead of changing the file."""
+    try:
+        return torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except RuntimeError as exc:
+        if "Cannot allocate memory" not in str(exc):
+            raise
+    with open(path, "rb") as f:
+        view = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": intended
+        return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
 
 
 _SAFETENSORS_DTYPES = {

@@ -263,13 +263,15 @@ def compare_states(a: State, b: State) -> dict:
 
 
 class InspectorSession(Session):
-    """One visitor's State inspector: the current recording (accounted in the memory budget)."""
+    """One visitor's State inspector: the current recording and the last experiment's result (both
+    accounted in the memory budget)."""
 
     kind = "inspector"
 
     def __init__(self):
         super().__init__()
         self.recording: Recording | None = None
+        self.experiment = None  # the last result of experiments.py
 
     def record(self, engine, tokens: list[int], state: State | None = None):
         """Record `tokens` through the engine's scheduler; yields its events (progress, then done).
@@ -283,9 +285,26 @@ class InspectorSession(Session):
                 self.touch(engine)
             yield event
 
+    def run_experiment(self, engine, task, label: str):
+        """Run an experiment task (runtime -> generator, experiments.py) through the scheduler;
+        yields its events. The result is kept in `self.experiment`."""
+        self.experiment = None
+        for event in run_task(self, engine, task, label=label):
+            if event.kind == "done":
+                self.experiment = event.value
+                self.touch(engine)
+            yield event
+
     def memory_items(self) -> list[tuple[str, int]]:
-        return [("recording", self.recording.nbytes())] if self.recording is not None else []
+        items = [("recording", self.recording.nbytes())] if self.recording is not None else []
+        if self.experiment is not None:
+            arrays = [v for v in vars(self.experiment).values() if isinstance(v, np.ndarray)]
+            items.append(("experiment", sum(a.nbytes for a in arrays) + 64 * len(getattr(self.experiment, "tokens", ()))))
+        return items
 
     def drop(self, key: str) -> str:
+        if key == "experiment":
+            self.experiment = None
+            return "your last State inspector experiment (run it again to see it)"
         self.recording = None
         return "your State inspector recording (press Record again to make a new one)"

@@ -78,15 +78,18 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(n_embd, n_embd, bias=False)
 
     def forward(self, x, previous_x, wkv_state, wkv: WKVOperator, keep: int | None = None,
-                observe: Callable[[str, torch.Tensor], None] | None = None):
+                observe: Callable[[str, torch.Tensor], None] | None = None, time_decay: torch.Tensor | None = None):
         """x: [B, T, C] the LN1 output; previous_x: [B, C] the LN1 output before x[:, 0].
         wkv_state: (aa, bb, pp) [B, C] each, or None (training: an empty state, none returned).
         keep: only the last `keep` positions' outputs are wanted (the state still reads all).
+        time_decay: [B, C] used instead of the parameter for this call (the inspector's decay
+        experiments; needs a WKV operator taking per-row w, as the reference does).
         Returns the output [B, T or keep, C] and the new (aa, bb, pp)."""
         xx = token_shift(x, previous_x)                                       # [B, T, C]
         k = self.key(torch.lerp(xx, x, self.time_mix_k))                      # [B, T, C]
         v = self.value(torch.lerp(xx, x, self.time_mix_v))                    # [B, T, C]
-        w = -torch.exp(self.time_decay.float())                               # [C], < 0
+        decay = self.time_decay if time_decay is None else time_decay
+        w = -torch.exp(decay.float())                                         # [C] (or [B, C]), < 0
         y, wkv_state = wkv(w, self.time_first.float(), k, v, wkv_state)       # [B, T, C]
         if observe is not None:
             for name, value in (("att_x", x), ("k", k), ("v", v), ("wkv", y)):
@@ -132,7 +135,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(n_embd, ffn_dim)
 
     def forward(self, x, state: LayerState | None, wkv: WKVOperator, last_only: bool = False,
-                observe: Callable[[str, torch.Tensor], None] | None = None):
+                observe: Callable[[str, torch.Tensor], None] | None = None, time_decay: torch.Tensor | None = None):
         """x: [B, T, C] the residual stream. Returns it after this block ([B, 1, C] with
         last_only) and the layer's new state (None when training from an empty state)."""
         B, T, C = x.shape
@@ -145,7 +148,7 @@ class Block(nn.Module):
         # mix's token shift reads the one before the last), the channel mix's at the last one.
         xa = self.ln1(x)                                                      # [B, T, C]
         att, wkv_state = self.att(xa, previous_att, wkv_state, wkv, keep=2 if last_only else None,
-                                  observe=observe)
+                                  observe=observe, time_decay=time_decay)
         x = x[:, T - att.shape[1]:] + att
         xf = self.ln2(x)
         ffn = self.ffn(xf, previous_ffn, keep=1 if last_only else None, observe=observe)
@@ -175,9 +178,11 @@ class RWKV4(nn.Module):
         self.rescale_every = 0
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, wkv: WKVOperator = reference_wkv,
-                last_only: bool = False, observe: Observer | None = None):
+                last_only: bool = False, observe: Observer | None = None,
+                time_decay: dict[int, torch.Tensor] | None = None):
         """tokens: [B, T] ids. state: a batched State ([B, L, C] tensors, not modified) to start
-        from, or None to train from an empty state.
+        from, or None to train from an empty state. time_decay: {layer: [B, C]} replacing those
+        layers' decay for this call only (an experiment's edit; the parameters stay as they are).
         Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens
         (None when training))."""
         x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
@@ -186,7 +191,7 @@ class RWKV4(nn.Module):
             layer_state = None if state is None else LayerState(*(t[:, i] for t in state.tensors().values()))
             observe_layer = None if observe is None else (lambda name, value, i=i: observe(i, name, value))
             x, layer_state = block(x, layer_state, wkv, last_only=last_only and i == len(self.blocks) - 1,
-                                   observe=observe_layer)
+                                   observe=observe_layer, time_decay=(time_decay or {}).get(i))
             new_layers.append(layer_state)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
@@ -228,9 +233,14 @@ def expected_shapes(config: RWKVConfig) -> dict[str, tuple]:
 def init_random_weights(config: RWKVConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Random BlinkDL-format weights with realistic ranges (tests and benchmarks): time_decay spans
     about -5..3 across channels, time_first near log(0.3), time_mix in [0, 1]."""
+    return dict(iter_random_weights(config, seed, dtype))
+
+
+def iter_random_weights(config: RWKVConfig, seed: int = 0, dtype=torch.float32):
+    """init_random_weights one tensor at a time, (key, tensor) in checkpoint order: a 14B model's
+    weights can be written to a file without ever being in memory together."""
     g = torch.Generator().manual_seed(seed)
     C, L = config.n_embd, config.n_layer
-    out = {}
     for key, shape in expected_shapes(config).items():
         name = key.split(".")[-1] if not key.endswith(".weight") else key.split(".")[-2]
         layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
@@ -252,5 +262,4 @@ def init_random_weights(config: RWKVConfig, seed: int = 0, dtype=torch.float32) 
             t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
             if name == "output" or (name == "value" and ".ffn." in key):
                 t = t * 0.5
-        out[key] = t.to(dtype)
-    return out
+        yield key, t.to(dtype)

@@ -28,6 +28,7 @@ from .errors import LoadError, StateError
 from .model import FP16_RESCALE_EVERY, LN_EPS, RWKV4, RWKVConfig, expected_shapes
 from .quantization import quantize_rows
 from .state import State
+from .wkv import reference_wkv
 
 # storage of the matrices; int8 keeps the embedding in bf16 (one row is read per token)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
@@ -227,13 +228,16 @@ class Runtime:
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, tokens, state: State | None = None, full_output: bool = False, chunk_len: int | None = None,
-                inplace: bool = False, observe: Observer | None = None):
+                inplace: bool = False, observe: Observer | None = None,
+                time_decay: dict[int, torch.Tensor] | None = None):
         """Run tokens through the model. Returns (logits, new_state).
 
         tokens: list of ids / 1-D tensor (one sequence) or 2-D [B, T] tensor (a batch).
         logits: float32 [V] for the last token ([T, V] with full_output); [B, V] / [B, T, V] batched.
         The input state is left untouched unless inplace=True. observe(layer, name, tensor) sees
-        the internals chunk by chunk (the fused step never runs then).
+        the internals chunk by chunk (the fused step never runs then). time_decay {layer: [B, C]}
+        replaces those layers' decay for this call (experiments.py; runs the reference WKV, which
+        takes a decay per row).
         """
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         batched = tokens.dim() == 2
@@ -246,7 +250,7 @@ class Runtime:
             raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}).")
         state = self._prepare_state(state, B if batched else None, inplace)
 
-        if T == 1 and observe is None:
+        if T == 1 and observe is None and not time_decay:
             rows = state.unbind_views() if batched else [state]
             logits = self.step(tokens[:, 0].tolist(), rows)
             logits = logits.unsqueeze(1) if full_output else logits
@@ -258,11 +262,12 @@ class Runtime:
 
         work = state if batched else state.as_batch()
         chunk_len = chunk_len or self.chunk_len
+        wkv = reference_wkv if time_decay else self.backends.wkv
         outputs = []
         for start in range(0, T, chunk_len):
             chunk = tokens[:, start:start + chunk_len]
-            logits, new = self.model(chunk, work, wkv=self.backends.wkv, last_only=not full_output and observe is None,
-                                     observe=observe)
+            logits, new = self.model(chunk, work, wkv=wkv, last_only=not full_output and observe is None,
+                                     observe=observe, time_decay=time_decay)
             work.assign(new)
             outputs.append(logits)
         logits = torch.cat(outputs, dim=1) if full_output else outputs[-1]

@@ -261,3 +261,26 @@ def test_int8_serves_every_tab_and_batches_bit_for_bit(app_model_path):
         assert max(engine.scheduler.batch_sizes) >= 2
     finally:
         engine.scheduler.close()
+
+
+def test_the_big_shape_benchmark_writes_a_checkpoint_tensor_by_tensor(tmp_path):
+    """benchmarks/bench_big_shapes.py streams a 14B-shape checkpoint to disk; here on a small shape:
+    the file it writes loads as the same weights init_random_weights gives."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_big_shapes import file_bytes, write_safetensors
+
+    from rwkv_playground.checkpoint import read_checkpoint
+
+    path = tmp_path / "small.safetensors"
+    write_safetensors(path, TINY)
+    assert not path.with_suffix(".partial").exists()
+    tensors = read_checkpoint(path).tensors
+    expected = init_random_weights(TINY, seed=0, dtype=torch.bfloat16)
+    assert list(tensors) == list(expected)
+    assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    assert path.stat().st_size > file_bytes(TINY)
+    assert load_runtime(path, dtype="int8").forward([1, 2, 3])[0].isfinite().all()

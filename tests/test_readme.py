@@ -25,6 +25,17 @@ def test_the_python_example_runs_as_written(tmp_path):
     assert (tmp_path / "juliet.safetensors").exists()
 
 
+def test_the_experiments_example_runs_as_written(tmp_path):
+    code = readme_block("<!-- experiments-example -->")
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'knockout': 'L0 ch 0-255 @4 erase'" in out.stdout
+    assert "plotly" in (tmp_path / "knockouts.html").read_text()
+    assert (tmp_path / "knockouts.csv").read_text().startswith("knockout,position,token,kl")
+
+
 def test_the_package_docstring_example_runs():
     import rwkv_playground
 
@@ -32,7 +43,7 @@ def test_the_package_docstring_example_runs():
     exec(first_line, {})  # the import line a reader copies
 
 
-APP_FLAGS = ["--model", "--tokenizer", "--device", "--dtype", "--wkv", "--step", "--sampler", "--max-active",
+APP_FLAGS = ["--model", "--tokenizer", "--device", "--dtype", "--wkv", "--step", "--sampler", "--gemm", "--max-active",
              "--max-queue", "--session-memory-mb", "--session-ttl", "--undo-depth", "--lock-models", "--host", "--port",
              "--models-dir", "--share"]
 

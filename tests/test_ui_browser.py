@@ -197,6 +197,57 @@ def test_inspector_records_and_token_slider_changes_views(page):
     page.screenshot(path=str(SHOTS / "inspector.png"), full_page=True)
 
 
+GUIDED_TEXT = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
+               "That I shall say good night till it be morrow.\n\n"
+               "JULIET: Sleep dwell upon thine eyes, peace in thy breast!")  # README's guided example
+
+
+def select_token(page, position):
+    page.locator("#insp-token input[type=number]").fill(str(position))
+    page.locator("#insp-token input[type=number]").press("Enter")
+    wait_for_status(page, "insp-token-info", [f"Token {position} "], timeout=20)
+
+
+def run_experiment(page, name):
+    page.locator("#exp-kind").get_by_label(name, exact=True).check()
+    page.locator("#exp-run").click()
+    status = wait_for_status(page, "exp-status", [f"{name} done"], timeout=60)
+    assert "⚠" not in status
+    files = page.locator("#exp-files").inner_text()
+    assert all(suffix in files for suffix in (".html", ".csv", ".json")), files
+
+
+def test_experiments_tab_knockout_memory_probe_and_causal_trace(page, engine):
+    """The README's guided example, clicked through: record a dialogue, erase every layer's memory
+    right after the speaker's name, follow the name's weight, trace a token; screenshots for the README."""
+    page.get_by_role("tab", name="State inspector").click()
+    page.locator("#insp-text textarea").fill(GUIDED_TEXT)
+    page.locator("#insp-record").click()
+    wait_for_status(page, "insp-status", ["Recorded", "tokens"], timeout=60)
+    page.get_by_role("tab", name="Experiments").click()
+    select_token(page, 4)  # ' Good': the state right after "ROMEO:" is edited
+    page.locator("#exp-channel-mode input").click()
+    page.get_by_role("option", name="Channels listed").click()
+    page.locator("#exp-channels textarea").fill("0-255")
+    run_experiment(page, "Knock-out")
+    page.locator("#exp-plot .scatterlayer").first.wait_for(timeout=20000)
+    assert "L5 ch 0-255 @4 erase" in page.locator("#exp-summary").inner_text()
+    page.wait_for_timeout(600)
+    page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-knockout.png"))
+    select_token(page, 2)  # the name's last token
+    run_experiment(page, "Memory probe")
+    assert "Memory probe" in page.locator("#exp-plot .gtitle").text_content()
+    page.wait_for_timeout(600)
+    page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-memory-probe.png"))
+    ids = engine.require().tokenizer.encode(GUIDED_TEXT)
+    target = [engine.require().tokenizer.token_text(t) for t in ids].index("ET")  # JUL|I|ET
+    select_token(page, target)
+    run_experiment(page, "Causal trace")
+    page.locator("#exp-plot .heatmaplayer").first.wait_for(timeout=20000)
+    page.wait_for_timeout(600)
+    page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-causal-trace.png"))
+
+
 def test_closing_the_tab_frees_that_visitors_sessions(app_url, engine, page):
     """Gradio's unload: the page's chat state is released at once (not after the session TTL)."""
     before = set(engine._visits)

@@ -14,7 +14,7 @@ import gradio as gr
 from ..blog import BlogSession
 from ..chat import ChatSession
 from ..inspection import InspectorSession
-from . import blog_tab, chat_tab, inspector_tab, model_panel
+from . import blog_tab, chat_tab, inspector_tab, model_panel, notebook_tab
 from .common import ensure_session
 
 CSS = """
@@ -56,6 +56,8 @@ def create_app(engine) -> gr.Blocks:
                 blog_state = blog_tab.build(engine)
             with gr.Tab("State inspector", id="inspector"):
                 inspector_state, model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
+            with gr.Tab("Notebook", id="notebook"):
+                notebook_tab.build(engine, inspector_state)
         demo.load(model_figures, None, figure_outputs, api_visibility="private")
         # the panel's description is the server's current one (the model may have been switched)
         demo.load(partial(model_panel.model_markdown, engine), None, [info], api_visibility="private")

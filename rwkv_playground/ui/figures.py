@@ -175,3 +175,86 @@ def figures_to_html(figures: dict[str, go.Figure]) -> str:
         first = False
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ---- experiments (experiments.py) ------------------------------------------------------------
+def knockout_effects(result) -> go.Figure:
+    """Per knock-out, at every position from the first edit on: KL divergence of the next-token
+    distribution, and the change in surprisal of the actual next token."""
+    from plotly.subplots import make_subplots
+
+    labels = _token_labels(result.token_texts[result.start:], result.start)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("KL(unedited ‖ knocked out) of the next-token distribution (nats)",
+                                        "change in surprisal of the actual next token (nats; > 0: harder)"))
+    change = result.surprisal_change()
+    for i, label in enumerate(result.labels):
+        top_before = [t[0] for t in result.top_texts[0]] if result.top_texts else result.top_ids[0, :, 0]
+        top_after = [t[0] for t in result.top_texts[i + 1]] if result.top_texts else result.top_ids[i + 1, :, 0]
+        custom = np.stack([np.asarray(top_before, dtype=object), np.asarray(top_after, dtype=object)], axis=1)
+        fig.add_trace(go.Scatter(x=labels, y=result.kl[i], mode="lines", name=label, legendgroup=label,
+                                 customdata=custom,
+                                 hovertemplate=(f"{label}<br>%{{x}}<br>KL %{{y:.4f}}<br>top before %{{customdata[0]}}"
+                                                "<br>top after %{customdata[1]}<extra></extra>")), row=1, col=1)
+        fig.add_trace(go.Scatter(x=labels, y=change[i], mode="lines", name=label, legendgroup=label, showlegend=False,
+                                 hovertemplate=f"{label}<br>%{{x}}<br>Δ surprisal %{{y:.3f}}<extra></extra>"),
+                      row=2, col=1)
+    fig.update_layout(title="Knock-outs: the effect on every later token", **{**LAYOUT, "height": 560})
+    fig.update_xaxes(type="category", tickangle=-60, row=2, col=1)
+    return fig
+
+
+def causal_trace_heatmap(trace) -> go.Figure:
+    labels = _token_labels([trace.token_texts[p] for p in trace.positions], trace.positions[0])
+    limit = float(np.abs(trace.delta).max()) or 1.0
+    fig = go.Figure(go.Heatmap(
+        z=trace.delta, x=labels, y=trace.group_labels, colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+        colorbar=dict(title="Δ log p"),
+        hovertemplate="erase %{y} before %{x}<br>Δ log p(target) = %{z:.4f}<extra></extra>"))
+    target = trace.token_texts[trace.target].replace("\n", "⏎")
+    fig.update_layout(title=f"Causal trace of token {trace.target} {target!r} (log p = {trace.base_log_prob:.2f}): "
+                            "which erasures change it", **{**LAYOUT, "height": max(420, 18 * len(trace.groups) + 160)})
+    fig.update_xaxes(title="erased just before reading", type="category", tickangle=-60)
+    fig.update_yaxes(title="layer, channel group", type="category", autorange="reversed")
+    return fig
+
+
+def logit_lens_heatmap(lens, start: int = 0, end: int | None = None) -> go.Figure:
+    end = len(lens.tokens) if end is None else end
+    labels = _token_labels(lens.token_texts[start:end], start)
+    top = (np.asarray(lens.top_texts, dtype=object)[:, start:end] if lens.top_texts
+           else lens.top_ids[:, start:end].astype(str))
+    shown = np.vectorize(lambda t: t.replace("\n", "⏎")[:8])(top) if top.size else top
+    custom = np.stack([top, lens.top_probs[:, start:end]], axis=2)
+    fig = go.Figure(go.Heatmap(
+        z=lens.next_token_probs[:, start:end], x=labels, y=[f"after L{i}" for i in range(lens.top_ids.shape[0])],
+        text=shown, texttemplate="%{text}", textfont=dict(size=9), customdata=custom, colorscale="Viridis",
+        zmin=0, zmax=1, colorbar=dict(title="p(next)"),
+        hovertemplate=("%{y}, %{x}<br>p(actual next token) = %{z:.3f}<br>top: %{customdata[0]!r} "
+                       "(%{customdata[1]:.3f})<extra></extra>")))
+    fig.update_layout(title="Logit lens: each layer's residual read by ln_out + head (cell text: its top token)",
+                      **{**LAYOUT, "height": max(420, 40 * lens.top_ids.shape[0] + 160)})
+    fig.update_xaxes(type="category", tickangle=-60)
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def memory_probe_lines(probe) -> go.Figure:
+    fig = go.Figure()
+    later = np.arange(1, probe.measured.shape[1] + 1)
+    for layer in range(probe.measured.shape[0]):
+        color = f"hsl({int(300 * layer / max(1, probe.measured.shape[0] - 1))},70%,45%)"
+        fig.add_trace(go.Scatter(x=later, y=probe.measured[layer], mode="lines+markers", name=f"layer {layer} measured",
+                                 line=dict(color=color), legendgroup=str(layer),
+                                 hovertemplate=f"layer {layer}<br>%{{x}} tokens later<br>weight %{{y:.4g}}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=later, y=probe.predicted[layer], mode="lines", name=f"layer {layer} decay only",
+                                 line=dict(color=color, dash="dash"), legendgroup=str(layer),
+                                 hovertemplate=(f"layer {layer} (decay only; median half-life "
+                                                f"{probe.median_half_life[layer]:.3g})<br>%{{x}} tokens later"
+                                                "<br>weight %{y:.4g}<extra></extra>")))
+    token = probe.token_text.replace("\n", "⏎")
+    fig.update_layout(title=f"Memory probe: how token {probe.position} {token!r} fades (solid: measured, dashed: "
+                            "decay alone)", **LAYOUT)
+    fig.update_xaxes(title="tokens later")
+    fig.update_yaxes(title="effective attention weight (mean over channels)", type="log")
+    return fig

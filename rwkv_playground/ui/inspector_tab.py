@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import GenerationError
 from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
 from ..state import State
-from . import figures
+from . import experiments_panel, figures
 from .common import ensure_session, friendly_error, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
@@ -229,6 +229,8 @@ def build(engine, chat_state, blog_state):
             pp_plot = gr.Plot(elem_id="insp-pp")
         with gr.Tab("Effective attention"):
             attention_plot = gr.Plot(elem_id="insp-attention")
+        with gr.Tab("Experiments"):
+            experiments_panel.build(engine, session, token)
         with gr.Tab("Decay and bonus"):
             decay_plot = gr.Plot(elem_id="insp-decay")
             life_plot = gr.Plot(elem_id="insp-halflife")

@@ -1,0 +1,429 @@
+"""A notebook: a column of cells over one recurrent state (no Gradio here).
+
+A cell is either text the model reads, or a generation (its own sampling settings, seed, token
+limit and stop strings) whose output the model has read too. Each cell runs from the state left by
+the cell above, and the state (and logits) after every cell is kept: editing cell k re-runs cells
+k..n only, starting from the state kept after cell k-1. An RNN makes this cheap: a kept state is a
+few vectors per layer whatever the length of the text above it.
+
+Who runs the model is a *driver*: `RuntimeDriver` (the calling thread, alone on the model: scripts,
+Jupyter) or the app's scheduler (`EngineDriver`, ui/notebook_tab.py). Both read text in chunks and
+step generations token by token the same way, so a notebook gives the same text for the same seeds
+either way, bit for bit.
+
+Files: `Notebook.save` writes JSON (cells, settings, seeds, outputs, the model's fingerprint);
+states are recomputed on load unless saved with `include_states=True` (a .safetensors file beside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import GenerationError, LoadError
+from .generation import Generation, Stream
+from .sampling import SamplingSettings
+from .sessions import Session, follow_generation, run_task
+from .state import State
+
+FORMAT = "rwkv-playground-notebook"
+VERSION = 1
+KINDS = ("text", "generate")
+MAX_CELLS = 1000
+
+
+@dataclass
+class Branch:
+    """One continuation of a generate cell from the same state (see Notebook.fork)."""
+
+    seed: int
+    output: str
+    tokens: list[int]
+    state: State
+    logits: torch.Tensor
+
+
+@dataclass
+class Cell:
+    kind: str  # "text" | "generate"
+    source: str = ""  # text cells: what the model reads
+    settings: dict = field(default_factory=lambda: asdict(SamplingSettings()))  # generate cells (seed included)
+    max_tokens: int = 60
+    stop: tuple[str, ...] = ()
+    output: str = ""  # generate cells: what was written (and read into the state)
+    tokens: list[int] = field(default_factory=list)  # what this cell added to the state
+    state: State | None = None  # after this cell (None: not run, or dropped to save memory)
+    logits: torch.Tensor | None = None
+    fresh: bool = False  # output and state follow from the current cells above and this one
+    branches: list[Branch] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise GenerationError(f"A cell is 'text' or 'generate', not '{self.kind}'.")
+        if self.kind == "generate":
+            SamplingSettings(**self.settings).validate()
+            if not 1 <= int(self.max_tokens) <= 100_000:
+                raise GenerationError("A generate cell writes between 1 and 100000 tokens.")
+
+    def nbytes(self) -> int:
+        size = self.state.nbytes() if self.state is not None else 0
+        size += self.logits.numel() * 4 if self.logits is not None else 0
+        return size + sum(b.state.nbytes() + b.logits.numel() * 4 for b in self.branches)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "settings": dict(self.settings),
+                "max_tokens": int(self.max_tokens), "stop": list(self.stop), "output": self.output}
+
+
+@dataclass
+class RunReport:
+    """What a run did: the cells it ran, tokens the model processed, tokens the kept states saved."""
+
+    cells_run: list[int] = field(default_factory=list)
+    tokens_read: int = 0
+    tokens_saved: int = 0
+
+    def sentence(self) -> str:
+        if not self.cells_run:
+            return "Nothing to run: every cell is up to date."
+        first, last = self.cells_run[0] + 1, self.cells_run[-1] + 1
+        cells = f"cell {first}" if first == last else f"cells {first}-{last}"
+        return (f"Ran {cells}: {self.tokens_read} tokens read or written; {self.tokens_saved} tokens above were "
+                "not read again (kept state).")
+
+
+def read_task(runtime, tokens: list[int], state: State | None):
+    """Read tokens from a state (a copy) in chunks, as a scheduler task: yields (fraction, message),
+    returns (logits after the last token, the state after it)."""
+    current = state.clone() if state is not None else runtime.new_state()
+    logits = None
+    for start in range(0, len(tokens), runtime.chunk_len):
+        chunk = tokens[start:start + runtime.chunk_len]
+        logits, current = runtime.forward(chunk, current, inplace=True)
+        yield (start + len(chunk)) / len(tokens), f"Read {start + len(chunk)} of {len(tokens)} tokens"
+    return logits, current
+
+
+class RuntimeDriver:
+    """Runs a notebook on a runtime in the calling thread (scripts, Jupyter)."""
+
+    def __init__(self, runtime, tokenizer):
+        self.runtime, self.tokenizer = runtime, tokenizer
+        self.sampler_kernel = runtime.sampler_kernel
+
+    def read(self, tokens, state):
+        return (yield from read_task(self.runtime, tokens, state))
+
+    def generate(self, generation: Generation):
+        """Yields the text so far."""
+        for piece in Stream(self.runtime, generation):
+            if piece:
+                yield generation.text
+
+    def generate_many(self, generations: list[Generation]) -> None:
+        for gen in generations:
+            for _ in Stream(self.runtime, gen):
+                pass
+
+
+class EngineDriver:
+    """Runs a notebook through the engine's scheduler, for one visitor's session: reading and
+    generating interleave with everyone else's work, and a fork's continuations run batched."""
+
+    def __init__(self, engine, session: Session):
+        loaded = engine.require()
+        self.engine, self.session = engine, session
+        self.tokenizer, self.sampler_kernel = loaded.tokenizer, loaded.runtime.sampler_kernel
+
+    def read(self, tokens, state):
+        result = None
+        for event in run_task(self.session, self.engine, lambda runtime: read_task(runtime, tokens, state),
+                              label="notebook"):
+            if event.kind == "progress":
+                yield event.value
+            elif event.kind == "done":
+                result = event.value
+        if result is None:
+            raise GenerationError("Reading the cell was stopped.")
+        return result
+
+    def generate(self, generation: Generation):
+        yield from follow_generation(self.session, self.engine, generation)
+
+    def generate_many(self, generations: list[Generation]) -> None:
+        tickets = [self.engine.scheduler.submit_generation(g, label="notebook fork") for g in generations]
+        for ticket in tickets:
+            for _ in self.session.follow(ticket):
+                pass
+
+
+class Notebook:
+    def __init__(self, fingerprint: str = ""):
+        self.cells: list[Cell] = []
+        self.fingerprint = fingerprint
+        self.read_only = False  # opened from a file made for another model
+
+    # ---- editing (never runs the model) -------------------------------------------------------
+    def add(self, kind: str = "text", index: int | None = None, **fields) -> Cell:
+        if len(self.cells) >= MAX_CELLS:
+            raise GenerationError(f"A notebook holds at most {MAX_CELLS} cells.")
+        cell = Cell(kind, **fields)
+        cell.validate()
+        index = len(self.cells) if index is None else max(0, min(int(index), len(self.cells)))
+        self.cells.insert(index, cell)
+        self.mark_stale(index)
+        return cell
+
+    def edit(self, index: int, **fields) -> None:
+        """Change a cell (source, settings, max_tokens, stop, kind): it and every cell below must run again."""
+        cell = self._cell(index)
+        for name, value in fields.items():
+            if name not in ("kind", "source", "settings", "max_tokens", "stop"):
+                raise GenerationError(f"A cell has no '{name}'.")
+            setattr(cell, name, tuple(value) if name == "stop" else value)
+        cell.validate()
+        self.mark_stale(index)
+
+    def delete(self, index: int) -> None:
+        self._cell(index)
+        del self.cells[index]
+        self.mark_stale(index)
+
+    def mark_stale(self, index: int) -> None:
+        for cell in self.cells[index:]:
+            cell.fresh = False
+            cell.branches = []
+
+    def _cell(self, index: int) -> Cell:
+        if not 0 <= int(index) < len(self.cells):
+            raise GenerationError(f"There is no cell {int(index) + 1} (the notebook has {len(self.cells)}).")
+        return self.cells[int(index)]
+
+    # ---- state ------------------------------------------------------------------------------------
+    def text(self, upto: int | None = None) -> str:
+        """The whole text the state has read, cell after cell."""
+        cells = self.cells if upto is None else self.cells[:upto + 1]
+        return "".join(c.source if c.kind == "text" else c.output for c in cells)
+
+    def state_before(self, index: int) -> tuple[State | None, torch.Tensor | None]:
+        if index == 0:
+            return None, None
+        above = self.cells[index - 1]
+        return above.state, above.logits
+
+    def memory_items(self) -> list[tuple[str, int]]:
+        return [(f"cell {i + 1}", c.nbytes()) for i, c in enumerate(self.cells) if c.nbytes()]
+
+    def drop_state(self, index: int) -> None:
+        """Free a kept state (the memory budget's call); it is recomputed when needed."""
+        cell = self.cells[index]
+        cell.state, cell.logits, cell.branches = None, None, []
+
+    # ---- running ----------------------------------------------------------------------------------
+    def run(self, driver, upto: int | None = None, report: RunReport | None = None) -> Iterator[tuple[int, str]]:
+        """Run every cell that needs it, from the first stale one down to `upto` (default: the last).
+        Yields (cell index, its text so far) while it runs; the report says what ran."""
+        if self.read_only:
+            raise GenerationError("This notebook was made with another model: it is open read-only.")
+        if not self.cells:
+            raise GenerationError("The notebook is empty: add a cell first.")
+        upto = len(self.cells) - 1 if upto is None else int(upto)
+        self._cell(upto)
+        report = report if report is not None else RunReport()
+        start = next((i for i in range(upto + 1) if not self.cells[i].fresh), None)
+        if start is None:
+            return
+        # a dropped state above: restart at the last cell whose state is still kept
+        while start > 0 and self.cells[start - 1].state is None:
+            start -= 1
+            self.cells[start].fresh = False
+        before, _ = self.state_before(start)
+        report.tokens_saved = before.token_count if before is not None else 0
+        for i in range(start, upto + 1):
+            yield from self._run_cell(driver, i, report)
+        self.last_report = report
+
+    def _run_cell(self, driver, index: int, report: RunReport):
+        cell = self.cells[index]
+        state, logits = self.state_before(index)
+        if cell.kind == "text":
+            cell.tokens = driver.tokenizer.encode(cell.source) if cell.source else []
+            if cell.tokens:
+                cell.logits, cell.state = yield from _relay(index, cell.source, driver.read(cell.tokens, state))
+            else:  # an empty text cell passes the state on
+                cell.state, cell.logits = state, logits
+            report.tokens_read += len(cell.tokens)
+        else:
+            if logits is None:
+                raise GenerationError(f"Cell {index + 1} writes from the text above it: add a text cell first.")
+            gen = self._generation(driver, cell, state, logits, cell.settings.get("seed"))
+            for text in driver.generate(gen):
+                yield index, text
+            cell.output, cell.tokens, cell.state, cell.logits = gen.text, list(gen.tokens), gen.state, gen.last_logits
+            report.tokens_read += len(gen.tokens)
+        cell.fresh, cell.branches = True, []
+        report.cells_run.append(index)
+        for below in self.cells[index + 1:]:
+            below.fresh = False
+        yield index, cell.source if cell.kind == "text" else cell.output
+
+    @staticmethod
+    def _generation(driver, cell: Cell, state, logits, seed) -> Generation:
+        settings = SamplingSettings(**{**cell.settings, "seed": seed})
+        return Generation(driver.tokenizer, [], state=state, logits=logits, settings=settings,
+                          max_tokens=int(cell.max_tokens), stop=tuple(cell.stop),
+                          sampler_kernel=getattr(driver, "sampler_kernel", None))
+
+    def fork(self, driver, index: int, seeds: list[int]) -> list[Branch]:
+        """Continuations of generate cell `index` from the same state, one per seed (run together
+        when the driver batches them). Shown side by side; `keep` makes one the cell's output."""
+        cell = self._cell(index)
+        if cell.kind != "generate":
+            raise GenerationError("Only a generate cell can be forked.")
+        if not seeds or len(seeds) > 8:
+            raise GenerationError("Fork into 1 to 8 continuations.")
+        if index > 0 and not self.cells[index - 1].fresh or self.state_before(index)[1] is None:
+            for _ in self.run(driver, upto=index - 1 if index > 0 else 0):
+                pass
+        state, logits = self.state_before(index)
+        gens = [self._generation(driver, cell, state, logits, int(seed)) for seed in seeds]
+        driver.generate_many(gens)
+        cell.branches = [Branch(int(s), g.text, list(g.tokens), g.state, g.last_logits) for s, g in zip(seeds, gens)]
+        return cell.branches
+
+    def keep(self, index: int, branch: int) -> None:
+        """Make a branch the cell's output (its seed becomes the cell's); the cells below run again."""
+        cell = self._cell(index)
+        if not 0 <= branch < len(cell.branches):
+            raise GenerationError("There is no such branch.")
+        chosen = cell.branches[branch]
+        cell.settings = {**cell.settings, "seed": chosen.seed}
+        cell.output, cell.tokens, cell.state, cell.logits = chosen.output, chosen.tokens, chosen.state, chosen.logits
+        cell.fresh, cell.branches = True, []
+        for below in self.cells[index + 1:]:
+            below.fresh = False
+            below.branches = []
+
+    # ---- files ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, include_states: bool = False) -> list[Path]:
+        """JSON of the cells (and with include_states, their states in a .safetensors file beside)."""
+        path = Path(path)
+        data = {"format": FORMAT, "version": VERSION, "model_fingerprint": self.fingerprint,
+                "cells": [c.as_dict() for c in self.cells]}
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        written = [path]
+        if include_states:
+            from safetensors.torch import save_file
+
+            tensors = {}
+            for i, c in enumerate(self.cells):
+                if c.state is not None and c.fresh:
+                    tensors.update({f"{i}.{name}": t.contiguous() for name, t in c.state.tensors().items()})
+                    tensors[f"{i}.logits"] = c.logits.float().contiguous()
+                    tensors[f"{i}.tokens"] = torch.tensor(c.tokens + [c.state.token_count], dtype=torch.long)
+            states = path.with_suffix(".states.safetensors")
+            save_file(tensors, str(states), metadata={"format": FORMAT, "fingerprint": self.fingerprint})
+            written.append(states)
+        return written
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, fingerprint: str, read_only: bool = False) -> "Notebook":
+        """Open a notebook file for the model with `fingerprint`. A notebook made for another model
+        is refused with one sentence, or opened read-only (outputs shown, nothing runs)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError("not a notebook")
+            cells = [Cell(c["kind"], source=c.get("source", ""), settings=dict(c.get("settings") or {}),
+                          max_tokens=int(c.get("max_tokens", 60)), stop=tuple(c.get("stop", ())),
+                          output=c.get("output", "")) for c in data["cells"]]
+            for c in cells:
+                c.settings = asdict(SamplingSettings(**c.settings))
+                c.validate()
+        except (OSError, ValueError, KeyError, TypeError, GenerationError) as exc:
+            raise LoadError(f"{path.name} is not a notebook file of this app ({exc}).") from None
+        notebook = cls(fingerprint)
+        notebook.cells = cells
+        if data.get("model_fingerprint") and fingerprint and data["model_fingerprint"] != fingerprint:
+            if not read_only:
+                raise LoadError(f"{path.name} was made with another model: load that model, or open it read-only.")
+            notebook.read_only = True
+            return notebook
+        states = path.with_suffix(".states.safetensors")
+        if states.exists():
+            notebook._restore_states(states)
+        return notebook
+
+    def _restore_states(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        for i, cell in enumerate(self.cells):
+            if f"{i}.aa" not in tensors:
+                break
+            *tokens, count = tensors[f"{i}.tokens"].tolist()
+            parts = {name: tensors[f"{i}.{name}"] for name in ("att_x", "aa", "bb", "pp", "ffn_x")}
+            cell.state = State(**parts, token_count=int(count), fingerprint=self.fingerprint)
+            cell.logits, cell.tokens, cell.fresh = tensors[f"{i}.logits"], tokens, True
+
+
+class NotebookSession(Session):
+    """One visitor's notebook in the app. Its kept states are accounted in the memory budget and
+    capped per notebook (`trim`): past the cap, the states cheapest to recompute go first."""
+
+    kind = "notebook"
+
+    def __init__(self, fingerprint: str = ""):
+        super().__init__()
+        self.notebook = Notebook(fingerprint)
+
+    def memory_items(self) -> list[tuple[str, int]]:
+        return self.notebook.memory_items()
+
+    def drop(self, key: str) -> str:
+        index = int(key.split()[1]) - 1
+        self.notebook.drop_state(index)
+        return f"the kept state of notebook cell {index + 1} (it is recomputed when needed)"
+
+    def trim(self, limit_bytes: int) -> int:
+        """Drop kept states until the notebook holds at most limit_bytes: branches first, then the
+        states whose cells are cheapest to run again (fewest tokens); the last cell's stays.
+        Returns the bytes kept."""
+        cells = self.notebook.cells
+        total = sum(c.nbytes() for c in cells)
+        for cell in cells:
+            if total <= limit_bytes:
+                return total
+            for branch in cell.branches:
+                total -= branch.state.nbytes() + branch.logits.numel() * 4
+            cell.branches = []
+        for i in sorted(range(len(cells) - 1), key=lambda i: len(cells[i].tokens)):
+            if total <= limit_bytes:
+                break
+            total -= cells[i].nbytes()
+            self.notebook.drop_state(i)
+        return total
+
+
+def _relay(index: int, text: str, task):
+    """Yield (index, text) for each step of a task generator; return the task's result."""
+    while True:
+        try:
+            next(task)
+        except StopIteration as done:
+            return done.value
+        yield index, text
+
+
+def run_all(notebook: Notebook, runtime, tokenizer) -> RunReport:
+    """Run every cell that needs it on `runtime` in the calling thread; returns the report."""
+    report = RunReport()
+    for _ in notebook.run(RuntimeDriver(runtime, tokenizer), report=report):
+        pass
+    return report

@@ -1,0 +1,289 @@
+"""Notebook tab: a column of cells over one recurrent state (engine: notebook.py).
+
+A text cell is read by the model; a generate cell writes (its own seed, token limit, sampling
+settings). Each cell runs from the state the cell above left, and that state is kept, so editing a
+cell re-runs it and the cells below only. The cells are drawn by `gr.render` from the visitor's
+NotebookSession whenever `version` changes; handlers are methods of NotebookTab.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import GenerationError
+from ..inspection import InspectorSession
+from ..notebook import EngineDriver, NotebookSession, RunReport
+from ..sessions import Session
+from .common import ensure_session, friendly_error, session_state, with_notices
+
+FORK_SEEDS = 3
+STARTER = "ROMEO: But soft, what light through yonder window breaks?\n\nJULIET:"
+
+
+class NotebookTab:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def session(self, session, request=None) -> NotebookSession:
+        loaded = self.engine.require()
+        session = ensure_session(self.engine, session,
+                                 lambda: NotebookSession(loaded.runtime.fingerprint), request)
+        notebook = session.notebook
+        if notebook.fingerprint != loaded.runtime.fingerprint and not notebook.read_only:
+            notebook.fingerprint = loaded.runtime.fingerprint  # the model was switched: states are stale
+            for i in range(len(notebook.cells)):
+                notebook.drop_state(i)
+            notebook.mark_stale(0)
+        return session
+
+    def limit(self) -> int:
+        """A notebook keeps states up to a quarter of the server's memory budget."""
+        return self.engine.settings.memory_budget_bytes // 4
+
+    # ---- cell edits (no model work) -----------------------------------------------------------
+    def on_add(self, kind, session, version, request: gr.Request = None):
+        try:
+            session = self.session(session, request)
+            if kind == "generate":
+                session.notebook.add("generate", settings=_default_settings())
+            else:
+                session.notebook.add("text", source="" if session.notebook.cells else STARTER)
+            return session, version + 1, f"Added a {kind} cell ({len(session.notebook.cells)} cells)."
+        except Exception as exc:
+            return session, version, friendly_error(exc)
+
+    def on_edit(self, session, index, version, **fields):
+        try:
+            notebook = session.notebook
+            cell = notebook.cells[index]
+            changed = {k: v for k, v in fields.items() if v is not None and getattr(cell, k) != v}
+            if "settings" in fields:
+                changed = {"settings": {**cell.settings, **fields["settings"]}} if any(
+                    cell.settings.get(k) != v for k, v in fields["settings"].items()) else {}
+            if not changed:
+                return version, gr.Markdown()
+            notebook.edit(index, **changed)
+            below = len(notebook.cells) - index
+            return version + 1, f"Cell {index + 1} changed: it and the {below - 1} below it will run again."
+        except Exception as exc:
+            return version, friendly_error(exc)
+
+    def on_delete(self, session, index, version):
+        try:
+            session.notebook.delete(index)
+            return version + 1, f"Deleted cell {index + 1}."
+        except Exception as exc:
+            return version, friendly_error(exc)
+
+    def on_keep(self, session, index, branch, version):
+        try:
+            session.notebook.keep(index, branch)
+            return version + 1, f"Kept continuation {branch + 1} in cell {index + 1}; the cells below will run again."
+        except Exception as exc:
+            return version, friendly_error(exc)
+
+    # ---- model work ---------------------------------------------------------------------------
+    def on_run(self, session, version, upto=None, from_here=None, request: gr.Request = None):
+        """Run what needs running (to `upto`, or from `from_here` to the end). Streams the running
+        cell's text; outputs: status, live text, version."""
+        try:
+            session = self.session(session, request)
+            notebook = session.notebook
+            if from_here is not None:
+                notebook.mark_stale(from_here)
+            report = RunReport()
+            driver = EngineDriver(self.engine, session)
+            for index, text in notebook.run(driver, upto=upto, report=report):
+                yield f"Running cell {index + 1}…", text, version
+            session.trim(self.limit())
+            session.touch(self.engine)
+            yield with_notices(session, report.sentence()), "", version + 1
+        except Exception as exc:
+            yield with_notices(session, friendly_error(exc)) if isinstance(session, Session) else friendly_error(exc), \
+                "", version + 1
+
+    def on_fork(self, session, index, version, request: gr.Request = None):
+        try:
+            session = self.session(session, request)
+            cell = session.notebook.cells[index]
+            base = int(cell.settings.get("seed") or 0)
+            seeds = [base] + [base + 1000 * k + 1 for k in range(1, FORK_SEEDS)]
+            yield f"Writing {len(seeds)} continuations of cell {index + 1}…", version
+            session.notebook.fork(EngineDriver(self.engine, session), index, seeds)
+            session.trim(self.limit())
+            session.touch(self.engine)
+            yield (f"Cell {index + 1}: {len(seeds)} continuations from the same state (seeds {seeds}); keep one.",
+                   version + 1)
+        except Exception as exc:
+            yield friendly_error(exc), version + 1
+
+    def on_inspect(self, session, inspector, index, request: gr.Request = None):
+        """Record cell `index`'s text from the state before it into the visitor's State inspector."""
+        try:
+            notebook = session.notebook
+            cell = notebook.cells[index]
+            if not cell.fresh or not cell.tokens:
+                raise GenerationError("Run the cell first (and give it some text).")
+            before, _ = notebook.state_before(index)
+            inspector = ensure_session(self.engine, inspector, InspectorSession, request)
+            for _ in inspector.record(self.engine, cell.tokens, before):
+                pass
+            return inspector, (f"Recorded cell {index + 1} ({len(cell.tokens)} tokens, from the state above it): open "
+                               "the State inspector tab and move a slider to see it.")
+        except Exception as exc:
+            return inspector, friendly_error(exc)
+
+    def on_save_state(self, session, index):
+        """Outputs: the state file (shown), status."""
+        try:
+            cell = session.notebook.cells[index]
+            if cell.state is None or not cell.fresh:
+                raise GenerationError("Run the cell first: its state is not computed.")
+            path = Path(tempfile.mkdtemp(prefix="rwkv-state-")) / f"notebook-cell-{index + 1}.safetensors"
+            cell.state.save(path, extra_metadata={"text": session.notebook.text(index)[-2000:]})
+            return gr.File(value=str(path), visible=True), f"Saved the state after cell {index + 1}."
+        except Exception as exc:
+            return gr.File(), friendly_error(exc)
+
+    # ---- files --------------------------------------------------------------------------------
+    def on_save(self, session, include_states):
+        try:
+            if session is None or not session.notebook.cells:
+                raise GenerationError("The notebook is empty.")
+            folder = Path(tempfile.mkdtemp(prefix="rwkv-notebook-"))
+            files = session.notebook.save(folder / "notebook.json", include_states=bool(include_states))
+            return [str(f) for f in files], "Saved: open it again with Open."
+        except Exception as exc:
+            return None, friendly_error(exc)
+
+    def on_open(self, session, file, read_only, version, request: gr.Request = None):
+        from ..notebook import Notebook
+
+        try:
+            session = self.session(session, request)
+            if file is None:
+                return session, version, gr.Markdown()
+            paths = [f if isinstance(f, str) else f.name for f in (file if isinstance(file, list) else [file])]
+            main = next((p for p in paths if p.endswith(".json")), None)
+            if main is None:
+                raise GenerationError("Choose the notebook's .json file (and its .states.safetensors, if saved).")
+            states = next((p for p in paths if p.endswith(".states.safetensors")), None)
+            if states:  # uploads land in separate folders: put the states beside the notebook
+                target = Path(main).with_suffix(".states.safetensors")
+                if Path(states) != target:
+                    target.write_bytes(Path(states).read_bytes())
+            session.notebook = Notebook.load(main, self.engine.require().runtime.fingerprint, read_only=bool(read_only))
+            note = " (made with another model: read-only)" if session.notebook.read_only else ""
+            return session, version + 1, f"Opened a notebook of {len(session.notebook.cells)} cells{note}."
+        except Exception as exc:
+            return session, version, friendly_error(exc)
+
+
+def _default_settings() -> dict:
+    from dataclasses import asdict
+
+    from ..sampling import SamplingSettings
+
+    return asdict(SamplingSettings(temperature=1.0, top_p=0.8, presence_penalty=0.4, count_penalty=0.4, seed=1))
+
+
+def build(engine, inspector_state):
+    """Returns the notebook's session state."""
+    tab = NotebookTab(engine)
+    session = session_state(engine)
+    version = gr.State(0)
+    gr.Markdown("Cells over one recurrent state: each runs from the state the cell above left (kept), so "
+                "editing a cell re-runs only it and the cells below.")
+    with gr.Row():
+        add_text = gr.Button("+ Text cell", elem_id="nb-add-text")
+        add_gen = gr.Button("+ Generate cell", elem_id="nb-add-generate")
+        run_all = gr.Button("Run all", variant="primary", elem_id="nb-run-all")
+    status = gr.Markdown("", elem_id="nb-status")
+    live = gr.Textbox(label="Running", lines=2, interactive=False, elem_id="nb-live")
+
+    @gr.render(inputs=[session, version])
+    def cells(nb_session, _version):
+        if nb_session is None or not nb_session.notebook.cells:
+            gr.Markdown("Add a text cell to start.", elem_id="nb-empty")
+            return
+        notebook = nb_session.notebook
+        for i, cell in enumerate(notebook.cells):
+            mark = "✓ up to date" if cell.fresh else "● needs a run"
+            with gr.Group(elem_id=f"nb-cell-{i}"):
+                gr.Markdown(f"**[{i + 1}] {cell.kind}** · {mark} · {len(cell.tokens)} tokens",
+                            elem_id=f"nb-cell-{i}-head")
+                if cell.kind == "text":
+                    box = gr.Textbox(cell.source, lines=2, show_label=False, elem_id=f"nb-cell-{i}-text")
+                    box.blur(lambda s, v, text, i=i: tab.on_edit(s, i, v, source=text), [session, version, box],
+                             [version, status], api_visibility="private")
+                else:
+                    gr.Textbox(cell.output, lines=3, show_label=False, interactive=False, elem_id=f"nb-cell-{i}-text")
+                    with gr.Row():
+                        seed = gr.Number(cell.settings.get("seed") or 0, precision=0, label="seed",
+                                         elem_id=f"nb-cell-{i}-seed")
+                        limit = gr.Number(cell.max_tokens, precision=0, label="max tokens", elem_id=f"nb-cell-{i}-max")
+                        temp = gr.Number(cell.settings.get("temperature", 1.0), label="temperature")
+                        top_p = gr.Number(cell.settings.get("top_p", 0.8), label="top_p")
+                    for control in (seed, limit, temp, top_p):
+                        control.blur(lambda s, v, sd, mx, t, p, i=i: tab.on_edit(
+                            s, i, v, max_tokens=int(mx), settings={"seed": int(sd), "temperature": float(t),
+                                                                   "top_p": float(p)}),
+                            [session, version, seed, limit, temp, top_p], [version, status], api_visibility="private")
+                with gr.Row():
+                    run = gr.Button("Run", size="sm", elem_id=f"nb-cell-{i}-run")
+                    run_from = gr.Button("Run from here", size="sm", elem_id=f"nb-cell-{i}-run-from")
+                    if cell.kind == "generate":
+                        fork = gr.Button(f"Fork ×{FORK_SEEDS}", size="sm", elem_id=f"nb-cell-{i}-fork")
+                        fork.click(lambda s, v, i=i: (yield from tab.on_fork(s, i, v)), [session, version],
+                                   [status, version], concurrency_id="model",
+                                   concurrency_limit=engine.event_concurrency(), api_visibility="private")
+                    inspect = gr.Button("Inspect", size="sm", elem_id=f"nb-cell-{i}-inspect")
+                    save_state = gr.Button("Save state", size="sm", elem_id=f"nb-cell-{i}-save-state")
+                    delete = gr.Button("Delete", size="sm", variant="stop", elem_id=f"nb-cell-{i}-delete")
+                state_file = gr.File(visible=False, elem_id=f"nb-cell-{i}-state-file")
+                run.click(lambda s, v, i=i: (yield from tab.on_run(s, v, upto=i)), [session, version],
+                          [status, live, version], concurrency_id="model", concurrency_limit=engine.event_concurrency(),
+                          api_visibility="private")
+                run_from.click(lambda s, v, i=i: (yield from tab.on_run(s, v, from_here=i)), [session, version],
+                               [status, live, version], concurrency_id="model",
+                               concurrency_limit=engine.event_concurrency(), api_visibility="private")
+                inspect.click(lambda s, insp, i=i: tab.on_inspect(s, insp, i), [session, inspector_state],
+                              [inspector_state, status], concurrency_id="model",
+                              concurrency_limit=engine.event_concurrency(), api_visibility="private")
+                save_state.click(lambda s, i=i: tab.on_save_state(s, i), [session], [state_file, status],
+                                 api_visibility="private")
+                delete.click(lambda s, v, i=i: tab.on_delete(s, i, v), [session, version], [version, status],
+                             api_visibility="private")
+                if cell.branches:
+                    with gr.Row(elem_id=f"nb-cell-{i}-branches"):
+                        for b, branch in enumerate(cell.branches):
+                            with gr.Column():
+                                gr.Textbox(branch.output, lines=4, label=f"seed {branch.seed}", interactive=False,
+                                           elem_id=f"nb-cell-{i}-branch-{b}")
+                                keep = gr.Button("Keep", size="sm", elem_id=f"nb-cell-{i}-keep-{b}")
+                                keep.click(lambda s, v, i=i, b=b: tab.on_keep(s, i, b, v), [session, version],
+                                           [version, status], api_visibility="private")
+
+    with gr.Row():
+        include_states = gr.Checkbox(False, label="Save the states too (else they are recomputed on open)")
+        save_btn = gr.Button("Save notebook", elem_id="nb-save")
+        saved = gr.File(label="Notebook file", file_count="multiple", elem_id="nb-saved")
+    with gr.Row():
+        read_only = gr.Checkbox(False, label="Open read-only if made with another model")
+        upload = gr.File(label="Open a notebook (.json, with its .states.safetensors if saved)", file_count="multiple",
+                         file_types=[".json", ".safetensors"], elem_id="nb-open")
+
+    add_text.click(partial(tab.on_add, "text"), [session, version], [session, version, status],
+                   api_visibility="private")
+    add_gen.click(partial(tab.on_add, "generate"), [session, version], [session, version, status],
+                  api_visibility="private")
+    run_all.click(lambda s, v: (yield from tab.on_run(s, v)), [session, version], [status, live, version],
+                  concurrency_id="model", concurrency_limit=engine.event_concurrency(), api_visibility="private")
+    save_btn.click(tab.on_save, [session, include_states], [saved, status], api_visibility="private")
+    upload.upload(tab.on_open, [session, upload, read_only, version], [session, version, status],
+                  api_visibility="private")
+    return session
