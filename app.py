@@ -111,11 +111,9 @@ def main(argv=None) -> int:
         print("The model panel is locked (public deployment): no switching or downloads from the browser.",
               file=sys.stderr)
 
-    from rwkv_playground.ui import create_app, launch_options
+    from rwkv_playground.ui import create_app, launch
 
-    demo = create_app(engine)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(**launch_options(args.host, args.port, args.share, engine))
+    launch(create_app(engine), engine, args.host, args.port, args.share)
     return 0
 
 

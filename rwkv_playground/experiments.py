@@ -141,17 +141,17 @@ class KnockoutResult:
                            "knockouts": [asdict(k) for k in self.knockouts], "labels": self.labels,
                            "kl": self.kl.tolist(), "surprisal": _nan_to_none(self.surprisal),
                            "top_ids": self.top_ids.tolist(), "top_probs": self.top_probs.tolist(),
-                           "summary": self.summary()}, allow_nan=False, default=_json_default)
+                           "summary": [{k: _finite_or_none(v) for k, v in row.items()} for row in self.summary()]},
+                          allow_nan=False)
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: an undefined number (e.g. no next token to score) is null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _nan_to_none(a: np.ndarray):
-    return [[None if math.isnan(x) else float(x) for x in row] for row in a]
-
-
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(type(value))
+    return [[_finite_or_none(float(x)) for x in row] for row in a]
 
 
 def _check_tokens(runtime, tokens) -> list[int]:

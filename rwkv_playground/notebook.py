@@ -87,8 +87,12 @@ class RunReport:
     cells_run: list[int] = field(default_factory=list)
     tokens_read: int = 0
     tokens_saved: int = 0
+    stopped: int | None = None  # the cell a Stop ended the run in
 
     def sentence(self) -> str:
+        if self.stopped is not None:
+            return (f"Stopped in cell {self.stopped + 1}: its text so far is kept (and is what its state read); "
+                    "run it again to write it whole.")
         if not self.cells_run:
             return "Nothing to run: every cell is up to date."
         first, last = self.cells_run[0] + 1, self.cells_run[-1] + 1
@@ -141,6 +145,7 @@ class EngineDriver:
         self.tokenizer, self.sampler_kernel = loaded.tokenizer, loaded.runtime.sampler_kernel
 
     def read(self, tokens, state):
+        """Yields progress; returns (logits, state), or None when Stop ended the reading."""
         result = None
         for event in run_task(self.session, self.engine, lambda runtime: read_task(runtime, tokens, state),
                               label="notebook"):
@@ -148,8 +153,6 @@ class EngineDriver:
                 yield event.value
             elif event.kind == "done":
                 result = event.value
-        if result is None:
-            raise GenerationError("Reading the cell was stopped.")
         return result
 
     def generate(self, generation: Generation):
@@ -219,6 +222,13 @@ class Notebook:
     def memory_items(self) -> list[tuple[str, int]]:
         return [(f"cell {i + 1}", c.nbytes()) for i, c in enumerate(self.cells) if c.nbytes()]
 
+    def summary(self) -> list[dict]:
+        """The cells as plain data (the app's API, notebooks, tests): text, settings, whether each is
+        up to date, the tokens it added, whether its state is kept, and its branches."""
+        return [{**c.as_dict(), "index": i, "fresh": c.fresh, "tokens": len(c.tokens), "state_kept": c.state is not None,
+                 "branches": [{"seed": b.seed, "output": b.output} for b in c.branches]}
+                for i, c in enumerate(self.cells)]
+
     def drop_state(self, index: int) -> None:
         """Free a kept state (the memory budget's call); it is recomputed when needed."""
         cell = self.cells[index]
@@ -246,6 +256,8 @@ class Notebook:
         report.tokens_saved = before.token_count if before is not None else 0
         for i in range(start, upto + 1):
             yield from self._run_cell(driver, i, report)
+            if report.stopped is not None:
+                break
         self.last_report = report
 
     def _run_cell(self, driver, index: int, report: RunReport):
@@ -254,7 +266,11 @@ class Notebook:
         if cell.kind == "text":
             cell.tokens = driver.tokenizer.encode(cell.source) if cell.source else []
             if cell.tokens:
-                cell.logits, cell.state = yield from _relay(index, cell.source, driver.read(cell.tokens, state))
+                result = yield from _relay(index, cell.source, driver.read(cell.tokens, state))
+                if result is None:  # stopped while reading: the cell has no state yet
+                    cell.state, cell.logits, report.stopped = None, None, index
+                    return
+                cell.logits, cell.state = result
             else:  # an empty text cell passes the state on
                 cell.state, cell.logits = state, logits
             report.tokens_read += len(cell.tokens)
@@ -266,6 +282,10 @@ class Notebook:
                 yield index, text
             cell.output, cell.tokens, cell.state, cell.logits = gen.text, list(gen.tokens), gen.state, gen.last_logits
             report.tokens_read += len(gen.tokens)
+            if gen.stats.stop_reason in ("cancelled", "closed", "model_switched"):  # Stop: keep the partial text, in sync
+                report.stopped = index  # with its state; the cell stays to be run again
+                yield index, cell.output
+                return
         cell.fresh, cell.branches = True, []
         report.cells_run.append(index)
         for below in self.cells[index + 1:]:
@@ -391,11 +411,13 @@ class NotebookSession(Session):
         self.notebook.drop_state(index)
         return f"the kept state of notebook cell {index + 1} (it is recomputed when needed)"
 
-    def trim(self, limit_bytes: int) -> int:
+    def trim(self, limit_bytes: int, keep: int | None = None) -> int:
         """Drop kept states until the notebook holds at most limit_bytes: branches first, then the
-        states whose cells are cheapest to run again (fewest tokens); the last cell's stays.
+        states whose cells are cheapest to run again (fewest tokens); the state of cell `keep`
+        (default: the last cell; during a run, the cell just run, which the next one reads) stays.
         Returns the bytes kept."""
         cells = self.notebook.cells
+        keep = len(cells) - 1 if keep is None else keep
         total = sum(c.nbytes() for c in cells)
         for cell in cells:
             if total <= limit_bytes:
@@ -403,7 +425,7 @@ class NotebookSession(Session):
             for branch in cell.branches:
                 total -= branch.state.nbytes() + branch.logits.numel() * 4
             cell.branches = []
-        for i in sorted(range(len(cells) - 1), key=lambda i: len(cells[i].tokens)):
+        for i in sorted((i for i in range(len(cells)) if i != keep), key=lambda i: len(cells[i].tokens)):
             if total <= limit_bytes:
                 break
             total -= cells[i].nbytes()

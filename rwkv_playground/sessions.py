@@ -70,6 +70,14 @@ class Session:
         for ticket in list(self._tickets):
             ticket.cancel("closed")
 
+    def stop(self) -> bool:
+        """The visitor pressed Stop: end what runs for them within one tick (what was produced
+        stays, in sync with its state). Returns whether anything was running."""
+        tickets = list(self._tickets)
+        for ticket in tickets:
+            ticket.cancel("cancelled")
+        return bool(tickets)
+
     # ---- requests
     def follow(self, ticket: Ticket) -> Iterator[Event]:
         """A ticket's events; an early close (Stop, a closed tab) cancels the request and waits for

@@ -109,15 +109,13 @@ def app_url(engine):
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    from rwkv_playground.ui import create_app, launch_options
+    from rwkv_playground.ui import create_app, launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = create_app(engine)
-    demo.queue(default_concurrency_limit=1)
-    opts = launch_options("127.0.0.1", port, False)
-    demo.launch(prevent_thread_lock=True, quiet=True, **opts)
+    launch(demo, engine, port=port, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(100):
         try:

@@ -103,14 +103,14 @@ def test_engine_errors_are_readable_messages_not_tracebacks():
     from gradio_client import Client
 
     from rwkv_playground.engine import Engine
-    from rwkv_playground.ui import create_app, launch_options
+    from rwkv_playground.ui import create_app, launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = create_app(Engine())
-    demo.queue()
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options("127.0.0.1", port, False))
+    engine = Engine()
+    demo = create_app(engine)
+    launch(demo, engine, port=port, prevent_thread_lock=True, quiet=True)
     try:
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
         chat = collect(c.submit("Hello", "Bob", "Alice", "", *SAMPLING, 10, 1, api_name="/chat"))
@@ -230,3 +230,51 @@ def test_a_closed_api_client_frees_its_sessions_at_once(app_url, engine):
     while time.time() < deadline and visitor in engine._visits:
         time.sleep(0.1)
     assert visitor not in engine._visits and chat.memory_bytes() == 0 and chat not in engine.memory.sessions()
+
+
+def test_the_notebook_through_the_api_reruns_only_below_an_edit(client, engine):
+    """The Notebook tab's endpoints: cells added, run, one edited and run again (only it and the
+    cells below it, the kept state saving the rest), a fork kept; the text equals an in-process
+    notebook of the same cells, bit for bit."""
+    from gradio_client import Client
+
+    from rwkv_playground.notebook import Notebook, run_all
+
+    nb_client = Client(client.src, verbose=False)  # a visitor of its own
+    api = nb_client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/notebook_add"]["parameters"]] == ["kind", "source", "seed", "max_tokens"]
+    cells = [("text", "ROMEO: Good night, good night!\n\nJULIET:", 0, 0), ("generate", "", 5, 24),
+             ("text", "\n\nROMEO: What say'st thou?\n\nJULIET:", 0, 0), ("generate", "", 6, 24)]
+    for kind, source, seed, limit in cells:
+        summary, status = nb_client.predict(kind, source, seed, limit, api_name="/notebook_add")
+    assert len(summary) == 4 and status.startswith("Added a generate cell")
+    outs = collect(nb_client.submit(-1, -1, api_name="/notebook_run"))
+    live, summary, status = outs[-1]
+    assert status.startswith("Ran cells 1-4") and all(c["fresh"] for c in summary)
+    assert any(o[0] for o in outs[:-1])  # the running cell's text streamed
+    summary, status = nb_client.predict(2, "\n\nROMEO: Wilt thou leave me so unsatisfied?\n\nJULIET:", 0, 0,
+                                        api_name="/notebook_edit")
+    assert "will run again" in status and [c["fresh"] for c in summary] == [True, True, False, False]
+    live, summary, status = collect(nb_client.submit(-1, -1, api_name="/notebook_run"))[-1]
+    tokens_above = summary[0]["tokens"] + summary[1]["tokens"]
+    assert status.startswith("Ran cells 3-4") and f"{tokens_above} tokens above were not read again" in status
+
+    loaded = engine.require()
+    local = Notebook(loaded.runtime.fingerprint)
+    for kind, source, seed, limit in cells:
+        if kind == "text":
+            local.add("text", source=source)
+        else:
+            local.add("generate", settings={**summary[1]["settings"], "seed": seed}, max_tokens=limit)
+    local.edit(2, source="\n\nROMEO: Wilt thou leave me so unsatisfied?\n\nJULIET:")
+    run_all(local, loaded.runtime, loaded.tokenizer)
+    assert [c["output"] for c in summary] == [c.output for c in local.cells]
+
+    summary, status = nb_client.predict(3, api_name="/notebook_fork")
+    branches = summary[3]["branches"]
+    assert "3 continuations" in status and branches[0]["output"] == summary[3]["output"]
+    summary, status = nb_client.predict(3, 1, api_name="/notebook_keep")
+    assert summary[3]["output"] == branches[1]["output"] and summary[3]["settings"]["seed"] == branches[1]["seed"]
+    summary, status = nb_client.predict("poem", "", 0, 0, api_name="/notebook_add")
+    assert status.startswith("⚠") and "'text' or 'generate'" in status and len(summary) == 4
+    nb_client.close()

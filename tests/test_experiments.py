@@ -83,6 +83,16 @@ def test_batched_knockouts_equal_each_one_run_alone(runtime):
     assert data["labels"] == result.labels and data["surprisal"][0][-1] is None
 
 
+def test_a_knockout_at_the_last_token_exports_valid_json(runtime):
+    """One position and no next token to score: the summary's surprisal change is undefined, and
+    the JSON says null (JSON has no NaN) instead of failing."""
+    tokens = text(12)
+    result = knockouts(runtime, Ids, tokens, [Knockout(1, (0, 1), 11)])
+    assert result.kl.shape == (1, 1) and np.isnan(result.summary()[0]["mean_surprisal_change"])
+    data = json.loads(result.to_json())
+    assert data["summary"][0]["mean_surprisal_change"] is None and data["surprisal"] == [[None], [None]]
+
+
 def test_knockouts_refuse_bad_requests_in_one_sentence(runtime):
     tokens = text(10)
     for bad, message in ((Knockout(9, (1,), 2), "Layer 9"), (Knockout(0, (64,), 2), "Channels"),

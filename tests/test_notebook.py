@@ -195,3 +195,41 @@ def test_the_notebook_tab_handlers_in_process(engine, tmp_path):
     assert first_output  # (the first run wrote something)
     for s in (session, other, inspector):
         engine.forget(s)
+
+
+def test_stop_in_a_generate_cell_keeps_its_text_in_sync_and_ends_the_run(engine):
+    """Stop while a cell writes (through the scheduler, as the app runs it): the run ends there,
+    the cell keeps the text written so far and its state read exactly that text, the cells below
+    do not run; running again writes the cell whole, as a run that was never stopped."""
+    from conftest import paced
+
+    from rwkv_playground.notebook import EngineDriver, RunReport
+
+    loaded = engine.require()
+    session = engine.add_session(NotebookSession(loaded.runtime.fingerprint))
+    nb = session.notebook
+    nb.add("text", source="ROMEO: Good night, good night!\n\nJULIET:")
+    nb.add("generate", settings=settings(3), max_tokens=80)
+    nb.add("text", source="\n\nROMEO:")
+    report, stopped = RunReport(), []
+    with paced(engine, 0.01):
+        for index, text in nb.run(EngineDriver(engine, session), report=report):
+            if index == 1 and len(text) > 10 and not stopped:
+                stopped.append(session.stop())
+    assert stopped == [True]
+    cell = nb.cells[1]
+    assert report.stopped == 1 and report.sentence().startswith("Stopped in cell 2")
+    assert 0 < len(cell.tokens) < 80 and not cell.fresh and nb.cells[2].state is None
+    assert cell.output == loaded.tokenizer.decode(cell.tokens)
+    _, expected = loaded.runtime.forward(nb.cells[0].tokens + cell.tokens)
+    assert torch.allclose(cell.state.aa, expected.aa, atol=1e-4) and cell.state.token_count == expected.token_count
+    assert not session.stop()  # nothing runs now
+    report = RunReport()
+    for _ in nb.run(EngineDriver(engine, session), report=report):
+        pass
+    assert report.cells_run == [1, 2] and report.stopped is None and len(nb.cells[1].tokens) == 80
+    whole = make(loaded.runtime, [("text", "ROMEO: Good night, good night!\n\nJULIET:"), ("generate", 3)])
+    whole.cells[1].max_tokens, whole.cells[1].stop = 80, ()
+    run_all(whole, loaded.runtime, loaded.tokenizer)
+    assert whole.cells[1].tokens == nb.cells[1].tokens  # the same seed writes the same text
+    engine.forget(session)

@@ -203,9 +203,20 @@ GUIDED_TEXT = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
 
 
 def select_token(page, position):
-    page.locator("#insp-token input[type=number]").fill(str(position))
-    page.locator("#insp-token input[type=number]").press("Enter")
-    wait_for_status(page, "insp-token-info", [f"Token {position} "], timeout=20)
+    """Type the Token slider's number until the inspector shows that token. Right after Record the
+    slider is re-rendered with its new maximum, and a first entry can land in the input being
+    replaced (seen when this test runs alone): type again until the token line follows."""
+    box = page.locator("#insp-token input[type=number]")
+    for _ in range(20):
+        box.fill(str(position))
+        box.press("Enter")
+        deadline = time.time() + 2
+        while time.time() < deadline:
+            if f"Token {position} " in page.locator("#insp-token-info").inner_text():
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"the inspector never showed token {position}: "
+                         f"{page.locator('#insp-token-info').inner_text()!r}")
 
 
 def run_experiment(page, name):
@@ -246,6 +257,62 @@ def test_experiments_tab_knockout_memory_probe_and_causal_trace(page, engine):
     page.locator("#exp-plot .heatmaplayer").first.wait_for(timeout=20000)
     page.wait_for_timeout(600)
     page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-causal-trace.png"))
+
+
+def edit_cell_text(page, index, text):
+    """Type a text cell's source and leave the box: the edit is taken on blur."""
+    box = page.locator(f"#nb-cell-{index}-text textarea")
+    box.fill(text)
+    box.blur()
+    wait_for_status(page, "nb-status", [f"Cell {index + 1} changed"], timeout=20)
+
+
+def add_cell(page, kind, count):
+    page.locator(f"#nb-add-{kind}").click()
+    wait_for_status(page, "nb-status", [f"Added a {kind} cell ({count} cells)"], timeout=20)
+    page.locator(f"#nb-cell-{count - 1}-text textarea").wait_for(timeout=20000)
+
+
+def test_notebook_tab_add_edit_rerun_and_fork(page):
+    """Cells over one state, clicked through: add text and generate cells, run all, edit the third
+    cell and run again (only it and the one below run), fork the last cell and keep a branch;
+    the README's screenshot."""
+    page.get_by_role("tab", name="Notebook").click()
+    add_cell(page, "text", 1)
+    assert "ROMEO" in page.locator("#nb-cell-0-text textarea").input_value()  # the starter text
+    add_cell(page, "generate", 2)
+    add_cell(page, "text", 3)
+    edit_cell_text(page, 2, "\n\nROMEO: What say'st thou, sweet?\n\nJULIET:")
+    add_cell(page, "generate", 4)
+    page.locator("#nb-run-all").click()
+    status = wait_for_status(page, "nb-status", ["Ran cells 1-4"], timeout=90)
+    assert "0 tokens above" in status
+    wait_for_status(page, "nb-cell-3-head", ["up to date"], timeout=20)  # the cells drawn again
+    first_output = page.locator("#nb-cell-1-text textarea").input_value()
+    assert first_output
+
+    edit_cell_text(page, 2, "\n\nROMEO: Wilt thou leave me so unsatisfied?\n\nJULIET:")
+    assert "needs a run" in page.locator("#nb-cell-2-head").inner_text()
+    assert "up to date" in page.locator("#nb-cell-1-head").inner_text()
+    page.locator("#nb-run-all").click()
+    status = wait_for_status(page, "nb-status", ["Ran cells 3-4", "not read again"], timeout=90)
+    assert "0 tokens above" not in status
+    wait_for_status(page, "nb-cell-3-head", ["up to date"], timeout=20)
+    assert page.locator("#nb-cell-1-text textarea").input_value() == first_output  # above the edit: kept
+
+    page.locator("#nb-cell-3-fork").click()
+    wait_for_status(page, "nb-status", ["Cell 4: 3 continuations"], timeout=90)
+    page.locator("#nb-cell-3-branch-2 textarea").wait_for(timeout=20000)
+    branch = page.locator("#nb-cell-3-branch-1 textarea").input_value()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "notebook.png"), full_page=True)
+    page.locator("#nb-cell-3-keep-1").click()
+    wait_for_status(page, "nb-status", ["Kept continuation 2 in cell 4"], timeout=20)
+    deadline = time.time() + 10
+    while time.time() < deadline and page.locator("#nb-cell-3-text textarea").input_value() != branch:
+        time.sleep(0.1)
+    assert page.locator("#nb-cell-3-text textarea").input_value() == branch
+    assert page.locator("#nb-cell-3-branches").count() == 0
 
 
 def test_closing_the_tab_frees_that_visitors_sessions(app_url, engine, page):

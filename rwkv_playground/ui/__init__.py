@@ -78,7 +78,16 @@ def create_app(engine) -> gr.Blocks:
     return demo
 
 
-def launch_options(host: str, port: int, share: bool, engine=None) -> dict:
+def launch_options(host: str, port: int | None, share: bool, engine=None) -> dict:
     threads = 40 if engine is None else max(40, engine.event_concurrency() + 8)
     return {"server_name": host, "server_port": port, "share": share, "css": CSS, "max_threads": threads,
             "footer_links": ["api", "gradio"], "show_error": False}
+
+
+def launch(demo: gr.Blocks, engine, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           **options):
+    """Queue and serve the app (app.py, the tests, Jupyter: `launch(demo, engine, inline=True,
+    prevent_thread_lock=True)`). Model events run one at a time per event listener; the engine's
+    scheduler batches the generations behind them. port None: the first free one from 7860."""
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(**{**launch_options(host, port, share, engine), **options})

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.subplots import make_subplots
 
 from ..inspection import decay_per_token, half_life
 
@@ -134,7 +136,6 @@ def attention_heatmap(weights: np.ndarray, prior: np.ndarray, token_texts: list[
 def token_summary(surprisal: np.ndarray, change: np.ndarray, token_texts: list[str], start: int,
                   selected: int | None = None) -> go.Figure:
     """Surprisal bars with, per layer, how much the state changed at each token."""
-    from plotly.subplots import make_subplots
 
     labels = _token_labels(token_texts, start)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.4, 0.6], vertical_spacing=0.06,
@@ -181,22 +182,23 @@ def figures_to_html(figures: dict[str, go.Figure]) -> str:
 def knockout_effects(result) -> go.Figure:
     """Per knock-out, at every position from the first edit on: KL divergence of the next-token
     distribution, and the change in surprisal of the actual next token."""
-    from plotly.subplots import make_subplots
-
     labels = _token_labels(result.token_texts[result.start:], result.start)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("KL(unedited ‖ knocked out) of the next-token distribution (nats)",
                                         "change in surprisal of the actual next token (nats; > 0: harder)"))
     change = result.surprisal_change()
+    palette = plotly.colors.qualitative.Plotly
     for i, label in enumerate(result.labels):
+        color = palette[i % len(palette)]  # the same colour for a knock-out in both panels
         top_before = [t[0] for t in result.top_texts[0]] if result.top_texts else result.top_ids[0, :, 0]
         top_after = [t[0] for t in result.top_texts[i + 1]] if result.top_texts else result.top_ids[i + 1, :, 0]
         custom = np.stack([np.asarray(top_before, dtype=object), np.asarray(top_after, dtype=object)], axis=1)
         fig.add_trace(go.Scatter(x=labels, y=result.kl[i], mode="lines", name=label, legendgroup=label,
-                                 customdata=custom,
+                                 customdata=custom, line=dict(color=color),
                                  hovertemplate=(f"{label}<br>%{{x}}<br>KL %{{y:.4f}}<br>top before %{{customdata[0]}}"
                                                 "<br>top after %{customdata[1]}<extra></extra>")), row=1, col=1)
         fig.add_trace(go.Scatter(x=labels, y=change[i], mode="lines", name=label, legendgroup=label, showlegend=False,
+                                 line=dict(color=color),
                                  hovertemplate=f"{label}<br>%{{x}}<br>Δ surprisal %{{y:.3f}}<extra></extra>"),
                       row=2, col=1)
     fig.update_layout(title="Knock-outs: the effect on every later token", **{**LAYOUT, "height": 560})

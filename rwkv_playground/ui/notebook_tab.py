@@ -21,6 +21,28 @@ from ..sessions import Session
 from .common import ensure_session, friendly_error, session_state, with_notices
 
 FORK_SEEDS = 3
+DEFAULT_STOP = ("\n\n",)  # a new generate cell writes one paragraph (one speech, on the demo model)
+
+
+def format_stops(stops) -> str:
+    """Stop strings as one line a visitor can edit: line breaks shown as \\n, comma-separated."""
+    return ", ".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace(",", "\\,") for s in stops)
+
+
+def parse_stops(text: str) -> tuple[str, ...]:
+    """The inverse of format_stops: '\\n\\n, THE END' -> ('\\n\\n', 'THE END')."""
+    out, current, chars = [], "", iter(text or "")
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            current += {"n": "\n", "t": "\t"}.get(nxt, nxt)
+        elif ch == ",":
+            out.append(current.strip(" "))
+            current = ""
+        else:
+            current += ch
+    out.append(current.strip(" "))
+    return tuple(s for s in out if s)
 STARTER = "ROMEO: But soft, what light through yonder window breaks?\n\nJULIET:"
 
 
@@ -49,7 +71,7 @@ class NotebookTab:
         try:
             session = self.session(session, request)
             if kind == "generate":
-                session.notebook.add("generate", settings=_default_settings())
+                session.notebook.add("generate", settings=_default_settings(), stop=DEFAULT_STOP)
             else:
                 session.notebook.add("text", source="" if session.notebook.cells else STARTER)
             return session, version + 1, f"Added a {kind} cell ({len(session.notebook.cells)} cells)."
@@ -97,7 +119,11 @@ class NotebookTab:
                 notebook.mark_stale(from_here)
             report = RunReport()
             driver = EngineDriver(self.engine, session)
+            trimmed = None
             for index, text in notebook.run(driver, upto=upto, report=report):
+                if notebook.cells[index].fresh and trimmed != index:  # a cell done: keep within the cap
+                    session.trim(self.limit(), keep=index)  # as it goes (a 200-cell run all included)
+                    trimmed = index
                 yield f"Running cell {index + 1}…", text, version
             session.trim(self.limit())
             session.touch(self.engine)
@@ -105,6 +131,13 @@ class NotebookTab:
         except Exception as exc:
             yield with_notices(session, friendly_error(exc)) if isinstance(session, Session) else friendly_error(exc), \
                 "", version + 1
+
+    def on_stop(self, session):
+        """Stop the visitor's running cell (or fork) within one tick; the run's own handler then
+        says where it stopped."""
+        if isinstance(session, NotebookSession) and session.stop():
+            return gr.skip()  # the run's handler writes the status once it has stopped
+        return "Nothing is running."
 
     def on_fork(self, session, index, version, request: gr.Request = None):
         try:
@@ -183,6 +216,65 @@ class NotebookTab:
             return session, version, friendly_error(exc)
 
 
+    # ---- the notebook's API (gradio_client): the same handlers, cells by index (0 = the first) ---
+    def api_add(self, session, kind: str, source: str, seed: int, max_tokens: int, request: gr.Request = None):
+        """Add a cell at the end: kind "text" (the model reads `source`) or "generate" (writes up to
+        `max_tokens` with `seed`). Returns the notebook's cells and a status line."""
+        try:
+            session = self.session(session, request)
+            if kind not in ("text", "generate"):
+                raise GenerationError(f"A cell is 'text' or 'generate', not '{kind}'.")
+            if kind == "text":
+                session.notebook.add("text", source=source or "")
+            else:
+                session.notebook.add("generate", settings={**_default_settings(), "seed": int(seed)},
+                                     max_tokens=int(max_tokens), stop=DEFAULT_STOP)
+            return session, session.notebook.summary(), f"Added a {kind} cell ({len(session.notebook.cells)} cells)."
+        except Exception as exc:
+            return session, _summary(session), friendly_error(exc)
+
+    def api_edit(self, session, index: int, source: str, seed: int, max_tokens: int, request: gr.Request = None):
+        """Change cell `index`: its text (text cells), or its seed and token limit (generate cells).
+        The cell and the cells below it run again at the next run."""
+        try:
+            session = self.session(session, request)
+            cell = session.notebook.cells[int(index)] if 0 <= int(index) < len(session.notebook.cells) else None
+            if cell is None:
+                raise GenerationError(f"There is no cell {int(index) + 1}.")
+            fields = ({"source": source} if cell.kind == "text" else
+                      {"max_tokens": int(max_tokens), "settings": {"seed": int(seed)}})
+            _, status = self.on_edit(session, int(index), 0, **fields)
+            return session, session.notebook.summary(), status if isinstance(status, str) else "Nothing changed."
+        except Exception as exc:
+            return session, _summary(session), friendly_error(exc)
+
+    def api_run(self, session, upto: int, from_here: int, request: gr.Request = None):
+        """Run what needs running: every stale cell (upto and from_here -1), up to cell `upto`, or
+        from cell `from_here` to the end (re-running it even if up to date). Streams the running
+        cell's text; the last update has the cells and the sentence of what was re-read and saved."""
+        session = self.session(session, request)
+        upto = None if upto is None or int(upto) < 0 else int(upto)
+        from_here = None if from_here is None or int(from_here) < 0 else int(from_here)
+        for status, live, _ in self.on_run(session, 0, upto=upto, from_here=from_here, request=request):
+            yield session, live, _summary(session), status
+
+    def api_fork(self, session, index: int, request: gr.Request = None):
+        """Write FORK_SEEDS continuations of generate cell `index` from the same state (batched)."""
+        session = self.session(session, request)
+        *_, (status, _) = self.on_fork(session, int(index), 0, request)
+        return session, session.notebook.summary(), status
+
+    def api_keep(self, session, index: int, branch: int, request: gr.Request = None):
+        """Make continuation `branch` (0 = the first) of cell `index` its output."""
+        session = self.session(session, request)
+        _, status = self.on_keep(session, int(index), int(branch), 0)
+        return session, session.notebook.summary(), status
+
+
+def _summary(session) -> list[dict]:
+    return session.notebook.summary() if isinstance(session, NotebookSession) else []
+
+
 def _default_settings() -> dict:
     from dataclasses import asdict
 
@@ -202,6 +294,7 @@ def build(engine, inspector_state):
         add_text = gr.Button("+ Text cell", elem_id="nb-add-text")
         add_gen = gr.Button("+ Generate cell", elem_id="nb-add-generate")
         run_all = gr.Button("Run all", variant="primary", elem_id="nb-run-all")
+        stop = gr.Button("Stop", variant="stop", elem_id="nb-stop")
     status = gr.Markdown("", elem_id="nb-status")
     live = gr.Textbox(label="Running", lines=2, interactive=False, elem_id="nb-live")
 
@@ -217,7 +310,8 @@ def build(engine, inspector_state):
                 gr.Markdown(f"**[{i + 1}] {cell.kind}** · {mark} · {len(cell.tokens)} tokens",
                             elem_id=f"nb-cell-{i}-head")
                 if cell.kind == "text":
-                    box = gr.Textbox(cell.source, lines=2, show_label=False, elem_id=f"nb-cell-{i}-text")
+                    box = gr.Textbox(cell.source, lines=2, show_label=False, interactive=not notebook.read_only,
+                                     elem_id=f"nb-cell-{i}-text")
                     box.blur(lambda s, v, text, i=i: tab.on_edit(s, i, v, source=text), [session, version, box],
                              [version, status], api_visibility="private")
                 else:
@@ -228,11 +322,14 @@ def build(engine, inspector_state):
                         limit = gr.Number(cell.max_tokens, precision=0, label="max tokens", elem_id=f"nb-cell-{i}-max")
                         temp = gr.Number(cell.settings.get("temperature", 1.0), label="temperature")
                         top_p = gr.Number(cell.settings.get("top_p", 0.8), label="top_p")
-                    for control in (seed, limit, temp, top_p):
-                        control.blur(lambda s, v, sd, mx, t, p, i=i: tab.on_edit(
-                            s, i, v, max_tokens=int(mx), settings={"seed": int(sd), "temperature": float(t),
-                                                                   "top_p": float(p)}),
-                            [session, version, seed, limit, temp, top_p], [version, status], api_visibility="private")
+                        stop_at = gr.Textbox(format_stops(cell.stop), label="stop at (comma-separated; \\n = line break)",
+                                             elem_id=f"nb-cell-{i}-stop")
+                    for control in (seed, limit, temp, top_p, stop_at):
+                        control.blur(lambda s, v, sd, mx, t, p, st, i=i: tab.on_edit(
+                            s, i, v, max_tokens=int(mx), stop=parse_stops(st),
+                            settings={"seed": int(sd), "temperature": float(t), "top_p": float(p)}),
+                            [session, version, seed, limit, temp, top_p, stop_at], [version, status],
+                            api_visibility="private")
                 with gr.Row():
                     run = gr.Button("Run", size="sm", elem_id=f"nb-cell-{i}-run")
                     run_from = gr.Button("Run from here", size="sm", elem_id=f"nb-cell-{i}-run-from")
@@ -277,6 +374,26 @@ def build(engine, inspector_state):
         upload = gr.File(label="Open a notebook (.json, with its .states.safetensors if saved)", file_count="multiple",
                          file_types=[".json", ".safetensors"], elem_id="nb-open")
 
+    # The notebook's API for gradio_client (no UI of its own: the cells' buttons call the same handlers)
+    with gr.Row(visible=False):
+        api_kind, api_source = gr.Textbox(label="kind"), gr.Textbox(label="source")
+        api_index, api_branch = gr.Number(0, precision=0, label="index"), gr.Number(0, precision=0, label="branch")
+        api_upto, api_from = gr.Number(-1, precision=0, label="upto"), gr.Number(-1, precision=0, label="from_here")
+        api_seed, api_max = gr.Number(1, precision=0, label="seed"), gr.Number(60, precision=0, label="max_tokens")
+        api_cells, api_status, api_live = gr.JSON(label="cells"), gr.Textbox(label="status"), gr.Textbox(label="text")
+        api_button = gr.Button("api")
+    model_work = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
+    api_button.click(tab.api_add, [session, api_kind, api_source, api_seed, api_max], [session, api_cells, api_status],
+                     api_name="notebook_add")
+    api_button.click(tab.api_edit, [session, api_index, api_source, api_seed, api_max],
+                     [session, api_cells, api_status], api_name="notebook_edit")
+    api_button.click(tab.api_run, [session, api_upto, api_from], [session, api_live, api_cells, api_status],
+                     api_name="notebook_run", **model_work)
+    api_button.click(tab.api_fork, [session, api_index], [session, api_cells, api_status], api_name="notebook_fork",
+                     **model_work)
+    api_button.click(tab.api_keep, [session, api_index, api_branch], [session, api_cells, api_status],
+                     api_name="notebook_keep")
+
     add_text.click(partial(tab.on_add, "text"), [session, version], [session, version, status],
                    api_visibility="private")
     add_gen.click(partial(tab.on_add, "generate"), [session, version], [session, version, status],
@@ -284,6 +401,10 @@ def build(engine, inspector_state):
     run_all.click(lambda s, v: (yield from tab.on_run(s, v)), [session, version], [status, live, version],
                   concurrency_id="model", concurrency_limit=engine.event_concurrency(), api_visibility="private")
     save_btn.click(tab.on_save, [session, include_states], [saved, status], api_visibility="private")
+    # Stop reaches the running cell through its session (the cells' Run buttons are drawn by gr.render,
+    # so there is no event to cancel here): the scheduler ends it within one tick, and its handler,
+    # still running, shows where it stopped.
+    stop.click(tab.on_stop, [session], [status], queue=False, api_name="notebook_stop")
     upload.upload(tab.on_open, [session, upload, read_only, version], [session, version, status],
                   api_visibility="private")
     return session
