@@ -4,7 +4,6 @@ print what they promise, and the app launched inline answers on loopback."""
 
 import json
 import os
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient

@@ -1,9 +1,9 @@
 """Experiments on the state (experiments.py), each against a brute-force reference.
 
-- a batched knock-out equals re-running that one text alone with the state edited by hand (or,
-  for a decay change, with a second model whose parameter is changed) and the KL, surprisal and
-  top tokens computed in float64 from those logits;
-- a causal-trace cell equals the single erasure run alone;
+- a batched knock-out equals re-running that one text alone, in an independent float64 numpy
+  RWKV-4 (below, itself checked against the engine), with the state edited by hand (or the decay
+  changed from that token on), and the KL, surprisal and top tokens computed from those logits;
+- a causal-trace cell equals the single erasure run alone in float64;
 - the logit lens's last layer is the model's own prediction, and any layer equals ln_out + head
   applied by hand to the residual observed after that layer;
 - the memory probe equals the effective attention of the recording (itself tested against an
@@ -19,7 +19,7 @@ import torch
 
 from conftest import TINY, write_checkpoint
 from rwkv_playground import GenerationError, load_runtime
-from rwkv_playground.experiments import (Knockout, apply_state_edit, causal_trace, channel_groups, channels_by,
+from rwkv_playground.experiments import (Knockout, causal_trace, channel_groups, channels_by,
                                          knockouts, logit_lens, memory_probe)
 from rwkv_playground.inspection import effective_attention, half_life, record
 
@@ -39,20 +39,90 @@ def text(n, seed=0):
     return torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def alone(runtime, tokens, knockout):
-    """Brute force: the one knock-out, one sequence, the state edited by hand, logits of every
-    position from `knockout.position` on."""
-    _, state = runtime.forward(tokens[:knockout.position]) if knockout.position else (None, runtime.new_state())
-    rest = tokens[knockout.position:]
+class Float64RWKV:
+    """An independent RWKV-4 in numpy float64, token by token (rwkv4.md's RNN form), on the
+    checkpoint's own tensors: the brute-force reference the experiments are held to."""
+
+    def __init__(self, path):
+        raw = torch.load(path, weights_only=True)
+        self.w = {k: v.double().squeeze().numpy() for k, v in raw.items()}
+        self.L = 1 + max(int(k.split(".")[1]) for k in raw if k.startswith("blocks."))
+        self.C = self.w["emb.weight"].shape[1]
+
+    def empty_state(self):
+        zeros = np.zeros((self.L, self.C))
+        return {"att_x": zeros.copy(), "aa": zeros.copy(), "bb": zeros.copy(), "pp": np.full((self.L, self.C), -1e30),
+                "ffn_x": zeros.copy()}
+
+    @staticmethod
+    def _ln(x, w, b):
+        return (x - x.mean()) / np.sqrt(x.var() + 1e-5) * w + b
+
+    def run(self, tokens, state, time_decay=None):
+        """Logits [T, V] after each token; `state` is advanced in place. time_decay: {layer: [C]}."""
+        w, sigmoid, out = self.w, (lambda z: 1 / (1 + np.exp(-z))), []
+        for token in tokens:
+            x = self._ln(w["emb.weight"][token], w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
+            for i in range(self.L):
+                b = f"blocks.{i}."
+                xx = self._ln(x, w[b + "ln1.weight"], w[b + "ln1.bias"])
+                mix = lambda name, prev: xx * w[b + name] + prev * (1 - w[b + name])  # noqa: E731
+                k = w[b + "att.key.weight"] @ mix("att.time_mix_k", state["att_x"][i])
+                v = w[b + "att.value.weight"] @ mix("att.time_mix_v", state["att_x"][i])
+                r = sigmoid(w[b + "att.receptance.weight"] @ mix("att.time_mix_r", state["att_x"][i]))
+                state["att_x"][i] = xx
+                aa, bb, pp = state["aa"][i], state["bb"][i], state["pp"][i]
+                decay = -np.exp((time_decay or {}).get(i, w[b + "att.time_decay"]))
+                ww = w[b + "att.time_first"] + k
+                p = np.maximum(pp, ww)
+                wkv = (np.exp(pp - p) * aa + np.exp(ww - p) * v) / (np.exp(pp - p) * bb + np.exp(ww - p))
+                ww = pp + decay
+                p = np.maximum(ww, k)
+                state["aa"][i] = np.exp(ww - p) * aa + np.exp(k - p) * v
+                state["bb"][i] = np.exp(ww - p) * bb + np.exp(k - p)
+                state["pp"][i] = p
+                x = x + w[b + "att.output.weight"] @ (r * wkv)
+                xx = self._ln(x, w[b + "ln2.weight"], w[b + "ln2.bias"])
+                mix = lambda name, prev: xx * w[b + name] + prev * (1 - w[b + name])  # noqa: E731
+                kf = np.maximum(w[b + "ffn.key.weight"] @ mix("ffn.time_mix_k", state["ffn_x"][i]), 0) ** 2
+                rf = sigmoid(w[b + "ffn.receptance.weight"] @ mix("ffn.time_mix_r", state["ffn_x"][i]))
+                state["ffn_x"][i] = xx
+                x = x + rf * (w[b + "ffn.value.weight"] @ kf)
+            out.append(w["head.weight"] @ self._ln(x, w["ln_out.weight"], w["ln_out.bias"]))
+        return torch.tensor(np.stack(out))
+
+
+@pytest.fixture(scope="module")
+def float64_model(runtime):
+    return Float64RWKV(runtime.source_path)
+
+
+def alone(model: Float64RWKV, tokens, knockout):
+    """Brute force in float64: the one knock-out, one sequence, the state edited by hand (or the
+    decay changed from that token on); logits of every position from `knockout.position` on."""
+    state = model.empty_state()
+    model.run(tokens[:knockout.position], state)
+    rest, ch, layer = tokens[knockout.position:], list(knockout.channels), knockout.layer
     if knockout.kind == "decay":
-        edited = load_runtime(runtime.source_path)
-        edited.model.blocks[knockout.layer].att.time_decay.data[list(knockout.channels)] = knockout.time_decay
-        return edited.forward(rest, state, full_output=True)[0]
-    apply_state_edit(state, knockout)
-    return runtime.forward(rest, state, full_output=True)[0]
+        decay = model.w[f"blocks.{layer}.att.time_decay"].copy()
+        decay[ch] = knockout.time_decay
+        return model.run(rest, state, time_decay={layer: decay})
+    if knockout.kind == "erase":
+        state["aa"][layer, ch], state["bb"][layer, ch], state["pp"][layer, ch] = 0.0, 0.0, -1e30
+    else:
+        state["att_x"][layer, ch], state["ffn_x"][layer, ch] = 0.0, 0.0
+    return model.run(rest, state)
 
 
-def test_batched_knockouts_equal_each_one_run_alone(runtime):
+def test_the_float64_reference_is_the_engine(runtime, float64_model):
+    """The reference itself agrees with the engine on the unedited text (so a difference below is
+    the experiment's)."""
+    tokens = text(30, seed=9)
+    ours = runtime.forward(tokens, full_output=True)[0].double()
+    assert torch.allclose(float64_model.run(tokens, float64_model.empty_state()), ours, atol=2e-4, rtol=1e-4)
+
+
+def test_batched_knockouts_equal_each_one_run_alone(runtime, float64_model):
     tokens = text(40)
     chosen = [Knockout(1, (3, 4, 5), 10), Knockout(0, tuple(range(64)), 4, "shift"),
               Knockout(2, (0, 63), 10, "decay", time_decay=-8.0), Knockout(2, (7,), 25),
@@ -61,7 +131,7 @@ def test_batched_knockouts_equal_each_one_run_alone(runtime):
     assert result.start == 4 and result.kl.shape == (5, 36) and result.surprisal.shape == (6, 36)
     base = torch.log_softmax(runtime.forward(tokens, full_output=True)[0].double(), -1)
     for i, k in enumerate(chosen):
-        log_p = torch.log_softmax(alone(runtime, tokens, k).double(), -1)
+        log_p = torch.log_softmax(alone(float64_model, tokens, k), -1)
         cols = slice(k.position - result.start, None)
         ref_base = base[k.position:]
         kl = (ref_base.exp() * (ref_base - log_p)).sum(-1).numpy()
@@ -113,7 +183,7 @@ def test_top_channels_by_half_life(runtime):
     assert len(chosen) == 5 and min(life[list(chosen)]) >= np.sort(life)[-5]
 
 
-def test_causal_trace_cells_equal_single_erasures(runtime):
+def test_causal_trace_cells_equal_single_erasures(runtime, float64_model):
     tokens = text(30, seed=3)
     trace = causal_trace(runtime, Ids, tokens, target=20, groups_per_layer=2, window=6)
     assert trace.positions == list(range(14, 20)) and trace.delta.shape == (3 * 2, 6)
@@ -123,7 +193,7 @@ def test_causal_trace_cells_equal_single_erasures(runtime):
     for g, j in ((0, 0), (3, 5), (5, 2)):
         layer, (a, b) = trace.groups[g]
         knockout = Knockout(layer, tuple(range(a, b)), trace.positions[j])
-        logits = alone(runtime, tokens[:20], knockout)[-1]
+        logits = alone(float64_model, tokens[:20], knockout)[-1]
         expected = float(torch.log_softmax(logits.double(), -1)[tokens[20]] - base)
         assert trace.delta[g, j] == pytest.approx(expected, abs=1e-5)
     assert np.abs(trace.delta).max() > 1e-4
