@@ -85,13 +85,15 @@ class Ticket:
             if event.kind in ("done", "error"):
                 return
 
-    def coalesced(self, interval: float) -> Iterator[Event]:
-        """The events, at most one batch per `interval` seconds: the text that arrived meanwhile
-        comes as one "text" event; the end comes at once, whatever the interval."""
+    def coalesced(self, interval: float | Callable[[], float]) -> Iterator[Event]:
+        """The events, at most one batch per `interval` seconds (a number, or a function asked
+        before each batch): the text that arrived meanwhile comes as one "text" event; the end
+        comes at once, whatever the interval."""
         last = 0.0
         while True:
-            if interval > 0:
-                self.finished.wait(max(0.0, last + interval - time.monotonic()))
+            wait = interval() if callable(interval) else interval
+            if wait > 0:
+                self.finished.wait(max(0.0, last + wait - time.monotonic()))
                 last = time.monotonic()
             batch = [self.events.get()]
             while batch[-1].kind not in ("done", "error"):

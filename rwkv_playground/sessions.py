@@ -19,6 +19,25 @@ from .errors import GenerationError
 from .generation import Generation
 from .scheduler import Event, Ticket
 
+# Updates handed to all the streams being followed, together, per second at most. One browser
+# needs ~20 a second, but 16 visitors streaming at once need not 320: every update costs the web
+# server a re-render of that visitor's outputs, on the same cores the model runs on. Past a few
+# streams each gets fewer updates (16 at once: 5 a second each); the text is the same.
+TOTAL_UPDATES_PER_SECOND = 80
+_streams = {"count": 0}
+_streams_lock = threading.Lock()
+
+
+def streams_followed() -> int:
+    """How many tickets sessions are following now (all visitors)."""
+    return _streams["count"]
+
+
+def update_interval(base: float, streams: int) -> float:
+    """Seconds between two updates of one stream: `base` (0: every event), longer once `streams`
+    together would pass TOTAL_UPDATES_PER_SECOND."""
+    return 0.0 if base <= 0 else max(base, streams / TOTAL_UPDATES_PER_SECOND)
+
 
 class Session:
     """Base of the chat, blog, inspector and notebook sessions."""
@@ -84,8 +103,11 @@ class Session:
         it to end (within one scheduler tick), so what it produced is in a consistent state."""
         self._tickets.add(ticket)
         ticket.consumed_chars = 0
+        with _streams_lock:
+            _streams["count"] += 1
+
         try:
-            for event in ticket.coalesced(self.update_interval):
+            for event in ticket.coalesced(lambda: update_interval(self.update_interval, streams_followed())):
                 if event.kind == "queued":
                     self.waiting = event.value
                 elif event.kind in ("started", "text", "progress"):
@@ -96,6 +118,8 @@ class Session:
                     ticket.consumed_chars += len(event.value)
                 yield event
         finally:
+            with _streams_lock:
+                _streams["count"] -= 1
             if not ticket.finished.is_set():
                 ticket.cancel("closed")
                 ticket.finished.wait()

@@ -265,3 +265,21 @@ def test_a_closed_session_stops_what_it_runs(engine):
         pass
     assert blog.stats["stop_reason"] == "closed" and blog.stats["generated_tokens"] < 5000
     assert blog not in engine.memory.sessions()
+
+
+def test_many_streams_share_the_update_rate_and_the_count_follows_the_streams(engine):
+    """One stream gets its 20 updates a second; 16 at once get 5 each (80 together); a session
+    that wants every event (scripts, Jupyter) always does. The count of followed streams goes up
+    while a session follows a generation and back down when it ends."""
+    from rwkv_playground.chat import ChatSession
+    from rwkv_playground.sampling import SamplingSettings
+    from rwkv_playground.sessions import TOTAL_UPDATES_PER_SECOND, streams_followed, update_interval
+
+    assert update_interval(0.05, 1) == 0.05 and update_interval(0.05, 4) == 0.05
+    assert update_interval(0.05, 16) == pytest.approx(16 / TOTAL_UPDATES_PER_SECOND) == pytest.approx(0.2)
+    assert update_interval(0.0, 16) == 0.0
+    before = streams_followed()
+    session = engine.add_session(ChatSession())
+    seen = [streams_followed() for _ in session.send(engine, "Good morrow.", SamplingSettings(seed=2), 20)]
+    assert seen and max(seen) == before + 1 and streams_followed() == before
+    engine.forget(session)
