@@ -323,16 +323,21 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// Sum of the 64-bit words of [begin, end): every byte is loaded, with four independent chains.
+// Sum of the 64-bit words of [begin, end): every byte is loaded, with four independent chains,
+// prefetched kPrefetchBytes ahead into L2 as the matvecs do (without it this loop read ~35 GB/s on
+// an AVX-512 EPYC where the prefetched matvecs streamed ~55: a bound below what the step reads).
 #ifdef RWKV_X86
 #pragma GCC push_options
 #pragma GCC target("avx2")
 uint64_t sum_words_avx2(const uint8_t* begin, const uint8_t* end) {
   __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
   const uint8_t* p = begin;
-  for (; p + 128 <= end; p += 128)
+  for (; p + 128 <= end; p += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64), _MM_HINT_T1);
     for (int a = 0; a < 4; ++a)
       acc[a] = _mm256_add_epi64(acc[a], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * a)));
+  }
   uint64_t lanes[4], total = 0;
   for (int a = 0; a < 4; ++a) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), acc[a]);
@@ -347,8 +352,10 @@ uint64_t sum_words_avx2(const uint8_t* begin, const uint8_t* end) {
 uint64_t sum_words_avx512(const uint8_t* begin, const uint8_t* end) {
   __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
   const uint8_t* p = begin;
-  for (; p + 256 <= end; p += 256)
+  for (; p + 256 <= end; p += 256) {
+    for (int a = 0; a < 4; ++a) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64 * a), _MM_HINT_T1);
     for (int a = 0; a < 4; ++a) acc[a] = _mm512_add_epi64(acc[a], _mm512_loadu_si512(p + 64 * a));
+  }
   uint64_t total = 0;
   for (int a = 0; a < 4; ++a) total += static_cast<uint64_t>(_mm512_reduce_add_epi64(acc[a]));
   for (; p < end; ++p) total += *p;

@@ -233,3 +233,12 @@ def test_stop_in_a_generate_cell_keeps_its_text_in_sync_and_ends_the_run(engine)
     run_all(whole, loaded.runtime, loaded.tokenizer)
     assert whole.cells[1].tokens == nb.cells[1].tokens  # the same seed writes the same text
     engine.forget(session)
+
+
+@pytest.mark.parametrize("stops", [(), ("\n\n",), ("\n\n", "THE END"), ("a,b", "c\\d", "\tx"), ("\nBob:",)])
+def test_stop_strings_round_trip_through_the_cells_text_box(stops):
+    from rwkv_playground.ui.notebook_tab import format_stops, parse_stops
+
+    shown = format_stops(stops)
+    assert "\n" not in shown and "\t" not in shown  # one editable line
+    assert parse_stops(shown) == stops

@@ -25,12 +25,15 @@ DEFAULT_STOP = ("\n\n",)  # a new generate cell writes one paragraph (one speech
 
 
 def format_stops(stops) -> str:
-    """Stop strings as one line a visitor can edit: line breaks shown as \\n, comma-separated."""
-    return ", ".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace(",", "\\,") for s in stops)
+    """Stop strings as one line a visitor can edit: comma-separated, line breaks and tabs shown as
+    \\n and \\t (a backslash or comma inside a stop string is escaped with a backslash)."""
+    return ", ".join(s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace(",", "\\,")
+                     for s in stops)
 
 
 def parse_stops(text: str) -> tuple[str, ...]:
-    """The inverse of format_stops: '\\n\\n, THE END' -> ('\\n\\n', 'THE END')."""
+    """The inverse of format_stops: '\\n\\n, THE END' -> ('\\n\\n', 'THE END'). Spaces around the
+    commas are separators, not part of a stop string."""
     out, current, chars = [], "", iter(text or "")
     for ch in chars:
         if ch == "\\":
@@ -43,6 +46,8 @@ def parse_stops(text: str) -> tuple[str, ...]:
             current += ch
     out.append(current.strip(" "))
     return tuple(s for s in out if s)
+
+
 STARTER = "ROMEO: But soft, what light through yonder window breaks?\n\nJULIET:"
 
 
