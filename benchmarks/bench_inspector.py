@@ -45,7 +45,7 @@ def main() -> None:
     e = data["experiments"]
     md += ("\n## Experiments (best of 3 each)\n\n| experiment | engine | figure |\n|---|---|---|\n"
            f"| **32 knock-outs (erase; 4 layers x 8 channel groups, edits at tokens 0-31) x {len(tokens)} tokens** "
-           f"| **{e['knockouts_32_s']:.3f} s** (target <= 5 s) | {e['knockouts_figure_s']:.3f} s |\n"
+           f"| **{e['knockouts_s']:.3f} s** (target <= 5 s) | {e['knockouts_figure_s']:.3f} s |\n"
            f"| causal trace of token 500 (24 groups x 24 positions) | {e['causal_trace_s']:.3f} s "
            f"| {e['causal_trace_figure_s']:.3f} s |\n"
            f"| logit lens, {len(tokens)} tokens | {e['logit_lens_s']:.3f} s | {e['logit_lens_figure_s']:.3f} s |\n"
@@ -62,7 +62,7 @@ def experiment_times(loaded, rec, tokens) -> dict:
     groups = experiments.channel_groups(4, C, 8)  # layers 0-3, 8 groups each: 32 knock-outs
     sweep = [experiments.Knockout(layer, tuple(range(a, b)), i) for i, (layer, (a, b)) in enumerate(groups)]
     runs = {
-        "knockouts_32": (lambda: experiments.knockouts(runtime, tokenizer, tokens, sweep), figures.knockout_effects),
+        "knockouts": (lambda: experiments.knockouts(runtime, tokenizer, tokens, sweep), figures.knockout_effects),
         "causal_trace": (lambda: experiments.causal_trace(runtime, tokenizer, tokens, 500, 4, 24),
                          figures.causal_trace_heatmap),
         "logit_lens": (lambda: experiments.logit_lens(runtime, tokenizer, tokens), figures.logit_lens_heatmap),
