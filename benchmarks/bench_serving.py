@@ -38,7 +38,7 @@ import uuid
 import httpx
 import torch
 
-from common import CACHE, ROOT, machine, write_results
+from common import CACHE, ROOT, machine, results_dir, write_results
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -162,13 +162,13 @@ def soak(server: Server, sessions: int) -> dict:
     readings = {}
     for n in range(sessions):
         short_session(n)
-        if n + 1 in (10, sessions):
+        if n + 1 == 10 or (n + 1) % 50 == 0 or n + 1 == sessions:  # a plateau or a steady climb
             time.sleep(20)  # the closed clients' heartbeats end (Gradio notices within ~15 s)
             readings[n + 1] = server.rss_mb()
             print(f"after {n + 1} sessions: {readings[n + 1]:.0f} MB", flush=True)
     first, last = readings[10], readings[sessions]
     return {"sessions": sessions, "rss_after_10_MB": first, f"rss_after_{sessions}_MB": last,
-            "growth": last / first - 1}
+            "growth": last / first - 1, "readings_MB": readings}
 
 
 def main(models: list[str], sessions: int, parts: list[str]) -> None:
@@ -190,6 +190,12 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
             print(row, flush=True)
         finally:
             server.close()
+    stored = results_dir() / "serving.json"
+    if stored.exists():  # parts measured separately (--parts, --models) are kept side by side
+        earlier = {r["model"]: r for r in json.loads(stored.read_text())["results"]}
+        for r in rows:
+            earlier[r["model"]] = {**earlier.get(r["model"], {}), **r}
+        rows = list(earlier.values())
     data = {"machine": machine(), "turns_per_session": TURNS, "results": rows}
     m = data["machine"]
     md = ["# Many visitors on one server (loopback; the app in its own process)", "",
@@ -215,6 +221,8 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
                        f"{last:.0f} MB: **{mem['growth'] * 100:+.1f} %** "
                        "(target within 10 %). Each session: one chat turn, one inspector recording, then the client "
                        "closes."]
+            if mem.get("readings_MB"):
+                md += ["", "Readings (sessions: MB): " + ", ".join(f"{n}: {v:.0f}" for n, v in mem["readings_MB"].items())]
     write_results("serving", data, "\n".join(md) + "\n")
 
 
