@@ -156,3 +156,31 @@ def paced(engine, seconds_per_step: float, when=lambda: True):
         yield
     finally:
         del runtime.step  # the instance attribute goes; the class method is visible again
+
+
+def load_peak_in_fresh_process(path, **load_options) -> dict:
+    """Load a checkpoint in a fresh process and measure how much its resident high-water mark
+    (VmHWM, reset right before load_runtime) grew; every tensor is touched afterwards, so mapped
+    pages count. Returns {"grown": bytes, "size": bytes of the loaded model, "dtype": head dtype}."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from rwkv_playground import load_runtime\n"
+        "from rwkv_playground.kernels import load_kernel\n"
+        "load_kernel('cpu')  # the extension's code is the process's, not the model's\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
+        "before = status('VmRSS')\n"
+        f"m = load_runtime({str(path)!r}, **{load_options!r})\n"
+        "x = sum(float(p.view(-1)[-1].float()) for p in m.model.state_dict().values())  # touch every tensor\n"
+        "size = sum(t.numel() * t.element_size() for t in m.model.state_dict().values())\n"
+        "print(json.dumps({'grown': status('VmHWM') - before, 'size': size, 'dtype': str(m.model.head.weight.dtype)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -265,7 +265,8 @@ def test_the_notebook_through_the_api_reruns_only_below_an_edit(client, engine):
         if kind == "text":
             local.add("text", source=source)
         else:
-            local.add("generate", settings={**summary[1]["settings"], "seed": seed}, max_tokens=limit)
+            local.add("generate", settings={**summary[1]["settings"], "seed": seed}, max_tokens=limit,
+                      stop=tuple(summary[1]["stop"]))
     local.edit(2, source="\n\nROMEO: Wilt thou leave me so unsatisfied?\n\nJULIET:")
     run_all(local, loaded.runtime, loaded.tokenizer)
     assert [c["output"] for c in summary] == [c.output for c in local.cells]

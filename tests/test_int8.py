@@ -142,34 +142,13 @@ def test_a_corrupt_matrix_is_refused_when_quantizing(tmp_path):
 def test_loading_int8_peaks_near_the_int8_model(ckpt_dir):
     """A bf16 file loaded as int8, in a fresh process: the resident high-water mark grows by at most
     1.15x the int8 model (each matrix is quantized block by block and its file pages let go)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import load_peak_in_fresh_process
 
     path = write_checkpoint(ckpt_dir / "mid-bf16-for-int8.pth", MID, seed=3, dtype=torch.bfloat16)
     os.sync()  # as a downloaded checkpoint is: on disk (the kernel cannot page out unwritten pages)
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from rwkv_playground import load_runtime\n"
-        "from rwkv_playground.kernels import load_kernel\n"
-        "load_kernel('cpu')  # the extension's code is the process's, not the model's\n"
-        "def status(key):\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith(key):\n"
-        "            return int(line.split()[1]) * 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
-        "before = status('VmRSS')\n"
-        f"m = load_runtime({str(path)!r}, dtype='int8', wkv='reference', step='cpu', gemm='upcast')\n"
-        "x = sum(float(p.view(-1)[-1].float()) for p in m.model.state_dict().values())  # touch every tensor\n"
-        "size = sum(t.numel() * t.element_size() for t in m.model.state_dict().values())\n"
-        "print(status('VmHWM') - before, size, m.model.head.weight.dtype)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    grown, size, dtype = out.stdout.split()
-    assert dtype == "torch.int8"
-    assert int(grown) <= 1.15 * int(size), f"peak grew by {int(grown) / int(size):.2f}x the int8 model"
+    peak = load_peak_in_fresh_process(path, dtype="int8", wkv="reference", step="cpu", gemm="upcast")
+    assert peak["dtype"] == "torch.int8"
+    assert peak["grown"] <= 1.15 * peak["size"], f"peak grew by {peak['grown'] / peak['size']:.2f}x the int8 model"
 
 
 def held_out_loss(runtime, tokenizer, n_tokens=4096) -> float:

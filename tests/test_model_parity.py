@@ -204,31 +204,13 @@ def test_config_is_inferred_from_weights(tiny_fp32):
 def test_bf16_file_loads_as_bf16_without_an_fp32_copy(ckpt_dir):
     """Peak RSS while loading a bf16 checkpoint as bf16 stays close to the weights' size, measured
     in a fresh process: the high-water mark (VmHWM) is reset right before load_runtime."""
-    import subprocess
-    import sys
-
-    from conftest import MID, ROOT
+    from conftest import MID, load_peak_in_fresh_process
 
     path = write_checkpoint(ckpt_dir / "mid-bf16.pth", MID, seed=3, dtype=torch.bfloat16)
     weights_bytes = sum(t.numel() * 2 for t in torch.load(path, weights_only=True, mmap=True).values())
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from rwkv_playground import load_runtime\n"
-        "def status(key):\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith(key):\n"
-        "            return int(line.split()[1]) * 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current RSS\n"
-        "before = status('VmRSS')\n"
-        f"m = load_runtime({str(path)!r}, dtype='bf16', wkv='reference')\n"
-        "x = sum(float(p.view(-1)[-1].float()) for p in m.model.state_dict().values())  # touch every tensor\n"
-        "print(status('VmHWM') - before, m.model.head.weight.dtype)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    grown, dtype = out.stdout.split()
-    assert dtype == "torch.bfloat16"
-    assert int(grown) <= 1.15 * weights_bytes, f"peak grew by {int(grown) / weights_bytes:.2f}x the weights"
+    peak = load_peak_in_fresh_process(path, dtype="bf16", wkv="reference")
+    assert peak["dtype"] == "torch.bfloat16"
+    assert peak["grown"] <= 1.15 * weights_bytes, f"peak grew by {peak['grown'] / weights_bytes:.2f}x the weights"
 
 
 @pytest.mark.parametrize("wkv", ["reference", "cpu"])

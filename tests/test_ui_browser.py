@@ -292,6 +292,7 @@ def test_notebook_tab_add_edit_rerun_and_fork(page):
     assert first_output
 
     edit_cell_text(page, 2, "\n\nROMEO: Wilt thou leave me so unsatisfied?\n\nJULIET:")
+    wait_for_status(page, "nb-cell-3-head", ["needs a run"], timeout=20)  # drawn again after the edit
     assert "needs a run" in page.locator("#nb-cell-2-head").inner_text()
     assert "up to date" in page.locator("#nb-cell-1-head").inner_text()
     page.locator("#nb-run-all").click()
