@@ -3,7 +3,7 @@
 An RNN's whole past is a fixed-size state, so an experiment is cheap: edit the state (or the decay)
 at one position and read the rest of the text again. Every function here is exact (no sampling)
 and has a `*_task` form for the scheduler (a generator yielding (fraction, message), returning the
-result) beside a direct form for scripts and notebooks.
+result) beside a direct form for scripts and notebooks (`scheduler.run_here`).
 
 - knock-outs: per layer and channels, erase the WKV memory (aa = bb = 0, pp = empty), zero the
   token-shift inputs (att_x, ffn_x), or set the decay, just before the token at `position` is read;
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .inspection import half_life
+from .scheduler import run_here
 from .state import EMPTY_PP, State
 
 KINDS = ("erase", "shift", "decay")
@@ -418,8 +420,6 @@ def token_weight_per_channel(rec, layer: int, position: int) -> np.ndarray:
 
 def memory_probe(rec, position: int, horizon: int | None = None) -> MemoryProbe:
     """The memory probe for a marked token of a Recording (inspection.record)."""
-    from .inspection import half_life
-
     if not 0 <= position < rec.n_tokens - 1:
         raise GenerationError("Mark a token that has at least one token after it.")
     H = rec.n_tokens - 1 - position if horizon is None else max(1, min(horizon, rec.n_tokens - 1 - position))
@@ -434,22 +434,13 @@ def memory_probe(rec, position: int, horizon: int | None = None) -> MemoryProbe:
                        predicted=predicted, median_half_life=np.median(half_life(rec.time_decay), axis=1))
 
 
-def run(task):
-    """Drive a *_task generator in the calling thread and return its result (scripts, notebooks)."""
-    while True:
-        try:
-            next(task)
-        except StopIteration as done:
-            return done.value
-
-
 def knockouts(runtime, tokenizer, tokens, knockout_list, state=None, top_k=5) -> KnockoutResult:
-    return run(knockout_task(runtime, tokenizer, tokens, knockout_list, state, top_k))
+    return run_here(knockout_task(runtime, tokenizer, tokens, knockout_list, state, top_k))
 
 
 def causal_trace(runtime, tokenizer, tokens, target, groups_per_layer=4, window=32, state=None) -> CausalTrace:
-    return run(causal_trace_task(runtime, tokenizer, tokens, target, groups_per_layer, window, state))
+    return run_here(causal_trace_task(runtime, tokenizer, tokens, target, groups_per_layer, window, state))
 
 
 def logit_lens(runtime, tokenizer, tokens, state=None) -> LogitLens:
-    return run(logit_lens_task(runtime, tokenizer, tokens, state))
+    return run_here(logit_lens_task(runtime, tokenizer, tokens, state))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .scheduler import run_here
 from .sessions import Session, run_task
 from .state import State
 
@@ -179,12 +180,7 @@ def record_task(runtime, tokenizer, tokens: list[int], state: State | None = Non
 def record(runtime, tokenizer, tokens: list[int], state: State | None = None) -> Recording:
     """Run `tokens` from `state` (default: empty) and record everything per token (the calling
     thread runs the model: scripts and notebooks; the app goes through its scheduler)."""
-    task = record_task(runtime, tokenizer, tokens, state)
-    while True:
-        try:
-            next(task)
-        except StopIteration as done:
-            return done.value
+    return run_here(record_task(runtime, tokenizer, tokens, state))
 
 
 def _replay_wkv(w, u, k, v, aa0, bb0, pp0):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import GenerationError, LoadError
 from .generation import Generation, Stream
@@ -338,8 +339,6 @@ class Notebook:
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
         written = [path]
         if include_states:
-            from safetensors.torch import save_file
-
             tensors = {}
             for i, c in enumerate(self.cells):
                 if c.state is not None and c.fresh:
@@ -381,8 +380,6 @@ class Notebook:
         return notebook
 
     def _restore_states(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         for i, cell in enumerate(self.cells):
             if f"{i}.aa" not in tensors:

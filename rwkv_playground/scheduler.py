@@ -53,6 +53,16 @@ class Event:
     value: Any = None
 
 
+def run_here(task: Iterator) -> Any:
+    """Drive a task's generator (see Scheduler.submit_task) to its end in the calling thread and
+    return its result: scripts and notebooks, where nobody else shares the model."""
+    while True:
+        try:
+            next(task)
+        except StopIteration as done:
+            return done.value
+
+
 class Ticket:
     """A request to the scheduler, as its consumer sees it: iterate the events, or wait()."""
 

@@ -261,6 +261,8 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
         *_, (status, fig, summary, files) = panel.on_run(session, experiment, n // 2, kind, layers, mode, "0-15", 8,
                                                          -8.0, 2, 6)
         assert status.endswith("CSV, JSON)."), (experiment, status)
+        if experiment == "Knock-out":  # the top next token where each knock-out mattered most
+            assert "before → after" in summary and summary.count(" → ") >= 4
         assert isinstance(fig, go.Figure) and len(fig.data) > 0
         assert [Path(f).suffix for f in files] == [".html", ".csv", ".json"]
         assert "plotly" in Path(files[0]).read_text() and json.loads(Path(files[2]).read_text())

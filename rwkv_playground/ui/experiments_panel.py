@@ -74,12 +74,27 @@ def export_files(name: str, figure, result) -> list[str]:
     return [str(html), str(csv_path), str(json_path)]
 
 
+def top_token(result, row: int, column: int) -> str:
+    """A knock-out result's most likely next token (row 0: unedited) at one position, as code."""
+    text = result.top_texts[row][column][0] if result.top_texts else str(int(result.top_ids[row, column, 0]))
+    probability = result.top_probs[row, column, 0]
+    return f"`{text!r}` {probability:.2f}"
+
+
 def summary_markdown(experiment: str, result) -> str:
     if experiment == "Knock-out":
-        rows = sorted(result.summary(), key=lambda r: -r["mean_kl"])
-        lines = [f"| {r['knockout']} | {r['mean_kl']:.4f} | {r['max_kl']:.4f} at {r['max_kl_position']} | "
-                 f"{r['mean_surprisal_change']:+.3f} |" for r in rows[:12]]
-        return ("| knock-out | mean KL | max KL | mean Δ surprisal |\n|---|---|---|---|\n" + "\n".join(lines))
+        rows = result.summary()
+        order = sorted(range(len(rows)), key=lambda i: -rows[i]["mean_kl"])
+        lines = []
+        for i in order[:12]:
+            r = rows[i]
+            j = r["max_kl_position"] - result.start  # where it changed the prediction most
+            before, after = top_token(result, 0, j), top_token(result, i + 1, j)
+            change = r["mean_surprisal_change"]
+            lines.append(f"| {r['knockout']} | {r['mean_kl']:.4f} | {r['max_kl']:.4f} at {r['max_kl_position']} | "
+                         f"{before} → {after} | {'' if change != change else f'{change:+.3f}'} |")
+        return ("| knock-out | mean KL | max KL | top next token there, before → after | mean Δ surprisal |\n"
+                "|---|---|---|---|---|\n" + "\n".join(lines))
     if experiment == "Causal trace":
         rows = result.strongest(8)
         return ("Erasures that change the target most:\n\n| erased | before token | Δ log p |\n|---|---|---|\n"
