@@ -75,8 +75,9 @@ class NotebookTab:
     def on_add(self, kind, session, version, request: gr.Request = None):
         try:
             session = self.session(session, request)
-            if kind == "generate":
-                session.notebook.add("generate", settings=_default_settings(), stop=DEFAULT_STOP)
+            if kind == "generate":  # each new generate cell its own seed (1, 2, ...): forks and cells differ
+                seed = 1 + sum(c.kind == "generate" for c in session.notebook.cells)
+                session.notebook.add("generate", settings={**_default_settings(), "seed": seed}, stop=DEFAULT_STOP)
             else:
                 session.notebook.add("text", source="" if session.notebook.cells else STARTER)
             return session, version + 1, f"Added a {kind} cell ({len(session.notebook.cells)} cells)."
