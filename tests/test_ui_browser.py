@@ -185,14 +185,11 @@ def test_inspector_records_and_token_slider_changes_views(page):
     rng.focus()
     for _ in range(5):
         rng.press("ArrowLeft")
-    page.locator("#insp-token input[type=number]").fill("3")
-    page.locator("#insp-token input[type=number]").press("Enter")
-    wait_for_status(page, "insp-token-info", ["Token 3 ", "window"], timeout=20)
+    select_token(page, 3)
+    assert "window" in page.locator("#insp-token-info").inner_text()
     assert page.locator("#insp-token-info").inner_text() != info_before
     page.get_by_role("tab", name="WKV accumulators").click()
-    page.locator("#insp-plot .heatmaplayer").first.wait_for(timeout=20000)
-    title = page.locator("#insp-plot .gtitle").text_content()
-    assert "value estimate" in title
+    wait_for_figure(page, "insp-plot", "value estimate", "heatmaplayer")
     page.wait_for_timeout(900)
     page.screenshot(path=str(SHOTS / "inspector.png"), full_page=True)
 
@@ -228,6 +225,19 @@ def run_experiment(page, name):
     assert all(suffix in files for suffix in (".html", ".csv", ".json")), files
 
 
+def wait_for_figure(page, elem_id, title, layer, timeout=20):
+    """Until the plot shows the new figure: its title and at least one trace of its kind. (Read
+    from the DOM, not by visibility: once, after a long suite, Playwright kept a drawn figure's
+    first layer "hidden" for 20 s while the page showed it.)"""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        titles = page.locator(f"#{elem_id} .gtitle").all_text_contents()
+        if any(title in t for t in titles) and page.locator(f"#{elem_id} .{layer} > *").count() > 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"#{elem_id} never drew {title!r}: titles {page.locator(f'#{elem_id} .gtitle').all_text_contents()}")
+
+
 def test_experiments_tab_knockout_memory_probe_and_causal_trace(page, engine):
     """The README's guided example, clicked through: record a dialogue, erase every layer's memory
     right after the speaker's name, follow the name's weight, trace a token; screenshots for the README."""
@@ -241,20 +251,20 @@ def test_experiments_tab_knockout_memory_probe_and_causal_trace(page, engine):
     page.get_by_role("option", name="Channels listed").click()
     page.locator("#exp-channels textarea").fill("0-255")
     run_experiment(page, "Knock-out")
-    page.locator("#exp-plot .scatterlayer").first.wait_for(timeout=20000)
+    wait_for_figure(page, "exp-plot", "Knock-outs", "scatterlayer")
     assert "L5 ch 0-255 @4 erase" in page.locator("#exp-summary").inner_text()
     page.wait_for_timeout(600)
     page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-knockout.png"))
     select_token(page, 2)  # the name's last token
     run_experiment(page, "Memory probe")
-    assert "Memory probe" in page.locator("#exp-plot .gtitle").text_content()
+    wait_for_figure(page, "exp-plot", "Memory probe", "scatterlayer")
     page.wait_for_timeout(600)
     page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-memory-probe.png"))
     ids = engine.require().tokenizer.encode(GUIDED_TEXT)
     target = [engine.require().tokenizer.token_text(t) for t in ids].index("ET")  # JUL|I|ET
     select_token(page, target)
     run_experiment(page, "Causal trace")
-    page.locator("#exp-plot .heatmaplayer").first.wait_for(timeout=20000)
+    wait_for_figure(page, "exp-plot", "Causal trace", "heatmaplayer")
     page.wait_for_timeout(600)
     page.locator("#exp-plot").screenshot(path=str(SHOTS / "experiment-causal-trace.png"))
 
