@@ -165,6 +165,11 @@ def _check_tokens(runtime, tokens) -> list[int]:
     return tokens
 
 
+def _texts(tokenizer, ids) -> list[str]:
+    """Token ids as text (their decimal ids when there is no tokenizer)."""
+    return [tokenizer.token_text(int(t)) for t in ids] if tokenizer else [str(int(t)) for t in ids]
+
+
 def _chunk_len(runtime, rows: int) -> int:
     return max(1, min(runtime.chunk_len, MAX_BATCH_LOGITS // max(1, rows * runtime.config.vocab_size)))
 
@@ -184,7 +189,7 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
     if start > 0:  # the text before the first edit is the same for every row: read it once
         _, base = runtime.forward(tokens[:start], base, inplace=True)
         yield start / T, f"Read {start} tokens before the first knock-out"
-    rows = State.stack([base] * (K + 1))  # row 0: unedited
+    rows = State.stack([base] * (K + 1))  # row 0: unedited; advanced in place, so its row views stay valid
     single_rows = rows.unbind_views()
     decays = {}  # layer -> [K + 1, C] time_decay per row, for the layers some row changes
     P = T - start
@@ -209,9 +214,8 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
         for a in range(seg_start, seg_end, step):
             b = min(seg_end, a + step)
             batch = torch.tensor([tokens[a:b]] * (K + 1))
-            logits, rows = runtime.forward(batch, rows, full_output=True, inplace=True,
-                                           time_decay=decays or None)              # [K+1, n, V]
-            single_rows = rows.unbind_views()
+            logits, _ = runtime.forward(batch, rows, full_output=True, inplace=True,
+                                        time_decay=decays or None)                 # [K+1, n, V]
             log_p = torch.log_softmax(logits.double(), dim=-1)
             p0 = log_p[0].exp()
             cols = slice(a - start, b - start)
@@ -225,11 +229,10 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
             top_ids[:, cols], top_probs[:, cols] = ids.numpy(), values.exp().numpy()
             done += b - a
             yield (start + done) / T, f"Knock-outs: {start + done} of {T} tokens"
-    texts = [[[tokenizer.token_text(int(t)) for t in pos] for pos in row] for row in top_ids] if tokenizer else []
-    return KnockoutResult(tokens=tokens, token_texts=[tokenizer.token_text(t) for t in tokens] if tokenizer else
-                          [str(t) for t in tokens], start=start, labels=[k.label for k in knockouts],
-                          knockouts=list(knockouts), kl=kl, surprisal=surprisal, top_ids=top_ids,
-                          top_probs=top_probs, top_texts=texts)
+    top_texts = [[_texts(tokenizer, pos) for pos in row] for row in top_ids] if tokenizer else []
+    return KnockoutResult(tokens=tokens, token_texts=_texts(tokenizer, tokens), start=start,
+                          labels=[k.label for k in knockouts], knockouts=list(knockouts), kl=kl, surprisal=surprisal,
+                          top_ids=top_ids, top_probs=top_probs, top_texts=top_texts)
 
 
 @dataclass
@@ -296,15 +299,14 @@ def causal_trace_task(runtime, tokenizer, tokens, target: int, groups_per_layer:
     delta = np.zeros((len(groups), len(positions)))
     for j, pos in enumerate(positions):
         rows = State.stack([current] * len(groups))
-        for g, (single, (layer, (a, b))) in enumerate(zip(rows.unbind_views(), groups)):
+        for single, (layer, (a, b)) in zip(rows.unbind_views(), groups):
             apply_state_edit(single, Knockout(layer, tuple(range(a, b)), pos))
         logits, _ = runtime.forward(torch.tensor([tokens[pos:target]] * len(groups)), rows, inplace=True)  # [G, V]
         delta[:, j] = (torch.log_softmax(logits.double(), -1)[:, want] - base).numpy()
         _, current = runtime.forward(tokens[pos:pos + 1], current, inplace=True)  # the unedited state moves on
         yield (j + 1) / len(positions), f"Causal trace: position {j + 1} of {len(positions)}"
-    texts = [tokenizer.token_text(t) for t in tokens] if tokenizer else [str(t) for t in tokens]
-    return CausalTrace(tokens=tokens, token_texts=texts, target=target, base_log_prob=base, groups=groups,
-                       positions=positions, delta=delta)
+    return CausalTrace(tokens=tokens, token_texts=_texts(tokenizer, tokens), target=target, base_log_prob=base,
+                       groups=groups, positions=positions, delta=delta)
 
 
 @dataclass
@@ -365,9 +367,8 @@ def logit_lens_task(runtime, tokenizer, tokens, state: State | None = None):
         if n:
             next_probs[:, a:a + n] = log_p[:, :n].gather(2, nxt.expand(L, n)[..., None])[..., 0].exp().cpu().numpy()
         yield b / T, f"Logit lens: {b} of {T} tokens"
-    texts = [tokenizer.token_text(t) for t in tokens] if tokenizer else [str(t) for t in tokens]
-    top_texts = [[tokenizer.token_text(int(t)) for t in row] for row in top_ids] if tokenizer else []
-    return LogitLens(tokens=tokens, token_texts=texts, top_ids=top_ids, top_probs=top_probs,
+    top_texts = [_texts(tokenizer, row) for row in top_ids] if tokenizer else []
+    return LogitLens(tokens=tokens, token_texts=_texts(tokenizer, tokens), top_ids=top_ids, top_probs=top_probs,
                      next_token_probs=next_probs, top_texts=top_texts)
 
 

@@ -258,6 +258,20 @@ def compare_states(a: State, b: State) -> dict:
     return {"per_layer": rows, "top_channels": top[:20]}
 
 
+def approximate_nbytes(value) -> int:
+    """Memory an experiment's result holds: its arrays, and its lists of token texts (a sweep of
+    32 knock-outs keeps 33 x 512 x 5 top-token strings, more than its arrays)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, str):
+        return 49 + len(value)  # CPython's str header + one byte per ASCII character
+    if isinstance(value, (list, tuple)):
+        return 56 + 8 * len(value) + sum(approximate_nbytes(v) for v in value)
+    if hasattr(value, "__dict__"):
+        return sum(approximate_nbytes(v) for v in vars(value).values())
+    return 32
+
+
 class InspectorSession(Session):
     """One visitor's State inspector: the current recording and the last experiment's result (both
     accounted in the memory budget)."""
@@ -268,6 +282,7 @@ class InspectorSession(Session):
         super().__init__()
         self.recording: Recording | None = None
         self.experiment = None  # the last result of experiments.py
+        self.experiment_bytes = 0
 
     def record(self, engine, tokens: list[int], state: State | None = None):
         """Record `tokens` through the engine's scheduler; yields its events (progress, then done).
@@ -284,23 +299,26 @@ class InspectorSession(Session):
     def run_experiment(self, engine, task, label: str):
         """Run an experiment task (runtime -> generator, experiments.py) through the scheduler;
         yields its events. The result is kept in `self.experiment`."""
-        self.experiment = None
+        self.experiment, self.experiment_bytes = None, 0
         for event in run_task(self, engine, task, label=label):
             if event.kind == "done":
-                self.experiment = event.value
-                self.touch(engine)
+                self.keep_experiment(engine, event.value)
             yield event
+
+    def keep_experiment(self, engine, result) -> None:
+        """Keep an experiment's result, accounted once (results do not change afterwards)."""
+        self.experiment, self.experiment_bytes = result, approximate_nbytes(result)
+        self.touch(engine)
 
     def memory_items(self) -> list[tuple[str, int]]:
         items = [("recording", self.recording.nbytes())] if self.recording is not None else []
         if self.experiment is not None:
-            arrays = [v for v in vars(self.experiment).values() if isinstance(v, np.ndarray)]
-            items.append(("experiment", sum(a.nbytes for a in arrays) + 64 * len(getattr(self.experiment, "tokens", ()))))
+            items.append(("experiment", self.experiment_bytes))
         return items
 
     def drop(self, key: str) -> str:
         if key == "experiment":
-            self.experiment = None
+            self.experiment, self.experiment_bytes = None, 0
             return "your last State inspector experiment (run it again to see it)"
         self.recording = None
         return "your State inspector recording (press Record again to make a new one)"

@@ -185,7 +185,7 @@ class Notebook:
 
     def edit(self, index: int, **fields) -> None:
         """Change a cell (source, settings, max_tokens, stop, kind): it and every cell below must run again."""
-        cell = self._cell(index)
+        cell = self.cell(index)
         for name, value in fields.items():
             if name not in ("kind", "source", "settings", "max_tokens", "stop"):
                 raise GenerationError(f"A cell has no '{name}'.")
@@ -194,7 +194,7 @@ class Notebook:
         self.mark_stale(index)
 
     def delete(self, index: int) -> None:
-        self._cell(index)
+        self.cell(index)
         del self.cells[index]
         self.mark_stale(index)
 
@@ -203,7 +203,8 @@ class Notebook:
             cell.fresh = False
             cell.branches = []
 
-    def _cell(self, index: int) -> Cell:
+    def cell(self, index: int) -> Cell:
+        """Cell `index` (0 = the first), or one sentence saying there is no such cell."""
         if not 0 <= int(index) < len(self.cells):
             raise GenerationError(f"There is no cell {int(index) + 1} (the notebook has {len(self.cells)}).")
         return self.cells[int(index)]
@@ -244,7 +245,7 @@ class Notebook:
         if not self.cells:
             raise GenerationError("The notebook is empty: add a cell first.")
         upto = len(self.cells) - 1 if upto is None else int(upto)
-        self._cell(upto)
+        self.cell(upto)
         report = report if report is not None else RunReport()
         start = next((i for i in range(upto + 1) if not self.cells[i].fresh), None)
         if start is None:
@@ -259,7 +260,6 @@ class Notebook:
             yield from self._run_cell(driver, i, report)
             if report.stopped is not None:
                 break
-        self.last_report = report
 
     def _run_cell(self, driver, index: int, report: RunReport):
         cell = self.cells[index]
@@ -303,7 +303,7 @@ class Notebook:
     def fork(self, driver, index: int, seeds: list[int]) -> list[Branch]:
         """Continuations of generate cell `index` from the same state, one per seed (run together
         when the driver batches them). Shown side by side; `keep` makes one the cell's output."""
-        cell = self._cell(index)
+        cell = self.cell(index)
         if cell.kind != "generate":
             raise GenerationError("Only a generate cell can be forked.")
         if not seeds or len(seeds) > 8:
@@ -319,7 +319,7 @@ class Notebook:
 
     def keep(self, index: int, branch: int) -> None:
         """Make a branch the cell's output (its seed becomes the cell's); the cells below run again."""
-        cell = self._cell(index)
+        cell = self.cell(index)
         if not 0 <= branch < len(cell.branches):
             raise GenerationError("There is no such branch.")
         chosen = cell.branches[branch]

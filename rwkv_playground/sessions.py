@@ -86,15 +86,17 @@ class Session:
 
     def close(self) -> None:
         """The visitor left (tab closed, session expired): stop what still runs for them."""
-        for ticket in list(self._tickets):
-            ticket.cancel("closed")
+        self._cancel_tickets("closed")
 
     def stop(self) -> bool:
         """The visitor pressed Stop: end what runs for them within one tick (what was produced
         stays, in sync with its state). Returns whether anything was running."""
+        return self._cancel_tickets("cancelled")
+
+    def _cancel_tickets(self, reason: str) -> bool:
         tickets = list(self._tickets)
         for ticket in tickets:
-            ticket.cancel("cancelled")
+            ticket.cancel(reason)
         return bool(tickets)
 
     # ---- requests

@@ -263,6 +263,11 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
         assert status.endswith("CSV, JSON)."), (experiment, status)
         if experiment == "Knock-out":  # the top next token where each knock-out mattered most
             assert "before → after" in summary and summary.count(" → ") >= 4
+            # accounted with its token texts, not only its arrays (in a sweep those weigh more)
+            result = session.experiment
+            arrays = sum(a.nbytes for a in vars(result).values() if isinstance(a, np.ndarray))
+            strings = sum(len(position) for row in result.top_texts for position in row)
+            assert dict(session.memory_items())["experiment"] >= arrays + 49 * strings
         assert isinstance(fig, go.Figure) and len(fig.data) > 0
         assert [Path(f).suffix for f in files] == [".html", ".csv", ".json"]
         assert "plotly" in Path(files[0]).read_text() and json.loads(Path(files[2]).read_text())

@@ -4,18 +4,34 @@ readable errors and statistics lines."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, Iterator
 
 import gradio as gr
 
-from ..errors import PlaygroundError
+from ..errors import GenerationError, PlaygroundError
 from ..sampling import SamplingSettings
 from ..sessions import Session, forget_session
 
 log = logging.getLogger("rwkv_playground.ui")
 MAX_TOKENS_CAP = 8192  # per request from the browser; the engine's own limit is higher
 UPDATES_PER_SECOND = 20  # the browser needs no more
+
+
+def parse_id_list(spec: str, what: str, example: str = "0-3") -> list[int]:
+    """'0-31', '3, 9, 12' or '5' -> the ids in the order written, each once (a range either way
+    round); anything else is one sentence naming `what` (the caller keeps the ids it can use)."""
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", (spec or "").strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise GenerationError(f"{what}: '{part}' is not a number or a range like {example}.")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.extend(range(min(a, b), max(a, b) + 1))
+    return list(dict.fromkeys(out))
 
 
 def session_state(engine) -> gr.State:

@@ -8,7 +8,6 @@ token a causal trace explains, the token a memory probe marks.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .. import experiments
 from ..errors import GenerationError
 from ..inspection import InspectorSession, half_life
 from . import figures
-from .common import ensure_session, friendly_error, with_notices
+from .common import ensure_session, friendly_error, parse_id_list, with_notices
 
 EXPERIMENTS = ["Knock-out", "Causal trace", "Logit lens", "Memory probe"]
 CHANNEL_MODES = ["Channels listed", "Longest half-life (top k)", "Shortest half-life (top k)"]
@@ -29,17 +28,9 @@ MAX_KNOCKOUTS = 64
 
 def parse_ids(spec: str, limit: int, what: str) -> list[int]:
     """'all', '0-3', '1, 4' -> sorted unique ids below `limit`."""
-    spec = (spec or "").strip().lower()
-    if spec in ("", "all"):
+    if (spec or "").strip().lower() in ("", "all"):
         return list(range(limit))
-    out = []
-    for part in re.split(r"[,\s]+", spec):
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not m:
-            raise GenerationError(f"{what}: '{part}' is not a number or a range like 0-3.")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        out.extend(range(min(a, b), max(a, b) + 1))
-    out = sorted({i for i in out if 0 <= i < limit})
+    out = sorted(i for i in parse_id_list(spec, what) if 0 <= i < limit)
     if not out:
         raise GenerationError(f"{what}: none of those exist (0 to {limit - 1}).")
     return out
@@ -123,7 +114,7 @@ class ExperimentsPanel:
             tokenizer = self.engine.require().tokenizer
             if experiment == "Memory probe":  # the recording has everything: no model run
                 result = experiments.memory_probe(rec, position)
-                session.experiment = result
+                session.keep_experiment(self.engine, result)
                 fig = figures.memory_probe_lines(result)
             else:
                 if experiment == "Knock-out":

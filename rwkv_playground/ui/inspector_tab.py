@@ -6,7 +6,6 @@ the recording and redraws. Handlers are module-level functions; `build` lays out
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..errors import GenerationError
 from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
 from ..state import State
 from . import experiments_panel, figures
-from .common import ensure_session, friendly_error, session_state, with_notices
+from .common import ensure_session, friendly_error, parse_id_list, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
                 "It is the east, and Juliet is the sun.\n\n"
@@ -28,19 +27,7 @@ SOURCES = ["Text below", "Current chat", "Current blog post"]
 
 def parse_channels(spec: str, n_embd: int) -> list[int]:
     """'0-31', '3, 9, 12' or '5' -> channel ids (at most MAX_CHANNELS, within the model)."""
-    out: list[int] = []
-    for part in re.split(r"[,\s]+", (spec or "").strip()):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if m:
-            a, b = int(m.group(1)), int(m.group(2))
-            out.extend(range(min(a, b), max(a, b) + 1))
-        elif part.isdigit():
-            out.append(int(part))
-        else:
-            raise GenerationError(f"Channels: '{part}' is not a number or a range like 0-31.")
-    out = [c for c in dict.fromkeys(out) if 0 <= c < n_embd][:MAX_CHANNELS]
+    out = [c for c in parse_id_list(spec, "Channels", "0-31") if 0 <= c < n_embd][:MAX_CHANNELS]
     return out or list(range(min(32, n_embd)))
 
 

@@ -9,6 +9,7 @@ NotebookSession whenever `version` changes; handlers are methods of NotebookTab.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import gradio as gr
 
 from ..errors import GenerationError
 from ..inspection import InspectorSession
-from ..notebook import EngineDriver, NotebookSession, RunReport
+from ..notebook import EngineDriver, Notebook, NotebookSession, RunReport
+from ..sampling import SamplingSettings
 from ..sessions import Session
 from .common import ensure_session, friendly_error, session_state, with_notices
 
@@ -87,7 +89,7 @@ class NotebookTab:
     def on_edit(self, session, index, version, **fields):
         try:
             notebook = session.notebook
-            cell = notebook.cells[index]
+            cell = notebook.cell(index)
             changed = {k: v for k, v in fields.items() if v is not None and getattr(cell, k) != v}
             if "settings" in fields:
                 changed = {"settings": {**cell.settings, **fields["settings"]}} if any(
@@ -148,7 +150,7 @@ class NotebookTab:
     def on_fork(self, session, index, version, request: gr.Request = None):
         try:
             session = self.session(session, request)
-            cell = session.notebook.cells[index]
+            cell = session.notebook.cell(index)
             base = int(cell.settings.get("seed") or 0)
             seeds = [base] + [base + 1000 * k + 1 for k in range(1, FORK_SEEDS)]
             yield f"Writing {len(seeds)} continuations of cell {index + 1}…", version
@@ -164,7 +166,7 @@ class NotebookTab:
         """Record cell `index`'s text from the state before it into the visitor's State inspector."""
         try:
             notebook = session.notebook
-            cell = notebook.cells[index]
+            cell = notebook.cell(index)
             if not cell.fresh or not cell.tokens:
                 raise GenerationError("Run the cell first (and give it some text).")
             before, _ = notebook.state_before(index)
@@ -179,7 +181,7 @@ class NotebookTab:
     def on_save_state(self, session, index):
         """Outputs: the state file (shown), status."""
         try:
-            cell = session.notebook.cells[index]
+            cell = session.notebook.cell(index)
             if cell.state is None or not cell.fresh:
                 raise GenerationError("Run the cell first: its state is not computed.")
             path = Path(tempfile.mkdtemp(prefix="rwkv-state-")) / f"notebook-cell-{index + 1}.safetensors"
@@ -200,8 +202,6 @@ class NotebookTab:
             return None, friendly_error(exc)
 
     def on_open(self, session, file, read_only, version, request: gr.Request = None):
-        from ..notebook import Notebook
-
         try:
             session = self.session(session, request)
             if file is None:
@@ -244,9 +244,7 @@ class NotebookTab:
         The cell and the cells below it run again at the next run."""
         try:
             session = self.session(session, request)
-            cell = session.notebook.cells[int(index)] if 0 <= int(index) < len(session.notebook.cells) else None
-            if cell is None:
-                raise GenerationError(f"There is no cell {int(index) + 1}.")
+            cell = session.notebook.cell(int(index))
             fields = ({"source": source} if cell.kind == "text" else
                       {"max_tokens": int(max_tokens), "settings": {"seed": int(seed)}})
             _, status = self.on_edit(session, int(index), 0, **fields)
@@ -282,10 +280,6 @@ def _summary(session) -> list[dict]:
 
 
 def _default_settings() -> dict:
-    from dataclasses import asdict
-
-    from ..sampling import SamplingSettings
-
     return asdict(SamplingSettings(temperature=1.0, top_p=0.8, presence_penalty=0.4, count_penalty=0.4, seed=1))
 
 
