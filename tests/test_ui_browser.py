@@ -200,9 +200,10 @@ GUIDED_TEXT = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
 
 
 def select_token(page, position):
-    """Type the Token slider's number until the inspector shows that token. Right after Record the
-    slider is re-rendered with its new maximum, and a first entry can land in the input being
-    replaced (seen when this test runs alone): type again until the token line follows."""
+    """Type the Token slider's number until the inspector shows that token and the slider keeps it.
+    Right after Record the slider is re-rendered with its new maximum, and the record event's
+    completion can set it to the last token once more just after its last update arrived (seen: an
+    experiment then ran at token 47): type again until the value stays."""
     box = page.locator("#insp-token input[type=number]")
     for _ in range(20):
         box.fill(str(position))
@@ -210,7 +211,11 @@ def select_token(page, position):
         deadline = time.time() + 2
         while time.time() < deadline:
             if f"Token {position} " in page.locator("#insp-token-info").inner_text():
-                return
+                page.wait_for_timeout(400)  # past a late completion of the Record event
+                if box.input_value() == str(position) and f"Token {position} " in page.locator(
+                        "#insp-token-info").inner_text():
+                    return
+                break
             time.sleep(0.1)
     raise AssertionError(f"the inspector never showed token {position}: "
                          f"{page.locator('#insp-token-info').inner_text()!r}")
