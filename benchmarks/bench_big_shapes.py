@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import CACHE, ROOT, machine, results_dir, write_results
-from rwkv_playground.model import RWKVConfig, expected_shapes, iter_random_weights
+from rwkv_playground.models.rwkv4 import RWKVConfig, expected_shapes, iter_random_weights
 
 BIG_SHAPES = {
     "14B": RWKVConfig(n_layer=40, n_embd=5120, vocab_size=50277, ffn_dim=4 * 5120),

@@ -48,7 +48,7 @@ TEMPLATE = "Bob: Write about {topic}.{details}\n\nAlice: Here it is:\n\nTitle:"
 
 
 def world_169m() -> str:
-    from rwkv_playground.model import RWKVConfig, init_random_weights
+    from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights
 
     path = CACHE / "random-world-169M-bf16.pth"
     if not path.exists():

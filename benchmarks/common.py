@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "bench"
 
-from rwkv_playground.model import RWKVConfig, init_random_weights  # noqa: E402
+from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights  # noqa: E402
 
 SHAPES = {
     "169M": RWKVConfig(n_layer=12, n_embd=768, vocab_size=50277, ffn_dim=3072),

@@ -10,6 +10,11 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
 torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v);
 std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                               torch::Tensor y, torch::Tensor gy);
+// kernels/wkv_matrix_cpu.cpp
+std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                        torch::Tensor u, torch::Tensor state);
+std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state);
 // kernels/sampling_cpu.cpp
 int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform,
                      const std::string& isa);
@@ -17,13 +22,21 @@ int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p,
 namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "RWKV Playground CPU kernels: WKV operator, one-token RNN step, top-p sampler";
+  m.doc() = "RWKV Playground CPU kernels: WKV operators, one-token RNN step, top-p sampler";
   // The WKV operator: the same three functions as the CUDA module (rwkv_playground.wkv wraps them).
   m.def("wkv_forward", &wkv_forward, "WKV forward with state in/out", py::call_guard<py::gil_scoped_release>());
   m.def("wkv_train_forward", &wkv_train_forward, "WKV training forward from an empty state",
         py::call_guard<py::gil_scoped_release>());
   m.def("wkv_train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv)",
         py::call_guard<py::gil_scoped_release>());
+
+  // The RWKV-5/6/7 matrix-state recurrences (rwkv_playground.wkv: wkv5_reference, wkv7_reference).
+  m.def("wkv5_forward", &wkv5_forward, py::arg("r"), py::arg("k"), py::arg("v"), py::arg("w"), py::arg("u"),
+        py::arg("state"), py::call_guard<py::gil_scoped_release>(),
+        "RWKV-5/6 recurrence over [B, T, H, N] float32 inputs, state [B, H, N, N] [key, value] in; (y, state) out");
+  m.def("wkv7_forward", &wkv7_forward, py::arg("r"), py::arg("w"), py::arg("k"), py::arg("v"), py::arg("kk"),
+        py::arg("a"), py::arg("state"), py::call_guard<py::gil_scoped_release>(),
+        "RWKV-7 recurrence over [B, T, H, N] float32 inputs, state [B, H, N, N] [value, key] in; (y, state) out");
 
   using rwkv_cpu::StepWeights;
   py::class_<StepWeights>(m, "StepWeights",

@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 
 from .errors import GenerationError, LoadError, PlaygroundError, StateError  # noqa: E402
 from .state import State  # noqa: E402
-from .model import RWKV4, RWKVConfig  # noqa: E402
+from .models.rwkv4 import RWKV4, RWKVConfig  # noqa: E402
 from .runtime import Runtime, load_runtime  # noqa: E402
 from .tokenizer import load_tokenizer  # noqa: E402
 from .sampling import SamplingSettings  # noqa: E402

@@ -42,8 +42,17 @@ class ChatFormat:
 
 PRESETS = {
     "Raven (Bob / Alice)": ChatFormat("Bob", "Alice"),
-    "World (User / Assistant)": ChatFormat("User", "Assistant"),
+    # RWKV-5/6/7 World and the RWKV-7 G1 models (their model cards, ChatRWKV's v7 demo)
+    "World / G1 (User / Assistant)": ChatFormat("User", "Assistant"),
 }
+
+
+def default_preset(architecture: str, vocab_size: int) -> str:
+    """The format a model was released with: World / G1 for RWKV-5/6/7 and World-vocabulary
+    RWKV-4 models, Raven's otherwise (the demo model, Pile / Raven)."""
+    if architecture != "rwkv4" or vocab_size == 65536:
+        return "World / G1 (User / Assistant)"
+    return "Raven (Bob / Alice)"
 
 
 def newline_bias(position: int) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import read_checkpoint
+from .models.checkpoint import read_checkpoint
 from .errors import LoadError
 from .runtime import Runtime, check_tensors, infer_config, load_runtime
 from .scheduler import Scheduler, SchedulerSettings
@@ -223,8 +223,8 @@ class Engine:
 
         def preflight() -> None:  # a bad file is refused while the current model keeps serving
             tensors = read_checkpoint(path).tensors
-            config = infer_config(tensors)
-            check_tensors(config, tensors)
+            arch, config = infer_config(tensors, path.name)
+            check_tensors(arch, config, tensors)
             if not tokenizer:
                 find_tokenizer(path, config.vocab_size, [d for d in (self.models_dir, ASSETS) if d])
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
-from .inspection import half_life
+from .inspection import half_life, require_inspector
 from .scheduler import run_here
 from .state import EMPTY_PP, State
 
@@ -157,6 +157,7 @@ def _nan_to_none(a: np.ndarray):
 
 
 def _check_tokens(runtime, tokens) -> list[int]:
+    require_inspector(runtime, "Experiments on the state")
     tokens = [int(t) for t in tokens]
     if not tokens:
         raise GenerationError("There is no text to experiment on: type some text first.")

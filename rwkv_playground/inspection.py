@@ -112,7 +112,8 @@ def half_life(time_decay: np.ndarray) -> np.ndarray:
 
 
 def model_decay_parameters(runtime) -> tuple[np.ndarray, np.ndarray]:
-    """time_decay and time_first of every layer: [L, C] each."""
+    """time_decay and time_first of every layer: [L, C] each (RWKV-4)."""
+    require_inspector(runtime, "The decay and bonus views")
     blocks = runtime.model.blocks
     td = np.stack([b.att.time_decay.detach().float().cpu().numpy() for b in blocks])
     tf = np.stack([b.att.time_first.detach().float().cpu().numpy() for b in blocks])
@@ -135,9 +136,20 @@ class _Recorder:
             self.store[name][self.offset:self.offset + chunk.shape[0], layer] = chunk
 
 
+def require_inspector(runtime, what: str = "The State inspector") -> None:
+    """The views and experiments read RWKV-4's vector state; say so plainly for other architectures."""
+    arch = runtime.architecture
+    if not arch.inspector:
+        raise GenerationError(
+            f"{what} reads RWKV-4's vector state; its views of {arch.title}'s matrix state (one N x N matrix "
+            f"per head) are not built yet. Chat, Blog post and Notebook run {arch.title}, and the Notebook "
+            "saves its states as files.")
+
+
 def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
     """The recording as a task for the scheduler: a generator reading one chunk per next()
     (yielding (fraction, message)), whose return value is the Recording."""
+    require_inspector(runtime)
     if not tokens:
         raise GenerationError("There is no text to record: type some text first.")
     L, C = runtime.config.n_layer, runtime.config.n_embd

@@ -29,7 +29,7 @@ KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
 
 _SOURCES = {
-    "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
+    "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "wkv_matrix_cpu.cpp", "rnn_cpu.cpp", "sampling_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu"],
 }
 # included by the sources: part of the cache key

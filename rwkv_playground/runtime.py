@@ -1,6 +1,7 @@
-"""The runtime: an RWKV4 model placed for inference, and everything about *how* it runs.
+"""The runtime: a model (any architecture of `models/`) placed for inference, and everything
+about *how* it runs.
 
-The model (model.py) is parameters and math. The runtime owns: the device; the storage dtype of
+The model (models/rwkv4.py ... rwkv7.py) is parameters and math. The runtime owns: the device; the storage dtype of
 the matrices (fp32 / bf16 / fp16 / int8, via `StoredLinear`); the backend of each fast path
 (backends.py); prompts read in chunks of `chunk_len` tokens (constant memory for any length); the
 fused one-token step for one or many sequences; and observation of the internals, which is an
@@ -23,12 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends as backends_mod
-from .checkpoint import read_checkpoint, release_file_pages
 from .errors import LoadError, StateError
-from .model import FP16_RESCALE_EVERY, LN_EPS, RWKV4, RWKVConfig, expected_shapes
+from .models import MissingKey, by_name, identify
+from .models.checkpoint import read_checkpoint, release_file_pages
+from .models.common import FP16_RESCALE_EVERY, LN_EPS
 from .quantization import quantize_rows
 from .state import State
-from .wkv import reference_wkv
+from .wkv import reference_matrix_wkv, reference_wkv
 
 # storage of the matrices; int8 keeps the embedding in bf16 (one row is read per token)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
@@ -108,48 +110,40 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return out
 
 
-def infer_config(tensors: dict[str, torch.Tensor]) -> RWKVConfig:
-    if "emb.weight" not in tensors:
-        raise LoadError("The checkpoint is missing key 'emb.weight'.")
-    emb = tensors["emb.weight"]
-    if emb.dim() != 2:
-        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}, expected [vocab, n_embd].")
-    vocab_size, n_embd = emb.shape
-    if vocab_size == 0 or n_embd == 0:
-        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}: the model has an empty vocabulary or width.")
-    layer_ids = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if not layer_ids:
-        raise LoadError("The checkpoint has no 'blocks.N.*' keys.")
-    ffn_key = tensors.get("blocks.0.ffn.key.weight")
-    if ffn_key is None:
-        raise LoadError("The checkpoint is missing key 'blocks.0.ffn.key.weight'.")
-    return RWKVConfig(n_layer=max(layer_ids) + 1, n_embd=n_embd, vocab_size=vocab_size, ffn_dim=ffn_key.shape[0])
+def infer_config(tensors: dict[str, torch.Tensor], filename: str = "the checkpoint"):
+    """(architecture, config) of a checkpoint: the architecture from its key names, every
+    dimension from its tensors' shapes."""
+    arch = identify(tensors, filename)
+    try:
+        return arch, arch.config_from(tensors)
+    except MissingKey as exc:
+        raise LoadError(f"The checkpoint is missing key '{exc.key}' (an {arch.title} checkpoint has it).") from None
 
 
-def check_tensors(config: RWKVConfig, tensors: dict[str, torch.Tensor]) -> None:
+def check_tensors(arch, config, tensors: dict[str, torch.Tensor]) -> None:
     """Every expected key with its shape and a floating dtype, nothing else."""
-    expected = expected_shapes(config)
+    expected = arch.expected_shapes(config)
     for key, shape in expected.items():
         if key not in tensors:
-            raise LoadError(f"The checkpoint is missing key '{key}'.")
+            raise LoadError(f"The checkpoint is missing key '{key}' (an {arch.title} checkpoint has it).")
         t = tensors[key]
         if tuple(t.shape) != shape:
             raise LoadError(f"Key '{key}' has shape {list(t.shape)}, expected {list(shape)}.")
         if not t.is_floating_point():
-            raise LoadError(f"Key '{key}' holds {str(t.dtype).replace('torch.', '')} values; an RWKV-4 "
+            raise LoadError(f"Key '{key}' holds {str(t.dtype).replace('torch.', '')} values; an {arch.title} "
                             "checkpoint stores floating-point weights.")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise LoadError(f"The checkpoint has unexpected key '{unexpected[0]}' (not an RWKV-4 model?).")
+        raise LoadError(f"The checkpoint has unexpected key '{unexpected[0]}' (not a plain {arch.title} model?).")
 
 
-def fingerprint_of(config: RWKVConfig, tensors: dict[str, torch.Tensor]) -> str:
-    """A short id of the weights: shape plus a hash of the small per-channel tensors and one row
-    of the embedding (cheap, yet differs between any two trained or random models)."""
+def fingerprint_of(arch, config, tensors: dict[str, torch.Tensor]) -> str:
+    """A short id of the weights: architecture and shape plus a hash of small per-layer tensors
+    and one row of the embedding (cheap, yet differs between any two trained or random models)."""
     h = hashlib.sha256(repr(config).encode())
     for i in range(config.n_layer):
-        for name in ("time_decay", "time_first"):
-            h.update(tensors[f"blocks.{i}.att.{name}"].float().contiguous().numpy().tobytes())
+        for name in arch.fingerprint_keys:
+            h.update(tensors[f"blocks.{i}.{name}"].float().contiguous().numpy().tobytes())
     h.update(tensors["emb.weight"][:4].float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -165,11 +159,13 @@ def _resolve_device(device: str) -> torch.device:
 
 
 class Runtime:
-    """An RWKV4 model ready for inference. Build it with `load_runtime`."""
+    """A model ready for inference. Build it with `load_runtime`."""
 
-    def __init__(self, model: RWKV4, *, device: torch.device, dtype: str, backends: backends_mod.Backends,
-                 chunk_len: int, fingerprint: str, source_path: str | None):
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: str, backends: backends_mod.Backends,
+                 chunk_len: int, fingerprint: str, source_path: str | None, architecture: str = "rwkv4"):
         self.model = model
+        self.architecture = by_name(architecture)
+        self.layout = model.state_layout()
         self.device = device
         self.dtype = dtype
         self.backends = backends
@@ -180,17 +176,18 @@ class Runtime:
         for module in model.modules():
             if isinstance(module, StoredLinear):
                 module.native_bf16 = backends.gemm == "native"
-        if backends.step == "cpu":
+        if backends.matvec:
             for module in model.modules():  # few-row products (a prompt's last layer) read, not convert
                 if isinstance(module, StoredLinear):
                     module.matvec = backends.cpu_kernels.matvec
+        if backends.step == "cpu":
             # the fused step reads the weights by their checkpoint names (validated once here)
             named = {name: t.detach() for name, t in model.state_dict().items()}
             self._step_weights = backends.cpu_kernels.StepWeights(named, model.config.n_layer, LN_EPS)
 
     # ---- description -----------------------------------------------------------------------------
     @property
-    def config(self) -> RWKVConfig:
+    def config(self):
         return self.model.config
 
     @property
@@ -202,22 +199,30 @@ class Runtime:
         step = self.backends.step
         if self._step_weights is not None:
             step += f" ({self._step_weights.isa})"
-        return {
+        info = {"architecture": self.architecture.title, "architecture_id": self.architecture.name}
+        info.update(self.architecture.describe(c))
+        info.update({
             "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size, "ffn_dim": c.ffn_dim,
-            "parameters": c.n_params, "dtype": self.dtype, "device": str(self.device),
-            "wkv": self.backends.wkv.name, "step": step, "sampler": self.backends.sampler,
+            "parameters": c.n_params, "state_bytes": self.layout.nbytes(), "dtype": self.dtype, "device": str(self.device),
+            "wkv": self.backends.recurrence(self.architecture.recurrence).name, "step": step, "sampler": self.backends.sampler,
             "simd": self.backends.simd, "gemm": self.backends.gemm, "gemm_reason": self.backends.gemm_reason,
             "notes": list(self.backends.notes), "chunk_len": self.chunk_len,
             "fingerprint": self.fingerprint, "path": self.source_path,
-        }
+        })
+        return info
 
     # ---- state -------------------------------------------------------------------------------------
     def new_state(self, batch: int | None = None) -> State:
-        return State.zeros(self.config.n_layer, self.config.n_embd, batch, self.device, self.fingerprint)
+        return State.empty(self.layout, batch, self.device, self.fingerprint)
 
     def check_state(self, state: State) -> None:
         c = self.config
-        if (state.n_layer, state.n_embd) != (c.n_layer, c.n_embd):
+        if state.architecture and state.architecture != self.layout.architecture:
+            theirs = by_name(state.architecture).title if state.architecture.startswith("rwkv") else "another model"
+            raise StateError(f"This state is from an {theirs} model; the loaded model is {self.architecture.title} "
+                             "(a state only fits the architecture that made it).")
+        expected = {name: (c.n_layer,) + shape for name, shape, _ in self.layout.parts}
+        if state.shapes() != expected:
             raise StateError(
                 f"This state is for a model with {state.n_layer} layers x {state.n_embd} channels; "
                 f"the loaded model has {c.n_layer} x {c.n_embd}."
@@ -262,12 +267,13 @@ class Runtime:
 
         work = state if batched else state.as_batch()
         chunk_len = chunk_len or self.chunk_len
-        wkv = reference_wkv if time_decay else self.backends.wkv
+        wkv = reference_wkv if time_decay else self.backends.recurrence(self.architecture.recurrence)
+        edits = {"time_decay": time_decay} if time_decay else {}
         outputs = []
         for start in range(0, T, chunk_len):
             chunk = tokens[:, start:start + chunk_len]
             logits, new = self.model(chunk, work, wkv=wkv, last_only=not full_output and observe is None,
-                                     observe=observe, time_decay=time_decay)
+                                     observe=observe, **edits)
             work.assign(new)
             outputs.append(logits)
         logits = torch.cat(outputs, dim=1) if full_output else outputs[-1]
@@ -290,12 +296,12 @@ class Runtime:
                                              [s.att_x for s in states], [s.aa for s in states],
                                              [s.bb for s in states], [s.pp for s in states],
                                              [s.ffn_x for s in states])
-        else:
+        else:  # one row at a time: a row's arithmetic never depends on the batch
+            wkv = self.backends.recurrence(self.architecture.recurrence)
             rows = []
             for token, s in zip(tokens, states):
                 work = s.as_batch()
-                out, new = self.model(torch.tensor([[token]], device=self.device), work, wkv=self.backends.wkv,
-                                      last_only=True)
+                out, new = self.model(torch.tensor([[token]], device=self.device), work, wkv=wkv, last_only=True)
                 s.assign(new.single())
                 rows.append(out[0])
             logits = torch.stack(rows) if rows else torch.empty(0, self.config.vocab_size)
@@ -321,7 +327,7 @@ class Runtime:
 def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None = None, step: str | None = None,
                  sampler: str | None = None, gemm: str | None = None, chunk_len: int = DEFAULT_CHUNK_LEN,
                  progress: Callable[[str, float], None] | None = None) -> Runtime:
-    """Load an RWKV-4 checkpoint (.pth or .safetensors) for inference.
+    """Load an RWKV-4, 5, 6 or 7 checkpoint (.pth or .safetensors) for inference.
 
     dtype: "fp32" | "bf16" | "int8" | "fp16" for the matrices (the residual stream, LayerNorms,
     token shift and the WKV state are float32 in every case). int8 quantizes each matrix at load
@@ -338,22 +344,26 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     report(f"Reading {os.path.basename(str(path))}", 0.0)
     raw = read_checkpoint(path)
     tensors = raw.tensors
-    config = infer_config(tensors)
-    check_tensors(config, tensors)
-    fingerprint = fingerprint_of(config, tensors)
+    arch, config = infer_config(tensors, raw.path.name)
+    check_tensors(arch, config, tensors)
+    fingerprint = fingerprint_of(arch, config, tensors)
 
     with torch.device("meta"):
-        model = RWKV4(config)
+        model = arch.build(config)
     storage = DTYPES[dtype]
     _store_linears(model, storage)
+    # The matrices of the Linear layers (and the embedding) take the storage dtype; everything
+    # else (lerps, decays, LoRAs, norms: small) is float32.
+    stored = {name + ".weight" for name, m in model.named_modules() if isinstance(m, StoredLinear)} | {"emb.weight"}
+    rescale = dtype == "fp16" and arch.fp16_rescale
     converted = {}
-    keys = list(expected_shapes(config))
+    keys = list(arch.expected_shapes(config))
     for n, key in enumerate(keys):
         t = tensors.pop(key)  # drop our reference as we go: peak memory stays near the final size
-        is_matrix = t.dim() == 2
+        is_matrix = key in stored
         if not is_matrix and not bool(torch.isfinite(t).all()):
             raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
-        if dtype == "fp16" and key.endswith(("att.output.weight", "ffn.value.weight")):
+        if rescale and key.endswith(("att.output.weight", "ffn.value.weight")):
             # Pre-divide so fp16 activations stay in range; the forward halves x to match.
             t = t.float() / (2 ** (int(key.split(".")[1]) // FP16_RESCALE_EVERY))
         if dtype == "int8" and is_matrix and key != "emb.weight":
@@ -373,13 +383,13 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     del converted
     model.requires_grad_(False)
     model.eval()
-    model.rescale_every = FP16_RESCALE_EVERY if dtype == "fp16" else 0
+    model.rescale_every = FP16_RESCALE_EVERY if rescale else 0
 
     report("Preparing the kernels", 0.95)
     chosen = backends_mod.resolve(dev, dtype, wkv=wkv, step=step, sampler=sampler, gemm=gemm,
-                                  progress=lambda msg: report(msg, 0.97))
+                                  architecture=arch, progress=lambda msg: report(msg, 0.97))
     runtime = Runtime(model, device=dev, dtype=dtype, backends=chosen, chunk_len=chunk_len,
-                      fingerprint=fingerprint, source_path=str(raw.path))
+                      fingerprint=fingerprint, source_path=str(raw.path), architecture=arch.name)
     # One probe token: a corrupt matrix (NaN, inf) or an fp16 overflow shows here, not at a sampler.
     probe, _ = runtime.forward([0])
     if not bool(torch.isfinite(probe).all()):
@@ -390,7 +400,7 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     return runtime
 
 
-def _store_linears(model: RWKV4, storage: torch.dtype) -> None:
+def _store_linears(model: torch.nn.Module, storage: torch.dtype) -> None:
     """Swap every nn.Linear for an (empty, meta) StoredLinear of the storage dtype, to be loaded."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

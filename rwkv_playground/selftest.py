@@ -26,7 +26,8 @@ import torch
 from .backends import resolve
 from .errors import PlaygroundError
 from .kernels import load_kernel
-from .model import LN_EPS, RWKVConfig, init_random_weights
+from .models.common import LN_EPS
+from .models.rwkv4 import RWKVConfig, init_random_weights
 from .wkv import compiled_wkv, empty_wkv_state, wkv_reference
 
 # Output tolerance relative to the largest |value|: the inputs are identical, so only rounding of

@@ -1,28 +1,33 @@
-"""The RWKV-4 recurrent state as a first-class object.
+"""The recurrent state as a first-class object, for every architecture.
 
-Per layer, five float32 vectors of size n_embd (ChatRWKV's layout, named):
-  att_x  - LN1 output of the previous token (time-mix token shift)
-  aa, bb - numerator / denominator of the WKV average, both scaled by exp(-pp)
-  pp     - the running maximum exponent (starts at -1e30: "no memory yet")
-  ffn_x  - LN2 output of the previous token (channel-mix token shift)
-Each tensor is [n_layer, n_embd] for one sequence, or [B, n_layer, n_embd] for a batch.
-Memory is O(n_layer * n_embd) whatever the length of the text.
+A state is a few named float32 tensors per layer, laid out by the architecture (`StateLayout`,
+declared by each module of `models/`):
+
+  RWKV-4       att_x, aa, bb, pp, ffn_x          each [n_layer, C]
+               (aa / bb: the WKV numerator / denominator scaled by exp(-pp); pp starts at -1e30)
+  RWKV-5/6/7   att_x [n_layer, C], wkv_state [n_layer, H, N, N], ffn_x [n_layer, C]
+               (wkv_state: one N x N matrix per head; v5/v6 index it [key, value], v7 [value, key])
+
+att_x / ffn_x are the LayerNorm outputs of the previous token (the token shifts). A batch adds a
+leading B axis to every tensor. Memory is constant whatever the length of the text.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import LoadError, StateError
 
-COMPONENTS = ("att_x", "aa", "bb", "pp", "ffn_x")
 EMPTY_PP = -1e30
 FORMAT_NAME = "rwkv-playground-state"
+# RWKV-4's layout (files written before other architectures existed carry no architecture name)
+RWKV4_COMPONENTS = ("att_x", "aa", "bb", "pp", "ffn_x")
+COMPONENTS = RWKV4_COMPONENTS
 
 
 def _package_version() -> str:
@@ -31,60 +36,125 @@ def _package_version() -> str:
     return __version__
 
 
-@dataclass
+@dataclass(frozen=True)
+class StateLayout:
+    """What a model's state holds: per component, its shape per layer and its empty value."""
+    architecture: str  # "rwkv4", "rwkv5", "rwkv6", "rwkv7"
+    n_layer: int
+    parts: tuple[tuple[str, tuple[int, ...], float], ...]  # (name, per-layer shape, fill)
+
+    @classmethod
+    def rwkv4(cls, n_layer: int, n_embd: int) -> "StateLayout":
+        fills = {"pp": EMPTY_PP}
+        return cls("rwkv4", n_layer, tuple((n, (n_embd,), fills.get(n, 0.0)) for n in RWKV4_COMPONENTS))
+
+    @classmethod
+    def matrix(cls, architecture: str, n_layer: int, n_embd: int, n_head: int, head_size: int) -> "StateLayout":
+        return cls(architecture, n_layer, (("att_x", (n_embd,), 0.0),
+                                           ("wkv_state", (n_head, head_size, head_size), 0.0),
+                                           ("ffn_x", (n_embd,), 0.0)))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p[0] for p in self.parts)
+
+    def nbytes(self) -> int:
+        """Bytes of one sequence's state (float32)."""
+        total = 0
+        for _, shape, _ in self.parts:
+            n = self.n_layer
+            for d in shape:
+                n *= d
+            total += 4 * n
+        return total
+
+
 class State:
-    att_x: torch.Tensor
-    aa: torch.Tensor
-    bb: torch.Tensor
-    pp: torch.Tensor
-    ffn_x: torch.Tensor
-    # Tokens consumed so far: an int for one sequence, a list of ints for a batch.
-    token_count: int | list[int] = 0
-    # Fingerprint of the model that produced this state ("" if unknown).
-    fingerprint: str = ""
-    metadata: dict = field(default_factory=dict)
+    """A recurrent state: named tensors (`state.att_x`, `state.wkv_state`, ...; see the module
+    docstring), the tokens it has read, and the fingerprint of the model that made it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, *, token_count: int | list[int] = 0,
+                 fingerprint: str = "", metadata: dict | None = None, architecture: str | None = None,
+                 **named: torch.Tensor):
+        parts = dict(tensors) if tensors is not None else {}
+        parts.update(named)
+        if "att_x" not in parts:
+            raise StateError("A state needs at least its token-shift tensor 'att_x'.")
+        object.__setattr__(self, "_parts", parts)
+        # Tokens consumed so far: an int for one sequence, a list of ints for a batch.
+        self.token_count = token_count
+        # Fingerprint of the model that produced this state ("" if unknown).
+        self.fingerprint = fingerprint
+        self.metadata = dict(metadata or {})
+        self.architecture = architecture or ("rwkv4" if tuple(parts) == RWKV4_COMPONENTS else "")
+
+    def __getattr__(self, name: str):
+        parts = self.__dict__.get("_parts")
+        if parts is not None and name in parts:
+            return parts[name]
+        raise AttributeError(f"this state has no component '{name}'")
+
+    def __setattr__(self, name, value):
+        parts = self.__dict__.get("_parts")
+        if parts is not None and name in parts:
+            parts[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={list(t.shape)}" for n, t in self._parts.items())
+        return f"State({self.architecture or '?'}: {shapes}, token_count={self.token_count})"
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def zeros(cls, n_layer: int, n_embd: int, batch: int | None = None, device="cpu", fingerprint: str = ""):
-        shape = (n_layer, n_embd) if batch is None else (batch, n_layer, n_embd)
-        z = lambda: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
-        pp = torch.full(shape, EMPTY_PP, dtype=torch.float32, device=device)
+    def empty(cls, layout: StateLayout, batch: int | None = None, device="cpu", fingerprint: str = "") -> "State":
+        lead = (layout.n_layer,) if batch is None else (batch, layout.n_layer)
+        tensors = {name: torch.full(lead + shape, fill, dtype=torch.float32, device=device)
+                   for name, shape, fill in layout.parts}
         count = 0 if batch is None else [0] * batch
-        return cls(z(), z(), z(), pp, z(), token_count=count, fingerprint=fingerprint)
+        return cls(tensors, token_count=count, fingerprint=fingerprint, architecture=layout.architecture)
+
+    @classmethod
+    def zeros(cls, n_layer: int, n_embd: int, batch: int | None = None, device="cpu", fingerprint: str = ""):
+        """An empty RWKV-4 state (other architectures: `State.empty(layout)`)."""
+        return cls.empty(StateLayout.rwkv4(n_layer, n_embd), batch, device, fingerprint)
 
     # ---- shape --------------------------------------------------------------------------------
     @property
     def is_batched(self) -> bool:
-        return self.aa.dim() == 3
+        return self.att_x.dim() == 3
 
     @property
     def batch_size(self) -> int | None:
-        return self.aa.shape[0] if self.is_batched else None
+        return self.att_x.shape[0] if self.is_batched else None
 
     @property
     def n_layer(self) -> int:
-        return self.aa.shape[-2]
+        return self.att_x.shape[-2]
 
     @property
     def n_embd(self) -> int:
-        return self.aa.shape[-1]
+        return self.att_x.shape[-1]
 
     @property
     def device(self) -> torch.device:
-        return self.aa.device
+        return self.att_x.device
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in COMPONENTS}
+        return dict(self._parts)
 
-    def _replace(self, fn, token_count=None) -> "State":
-        return State(
-            **{name: fn(t) for name, t in self.tensors().items()},
-            token_count=list(self.token_count) if token_count is None and isinstance(self.token_count, list)
-            else (self.token_count if token_count is None else token_count),
-            fingerprint=self.fingerprint,
-            metadata=dict(self.metadata),
-        )
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each component's shape for one sequence ([n_layer, ...])."""
+        skip = 1 if self.is_batched else 0
+        return {n: tuple(t.shape[skip:]) for n, t in self._parts.items()}
+
+    def _derive(self, tensors: dict[str, torch.Tensor], token_count) -> "State":
+        return State(tensors, token_count=token_count, fingerprint=self.fingerprint,
+                     metadata=dict(self.metadata), architecture=self.architecture)
+
+    def _replace(self, fn) -> "State":
+        count = list(self.token_count) if isinstance(self.token_count, list) else self.token_count
+        return self._derive({name: fn(t) for name, t in self._parts.items()}, count)
 
     def clone(self) -> "State":
         return self._replace(lambda t: t.clone())
@@ -94,68 +164,59 @@ class State:
 
     def assign(self, other: "State") -> None:
         """Copy other's tensors into this state's own memory (views of it see the change)."""
-        for name in COMPONENTS:
-            getattr(self, name).copy_(getattr(other, name))
+        for name, t in self._parts.items():
+            t.copy_(getattr(other, name))
 
     def as_batch(self) -> "State":
-        """A one-row batched view ([1, L, C]) of a single-sequence state, sharing its memory."""
-        return State(**{name: t.unsqueeze(0) for name, t in self.tensors().items()},
-                     token_count=[int(self.token_count)], fingerprint=self.fingerprint)
+        """A one-row batched view ([1, L, ...]) of a single-sequence state, sharing its memory."""
+        return self._derive({name: t.unsqueeze(0) for name, t in self._parts.items()}, [int(self.token_count)])
 
     def single(self) -> "State":
         """The single-sequence view of a one-row batched state."""
         count = self.token_count[0] if isinstance(self.token_count, list) else self.token_count
-        return State(**{name: t[0] for name, t in self.tensors().items()}, token_count=int(count),
-                     fingerprint=self.fingerprint)
+        return self._derive({name: t[0] for name, t in self._parts.items()}, int(count))
 
     def unbind_views(self) -> list["State"]:
         """The rows of a batched state as single-sequence states sharing its memory."""
-        return [State(**{name: t[b] for name, t in self.tensors().items()}, token_count=int(self.token_count[b]),
-                      fingerprint=self.fingerprint) for b in range(self.batch_size)]
+        return [self._derive({name: t[b] for name, t in self._parts.items()}, int(self.token_count[b]))
+                for b in range(self.batch_size)]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return sum(t.numel() * t.element_size() for t in self._parts.values())
 
     # ---- batching -----------------------------------------------------------------------------
     @classmethod
     def stack(cls, states: list["State"]) -> "State":
-        """Batch several single-sequence states into one [B, L, C] state."""
+        """Batch several single-sequence states into one [B, L, ...] state."""
         if not states:
             raise StateError("Cannot batch an empty list of states.")
         first = states[0]
         for s in states:
             if s.is_batched:
                 raise StateError("State.stack takes single-sequence states.")
-            if (s.n_layer, s.n_embd) != (first.n_layer, first.n_embd):
+            if s.architecture != first.architecture or s.shapes() != first.shapes():
                 raise StateError("Cannot batch states of different shapes.")
             if s.fingerprint and first.fingerprint and s.fingerprint != first.fingerprint:
                 raise StateError("Cannot batch states from different models.")
-        return State(
-            **{name: torch.stack([getattr(s, name) for s in states]) for name in COMPONENTS},
-            token_count=[int(s.token_count) for s in states],
-            fingerprint=first.fingerprint,
-        )
+        return State({name: torch.stack([getattr(s, name) for s in states]) for name in first._parts},
+                     token_count=[int(s.token_count) for s in states], fingerprint=first.fingerprint,
+                     architecture=first.architecture)
 
     def unbind(self) -> list["State"]:
         """Split a batched state into single-sequence states."""
         if not self.is_batched:
             return [self]
-        return [
-            State(
-                **{name: getattr(self, name)[b].clone() for name in COMPONENTS},
-                token_count=self.token_count[b],
-                fingerprint=self.fingerprint,
-            )
-            for b in range(self.batch_size)
-        ]
+        return [State({name: t[b].clone() for name, t in self._parts.items()}, token_count=self.token_count[b],
+                      fingerprint=self.fingerprint, architecture=self.architecture)
+                for b in range(self.batch_size)]
 
-    # ---- comparisons (the (aa, bb, pp) triple is only defined up to a common scale) ------------
+    # ---- RWKV-4 comparisons (the (aa, bb, pp) triple is only defined up to a common scale) -----
     def value_estimate(self) -> torch.Tensor:
-        """aa / bb: the decayed weighted average of past values each channel holds."""
+        """aa / bb: the decayed weighted average of past values each channel holds (RWKV-4)."""
         return self.aa / self.bb.clamp_min(1e-38)
 
     def log_mass(self) -> torch.Tensor:
-        """pp + log(bb): the log of the total (decayed) weight of the memory."""
+        """pp + log(bb): the log of the total (decayed) weight of the memory (RWKV-4)."""
         return self.pp + torch.log(self.bb.clamp_min(1e-38))
 
     # ---- files --------------------------------------------------------------------------------
@@ -165,6 +226,7 @@ class State:
 
         meta = {
             "format": FORMAT_NAME,
+            "architecture": self.architecture,
             "fingerprint": self.fingerprint,
             "n_layer": str(self.n_layer),
             "n_embd": str(self.n_embd),
@@ -173,12 +235,12 @@ class State:
         }
         if extra_metadata:
             meta["extra"] = json.dumps(extra_metadata)
-        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.tensors().items()}
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._parts.items()}
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, runtime=None, device="cpu") -> "State":
-        """Read a state file; with `runtime`, refuse a state of another shape or model fingerprint."""
+        """Read a state file; with `runtime`, refuse a state of another architecture, shape or model."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -190,16 +252,27 @@ class State:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise LoadError(f"{path.name} is not a readable state file ({exc}).") from None
-        if meta.get("format") != FORMAT_NAME or set(tensors) != set(COMPONENTS):
+        architecture = meta.get("architecture") or "rwkv4"
+        expected = RWKV4_COMPONENTS if architecture == "rwkv4" else ("att_x", "wkv_state", "ffn_x")
+        if meta.get("format") != FORMAT_NAME or set(tensors) != set(expected):
             raise LoadError(f"{path.name} is not an RWKV Playground state file.")
-        shapes = {t.shape for t in tensors.values()}
-        if len(shapes) != 1:
+        if any(t.dtype != torch.float32 for t in tensors.values()):
+            raise LoadError(f"{path.name} is corrupt: a state holds float32 tensors.")
+        leads = {tuple(t.shape[:1]) for t in tensors.values()}
+        widths = {tensors[n].shape for n in expected if n != "wkv_state"}
+        if len(leads) != 1 or len(widths) != 1 or tensors["att_x"].dim() != 2:
             raise LoadError(f"{path.name} is corrupt: its components have different shapes.")
+        if architecture != "rwkv4":
+            L, C = tensors["att_x"].shape
+            S = tensors["wkv_state"]
+            if S.dim() != 4 or S.shape[2] != S.shape[3] or S.shape[1] * S.shape[2] != C:
+                raise LoadError(f"{path.name} is corrupt: its matrix state does not fit its width.")
         state = cls(
-            **{k: t.to(device) for k, t in tensors.items()},
+            {k: tensors[k].to(device) for k in expected},
             token_count=json.loads(meta.get("token_count", "0")),
             fingerprint=meta.get("fingerprint", ""),
             metadata=json.loads(meta["extra"]) if "extra" in meta else {},
+            architecture=architecture,
         )
         if runtime is not None:
             runtime.check_state(state)

@@ -136,3 +136,97 @@ reference_wkv = WKVOperator("reference", wkv_reference, wkv_train_reference)
 def compiled_wkv(kernel_module, name: str) -> WKVOperator:
     """The WKV operator of a compiled kernel module ("cpu" or "cuda")."""
     return WKVOperator(name, *make_compiled_wkv(kernel_module))
+
+
+# ---- RWKV-5/6/7: the matrix-state recurrences ----------------------------------------------------
+#
+#   wkv5(r, k, v, w, u, state) -> (y, state)        RWKV-5.x and RWKV-6, per head h:
+#       y_t = r_t^T (diag(u) k_t v_t^T + S)           S [key j, value i]; the bonus u on the diagonal
+#       S  <- k_t v_t^T + diag(w_t) S                 read first, then decay (w: factor in (0, 1))
+#   wkv7(r, w, k, v, kk, a, state) -> (y, state)    RWKV-7 ("generalised delta rule"), per head:
+#       S  <- S diag(w_t) - (S kk_t)(kk_t * a_t)^T + v_t k_t^T     S [value i, key j]; both terms
+#       y_t = S r_t                                                  use the old S; read after
+#
+# r, k, v, w, kk, a: [B, T, H, N]; u: [H, N]; state: [B, H, N, N] float32 (None: zeros, training).
+# y: [B, T, H, N] float32 (float64 kept for gradcheck). These loops are the references the
+# compiled kernels (kernels/wkv_matrix_cpu.cpp, ...) are held to; autograd runs through them.
+
+def _matrix_acc(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def wkv5_reference(r, k, v, w, u, state, return_states: bool = False):
+    B, T, H, N = k.shape
+    acc = _matrix_acc(r, k, v, w)
+    r, k, v, w, u = (t.to(acc) for t in (r, k, v, w, u))
+    S = torch.zeros(B, H, N, N, dtype=acc, device=k.device) if state is None else state.to(acc)
+    ys, states = [], []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]                        # [B, H, N(key), N(value)]
+        ys.append(torch.einsum("bhj,bhji->bhi", r[:, t], u[:, :, None] * kv + S))
+        S = kv + w[:, t, :, :, None] * S
+        if return_states:
+            states.append(S)
+    y = torch.stack(ys, dim=1) if ys else k.new_zeros(B, 0, H, N, dtype=acc)
+    if return_states:
+        return y, S, torch.stack(states, dim=1)
+    return y, S
+
+
+def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False):
+    B, T, H, N = k.shape
+    acc = _matrix_acc(r, w, k, v)
+    r, w, k, v, kk, a = (t.to(acc) for t in (r, w, k, v, kk, a))
+    S = torch.zeros(B, H, N, N, dtype=acc, device=k.device) if state is None else state.to(acc)
+    ys, states = [], []
+    for t in range(T):
+        removed = torch.einsum("bhij,bhj->bhi", S, kk[:, t])                  # S kk: [B, H, N(value)]
+        S = (S * w[:, t, :, None, :] - removed[..., None] * (kk[:, t] * a[:, t])[:, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])                     # [B, H, N(value), N(key)]
+        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+        if return_states:
+            states.append(S)
+    y = torch.stack(ys, dim=1) if ys else k.new_zeros(B, 0, H, N, dtype=acc)
+    if return_states:
+        return y, S, torch.stack(states, dim=1)
+    return y, S
+
+
+class MatrixWKV:
+    """The matrix-state recurrences as the RWKV-5/6/7 models call them (`wkv.wkv5(...)`,
+    `wkv.wkv7(...)`, signatures above), from one implementation."""
+
+    def __init__(self, name: str, wkv5, wkv7):
+        self.name = name
+        self.wkv5 = wkv5
+        self.wkv7 = wkv7
+
+    def __repr__(self) -> str:
+        return f"MatrixWKV({self.name!r})"
+
+
+reference_matrix_wkv = MatrixWKV("reference", wkv5_reference, wkv7_reference)
+
+
+def compiled_matrix_wkv(kernel_module, name: str) -> MatrixWKV:
+    """The matrix-state recurrences of a compiled kernel module (float32 in, float32 out).
+    Autograd does not run through a kernel: training uses the reference."""
+
+    def f32(t):
+        return t.float().contiguous()
+
+    def empty_state(k):
+        B, _, H, N = k.shape
+        return torch.zeros(B, H, N, N, dtype=torch.float32, device=k.device)
+
+    def wkv5(r, k, v, w, u, state):
+        S = empty_state(k) if state is None else state
+        y, S = kernel_module.wkv5_forward(f32(r), f32(k), f32(v), f32(w), f32(u), f32(S))
+        return y, S
+
+    def wkv7(r, w, k, v, kk, a, state):
+        S = empty_state(k) if state is None else state
+        y, S = kernel_module.wkv7_forward(f32(r), f32(w), f32(k), f32(v), f32(kk), f32(a), f32(S))
+        return y, S
+
+    return MatrixWKV(name, wkv5, wkv7)

@@ -19,7 +19,7 @@ os.environ["RWKV_CUDA_ON"] = "0"
 # gradio 6.31 calls a pandas-3-deprecated argument in a worker thread (harmless)
 warnings.filterwarnings("ignore", message="The copy keyword is deprecated")
 
-from rwkv_playground.model import RWKVConfig, init_random_weights  # noqa: E402
+from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights  # noqa: E402
 
 TINY = RWKVConfig(n_layer=3, n_embd=64, vocab_size=500, ffn_dim=256)
 MID = RWKVConfig(n_layer=6, n_embd=512, vocab_size=50277, ffn_dim=2048)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, TINY
 from rwkv_playground import LoadError, load_runtime
-from rwkv_playground.model import init_random_weights
+from rwkv_playground.models.rwkv4 import init_random_weights
 
 
 def load_error(path, **kw):
@@ -67,21 +67,37 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("version,extra_key", [
-    ("5", "blocks.0.att.time_faaaa"),
-    ("6", "blocks.0.att.time_maa_x"),
-    ("7", "blocks.0.att.w0"),
+@pytest.mark.parametrize("title,extra_key", [
+    ("RWKV-5", "blocks.0.att.time_faaaa"),
+    ("RWKV-6", "blocks.0.att.time_maa_x"),
+    ("RWKV-7", "blocks.0.att.r_k"),
 ])
-def test_newer_rwkv_versions_are_named(tmp_path, version, extra_key):
-    weights = {"emb.weight": torch.zeros(10, 4), extra_key: torch.zeros(4), "blocks.0.att.key.weight": torch.zeros(4, 4)}
-    path = tmp_path / f"v{version}.pth"
+def test_newer_rwkv_versions_are_recognised_and_checked(tmp_path, title, extra_key):
+    """A partial file of a newer generation is read as that generation and its first missing key named."""
+    weights = {"emb.weight": torch.zeros(10, 4), extra_key: torch.zeros(2, 2), "blocks.0.att.key.weight": torch.zeros(4, 4)}
+    path = tmp_path / "partial.pth"
     torch.save(weights, path)
-    assert load_error(path) == f"RWKV-{version} checkpoints are not supported yet (this playground runs RWKV-4)."
+    message = load_error(path)
+    assert "missing key" in message and f"(an {title} checkpoint has it)" in message, message
+
+
+@pytest.mark.parametrize("extra_key,named", [
+    ("blocks.0.ffn.s_emb.weight", 'RWKV-7a "DeepEmbed"'),
+    ("blocks.3.att.qq.weight", "RWKV-7b"),
+    ("blocks.0.att.time_state", "state-tuned"),
+    ("blocks.0.att.gate_w1", "x060a/b/c"),
+])
+def test_variants_we_do_not_run_are_refused_by_name(tmp_path, extra_key, named):
+    weights = {"emb.weight": torch.zeros(10, 4), "blocks.0.att.r_k": torch.zeros(2, 2), extra_key: torch.zeros(4, 4)}
+    path = tmp_path / "variant.pth"
+    torch.save(weights, path)
+    message = load_error(path)
+    assert named in message and extra_key in message and message.count(".") >= 1, message
 
 
 def test_not_rwkv_and_not_a_dict(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "mlp.pth")
-    assert "not an RWKV-4 checkpoint" in load_error(tmp_path / "mlp.pth")
+    assert "not an RWKV-4, 5, 6 or 7 checkpoint (keys such as fc.weight)" in load_error(tmp_path / "mlp.pth")
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
     assert "dictionary of tensors" in load_error(tmp_path / "list.pth")
 

@@ -18,7 +18,7 @@ import torch
 
 from conftest import MID, TINY, write_checkpoint
 from rwkv_playground import LoadError, load_runtime
-from rwkv_playground.model import RWKVConfig, init_random_weights
+from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights
 from rwkv_playground.quantization import dequantize_rows, quantize_rows
 
 HELD_OUT = Path(__file__).parent / "data" / "heldout_shakespeare.txt"  # Macbeth, never trained on
@@ -252,7 +252,7 @@ def test_the_big_shape_benchmark_writes_a_checkpoint_tensor_by_tensor(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_big_shapes import file_bytes, write_safetensors
 
-    from rwkv_playground.checkpoint import read_checkpoint
+    from rwkv_playground.models.checkpoint import read_checkpoint
 
     path = tmp_path / "small.safetensors"
     write_safetensors(path, TINY)

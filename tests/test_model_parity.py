@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import MID, TINY, write_checkpoint
-from rwkv_playground.model import RWKVConfig, init_random_weights
+from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights
 
 TOL = 1e-5
 
@@ -218,7 +218,7 @@ def test_training_forward_equals_inference_forward_position_by_position(tiny_fp3
     """One math for both: the training form (autograd, empty state, the kernel's backward) and the
     runtime's inference (chunked, from a State) give the same logits at every position."""
     from rwkv_playground import load_runtime
-    from rwkv_playground.model import RWKV4
+    from rwkv_playground.models.rwkv4 import RWKV4
     from rwkv_playground.wkv import compiled_wkv, reference_wkv
 
     weights = torch.load(tiny_fp32, weights_only=True)

@@ -10,7 +10,7 @@ C++ by name: a swap of two same-shaped matrices is caught here.
 import pytest
 import torch
 
-from rwkv_playground.model import LN_EPS, RWKVConfig, init_random_weights
+from rwkv_playground.models.rwkv4 import LN_EPS, RWKVConfig, init_random_weights
 
 SHAPES = {
     "tiny": RWKVConfig(n_layer=3, n_embd=64, vocab_size=500, ffn_dim=256),

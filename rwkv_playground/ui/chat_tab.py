@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..chat import PRESETS, ChatFormat, ChatSession
+from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
 from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
                      stream, with_notices)
 
@@ -116,11 +116,14 @@ class ChatTab:
 def build(engine) -> gr.State:
     tab = ChatTab(engine)
     session = session_state(engine)
+    loaded = engine.current
+    first = (default_preset(loaded.runtime.architecture.name, loaded.runtime.config.vocab_size)
+             if loaded is not None else list(PRESETS)[0])
     with gr.Row():
-        preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=list(PRESETS)[0], label="Format",
+        preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=first, label="Format",
                              elem_id="chat-format", scale=2)
-        user_name = gr.Textbox("Bob", label="Your name", elem_id="chat-user", scale=1)
-        bot_name = gr.Textbox("Alice", label="Model's name", elem_id="chat-bot", scale=1)
+        user_name = gr.Textbox(PRESETS[first].user, label="Your name", elem_id="chat-user", scale=1)
+        bot_name = gr.Textbox(PRESETS[first].bot, label="Model's name", elem_id="chat-bot", scale=1)
     scenario = gr.Textbox("", label="Scenario (read once, before the first message)", lines=2,
                           elem_id="chat-scenario", placeholder="e.g. The following is a conversation between ...")
     chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")

@@ -77,6 +77,8 @@ NO_VIEWS = [gr.Plot()] * N_VIEWS
 
 
 def model_figures(runtime) -> tuple:
+    if not runtime.architecture.inspector:  # (said by Record; the figures stay empty)
+        return (gr.Plot(),) * 4
     td, tf = model_decay_parameters(runtime)
     return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),
             figures.bonus_vs_decay(td, tf))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_playground import backends
-from rwkv_playground.model import RWKV4, RWKVConfig, expected_shapes
+from rwkv_playground.models.rwkv4 import RWKV4, RWKVConfig, expected_shapes
 
 CHECKPOINT_NAME = "rwkv4-demo-shakespeare.pth"
 TOKENIZER_NAME = "rwkv4-demo-tokenizer.json"

@@ -1,4 +1,5 @@
-"""Safe reading of RWKV checkpoints (.pth and .safetensors) and RWKV version detection.
+"""Safe reading of RWKV checkpoints (.pth and .safetensors); which architecture a file is
+(`models.identify`, from the key names).
 
 Checkpoints are untrusted files. `.pth` files are read with `torch.load(weights_only=True)`, which
 only rebuilds tensors and plain containers: a pickle that carries code is refused, never run.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoadError
+from ..errors import LoadError
 
 ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's legacy (pre-1.6) format is a bare pickle stream: protocol 2+ starts with 0x80.
@@ -75,21 +76,6 @@ class RawCheckpoint:
     tensors: dict[str, torch.Tensor]
     path: Path
     file_format: str  # "pth" or "safetensors"
-
-
-def detect_rwkv_version(keys) -> str:
-    """Name the RWKV generation from the tensor names ("4", "5", "6", "7" or "unknown")."""
-    keys = list(keys)
-    joined = "\n".join(keys)
-    if re.search(r"att\.(x_r|w0|a0)\b", joined):
-        return "7"
-    if re.search(r"att\.(time_maa_x|time_decay_w1)\b", joined):
-        return "6"
-    if re.search(r"att\.(time_faaaa|ln_x|gate)\b", joined):
-        return "5"
-    if "att.time_first" in joined and "att.time_mix_k" in joined:
-        return "4"
-    return "unknown"
 
 
 def _rename_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,12 +215,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LoadError(f"{path.name} is not a model checkpoint (it does not hold a dictionary of tensors).")
     tensors = _rename_hf({str(k): v for k, v in obj.items()})
+    from . import identify
 
-    version = detect_rwkv_version(tensors)
-    if version in ("5", "6", "7"):
-        raise LoadError(f"RWKV-{version} checkpoints are not supported yet (this playground runs RWKV-4).")
-    if version == "unknown":
-        raise LoadError(
-            f"{path.name} is not an RWKV-4 checkpoint (no 'blocks.N.att.time_first' / 'time_mix_k' keys)."
-        )
+    identify(tensors, path.name)  # an unknown or unsupported architecture is refused here, by name
     return RawCheckpoint(tensors=tensors, path=path, file_format=fmt)

@@ -24,16 +24,10 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from .state import State
-from .wkv import WKVOperator, reference_wkv
-
-LN_EPS = 1e-5  # every LayerNorm (the fused C++ step receives it from here)
-# fp16 storage: the output projections of layer i are stored divided by 2**(i // 6) and the
-# residual stream is halved after every 6th layer, so activations stay in fp16's range (ChatRWKV).
-FP16_RESCALE_EVERY = 6
-
-# observe(layer, name, tensor [B, T, ...]): what a caller records of the internals, per call.
-Observer = Callable[[int, str, torch.Tensor], None]
+from ..state import State, StateLayout
+from ..wkv import WKVOperator, reference_wkv
+from . import Architecture, embedding_shape, n_layer_of, require
+from .common import FP16_RESCALE_EVERY, LN_EPS, Observer, token_shift  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -55,11 +49,6 @@ class LayerState(NamedTuple):
     bb: torch.Tensor  # WKV denominator, scaled by exp(-pp)
     pp: torch.Tensor  # the running maximum exponent
     ffn_x: torch.Tensor  # LN2 output of the previous token (channel-mix token shift)
-
-
-def token_shift(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """[B, T, C] -> the previous token's values: `previous` [B, C] at t = 0, x[t - 1] after."""
-    return torch.cat([previous.unsqueeze(1), x[:, :-1]], dim=1)
 
 
 class TimeMix(nn.Module):
@@ -177,6 +166,9 @@ class RWKV4(nn.Module):
         # Set by a runtime that stores weights pre-scaled for fp16 (see FP16_RESCALE_EVERY).
         self.rescale_every = 0
 
+    def state_layout(self) -> StateLayout:
+        return StateLayout.rwkv4(self.config.n_layer, self.config.n_embd)
+
     def forward(self, tokens: torch.Tensor, state: State | None = None, wkv: WKVOperator = reference_wkv,
                 last_only: bool = False, observe: Observer | None = None,
                 time_decay: dict[int, torch.Tensor] | None = None):
@@ -200,7 +192,8 @@ class RWKV4(nn.Module):
         logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
         if state is None:
             return logits, None
-        new_state = State(*(torch.stack(parts, dim=1) for parts in zip(*new_layers)))
+        new_state = State({name: torch.stack(parts, dim=1) for name, parts in zip(LayerState._fields, zip(*new_layers))},
+                          architecture="rwkv4")
         return logits, new_state
 
 
@@ -263,3 +256,32 @@ def iter_random_weights(config: RWKVConfig, seed: int = 0, dtype=torch.float32):
             if name == "output" or (name == "value" and ".ffn." in key):
                 t = t * 0.5
         yield key, t.to(dtype)
+
+
+# ---- the protocol (models/__init__.py) ----------------------------------------------------------
+
+class RWKV4Architecture(Architecture):
+    name, title, recurrence = "rwkv4", "RWKV-4", "wkv4"
+    fp16_rescale = True
+    inspector = True
+    fingerprint_keys = ("att.time_decay", "att.time_first")
+
+    def recognises(self, keys: set[str]) -> bool:
+        return any(k.endswith("att.time_first") for k in keys) and any(k.endswith("att.time_mix_k") for k in keys)
+
+    def config_from(self, tensors: dict[str, torch.Tensor]) -> RWKVConfig:
+        vocab_size, n_embd = embedding_shape(tensors)
+        ffn_key = require(tensors, "blocks.0.ffn.key.weight")
+        return RWKVConfig(n_layer=n_layer_of(tensors), n_embd=n_embd, vocab_size=vocab_size, ffn_dim=ffn_key.shape[0])
+
+    def expected_shapes(self, config: RWKVConfig) -> dict[str, tuple]:
+        return expected_shapes(config)
+
+    def build(self, config: RWKVConfig) -> RWKV4:
+        return RWKV4(config)
+
+    def random_weights(self, config: RWKVConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        return init_random_weights(config, seed, dtype)
+
+
+ARCHITECTURE = RWKV4Architecture()

@@ -1,0 +1,172 @@
+"""The RWKV architectures, one module each, behind one small protocol.
+
+    rwkv4.py  RWKV-4            vector state (aa, bb, pp), WKV with a running maximum
+    rwkv5.py  RWKV-5.0/5.1/5.2  "Eagle": matrix state per head, fixed decay, bonus u
+    rwkv6.py  RWKV-6 (x060)     "Finch": data-dependent token shift and decay (LoRAs)
+    rwkv7.py  RWKV-7 (x070)     "Goose" / G1: generalised delta rule, value residual
+
+Everything outside this package (runtime, scheduler, sessions, state files, UI) talks to a model
+through `Architecture` (what a checkpoint must hold and which model to build) and the built
+module's forward:
+
+    arch = identify(tensors)                      # from the key names (LoadError if unknown)
+    config = arch.config_from(tensors)            # every dimension from the tensors' shapes
+    arch.expected_shapes(config)                  # {key: shape}: the whole checkpoint
+    model = arch.build(config)                    # an nn.Module, parameters named as the keys
+    model.state_layout()                          # StateLayout: the state's named tensors
+    logits, state = model(tokens [B, T], state, wkv=operator, last_only=..., observe=...)
+
+`wkv` is the recurrence operator for `arch.recurrence` ("wkv4" or "matrix"), given by the runtime
+from the chosen backend (`wkv.py`: a PyTorch reference and compiled kernels, same signature).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import LoadError
+from ..state import StateLayout
+
+
+class Architecture:
+    """One RWKV generation: how its checkpoints look and which module runs them."""
+
+    name = ""            # "rwkv4": also the architecture of its states
+    title = ""           # "RWKV-4": shown to users
+    recurrence = ""      # which operator family its forward takes ("wkv4" | "matrix")
+    fp16_rescale = False  # stores output projections pre-divided for fp16 (see FP16_RESCALE_EVERY)
+    inspector = False    # the State inspector's views and experiments read this architecture
+    # per-layer keys (after "blocks.N.") hashed into the model fingerprint
+    fingerprint_keys: tuple[str, ...] = ()
+
+    def recognises(self, keys: set[str]) -> bool:
+        raise NotImplementedError
+
+    def config_from(self, tensors: dict[str, torch.Tensor]):
+        raise NotImplementedError
+
+    def expected_shapes(self, config) -> dict[str, tuple]:
+        raise NotImplementedError
+
+    def build(self, config) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """Random weights in realistic ranges (tests, benchmarks)."""
+        raise NotImplementedError
+
+    def describe(self, config) -> dict:
+        """What the model panel and `Runtime.describe()` show beyond layers x width."""
+        return {"architecture": self.title}
+
+    def __repr__(self) -> str:
+        return f"<architecture {self.title}>"
+
+
+# Variants whose keys we recognise but whose math we do not run: (key pattern, sentence).
+_REFUSED = [
+    (r"\.ffn\.s_emb(_x)?\.weight$|\.ffn\.s[012]$",
+     'an RWKV-7a "DeepEmbed" checkpoint (key \'{key}\'); this playground runs RWKV-7 (x070) without DeepEmbed'),
+    (r"\.att\.qq\.weight$|\.att\.x_q$|\.qq\.",
+     'an RWKV-7b checkpoint with an attention path (key \'{key}\'); this playground runs plain RWKV-7 (x070)'),
+    (r"\.att\.time_state$",
+     "an RWKV-6 state-tuned checkpoint (key '{key}'); load the base model and its state separately"),
+    (r"\.att\.(gate_w1|gate_w2|time_maa_rkvw_w1|time_maa_rkvw_w2)$",
+     "an experimental RWKV-6 variant (x060a/b/c: key '{key}'); this playground runs RWKV-6 x060"),
+]
+
+
+def registry() -> list[Architecture]:
+    from . import rwkv4, rwkv5, rwkv6, rwkv7  # noqa: F401  (each module registers itself below)
+
+    return [rwkv7.ARCHITECTURE, rwkv6.ARCHITECTURE, rwkv5.ARCHITECTURE, rwkv4.ARCHITECTURE]
+
+
+def by_name(name: str) -> Architecture:
+    for arch in registry():
+        if arch.name == name:
+            return arch
+    raise LoadError(f"Unknown architecture '{name}'.")
+
+
+def identify(tensors: dict[str, torch.Tensor], filename: str = "the checkpoint") -> Architecture:
+    """The architecture of a checkpoint, from its key names (LoadError naming what was found)."""
+    keys = set(tensors)
+    for pattern, sentence in _REFUSED:
+        hit = sorted(k for k in keys if re.search(pattern, k))
+        if hit:
+            raise LoadError(f"{filename} is {sentence.format(key=hit[0])}.")
+    for arch in registry():
+        if arch.recognises(keys):
+            return arch
+    sample = ", ".join(sorted(k for k in keys if k.startswith("blocks.0."))[:3]) or ", ".join(sorted(keys)[:3])
+    raise LoadError(f"{filename} is not an RWKV-4, 5, 6 or 7 checkpoint (keys such as {sample}).")
+
+
+def detect_rwkv_version(keys) -> str:
+    """The RWKV generation of a key list ("4", "5.0", "5.1", "5.2", "6", "7" or "unknown")."""
+    tensors = {k: torch.empty(0) for k in keys}
+    try:
+        arch = identify(tensors)
+    except LoadError:
+        return "unknown"
+    if arch.name == "rwkv5":
+        from .rwkv5 import subversion_of_keys
+
+        return subversion_of_keys(tensors)
+    return arch.name.replace("rwkv", "")
+
+
+# ---- shape helpers the architectures share ------------------------------------------------------
+
+def n_layer_of(tensors: dict[str, torch.Tensor]) -> int:
+    layer_ids = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not layer_ids:
+        raise LoadError("The checkpoint has no 'blocks.N.*' keys.")
+    return max(layer_ids) + 1
+
+
+def embedding_shape(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    emb = require(tensors, "emb.weight")
+    if emb.dim() != 2:
+        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}, expected [vocab, n_embd].")
+    vocab_size, n_embd = emb.shape
+    if vocab_size == 0 or n_embd == 0:
+        raise LoadError(f"Key 'emb.weight' has shape {list(emb.shape)}: the model has an empty vocabulary or width.")
+    return int(vocab_size), int(n_embd)
+
+
+class MissingKey(LoadError):
+    def __init__(self, key: str):
+        super().__init__(f"The checkpoint is missing key '{key}'.")
+        self.key = key
+
+
+def require(tensors: dict[str, torch.Tensor], key: str, dims: int | None = None) -> torch.Tensor:
+    if key not in tensors:
+        raise MissingKey(key)
+    t = tensors[key]
+    if dims is not None and t.dim() != dims:
+        raise LoadError(f"Key '{key}' has shape {list(t.shape)}, expected {dims} dimensions.")
+    return t
+
+
+def head_shape(tensors: dict[str, torch.Tensor], key: str, n_embd: int) -> tuple[int, int]:
+    """(n_head, head_size) from a [H, N] tensor (or [H] with N = C / H)."""
+    t = require(tensors, key)
+    shape = [d for d in t.shape if d != 1] if t.dim() > 2 else list(t.shape)
+    if len(shape) == 2:
+        H, N = shape
+    elif len(shape) == 1:
+        H, N = shape[0], n_embd // max(1, shape[0])
+    else:
+        raise LoadError(f"Key '{key}' has shape {list(t.shape)}, expected [n_head, head_size].")
+    if H <= 0 or H * N != n_embd:
+        raise LoadError(f"Key '{key}' has shape {list(t.shape)}: {H} heads do not divide the width {n_embd}.")
+    return int(H), int(N)
+
+
+def matrix_state_layout(name: str, config) -> StateLayout:
+    return StateLayout.matrix(name, config.n_layer, config.n_embd, config.n_head, config.head_size)

@@ -1,0 +1,131 @@
+"""Pieces every RWKV generation shares: LayerNorm eps, the token shift, the per-head GroupNorm,
+the squared-ReLU feed-forward, and the observer signature."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LN_EPS = 1e-5  # every LayerNorm (the fused C++ step receives it from here)
+GROUP_NORM_EPS = 64e-5  # ln_x of v5/v6/v7: one group per head (as the rwkv package, rwkv.cpp, llama.cpp)
+# fp16 storage: the output projections of layer i are stored divided by 2**(i // 6) and the
+# residual stream is halved after every 6th layer, so activations stay in fp16's range (ChatRWKV).
+FP16_RESCALE_EVERY = 6
+
+# observe(layer, name, tensor [B, T, ...]): what a caller records of the internals, per call.
+Observer = Callable[[int, str, torch.Tensor], None]
+LayerObserver = Callable[[str, torch.Tensor], None]
+
+
+def token_shift(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> the previous token's values: `previous` [B, C] at t = 0, x[t - 1] after."""
+    return torch.cat([previous.unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def head_group_norm(y: torch.Tensor, n_head: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ln_x: [B, T, C] normalised per head (N = C / H channels each), fp32."""
+    B, T, C = y.shape
+    return F.group_norm(y.reshape(B * T, C).float(), n_head, weight, bias, eps=GROUP_NORM_EPS).reshape(B, T, C)
+
+
+def squared_relu_ffn(key, value, kx: torch.Tensor) -> torch.Tensor:
+    """value(relu(key(kx))^2): the feed-forward of every generation ([B, T, C] -> [B, T, C])."""
+    return value(torch.square(torch.relu(key(kx))))
+
+
+def observe_layer(observe: Observer | None, layer: int) -> LayerObserver | None:
+    return None if observe is None else (lambda name, value: observe(layer, name, value))
+
+
+def stack_layers(layer_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """[{name: [B, ...]} per layer] -> {name: [B, L, ...]}."""
+    return {name: torch.stack([s[name] for s in layer_states], dim=1) for name in layer_states[0]}
+
+
+# ---- the skeleton of RWKV-5/6/7 (models/__init__.py: the protocol) --------------------------------
+#
+#   x = LN0(emb[token])
+#   for each layer:  x = x + TimeMix(LN1(x));  x = x + ChannelMix(LN2(x))
+#   logits = head(LN_out(x))
+#
+# The per-architecture math lives in each module's TimeMix / ChannelMix; `carry` passes what one
+# layer hands the next within a token (RWKV-7's value residual `v_first`).
+
+class MatrixBlock(nn.Module):
+    def __init__(self, layer_id: int, n_embd: int, att: nn.Module, ffn: nn.Module):
+        super().__init__()
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(n_embd, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(n_embd, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(n_embd, eps=LN_EPS)
+        self.att = att
+        self.ffn = ffn
+
+    def forward(self, x, layer_state: dict | None, wkv, carry: dict, observe: LayerObserver | None = None):
+        """x: [B, T, C]. layer_state: {att_x [B, C], wkv_state [B, H, N, N], ffn_x [B, C]} or None
+        (training: an empty state). Returns x after the block and the layer's new state."""
+        B, T, C = x.shape
+        if layer_state is None:
+            previous_att = previous_ffn = x.new_zeros(B, C)
+            wkv_state = None
+        else:
+            previous_att, wkv_state, previous_ffn = (layer_state[n] for n in ("att_x", "wkv_state", "ffn_x"))
+        xa = self.ln1(x)                                                      # [B, T, C]
+        att, wkv_state = self.att(xa, previous_att, wkv_state, wkv, carry, observe=observe)
+        x = x + att
+        xf = self.ln2(x)
+        if observe is not None:
+            observe("ffn_x", xf)
+        x = x + self.ffn(xf, previous_ffn)
+        if observe is not None:
+            observe("residual", x)
+        return x, {"att_x": xa[:, -1], "wkv_state": wkv_state, "ffn_x": xf[:, -1]}
+
+
+class MatrixStateLM(nn.Module):
+    """An RWKV-5/6/7 language model; subclasses build `self.blocks` from their TimeMix / ChannelMix."""
+
+    architecture = ""  # the state's architecture name
+
+    def __init__(self, config, blocks: list[nn.Module]):
+        super().__init__()
+        self.config = config
+        # (parameters left uninitialised: weights come from a checkpoint; building on meta is free)
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rescale_every = 0  # set by a runtime storing fp16 weights pre-scaled
+
+    def state_layout(self):
+        from ..state import StateLayout
+
+        c = self.config
+        return StateLayout.matrix(self.architecture, c.n_layer, c.n_embd, c.n_head, c.head_size)
+
+    def forward(self, tokens: torch.Tensor, state=None, wkv=None, last_only: bool = False,
+                observe: Observer | None = None):
+        """tokens: [B, T] ids; state: a batched State (not modified) or None (training).
+        Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens)."""
+        from ..state import State
+        from ..wkv import reference_matrix_wkv
+
+        wkv = wkv or reference_matrix_wkv
+        x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
+        carry: dict = {}
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else {n: t[:, i] for n, t in state.tensors().items()}
+            x, layer_state = block(x, layer_state, wkv, carry, observe=observe_layer(observe, i))
+            new_layers.append(layer_state)
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+        if last_only:
+            x = x[:, -1]                                                      # [B, C]
+        logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
+        if state is None:
+            return logits, None
+        return logits, State(stack_layers(new_layers), architecture=self.architecture)

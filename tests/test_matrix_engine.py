@@ -1,0 +1,202 @@
+"""RWKV-5/6/7 in every part of the engine: chat, blog, notebook, the scheduler's batching, state
+files and the memory caps, on small random models with the World vocabulary (what G1 uses).
+
+The State inspector's views and experiments read RWKV-4's vector state; for the other
+architectures they say so in one sentence (their matrix-state views are a separate piece of work).
+"""
+
+import pytest
+import torch
+
+from rwkv_playground import GenerationError, LoadError, StateError
+from rwkv_playground.blog import BlogSession
+from rwkv_playground.chat import ChatSession, PRESETS, default_preset
+from rwkv_playground.engine import Engine
+from rwkv_playground.models import by_name
+from rwkv_playground.models.rwkv5 import RWKV5Config
+from rwkv_playground.models.rwkv6 import RWKV6Config
+from rwkv_playground.models.rwkv7 import RWKV7Config
+from rwkv_playground.notebook import NotebookSession
+from rwkv_playground.sampling import SamplingSettings
+from rwkv_playground.state import State, StateLayout
+
+WORLD = 65536
+MODELS = {
+    "rwkv5": RWKV5Config(2, 64, WORLD, 224, 2, 32),
+    "rwkv6": RWKV6Config(2, 64, WORLD, 224, 2, 32, mix_lora=8, decay_lora=16),
+    "rwkv7": RWKV7Config(2, 64, WORLD, 256, 2, 32, decay_lora=16, iclr_lora=16, value_lora=8, gate_lora=16),
+}
+
+
+def settings(seed=1):
+    return SamplingSettings(temperature=1.0, top_p=0.8, seed=seed)
+
+
+def run(stream):
+    last = ""
+    for last in stream:
+        pass
+    return last
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("matrix-models")
+    paths = {}
+    for n, (name, config) in enumerate(MODELS.items()):
+        paths[name] = folder / f"tiny-{name}-world.pth"
+        torch.save(by_name(name).random_weights(config, seed=30 + n, dtype=torch.bfloat16), paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def matrix_engine(request, model_files):
+    eng = Engine(models_dir=model_files[request.param].parent)
+    eng.load(model_files[request.param])
+    yield eng
+    eng.scheduler.close()
+
+
+def test_chat_turns_read_only_new_tokens_and_the_state_matches_the_history(matrix_engine):
+    loaded = matrix_engine.require()
+    arch = loaded.runtime.architecture.name
+    assert default_preset(arch, loaded.runtime.config.vocab_size) == "World / G1 (User / Assistant)"
+    assert loaded.tokenizer.name.startswith("rwkv_vocab")  # the World vocabulary
+    s = ChatSession(PRESETS["World / G1 (User / Assistant)"])
+    run(s.send(matrix_engine, "Hello there.", settings(1), 12))
+    run(s.send(matrix_engine, "And then?", settings(2), 12))
+    first, second = s.turns
+    assert second.stats["tokens_saved"] == first.state_after.token_count > 0
+    enc = loaded.tokenizer.encode
+    logits, state = loaded.runtime.forward(enc("User: Hello there.\n\nAssistant:") + first.reply_tokens
+                                           + enc("\n\nUser: And then?\n\nAssistant:") + second.reply_tokens)
+    assert torch.allclose(second.logits_after, logits, atol=1e-4)
+    for name, tensor in state.tensors().items():
+        assert torch.allclose(second.state_after.tensors()[name], tensor, atol=1e-4), name
+    # the same seed from the same state gives the same reply
+    again = run(s.regenerate(matrix_engine, settings(2), 12))
+    assert again == second.reply
+
+
+def test_blog_post_and_notebook_run(matrix_engine):
+    loaded = matrix_engine.require()
+    post = BlogSession()
+    text = run(post.write(matrix_engine, "RNN memory", settings(3), max_tokens=20))
+    assert isinstance(text, str) and post.tokens and post.state.architecture == loaded.runtime.architecture.name
+    nb = NotebookSession(loaded.runtime.fingerprint)
+    nb.notebook.add("text", source="User: Say something.\n\nAssistant:")
+    nb.notebook.add("generate", max_tokens=8)
+    from rwkv_playground.notebook import EngineDriver
+
+    for _ in nb.notebook.run(EngineDriver(matrix_engine, nb)):
+        pass
+    assert nb.notebook.cells[1].state.wkv_state.shape[1:] == (loaded.runtime.config.n_head,) + (
+        loaded.runtime.config.head_size,) * 2
+
+
+def test_generations_batched_together_equal_their_solo_runs_bit_for_bit(matrix_engine):
+    from rwkv_playground.generation import Generation, generate
+
+    loaded = matrix_engine.require()
+
+    def new(seed):
+        return Generation(loaded.tokenizer, f"User: Count to {seed}.\n\nAssistant:", settings=settings(seed),
+                          max_tokens=15, chunk_len=8, sampler_kernel=loaded.runtime.sampler_kernel)
+
+    alone = []
+    for seed in (1, 2, 3):
+        gen = new(seed)
+        "".join(generate.__globals__["Stream"](loaded.runtime, gen))
+        alone.append((list(gen.tokens), gen.state))
+    gens = [new(seed) for seed in (1, 2, 3)]
+    tickets = [matrix_engine.scheduler.submit_generation(g) for g in gens]
+    for t in tickets:
+        t.wait(timeout=120)
+    for (tokens, state), gen in zip(alone, gens):
+        assert gen.tokens == tokens
+        for name, tensor in state.tensors().items():
+            assert torch.equal(gen.state.tensors()[name], tensor), name
+    assert max(matrix_engine.scheduler.batch_sizes) >= 2
+
+
+def test_state_files_round_trip_and_other_architectures_are_refused(matrix_engine, tmp_path, tiny_fp32):
+    from rwkv_playground import load_runtime
+
+    runtime = matrix_engine.require().runtime
+    _, state = runtime.forward([1, 2, 3, 4])
+    path = tmp_path / "matrix.safetensors"
+    state.save(path)
+    loaded = State.load(path, runtime=runtime)
+    assert loaded.architecture == runtime.architecture.name and loaded.token_count == 4
+    assert all(torch.equal(a, b) for a, b in zip(loaded.tensors().values(), state.tensors().values()))
+    # an RWKV-4 state into this model, and this state into an RWKV-4 model: one sentence each
+    v4 = load_runtime(tiny_fp32)
+    _, v4_state = v4.forward([1, 2])
+    v4_path = tmp_path / "v4.safetensors"
+    v4_state.save(v4_path)
+    with pytest.raises(StateError, match=f"from an RWKV-4 model; the loaded model is {runtime.architecture.title}"):
+        State.load(v4_path, runtime=runtime)
+    with pytest.raises(StateError, match=f"from an {runtime.architecture.title} model; the loaded model is RWKV-4"):
+        State.load(path, runtime=v4)
+    with pytest.raises(StateError):
+        runtime.forward([1], v4_state)
+
+
+def test_the_inspector_says_plainly_what_does_not_apply(matrix_engine):
+    from rwkv_playground.experiments import Knockout, knockouts
+    from rwkv_playground.inspection import record
+
+    loaded = matrix_engine.require()
+    title = loaded.runtime.architecture.title
+    with pytest.raises(GenerationError, match=f"vector state; its views of {title}'s matrix state"):
+        record(loaded.runtime, loaded.tokenizer, [1, 2, 3])
+    with pytest.raises(GenerationError, match="Experiments on the state"):
+        knockouts(loaded.runtime, loaded.tokenizer, [1, 2, 3], [Knockout(layer=0, channels=(0,), position=1)])
+    assert loaded.describe()["architecture"].startswith(title)
+
+
+def test_a_7b_shape_rwkv7_state_keeps_the_caps():
+    """G1 7.2B: 32 layers x 4096, 64 heads of 64: a state is 32 x (2 x 4096 + 64 x 64 x 64) floats =
+    34.6 MB (13x an RWKV-4 7B state); 100 notebook cells of it stay within the notebook's cap."""
+    layout = StateLayout.matrix("rwkv7", 32, 4096, 64, 64)
+    assert layout.nbytes() == 32 * (2 * 4096 + 64 ** 3) * 4 == 34_603_008
+    session = NotebookSession("f")
+    for i in range(100):
+        cell = session.notebook.add("text", source=f"line {i}\n")
+        cell.state = State.empty(layout, fingerprint="f")
+        cell.logits = torch.zeros(WORLD)
+        cell.tokens = [1]
+        cell.fresh = True
+    assert session.memory_bytes() == 100 * (layout.nbytes() + WORLD * 4)
+    limit = 256 << 20
+    assert session.trim(limit) <= limit and session.memory_bytes() <= limit
+    assert session.notebook.cells[-1].state is not None
+
+
+def test_the_model_panel_lists_and_switches_among_architectures(model_files, world_tiny):
+    eng = Engine(models_dir=model_files["rwkv7"].parent)
+    try:
+        names = eng.list_models()
+        assert {p.name for p in model_files.values()} <= set(names)
+        for name, path in model_files.items():
+            eng.load(eng.resolve_choice(path.name))
+            assert eng.current.runtime.architecture.name == name
+        eng.load(world_tiny)
+        assert eng.current.runtime.architecture.name == "rwkv4"
+    finally:
+        eng.scheduler.close()
+
+
+def test_a_bad_file_of_a_new_architecture_keeps_the_current_model(model_files, tmp_path):
+    eng = Engine(models_dir=tmp_path)
+    try:
+        eng.load(model_files["rwkv7"])
+        weights = torch.load(model_files["rwkv7"], weights_only=True)
+        del weights["blocks.1.att.k_a"]
+        bad = tmp_path / "broken-v7.pth"
+        torch.save(weights, bad)
+        with pytest.raises(LoadError, match="missing key 'blocks.1.att.k_a'"):
+            eng.load(bad)
+        assert eng.current.runtime.architecture.name == "rwkv7"
+    finally:
+        eng.scheduler.close()

@@ -1,0 +1,125 @@
+"""The RWKV-5/6/7 matrix-state recurrences: the C++ kernels (kernels/wkv_matrix_cpu.cpp) against the
+PyTorch references (wkv.py), and the references against a float64 loop written here.
+
+Grid: B in {1, 3}; T in {1, 2, 17, 256}; (H, N) in {(1, 64), (2, 64), (3, 32), (4, 16)}; decays
+from almost 0 (forget at once) to almost 1 (remember everything), the state carried across chunks
+(one pass == the same tokens in pieces), a batch row equal to the row alone bit for bit.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkv_playground.wkv import compiled_matrix_wkv, reference_matrix_wkv, wkv5_reference, wkv7_reference
+
+SHAPES = [(1, 64), (2, 64), (3, 32), (4, 16)]
+TOL = 2e-5  # max |diff| / max |reference|: only the order of fp32 sums differs
+
+
+@pytest.fixture(scope="module")
+def kernel(cpu_kernel_module):
+    return compiled_matrix_wkv(cpu_kernel_module, "cpu")
+
+
+def inputs(kind, B, T, H, N, seed=0, decay="mixed"):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g)
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    if decay == "fast":
+        w = torch.full((B, T, H, N), 1e-6)
+    elif decay == "slow":
+        w = 1 - 1e-6 * torch.rand((B, T, H, N), generator=g)
+    else:
+        w = torch.exp(-torch.exp(randn(B, T, H, N) * 2 - 2))
+    state = randn(B, H, N, N)
+    if kind == "wkv5":
+        return r, k, v, w, randn(H, N), state
+    if kind == "wkv7":
+        w = torch.exp(-0.606531 * torch.sigmoid(randn(B, T, H, N) * 3)) if decay == "mixed" else w
+        kk = F.normalize(randn(B, T, H, N), dim=-1)
+        a = torch.sigmoid(randn(B, T, H, N))
+        return r, w, k, v, kk, a, state
+    raise ValueError(kind)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+GRID = list(itertools.product(["wkv5", "wkv7"], [1, 3], [1, 2, 17, 256], SHAPES))
+
+
+@pytest.mark.parametrize("kind,B,T,shape", GRID)
+def test_kernel_matches_reference(kernel, kind, B, T, shape):
+    H, N = shape
+    args = inputs(kind, B, T, H, N, seed=B * 1000 + T)
+    y_ref, S_ref = getattr(reference_matrix_wkv, kind)(*args)
+    before = [a.clone() for a in args]
+    y, S = getattr(kernel, kind)(*args)
+    assert y.shape == (B, T, H, N) and S.shape == (B, H, N, N) and y.dtype == S.dtype == torch.float32
+    assert rel(y, y_ref) <= TOL and rel(S, S_ref) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(args, before))  # inputs (the state too) untouched
+
+
+@pytest.mark.parametrize("kind,decay", list(itertools.product(["wkv5", "wkv7"], ["fast", "slow"])))
+def test_extreme_decays(kernel, kind, decay):
+    args = inputs(kind, 2, 300, 2, 64, seed=7, decay=decay)
+    y_ref, S_ref = getattr(reference_matrix_wkv, kind)(*args)
+    y, S = getattr(kernel, kind)(*args)
+    assert torch.isfinite(y).all() and torch.isfinite(S).all()
+    assert rel(y, y_ref) <= TOL and rel(S, S_ref) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["wkv5", "wkv7"])
+def test_state_carried_across_chunks_and_rows_independent(kernel, kind):
+    B, T, H, N = 3, 40, 2, 32
+    args = inputs(kind, B, T, H, N, seed=3)
+    op = getattr(kernel, kind)
+    y_all, S_all = op(*args)
+    # in pieces: 1 + 16 + 23 tokens, each starting from the state the previous one left
+    S, pieces = args[-1], []
+    for lo, hi in ((0, 1), (1, 17), (17, 40)):
+        y, S = op(*[a[:, lo:hi].contiguous() if a.dim() == 4 else a for a in args[:-1]], S)
+        pieces.append(y)
+    assert torch.equal(torch.cat(pieces, dim=1), y_all) and torch.equal(S, S_all)
+    # row 1 of the batch equals row 1 run alone, bit for bit
+    alone = op(*[a[1:2].contiguous() if a.dim() == 4 else a for a in args[:-1]], args[-1][1:2].contiguous())
+    assert torch.equal(alone[0], y_all[1:2]) and torch.equal(alone[1], S_all[1:2])
+
+
+def test_references_match_a_float64_loop():
+    """The references against the equations written out per head, channel by channel, in float64."""
+    B, T, H, N = 1, 5, 2, 4
+    r, k, v, w, u, S0 = (t.double() for t in inputs("wkv5", B, T, H, N, seed=11))
+    y, S = wkv5_reference(r, k, v, w, u, S0)
+    S_loop = S0.clone()
+    for t in range(T):
+        for h in range(H):
+            out = torch.zeros(N, dtype=torch.float64)
+            for j in range(N):
+                for i in range(N):
+                    kv = k[0, t, h, j] * v[0, t, h, i]
+                    out[i] += r[0, t, h, j] * (u[h, j] * kv + S_loop[0, h, j, i])
+                    S_loop[0, h, j, i] = kv + w[0, t, h, j] * S_loop[0, h, j, i]
+            assert torch.allclose(y[0, t, h], out, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(S, S_loop, rtol=1e-12, atol=1e-12)
+
+    r, w, k, v, kk, a, S0 = (t.double() for t in inputs("wkv7", B, T, H, N, seed=12))
+    y, S = wkv7_reference(r, w, k, v, kk, a, S0)
+    S_loop = S0.clone()
+    for t in range(T):
+        for h in range(H):
+            old = S_loop[0, h].clone()
+            for i in range(N):
+                removed = sum(old[i, j] * kk[0, t, h, j] for j in range(N))
+                for j in range(N):
+                    S_loop[0, h, i, j] = (old[i, j] * w[0, t, h, j] - removed * kk[0, t, h, j] * a[0, t, h, j]
+                                          + v[0, t, h, i] * k[0, t, h, j])
+            out = S_loop[0, h] @ r[0, t, h]
+            assert torch.allclose(y[0, t, h], out, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(S, S_loop, rtol=1e-12, atol=1e-12)
