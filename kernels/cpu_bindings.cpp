@@ -51,6 +51,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("pp"), py::arg("ffn_x"), py::call_guard<py::gil_scoped_release>(),
            "one token for each of B sequences through every layer and the head; the states ([L, C] "
            "float32 tensors, one per sequence) advance in place; returns the logits [B, V]");
+  using rwkv_cpu::MatrixStepWeights;
+  py::class_<MatrixStepWeights>(m, "MatrixStepWeights",
+                                "RWKV-5/6/7 weights for the one-token step, by checkpoint name (LoRAs transposed)")
+      .def(py::init<const std::map<std::string, at::Tensor>&, const std::string&, int64_t, int64_t, int64_t, double,
+                    double, const std::string&>(),
+           py::arg("weights"), py::arg("architecture"), py::arg("n_layer"), py::arg("n_head"), py::arg("head_size"),
+           py::arg("layer_norm_eps"), py::arg("group_norm_eps"), py::arg("isa") = "auto")
+      .def_property_readonly("isa", &MatrixStepWeights::isa)
+      .def_property_readonly("storage", &MatrixStepWeights::storage)
+      .def("step", &MatrixStepWeights::step, py::arg("tokens"), py::arg("att_x"), py::arg("wkv_state"),
+           py::arg("ffn_x"), py::call_guard<py::gil_scoped_release>(),
+           "one token for each of B sequences through every layer and the head; the states advance in place; "
+           "returns the logits [B, V]");
   m.def("matvec", &rwkv_cpu::matvec, py::arg("weight"), py::arg("x"), py::arg("scale") = py::none(),
         py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
         "y = x W^T for x [K] or [B, K] (W float32, bfloat16, or int8 with a scale per row)");

@@ -686,3 +686,496 @@ at::Tensor matvec(const at::Tensor& W, const at::Tensor& x, const c10::optional<
 }
 
 }  // namespace rwkv_cpu
+
+// ================================================================================================
+// RWKV-5 / 6 / 7: the one-token step for the matrix-state architectures. The same matvecs (one
+// parallel pass per group of products that share inputs), with each architecture's elementwise
+// math between them, written to follow rwkv_playground/models/rwkv5.py, rwkv6.py, rwkv7.py line
+// by line (the tests hold this step to those modules' forward).
+// ================================================================================================
+namespace rwkv_cpu {
+
+struct MatrixLayerWeights {
+  const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias, *ln_x_weight, *ln_x_bias;
+  // v5: lerps (RWKV-4 form), fixed decay factor w [C] and bonus u [C] (per-head values broadcast)
+  const float *mix_k = nullptr, *mix_v = nullptr, *mix_r = nullptr, *mix_g = nullptr;
+  std::vector<float> decay, bonus;
+  // v6: ddlerp and data-dependent decay
+  const float *maa_x = nullptr, *maa[5] = {nullptr, nullptr, nullptr, nullptr, nullptr}, *decay_base = nullptr;
+  Matrix maa_w1, maa_w2[5], decay_w1, decay_w2;
+  // v7
+  const float *x_[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  const float *w0 = nullptr, *a0 = nullptr, *v0 = nullptr, *k_k = nullptr, *k_a = nullptr, *r_k = nullptr;
+  Matrix w1, w2, a1, a2, v1, v2, g1, g2;
+  Matrix receptance, key, value, gate, output;
+  bool gated = false;
+  // channel mix
+  const float *ffn_mix_k = nullptr, *ffn_mix_r = nullptr, *ffn_x_k = nullptr;
+  Matrix ffn_key, ffn_receptance, ffn_value;
+};
+
+namespace {
+
+struct Reader {
+  const std::map<std::string, at::Tensor>& named;
+  std::vector<at::Tensor>& keep;
+
+  const at::Tensor& get(const std::string& name) const {
+    auto it = named.find(name);
+    TORCH_CHECK(it != named.end(), "MatrixStepWeights: missing '", name, "'");
+    return it->second;
+  }
+  const float* vec(const std::string& name, int64_t n) {
+    const at::Tensor& t = get(name);
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                "MatrixStepWeights: '", name, "' must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(t.numel() == n, "MatrixStepWeights: '", name, "' has ", t.numel(), " elements, expected ", n);
+    keep.push_back(t);
+    return t.data_ptr<float>();
+  }
+  Matrix mat(const at::Tensor& t, const std::string& name, int64_t rows, int64_t cols, const float* scale = nullptr) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2,
+                "MatrixStepWeights: '", name, "' must be a contiguous 2-D CPU tensor");
+    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "MatrixStepWeights: '", name, "' has shape [", t.size(0),
+                ", ", t.size(1), "], expected [", rows, ", ", cols, "]");
+    Matrix m;
+    m.storage = storage_of(t);
+    m.data = t.data_ptr();
+    m.rows = rows;
+    m.cols = cols;
+    m.scale = scale;
+    keep.push_back(t);
+    return m;
+  }
+  Matrix mat(const std::string& name, int64_t rows, int64_t cols) {
+    const at::Tensor& t = get(name);
+    const float* scale = nullptr;
+    if (t.scalar_type() == at::kChar) {
+      auto s = named.find(name + "_scale");
+      TORCH_CHECK(s != named.end() && s->second.scalar_type() == at::kFloat && s->second.is_contiguous() &&
+                      s->second.numel() == rows,
+                  "MatrixStepWeights: int8 '", name, "' needs '", name, "_scale' (", rows, " float32 values)");
+      keep.push_back(s->second);
+      scale = s->second.data_ptr<float>();
+    }
+    return mat(t, name, rows, cols, scale);
+  }
+};
+
+// GroupNorm of one row, one group per head of N channels (mean / variance in double, as layer_norm)
+void head_group_norm(float* y, const float* weight, const float* bias, float eps, int64_t H, int64_t N) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* g = y + h * N;
+    double sum = 0.0;
+    for (int64_t i = 0; i < N; ++i) sum += g[i];
+    const double mean = sum / N;
+    double sq = 0.0;
+    for (int64_t i = 0; i < N; ++i) sq += (g[i] - mean) * (g[i] - mean);
+    const float inv_std = static_cast<float>(1.0 / std::sqrt(sq / N + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < N; ++i) g[i] = (g[i] - m) * inv_std * weight[h * N + i] + bias[h * N + i];
+  }
+}
+
+// RWKV-5/6, one token, head h: y = r^T (diag(u) k v^T + S); S = k v^T + diag(w) S   (S[key][value])
+void wkv5_token(float* S, const float* r, const float* k, const float* v, const float* w, const float* u, float* y,
+                int64_t N) {
+  for (int64_t i = 0; i < N; ++i) y[i] = 0.f;
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = S + j * N;
+    const float kj = k[j], rj = r[j], ukj = u[j] * k[j], wj = w[j];
+    for (int64_t i = 0; i < N; ++i) {
+      const float kv = kj * v[i];
+      y[i] += rj * (ukj * v[i] + row[i]);
+      row[i] = kv + wj * row[i];
+    }
+  }
+}
+
+// RWKV-7, one token, head h: S = S diag(w) - (S kk)(kk a)^T + v k^T; y = S r      (S[value][key])
+void wkv7_token(float* S, const float* r, const float* w, const float* k, const float* v, const float* kk,
+                const float* a, float* y, int64_t N, float* kka) {
+  for (int64_t j = 0; j < N; ++j) kka[j] = kk[j] * a[j];
+  for (int64_t i = 0; i < N; ++i) {
+    float* row = S + i * N;
+    float removed = 0.f;
+    for (int64_t j = 0; j < N; ++j) removed += row[j] * kk[j];
+    const float vi = v[i];
+    float yi = 0.f;
+    for (int64_t j = 0; j < N; ++j) {
+      row[j] = row[j] * w[j] - removed * kka[j] + vi * k[j];
+      yi += row[j] * r[j];
+    }
+    y[i] = yi;
+  }
+}
+
+inline float silu(float x) { return x * sigmoid(x); }
+
+constexpr int64_t kMaxHeadSize = 512;  // a per-head scratch row lives on the stack
+
+}  // namespace
+
+MatrixStepWeights::MatrixStepWeights(const std::map<std::string, at::Tensor>& named, const std::string& architecture,
+                                     int64_t n_layer, int64_t n_head, int64_t head_size, double layer_norm_eps,
+                                     double group_norm_eps, const std::string& isa)
+    : n_head_(n_head), head_size_(head_size), ln_eps_(static_cast<float>(layer_norm_eps)),
+      gn_eps_(static_cast<float>(group_norm_eps)), isa_(parse_isa(isa)) {
+  TORCH_CHECK(architecture == "rwkv5" || architecture == "rwkv6" || architecture == "rwkv7",
+              "MatrixStepWeights: architecture must be rwkv5, rwkv6 or rwkv7, not '", architecture, "'");
+  arch_ = architecture == "rwkv5" ? MatrixArch::kV5 : architecture == "rwkv6" ? MatrixArch::kV6 : MatrixArch::kV7;
+  TORCH_CHECK(n_layer >= 1 && n_head >= 1 && head_size >= 1, "MatrixStepWeights: empty model");
+  Reader rd{named, keep_alive_};
+  const at::Tensor& emb = rd.get("emb.weight");
+  const at::Tensor& ffn = rd.get("blocks.0.ffn.key.weight");
+  TORCH_CHECK(emb.dim() == 2 && ffn.dim() == 2, "MatrixStepWeights: emb.weight and ffn.key.weight must be 2-D");
+  vocab_ = emb.size(0);
+  n_embd_ = emb.size(1);
+  ffn_dim_ = ffn.size(0);
+  const int64_t C = n_embd_, F = ffn_dim_, H = n_head_, N = head_size_;
+  TORCH_CHECK(H * N == C, "MatrixStepWeights: ", H, " heads of ", N, " do not make the width ", C);
+  TORCH_CHECK(N <= kMaxHeadSize, "MatrixStepWeights: head size ", N, " is above ", kMaxHeadSize);
+  emb_ = rd.mat("emb.weight", vocab_, C);
+  TORCH_CHECK(emb_.storage != Storage::kInt8, "MatrixStepWeights: the embedding must be float32 or bfloat16");
+  ln0_weight_ = rd.vec("blocks.0.ln0.weight", C);
+  ln0_bias_ = rd.vec("blocks.0.ln0.bias", C);
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    auto* l = new MatrixLayerWeights();
+    layers_.push_back(l);
+    l->ln1_weight = rd.vec(p + "ln1.weight", C);
+    l->ln1_bias = rd.vec(p + "ln1.bias", C);
+    l->ln2_weight = rd.vec(p + "ln2.weight", C);
+    l->ln2_bias = rd.vec(p + "ln2.bias", C);
+    l->ln_x_weight = rd.vec(p + "att.ln_x.weight", C);
+    l->ln_x_bias = rd.vec(p + "att.ln_x.bias", C);
+    l->receptance = rd.mat(p + "att.receptance.weight", C, C);
+    l->key = rd.mat(p + "att.key.weight", C, C);
+    l->value = rd.mat(p + "att.value.weight", C, C);
+    l->output = rd.mat(p + "att.output.weight", C, C);
+    l->ffn_key = rd.mat(p + "ffn.key.weight", F, C);
+    l->ffn_value = rd.mat(p + "ffn.value.weight", C, F);
+    if (arch_ == MatrixArch::kV5) {
+      l->mix_k = rd.vec(p + "att.time_mix_k", C);
+      l->mix_v = rd.vec(p + "att.time_mix_v", C);
+      l->mix_r = rd.vec(p + "att.time_mix_r", C);
+      l->gated = named.count(p + "att.gate.weight") > 0;
+      if (l->gated) {
+        l->mix_g = rd.vec(p + "att.time_mix_g", C);
+        l->gate = rd.mat(p + "att.gate.weight", C, C);
+      }
+      // decay factor and bonus per channel: the stored [H] (5.0/5.1) or [H, N] (5.2) broadcast over heads;
+      // "decay" / "bonus" are passed by the runtime as the factors the model computes (exp(-exp(td)), u)
+      const float* w = rd.vec(p + "att.decay_factor", C);
+      const float* u = rd.vec(p + "att.bonus", C);
+      l->decay.assign(w, w + C);
+      l->bonus.assign(u, u + C);
+      l->ffn_mix_k = rd.vec(p + "ffn.time_mix_k", C);
+      l->ffn_mix_r = rd.vec(p + "ffn.time_mix_r", C);
+      l->ffn_receptance = rd.mat(p + "ffn.receptance.weight", C, C);
+    } else if (arch_ == MatrixArch::kV6) {
+      l->maa_x = rd.vec(p + "att.time_maa_x", C);
+      const char* names[5] = {"w", "k", "v", "r", "g"};
+      for (int m = 0; m < 5; ++m) l->maa[m] = rd.vec(p + "att.time_maa_" + names[m], C);
+      const at::Tensor& w1 = rd.get(p + "att.time_maa_w1");
+      TORCH_CHECK(w1.dim() == 2 && w1.size(0) % 5 == 0, "MatrixStepWeights: time_maa_w1 must be [5 D, C]");
+      const int64_t D = w1.size(0) / 5;
+      l->maa_w1 = rd.mat(p + "att.time_maa_w1", 5 * D, C);
+      const at::Tensor& w2 = rd.get(p + "att.time_maa_w2");
+      TORCH_CHECK(w2.dim() == 3 && w2.size(0) == 5 && w2.size(1) == C && w2.size(2) == D && w2.is_contiguous() &&
+                      w2.scalar_type() == at::kFloat,
+                  "MatrixStepWeights: time_maa_w2 must be a contiguous float32 [5, C, D]");
+      for (int m = 0; m < 5; ++m) l->maa_w2[m] = rd.mat(w2[m], p + "att.time_maa_w2", C, D);
+      l->decay_base = rd.vec(p + "att.time_decay", C);
+      const at::Tensor& d1 = rd.get(p + "att.time_decay_w1");
+      TORCH_CHECK(d1.dim() == 2, "MatrixStepWeights: time_decay_w1 must be 2-D");
+      l->decay_w1 = rd.mat(p + "att.time_decay_w1", d1.size(0), C);
+      l->decay_w2 = rd.mat(p + "att.time_decay_w2", C, d1.size(0));
+      const float* u = rd.vec(p + "att.time_faaaa", C);
+      l->bonus.assign(u, u + C);
+      l->gated = true;
+      l->gate = rd.mat(p + "att.gate.weight", C, C);
+      l->ffn_mix_k = rd.vec(p + "ffn.time_maa_k", C);
+      l->ffn_mix_r = rd.vec(p + "ffn.time_maa_r", C);
+      l->ffn_receptance = rd.mat(p + "ffn.receptance.weight", C, C);
+    } else {
+      const char* lerps[6] = {"r", "w", "k", "v", "a", "g"};
+      for (int m = 0; m < 6; ++m) l->x_[m] = rd.vec(p + "att.x_" + lerps[m], C);
+      l->w0 = rd.vec(p + "att.w0", C);
+      l->a0 = rd.vec(p + "att.a0", C);
+      l->v0 = rd.vec(p + "att.v0", C);
+      l->k_k = rd.vec(p + "att.k_k", C);
+      l->k_a = rd.vec(p + "att.k_a", C);
+      l->r_k = rd.vec(p + "att.r_k", C);
+      auto lora = [&](const char* name, Matrix& first, Matrix& second) {
+        const at::Tensor& t = rd.get(p + "att." + name + "1");
+        TORCH_CHECK(t.dim() == 2, "MatrixStepWeights: ", p, "att.", name, "1 must be 2-D");
+        first = rd.mat(p + "att." + name + "1", t.size(0), C);
+        second = rd.mat(p + "att." + name + "2", C, t.size(0));
+      };
+      lora("w", l->w1, l->w2);
+      lora("a", l->a1, l->a2);
+      lora("v", l->v1, l->v2);
+      lora("g", l->g1, l->g2);
+      l->ffn_x_k = rd.vec(p + "ffn.x_k", C);
+    }
+  }
+  ln_out_weight_ = rd.vec("ln_out.weight", C);
+  ln_out_bias_ = rd.vec("ln_out.bias", C);
+  head_ = rd.mat("head.weight", vocab_, C);
+}
+
+MatrixStepWeights::~MatrixStepWeights() {
+  for (auto* l : layers_) delete l;
+}
+
+std::string MatrixStepWeights::storage() const { return storage_name(layers_.front()->key.storage); }
+
+at::Tensor MatrixStepWeights::step(const at::Tensor& tokens, const std::vector<at::Tensor>& att_x,
+                                   const std::vector<at::Tensor>& wkv_state,
+                                   const std::vector<at::Tensor>& ffn_x) const {
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.dim() == 1,
+              "matrix_step: tokens must be a 1-D int64 CPU tensor");
+  const int64_t B = tokens.numel(), L = static_cast<int64_t>(layers_.size()), C = n_embd_, F = ffn_dim_, V = vocab_;
+  const int64_t H = n_head_, N = head_size_;
+  const at::Tensor ids = tokens.contiguous();
+  const int64_t* token = ids.data_ptr<int64_t>();
+  TORCH_CHECK(static_cast<int64_t>(att_x.size()) == B && static_cast<int64_t>(wkv_state.size()) == B &&
+                  static_cast<int64_t>(ffn_x.size()) == B,
+              "matrix_step: one state per token");
+  for (int64_t b = 0; b < B; ++b) {
+    for (const at::Tensor* s : {&att_x[b], &ffn_x[b]}) {
+      TORCH_CHECK(s->device().is_cpu() && s->scalar_type() == at::kFloat && s->is_contiguous() && s->dim() == 2 &&
+                      s->size(0) == L && s->size(1) == C,
+                  "matrix_step: token-shift states must be contiguous float32 [", L, ", ", C, "]");
+    }
+    const at::Tensor& S = wkv_state[b];
+    TORCH_CHECK(S.device().is_cpu() && S.scalar_type() == at::kFloat && S.is_contiguous() && S.dim() == 4 &&
+                    S.size(0) == L && S.size(1) == H && S.size(2) == N && S.size(3) == N,
+                "matrix_step: wkv_state must be contiguous float32 [", L, ", ", H, ", ", N, ", ", N, "]");
+    TORCH_CHECK(token[b] >= 0 && token[b] < V, "matrix_step: token id out of range");
+  }
+  at::Tensor logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0) return logits;
+
+  // work buffers, reused between calls
+  static thread_local std::vector<float> x, xx, d, r, k, v, g, w, a, kk, vfirst, y, out, fk, lo1, lo2, lo3, lo4,
+      mixed, m5;
+  for (auto* buf : {&x, &xx, &d, &r, &k, &v, &g, &w, &a, &kk, &vfirst, &y, &out}) buf->resize(B * C);
+  fk.resize(B * F);
+  mixed.resize(6 * B * C);
+  int64_t lora_max = 1;
+  for (const auto* l : layers_) {
+    for (const Matrix* m : {&l->maa_w1, &l->decay_w1, &l->w1, &l->a1, &l->v1, &l->g1})
+      lora_max = std::max(lora_max, m->rows);
+  }
+  for (auto* buf : {&lo1, &lo2, &lo3, &lo4}) buf->resize(B * lora_max);
+  m5.resize(B * C * 5);
+  auto X = rows_of(x, B, C), XX = rows_of(xx, B, C), D_ = rows_of(d, B, C);
+  auto R_ = rows_of(r, B, C), K_ = rows_of(k, B, C), V_ = rows_of(v, B, C), G_ = rows_of(g, B, C);
+  auto W_ = rows_of(w, B, C), A_ = rows_of(a, B, C), VF = rows_of(vfirst, B, C), Y = rows_of(y, B, C);
+  auto KK = rows_of(kk, B, C);  // (the row lambdas run on other threads: pointers, never the thread_locals)
+  auto OUT = rows_of(out, B, C), FK = rows_of(fk, B, F);
+  auto L1 = rows_of(lo1, B, lora_max), L2 = rows_of(lo2, B, lora_max), L3 = rows_of(lo3, B, lora_max),
+       L4 = rows_of(lo4, B, lora_max);
+  std::vector<std::vector<float*>> MIX(6);
+  for (int m = 0; m < 6; ++m) {
+    MIX[m].resize(B);
+    for (int64_t b = 0; b < B; ++b) MIX[m][b] = mixed.data() + (m * B + b) * C;
+  }
+  std::vector<std::vector<float*>> M5(5);
+  for (int m = 0; m < 5; ++m) {
+    M5[m].resize(B);
+    for (int64_t b = 0; b < B; ++b) M5[m][b] = m5.data() + (m * B + b) * C;
+  }
+  std::vector<float*> LOGITS(B);
+  for (int64_t b = 0; b < B; ++b) LOGITS[b] = logits.data_ptr<float>() + b * V;
+
+  for (int64_t b = 0; b < B; ++b) {
+    if (emb_.storage == Storage::kFloat32) {
+      std::copy_n(static_cast<const float*>(emb_.data) + token[b] * C, C, XX[b]);
+    } else {
+      const uint16_t* row = static_cast<const uint16_t*>(emb_.data) + token[b] * C;
+      for (int64_t c = 0; c < C; ++c) XX[b][c] = bf16_to_float(row[c]);
+    }
+    layer_norm(XX[b], ln0_weight_, ln0_bias_, ln_eps_, X[b], C);
+  }
+
+  std::vector<MatvecJob> jobs;
+  for (int64_t i = 0; i < L; ++i) {
+    const MatrixLayerWeights& lw = *layers_[i];
+    // ---- time mixing: LN1, the token shift, the mixed inputs
+    for_rows(B, [&](int64_t b) {
+      float* prev = att_x[b].data_ptr<float>() + i * C;
+      layer_norm(X[b], lw.ln1_weight, lw.ln1_bias, ln_eps_, XX[b], C);
+      for (int64_t c = 0; c < C; ++c) D_[b][c] = prev[c] - XX[b][c];
+      if (arch_ == MatrixArch::kV5) {
+        mix(XX[b], prev, lw.mix_r, MIX[0][b], C);
+        mix(XX[b], prev, lw.mix_k, MIX[1][b], C);
+        mix(XX[b], prev, lw.mix_v, MIX[2][b], C);
+        if (lw.gated) mix(XX[b], prev, lw.mix_g, MIX[3][b], C);
+      } else if (arch_ == MatrixArch::kV6) {
+        for (int64_t c = 0; c < C; ++c) MIX[5][b][c] = XX[b][c] + D_[b][c] * lw.maa_x[c];
+      } else {
+        for (int m = 0; m < 6; ++m)
+          for (int64_t c = 0; c < C; ++c) MIX[m][b][c] = XX[b][c] + D_[b][c] * lw.x_[m][c];
+      }
+      std::copy_n(XX[b], C, prev);
+    });
+    // the mixed inputs of r, k, v (and g): MIX[0..3] = r, k, v, g for v5 and v6; v7: r, w, k, v, a, g
+    const std::vector<float*>* xr = &MIX[0];
+    const std::vector<float*>* xk = &MIX[1];
+    const std::vector<float*>* xv = &MIX[2];
+    const std::vector<float*>* xg = &MIX[3];
+    if (arch_ == MatrixArch::kV6) {
+      // ddlerp: m = tanh(xxx W1) W2 (five LoRAs), x_* = xx + d (maa_* + m_*); order w, k, v, r, g
+      const int64_t D5 = lw.maa_w1.rows, D = D5 / 5;
+      jobs = {job(lw.maa_w1, B, MIX[5], L1)};
+      run_jobs(isa_, jobs);
+      for_rows(B, [&](int64_t b) {
+        for (int64_t j = 0; j < D5; ++j) L1[b][j] = std::tanh(L1[b][j]);
+      });
+      jobs.clear();
+      std::vector<std::vector<float*>> parts(5, std::vector<float*>(B));
+      for (int m = 0; m < 5; ++m) {
+        for (int64_t b = 0; b < B; ++b) parts[m][b] = L1[b] + m * D;
+        jobs.push_back(job(lw.maa_w2[m], B, parts[m], M5[m]));
+      }
+      run_jobs(isa_, jobs);
+      // into MIX: 0 r, 1 k, 2 v, 3 g, 4 w
+      const int order[5] = {4, 1, 2, 0, 3};  // ddlerp index (w, k, v, r, g) -> MIX slot
+      for_rows(B, [&](int64_t b) {
+        for (int m = 0; m < 5; ++m)
+          for (int64_t c = 0; c < C; ++c) MIX[order[m]][b][c] = XX[b][c] + D_[b][c] * (lw.maa[m][c] + M5[m][b][c]);
+      });
+    } else if (arch_ == MatrixArch::kV7) {
+      xk = &MIX[2];
+      xv = &MIX[3];
+      xg = &MIX[5];
+    }
+    jobs = {job(lw.receptance, B, *xr, R_), job(lw.key, B, *xk, K_), job(lw.value, B, *xv, V_)};
+    if (lw.gated) jobs.push_back(job(lw.gate, B, *xg, G_));
+    if (arch_ == MatrixArch::kV6) jobs.push_back(job(lw.decay_w1, B, MIX[4], L2));
+    if (arch_ == MatrixArch::kV7) {
+      jobs.push_back(job(lw.w1, B, MIX[1], L1));
+      jobs.push_back(job(lw.a1, B, MIX[4], L2));
+      jobs.push_back(job(lw.g1, B, MIX[5], L3));
+      if (i > 0) jobs.push_back(job(lw.v1, B, MIX[3], L4));
+    }
+    run_jobs(isa_, jobs);
+
+    if (arch_ == MatrixArch::kV6) {
+      const int64_t Dd = lw.decay_w1.rows;
+      for_rows(B, [&](int64_t b) {
+        for (int64_t j = 0; j < Dd; ++j) L2[b][j] = std::tanh(L2[b][j]);
+      });
+      jobs = {job(lw.decay_w2, B, L2, W_)};
+      run_jobs(isa_, jobs);
+      for_rows(B, [&](int64_t b) {
+        for (int64_t c = 0; c < C; ++c) W_[b][c] = std::exp(-std::exp(lw.decay_base[c] + W_[b][c]));
+      });
+    } else if (arch_ == MatrixArch::kV7) {
+      for_rows(B, [&](int64_t b) {
+        for (int64_t j = 0; j < lw.w1.rows; ++j) L1[b][j] = std::tanh(L1[b][j]);
+        for (int64_t j = 0; j < lw.g1.rows; ++j) L3[b][j] = sigmoid(L3[b][j]);
+      });
+      jobs = {job(lw.w2, B, L1, W_), job(lw.a2, B, L2, A_), job(lw.g2, B, L3, G_)};
+      if (i > 0) jobs.push_back(job(lw.v2, B, L4, OUT));
+      run_jobs(isa_, jobs);
+    }
+
+    // ---- the recurrence, per row and head; then GroupNorm, bonus, gate
+    for_rows(B, [&](int64_t b) {
+      float* S = wkv_state[b].data_ptr<float>() + i * H * N * N;
+      float *rb = R_[b], *kb = K_[b], *vb = V_[b], *yb = Y[b];
+      if (arch_ == MatrixArch::kV7) {
+        float *wb = W_[b], *ab = A_[b], *kkb = KK[b];
+        for (int64_t c = 0; c < C; ++c) {
+          wb[c] = std::exp(-0.606531f * sigmoid(lw.w0[c] + wb[c]));
+          ab[c] = sigmoid(lw.a0[c] + ab[c]);
+          kkb[c] = kb[c] * lw.k_k[c];
+        }
+        for (int64_t h = 0; h < H; ++h) {  // F.normalize: x / max(||x||, 1e-12)
+          double sq = 0.0;
+          for (int64_t j = 0; j < N; ++j) sq += static_cast<double>(kkb[h * N + j]) * kkb[h * N + j];
+          const float norm = std::max(static_cast<float>(std::sqrt(sq)), 1e-12f);
+          for (int64_t j = 0; j < N; ++j) kkb[h * N + j] /= norm;
+        }
+        for (int64_t c = 0; c < C; ++c) kb[c] = kb[c] * (1.f + (ab[c] - 1.f) * lw.k_a[c]);
+        if (i == 0) {
+          std::copy_n(vb, C, VF[b]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) vb[c] = vb[c] + (VF[b][c] - vb[c]) * sigmoid(lw.v0[c] + OUT[b][c]);
+        }
+        float kka[kMaxHeadSize];
+        for (int64_t h = 0; h < H; ++h)
+          wkv7_token(S + h * N * N, rb + h * N, wb + h * N, kb + h * N, vb + h * N, kkb + h * N, ab + h * N,
+                     yb + h * N, N, kka);
+        head_group_norm(yb, lw.ln_x_weight, lw.ln_x_bias, gn_eps_, H, N);
+        for (int64_t h = 0; h < H; ++h) {
+          float bonus = 0.f;
+          for (int64_t j = 0; j < N; ++j) bonus += rb[h * N + j] * kb[h * N + j] * lw.r_k[h * N + j];
+          for (int64_t j = 0; j < N; ++j) yb[h * N + j] += bonus * vb[h * N + j];
+        }
+        for (int64_t c = 0; c < C; ++c) yb[c] *= G_[b][c];
+      } else {
+        const float* wb = arch_ == MatrixArch::kV5 ? lw.decay.data() : W_[b];
+        for (int64_t h = 0; h < H; ++h)
+          wkv5_token(S + h * N * N, rb + h * N, kb + h * N, vb + h * N, wb + h * N, lw.bonus.data() + h * N,
+                     yb + h * N, N);
+        head_group_norm(yb, lw.ln_x_weight, lw.ln_x_bias, gn_eps_, H, N);
+        if (lw.gated)
+          for (int64_t c = 0; c < C; ++c) yb[c] *= silu(G_[b][c]);
+      }
+    });
+    jobs = {job(lw.output, B, Y, OUT)};
+    run_jobs(isa_, jobs);
+
+    // ---- channel mixing
+    for_rows(B, [&](int64_t b) {
+      float* xb = X[b];
+      for (int64_t c = 0; c < C; ++c) xb[c] += OUT[b][c];
+      float* prev = ffn_x[b].data_ptr<float>() + i * C;
+      layer_norm(xb, lw.ln2_weight, lw.ln2_bias, ln_eps_, XX[b], C);
+      if (arch_ == MatrixArch::kV5) {
+        mix(XX[b], prev, lw.ffn_mix_k, MIX[1][b], C);
+        mix(XX[b], prev, lw.ffn_mix_r, MIX[0][b], C);
+      } else if (arch_ == MatrixArch::kV6) {
+        for (int64_t c = 0; c < C; ++c) {
+          const float dd = prev[c] - XX[b][c];
+          MIX[1][b][c] = XX[b][c] + dd * lw.ffn_mix_k[c];
+          MIX[0][b][c] = XX[b][c] + dd * lw.ffn_mix_r[c];
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) MIX[1][b][c] = XX[b][c] + (prev[c] - XX[b][c]) * lw.ffn_x_k[c];
+      }
+      std::copy_n(XX[b], C, prev);
+    });
+    jobs = {job(lw.ffn_key, B, MIX[1], FK)};
+    if (arch_ != MatrixArch::kV7) jobs.push_back(job(lw.ffn_receptance, B, MIX[0], R_));
+    run_jobs(isa_, jobs);
+    for_rows(B, [&](int64_t b) {
+      float* fb = FK[b];
+      for (int64_t j = 0; j < F; ++j) {
+        const float relu = fb[j] > 0.f ? fb[j] : 0.f;
+        fb[j] = relu * relu;
+      }
+    });
+    jobs = {job(lw.ffn_value, B, FK, OUT)};
+    run_jobs(isa_, jobs);
+    for_rows(B, [&](int64_t b) {
+      float* xb = X[b];
+      if (arch_ == MatrixArch::kV7) {
+        for (int64_t c = 0; c < C; ++c) xb[c] += OUT[b][c];
+      } else {
+        for (int64_t c = 0; c < C; ++c) xb[c] += sigmoid(R_[b][c]) * OUT[b][c];
+      }
+    });
+  }
+  for (int64_t b = 0; b < B; ++b) layer_norm(X[b], ln_out_weight_, ln_out_bias_, ln_eps_, XX[b], C);
+  jobs = {job(head_, B, XX, LOGITS)};
+  run_jobs(isa_, jobs);
+  return logits;
+}
+
+}  // namespace rwkv_cpu

@@ -95,7 +95,7 @@ def _fallback(note: str) -> None:
 
 # Architectures the fused C++ one-token step runs (kernels/rnn_cpu.cpp); the others step through
 # their PyTorch forward, with the C++ matvecs for the products.
-FUSED_STEP_ARCHITECTURES = ("rwkv4",)
+FUSED_STEP_ARCHITECTURES = ("rwkv4", "rwkv5", "rwkv6", "rwkv7")
 
 
 def resolve(device: torch.device, storage: str, wkv: str | None = None, step: str | None = None,

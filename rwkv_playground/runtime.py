@@ -182,8 +182,7 @@ class Runtime:
                     module.matvec = backends.cpu_kernels.matvec
         if backends.step == "cpu":
             # the fused step reads the weights by their checkpoint names (validated once here)
-            named = {name: t.detach() for name, t in model.state_dict().items()}
-            self._step_weights = backends.cpu_kernels.StepWeights(named, model.config.n_layer, LN_EPS)
+            self._step_weights = model.fused_step(backends.cpu_kernels)
 
     # ---- description -----------------------------------------------------------------------------
     @property
@@ -293,9 +292,7 @@ class Runtime:
             self.check_state(s)
         if self._step_weights is not None and self.device.type == "cpu":
             logits = self._step_weights.step(torch.tensor(list(tokens), dtype=torch.long),
-                                             [s.att_x for s in states], [s.aa for s in states],
-                                             [s.bb for s in states], [s.pp for s in states],
-                                             [s.ffn_x for s in states])
+                                             *([getattr(s, name) for s in states] for name in self.layout.names))
         else:  # one row at a time: a row's arithmetic never depends on the batch
             wkv = self.backends.recurrence(self.architecture.recurrence)
             rows = []
@@ -363,6 +360,9 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
         is_matrix = key in stored
         if not is_matrix and not bool(torch.isfinite(t).all()):
             raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
+        if arch.lora_suffixes and key.endswith(arch.lora_suffixes):
+            # [in, out] as a transposed view of [out, in] memory: the fused step reads rows
+            t = t.to(device=dev, dtype=torch.float32).mT.contiguous().mT
         if rescale and key.endswith(("att.output.weight", "ffn.value.weight")):
             # Pre-divide so fp16 activations stay in range; the forward halves x to match.
             t = t.float() / (2 ** (int(key.split(".")[1]) // FP16_RESCALE_EVERY))

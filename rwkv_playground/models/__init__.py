@@ -36,10 +36,16 @@ class Architecture:
     name = ""            # "rwkv4": also the architecture of its states
     title = ""           # "RWKV-4": shown to users
     recurrence = ""      # which operator family its forward takes ("wkv4" | "matrix")
+    # the built model also answers: state_layout() -> StateLayout, and fused_step(cpu_kernels) ->
+    # the C++ one-token step over its weights (kernels/rnn_cpu.cpp), whose .step(tokens, *state
+    # components as lists of [L, ...] tensors, in layout order) advances the states in place
     fp16_rescale = False  # stores output projections pre-divided for fp16 (see FP16_RESCALE_EVERY)
     inspector = False    # the State inspector's views and experiments read this architecture
     # per-layer keys (after "blocks.N.") hashed into the model fingerprint
     fingerprint_keys: tuple[str, ...] = ()
+    # LoRA matrices used as `x @ W` ([in, out]): the runtime stores them transposed in memory
+    # (the same values, a transposed view), so the fused step streams their rows like any matvec
+    lora_suffixes: tuple[str, ...] = ()
 
     def recognises(self, keys: set[str]) -> bool:
         raise NotImplementedError

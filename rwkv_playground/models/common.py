@@ -106,6 +106,17 @@ class MatrixStateLM(nn.Module):
         c = self.config
         return StateLayout.matrix(self.architecture, c.n_layer, c.n_embd, c.n_head, c.head_size)
 
+    def step_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the C++ step reads, by checkpoint name: LoRAs as [out, in] (their stored
+        transposed memory, no copy); subclasses add what they precompute."""
+        named = {name: t.detach() for name, t in self.state_dict().items()}
+        return {name: (t.mT if t.dim() >= 2 and not t.is_contiguous() else t) for name, t in named.items()}
+
+    def fused_step(self, cpu_kernels, isa: str = "auto"):
+        c = self.config
+        return cpu_kernels.MatrixStepWeights(self.step_weights(), self.architecture, c.n_layer, c.n_head,
+                                             c.head_size, LN_EPS, GROUP_NORM_EPS, isa)
+
     def forward(self, tokens: torch.Tensor, state=None, wkv=None, last_only: bool = False,
                 observe: Observer | None = None):
         """tokens: [B, T] ids; state: a batched State (not modified) or None (training).

@@ -169,6 +169,11 @@ class RWKV4(nn.Module):
     def state_layout(self) -> StateLayout:
         return StateLayout.rwkv4(self.config.n_layer, self.config.n_embd)
 
+    def fused_step(self, cpu_kernels, isa: str = "auto"):
+        """The C++ one-token step over these weights, read by their checkpoint names."""
+        named = {name: t.detach() for name, t in self.state_dict().items()}
+        return cpu_kernels.StepWeights(named, self.config.n_layer, LN_EPS, isa)
+
     def forward(self, tokens: torch.Tensor, state: State | None = None, wkv: WKVOperator = reference_wkv,
                 last_only: bool = False, observe: Observer | None = None,
                 time_decay: dict[int, torch.Tensor] | None = None):

@@ -117,6 +117,14 @@ class RWKV5(MatrixStateLM):
                   for i in range(config.n_layer)]
         super().__init__(config, blocks)
 
+    def step_weights(self) -> dict[str, torch.Tensor]:
+        """Plus each layer's decay factor and bonus per channel, [C] (whatever the sub-version stores)."""
+        named = super().step_weights()
+        for i, block in enumerate(self.blocks):
+            named[f"blocks.{i}.att.decay_factor"] = block.att.decay().reshape(-1).contiguous()
+            named[f"blocks.{i}.att.bonus"] = block.att.bonus().reshape(-1).contiguous()
+        return named
+
 
 def expected_shapes(config: RWKV5Config) -> dict[str, tuple]:
     C, F_, V, H, N = config.n_embd, config.ffn_dim, config.vocab_size, config.n_head, config.head_size

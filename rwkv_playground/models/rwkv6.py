@@ -153,6 +153,7 @@ class RWKV6Architecture(Architecture):
     name, title, recurrence = "rwkv6", "RWKV-6", "matrix"
     fp16_rescale = True
     fingerprint_keys = ("att.time_decay", "att.time_faaaa")
+    lora_suffixes = ("att.time_maa_w1", "att.time_maa_w2", "att.time_decay_w1", "att.time_decay_w2")
 
     def recognises(self, keys: set[str]) -> bool:
         return any(k.endswith("att.time_maa_x") for k in keys)

@@ -166,6 +166,7 @@ def expected_shapes(config: RWKV7Config) -> dict[str, tuple]:
 class RWKV7Architecture(Architecture):
     name, title, recurrence = "rwkv7", "RWKV-7", "matrix"
     fingerprint_keys = ("att.w0", "att.r_k")
+    lora_suffixes = tuple(f"att.{n}{i}" for n in "wavg" for i in (1, 2))
 
     def recognises(self, keys: set[str]) -> bool:
         return any(k.endswith("att.r_k") for k in keys)
