@@ -2,6 +2,10 @@
 
     python benchmarks/bench_speed.py                  # 169M and 430M shapes, fp32, bf16 and int8
     python benchmarks/bench_speed.py --shapes 169M --passes 2
+    python benchmarks/bench_speed.py --shapes v7-0.1B v7-0.4B v6-24x1024 --dtypes fp32 bf16
+
+RWKV-7 rows run the package in a child process (its RWKV-7 class is chosen at import time, by
+RWKV_V7_ON=1), driven pass by pass so the two engines still alternate.
 
 For each shape and dtype, on deterministic random-weight checkpoints of the real shapes: a prompt
 of 512 tokens, and 128 generated tokens including sampling (top_p 0.7, penalties), alternating the
@@ -23,11 +27,12 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, SHAPES, best_of, checkpoint, machine, results_dir, write_results
+from common import ROOT, SHAPES, architecture_of, best_of, checkpoint, machine, results_dir, write_results
 
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ["RWKV_CUDA_ON"] = "0"
 PROMPT, GENERATE, GENERATE_INT8 = 512, 128, 32
+RESULTS_NAME = "speed_vs_rwkv_pip"  # --results-name
 
 
 def last_level_cache_bytes() -> int:
@@ -111,6 +116,44 @@ class Ours:
             logits = self.runtime.step([token], [state])[0]
 
 
+class PipChild:
+    """The package's RWKV-7 class in a child process (RWKV_V7_ON=1 at its import), one pass per
+    request: the same prompt and sampling as `Pip`, timed there."""
+    name = "rwkv 0.8.32"
+
+    def __init__(self, path, dtype):
+        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+        self.child = subprocess.Popen([sys.executable, __file__, "--pip-child", str(path), dtype], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.child.stdout.readline().strip() == "ready"
+
+    def timed_pass(self, tokens, n):
+        self.child.stdin.write(json.dumps({"tokens": tokens, "generate": n}) + "\n")
+        self.child.stdin.flush()
+        reply = json.loads(self.child.stdout.readline())
+        return reply["prompt_s"], reply["generate_s"]
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait(timeout=60)
+
+
+def pip_child(path: str, dtype: str) -> None:
+    """The child's loop (RWKV_V7_ON=1 is set by the parent): one timed pass per line of stdin.
+    Replies go to the original stdout; whatever the package prints goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    engine = Pip(path[:-4], dtype)  # the RWKV-7 class appends ".pth" itself
+    print("ready", file=replies, flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        t0 = time.perf_counter()
+        logits, state = engine.prompt(job["tokens"])
+        t1 = time.perf_counter()
+        engine.generate(logits, state, job["generate"])
+        print(json.dumps({"prompt_s": t1 - t0, "generate_s": time.perf_counter() - t1}), file=replies, flush=True)
+
+
 class Pip:
     name = "rwkv 0.8.32"
 
@@ -119,7 +162,9 @@ class Pip:
         from rwkv.utils import PIPELINE
 
         # int8: the package's own int8 CPU strategy (fp32 activations, int8 weights)
-        self.model = RWKV(str(path), strategy="cpu fp32i8" if dtype == "int8" else f"cpu {dtype}", verbose=False)
+        strategy = "cpu fp32i8" if dtype == "int8" else f"cpu {dtype}"
+        v7 = os.environ.get("RWKV_V7_ON") == "1"  # (its RWKV-7 class takes no verbose flag)
+        self.model = RWKV(str(path), strategy=strategy, **({} if v7 else {"verbose": False}))
         self.pipeline = PIPELINE(self.model, "rwkv_vocab_v20230424")
 
     def prompt(self, tokens):
@@ -168,7 +213,8 @@ def add_fractions(row: dict, bounds: dict) -> None:
     row["pip_generate_fraction_of_bandwidth_bound"] = row["pip_generate_tok_s"] / bound_tok_s
     # a prompt multiplies every layer's matrices per token; the head runs for the last token only
     c = SHAPES[shape]
-    flops_per_token = 2 * c.n_layer * (5 * c.n_embd ** 2 + 2 * c.n_embd * c.ffn_dim)
+    # every matrix but the embedding (a lookup) and the head (the last token only): 2 flops a weight
+    flops_per_token = 2 * (c.n_params - 2 * c.vocab_size * c.n_embd)
     # (nominal flops for both: ours skips part of the last layer, so up to 1/0.93 is possible)
     # bf16 / int8 weights may multiply in bf16: their bound is the faster of the two GEMMs
     gemm = bounds["matmul_GFLOP_s"] if dtype == "fp32" else max(bounds["matmul_GFLOP_s"],
@@ -187,21 +233,27 @@ def run(shapes, dtypes, passes) -> None:
             path = checkpoint(shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
             # the package's int8 CPU path runs ~1-3 tok/s: fewer tokens keep the run short
             generate = GENERATE_INT8 if dtype == "int8" else GENERATE
-            engines = [Ours(path, dtype), Pip(path, dtype)]
-            tokens = np.random.default_rng(0).integers(0, 50277, PROMPT).tolist()
+            v7 = architecture_of(shape) == "rwkv7"
+            engines = [Ours(path, dtype), (PipChild if v7 else Pip)(path, dtype)]
+            tokens = np.random.default_rng(0).integers(0, min(50277, SHAPES[shape].vocab_size), PROMPT).tolist()
             times = {e.name: {"prompt": [], "generate": []} for e in engines}
             for _ in range(passes):
                 for e in engines:  # interleaved: same conditions for both
-                    t0 = time.perf_counter()
-                    logits, state = e.prompt(tokens)
-                    t1 = time.perf_counter()
-                    e.generate(logits, state, generate)
-                    t2 = time.perf_counter()
-                    times[e.name]["prompt"].append(t1 - t0)
-                    times[e.name]["generate"].append(t2 - t1)
+                    if isinstance(e, PipChild):
+                        prompt_s, generate_s = e.timed_pass(tokens, generate)
+                    else:
+                        t0 = time.perf_counter()
+                        logits, state = e.prompt(tokens)
+                        t1 = time.perf_counter()
+                        e.generate(logits, state, generate)
+                        prompt_s, generate_s = t1 - t0, time.perf_counter() - t1
+                    times[e.name]["prompt"].append(prompt_s)
+                    times[e.name]["generate"].append(generate_s)
                 stream.sample(f"{shape}-{dtype}", weight_bytes(shape, dtype))  # same conditions as the pass
+            if v7:
+                engines[1].close()
             del engines
-            row = {"shape": shape, "dtype": dtype, "generated_tokens": generate}
+            row = {"shape": shape, "dtype": dtype, "architecture": architecture_of(shape), "generated_tokens": generate}
             for name, t in times.items():
                 key = "ours" if name == "rwkv_playground" else "pip"
                 row[f"{key}_prompt_tok_s"] = PROMPT / min(t["prompt"])
@@ -227,7 +279,7 @@ def run(shapes, dtypes, passes) -> None:
 def rebound() -> None:
     """Re-measure the machine's bounds (best of several) and recompute the fractions of the last
     results file; the tokens/s are kept as measured. Keeps the better of the stored and new bounds."""
-    data = json.loads((results_dir() / "speed_vs_rwkv_pip.json").read_text())
+    data = json.loads((results_dir() / f"{RESULTS_NAME}.json").read_text())
     stream = StreamBound()
     for _ in range(3):
         for row in data["results"]:
@@ -273,7 +325,7 @@ def write(data: dict) -> None:
              f" GB (last-level cache {bounds.get('last_level_cache_MB', '?')} MB) and over a buffer of each row's "
              f"weight size ({working}): the L3 keeps part of a working set of 1-2 GB.")
     md += ["", bound]
-    write_results("speed_vs_rwkv_pip", data, "\n".join(md) + "\n")
+    write_results(RESULTS_NAME, data, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
@@ -283,9 +335,15 @@ if __name__ == "__main__":
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--rebound", action="store_true",
                         help="only re-measure the bounds and recompute the fractions of the last results")
+    parser.add_argument("--pip-child", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--results-name", default="speed_vs_rwkv_pip",
+                        help="the results file (several runs of different shapes keep apart)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.rebound:
+    RESULTS_NAME = args.results_name
+    if args.pip_child:
+        pip_child(*args.pip_child)
+    elif args.rebound:
         rebound()
     else:
         run(args.shapes, args.dtypes, args.passes)

@@ -19,12 +19,23 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "bench"
 
-from rwkv_playground.models.rwkv4 import RWKVConfig, init_random_weights  # noqa: E402
+from rwkv_playground.models import by_name  # noqa: E402
+from rwkv_playground.models.rwkv4 import RWKVConfig  # noqa: E402
+from rwkv_playground.models.rwkv6 import RWKV6Config  # noqa: E402
+from rwkv_playground.models.rwkv7 import RWKV7Config  # noqa: E402
 
 SHAPES = {
     "169M": RWKVConfig(n_layer=12, n_embd=768, vocab_size=50277, ffn_dim=3072),
     "430M": RWKVConfig(n_layer=24, n_embd=1024, vocab_size=50277, ffn_dim=4096),
+    # RWKV-7 G1 0.1B and 0.4B (LoRA widths of the releases), RWKV-6 World at 24 x 1024
+    "v7-0.1B": RWKV7Config(12, 768, 65536, 3072, 12, 64, decay_lora=64, iclr_lora=64, value_lora=32, gate_lora=128),
+    "v7-0.4B": RWKV7Config(24, 1024, 65536, 4096, 16, 64, decay_lora=64, iclr_lora=64, value_lora=32, gate_lora=128),
+    "v6-24x1024": RWKV6Config(24, 1024, 65536, 3584, 16, 64, mix_lora=32, decay_lora=64),
 }
+
+
+def architecture_of(shape: str) -> str:
+    return {"v7": "rwkv7", "v6": "rwkv6", "v5": "rwkv5"}.get(shape.split("-")[0], "rwkv4")
 
 
 def checkpoint(shape: str, dtype=torch.float32) -> Path:
@@ -33,7 +44,7 @@ def checkpoint(shape: str, dtype=torch.float32) -> Path:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     path = CACHE / f"random-{shape}-{name}.pth"
     if not path.exists():
-        torch.save(init_random_weights(SHAPES[shape], seed=0, dtype=dtype), path)
+        torch.save(by_name(architecture_of(shape)).random_weights(SHAPES[shape], seed=0, dtype=dtype), path)
     return path
 
 

@@ -1,5 +1,6 @@
-// Python binding of kernels/wkv_cuda.cu: the same three functions as the CPU module's WKV
-// (kernels/wkv_cpu.cpp), with the same checks on every tensor.
+// Python binding of kernels/wkv_cuda.cu (RWKV-4) and kernels/wkv_matrix_cuda.cu (RWKV-5/6/7): the
+// same functions as the CPU module's (kernels/wkv_cpu.cpp, kernels/wkv_matrix_cpu.cpp), with the
+// same checks on every tensor.
 //
 // The tests' CPU emulation (tests/cuda_emulation/) compiles this file too, with stand-ins for the
 // c10/cuda headers, and runs it on CPU tensors: RWKV_ON_DEVICE is then "on the CPU".
@@ -22,6 +23,12 @@ cudaError_t cuda_wkv_train_forward(int B, int T, int C, const float* w, const fl
 cudaError_t cuda_wkv_train_backward(int B, int T, int C, const float* w, const float* u, const float* k,
                                     const float* v, const float* y, const float* log_d, const float* gy,
                                     float* gw_part, float* gu_part, float* gk, float* gv, cudaStream_t stream);
+
+cudaError_t cuda_wkv5_forward(int dtype, int B, int T, int H, int N, const void* r, const void* k, const void* v,
+                              const float* w, const float* u, void* y, float* state, cudaStream_t stream);
+cudaError_t cuda_wkv7_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                              const void* v, const void* kk, const void* a, void* y, float* state,
+                              cudaStream_t stream);
 
 namespace {
 
@@ -46,7 +53,65 @@ void check_launch(cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "wkv_cuda: the kernel launch failed: ", cudaGetErrorString(error));
 }
 
+int dtype_code(const torch::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, op, ": r, k, v must be float32, float16 or bfloat16");
+  }
+}
+
+// [B, T, H, N] inputs of one dtype (w: float32), a [B, H, N, N] float32 state, N in {16, 32, 64}
+void check_matrix(const char* op, const std::vector<const torch::Tensor*>& same_dtype, const torch::Tensor& w,
+                  const torch::Tensor& state) {
+  const torch::Tensor& k = *same_dtype.front();
+  TORCH_CHECK(k.dim() == 4, op, ": inputs must be [B, T, H, N]");
+  for (const torch::Tensor* t : same_dtype) {
+    TORCH_CHECK(RWKV_ON_DEVICE(*t) && t->device() == k.device(), op, ": tensors must be on one CUDA device");
+    TORCH_CHECK(t->sizes() == k.sizes(), op, ": r, k, v (kk, a) and w must have one shape [B, T, H, N]");
+    TORCH_CHECK(t->scalar_type() == k.scalar_type(), op, ": r, k, v (kk, a) must have one dtype");
+    TORCH_CHECK(t->is_contiguous(), op, ": inputs must be contiguous");
+  }
+  TORCH_CHECK(RWKV_ON_DEVICE(w) && w.device() == k.device() && w.sizes() == k.sizes() && w.is_contiguous() &&
+                  w.scalar_type() == at::kFloat,
+              op, ": w must be a contiguous float32 [B, T, H, N] on the inputs' device");
+  const int64_t N = k.size(3);
+  TORCH_CHECK(N == 16 || N == 32 || N == 64, op, ": head size ", N, " is not compiled (16, 32 or 64)");
+  TORCH_CHECK(RWKV_ON_DEVICE(state) && state.device() == k.device() && state.scalar_type() == at::kFloat,
+              op, ": the state must be float32 on the inputs' device");
+  TORCH_CHECK(state.sizes() == torch::IntArrayRef({k.size(0), k.size(2), N, N}), op, ": the state must be [B, H, N, N]");
+  TORCH_CHECK(k.size(0) * k.size(2) < (1LL << 31) && k.size(1) < (1LL << 31), op, ": B * H or T too large");
+}
+
 }  // namespace
+
+std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                        torch::Tensor u, torch::Tensor state) {
+  check_matrix("wkv5_cuda", {&k, &r, &v}, w, state);
+  TORCH_CHECK(RWKV_ON_DEVICE(u) && u.scalar_type() == at::kFloat && u.is_contiguous() &&
+                  u.sizes() == torch::IntArrayRef({k.size(2), k.size(3)}),
+              "wkv5_cuda: u must be a contiguous float32 [H, N]");
+  const c10::cuda::CUDAGuard guard(k.device());
+  auto S = state.contiguous().clone();
+  auto y = torch::empty_like(k);
+  check_launch(cuda_wkv5_forward(dtype_code(k, "wkv5_cuda"), k.size(0), k.size(1), k.size(2), k.size(3), r.data_ptr(),
+                                 k.data_ptr(), v.data_ptr(), w.data_ptr<float>(), u.data_ptr<float>(), y.data_ptr(),
+                                 S.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {y, S};
+}
+
+std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+  check_matrix("wkv7_cuda", {&k, &r, &v, &kk, &a}, w, state);
+  const c10::cuda::CUDAGuard guard(k.device());
+  auto S = state.contiguous().clone();
+  auto y = torch::empty_like(k);
+  check_launch(cuda_wkv7_forward(dtype_code(k, "wkv7_cuda"), k.size(0), k.size(1), k.size(2), k.size(3), r.data_ptr(),
+                                 w.data_ptr<float>(), k.data_ptr(), v.data_ptr(), kk.data_ptr(), a.data_ptr(),
+                                 y.data_ptr(), S.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {y, S};
+}
 
 std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                        torch::Tensor aa, torch::Tensor bb, torch::Tensor pp) {
@@ -111,7 +176,9 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "RWKV Playground CUDA kernels: the WKV operator";
+  m.doc() = "RWKV Playground CUDA kernels: the WKV operators (RWKV-4; RWKV-5/6/7 matrix states)";
+  m.def("wkv5_forward", &wkv5_forward, "RWKV-5/6 recurrence, state [B, H, N, N] [key, value] in; (y, state) out");
+  m.def("wkv7_forward", &wkv7_forward, "RWKV-7 recurrence, state [B, H, N, N] [value, key] in; (y, state) out");
   m.def("wkv_forward", &wkv_forward, "WKV forward with state in/out (CUDA)");
   m.def("wkv_train_forward", &wkv_train_forward, "WKV training forward from an empty state (CUDA)");
   m.def("wkv_train_backward", &wkv_train_backward, "WKV training backward: (gw, gu, gk, gv) (CUDA)");

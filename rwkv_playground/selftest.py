@@ -26,9 +26,12 @@ import torch
 from .backends import resolve
 from .errors import PlaygroundError
 from .kernels import load_kernel
-from .models.common import LN_EPS
-from .models.rwkv4 import RWKVConfig, init_random_weights
-from .wkv import compiled_wkv, empty_wkv_state, wkv_reference
+from .models import by_name
+from .models.rwkv4 import RWKVConfig
+from .models.rwkv5 import RWKV5Config
+from .models.rwkv6 import RWKV6Config
+from .models.rwkv7 import RWKV7Config
+from .wkv import compiled_wkv, empty_wkv_state, reference_matrix_wkv, wkv_reference
 
 # Output tolerance relative to the largest |value|: the inputs are identical, so only rounding of
 # the input dtype, fp32 summation order and exp accuracy differ.
@@ -38,7 +41,14 @@ WKV_TOL = {"fp32": 2e-5, "bf16": 1e-2, "fp16": 2e-3}
 STEP_TOL = {("cpu", "fp32"): 1e-5, ("cpu", "bf16"): 1e-5, ("cpu", "fp16"): 2e-2,
             ("cuda", "fp32"): 1e-4, ("cuda", "bf16"): 3e-2, ("cuda", "fp16"): 2e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STEP_MODEL = RWKVConfig(n_layer=4, n_embd=256, vocab_size=1000, ffn_dim=1024)
+# one small model per architecture (head size 64, as every released model)
+STEP_MODELS = {
+    "rwkv4": RWKVConfig(n_layer=4, n_embd=256, vocab_size=1000, ffn_dim=1024),
+    "rwkv5": RWKV5Config(3, 256, 1000, 896, 4, 64),
+    "rwkv6": RWKV6Config(3, 256, 1000, 896, 4, 64, mix_lora=32, decay_lora=64),
+    "rwkv7": RWKV7Config(3, 256, 1000, 1024, 4, 64, decay_lora=32, iclr_lora=32, value_lora=16, gate_lora=64),
+}
+STEP_MODEL = STEP_MODELS["rwkv4"]
 
 
 @dataclass
@@ -99,6 +109,49 @@ def check_wkv(devices: list[str]) -> list[Row]:
     return rows
 
 
+def _matrix_inputs(kind: str, dtype: torch.dtype, device: str):
+    """[B, T, H, N] inputs of the RWKV-5/6 or RWKV-7 recurrence (w, u and the state float32)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(9)
+    B, T, H, N = 2, 70, 3, 64
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g)
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    state = randn(B, H, N, N)
+    if kind == "wkv5":
+        w = torch.exp(-torch.exp(randn(B, T, H, N) * 2 - 2))
+        args = [r.to(dtype), k.to(dtype), v.to(dtype), w, randn(H, N), state]
+    else:
+        w = torch.exp(-0.606531 * torch.sigmoid(randn(B, T, H, N) * 3))
+        kk, a = F.normalize(randn(B, T, H, N), dim=-1), torch.sigmoid(randn(B, T, H, N))
+        args = [r.to(dtype), w, k.to(dtype), v.to(dtype), kk.to(dtype), a.to(dtype), state]
+    return [t.contiguous().to(device) for t in args]
+
+
+def check_matrix_wkv(devices: list[str]) -> list[Row]:
+    """The RWKV-5/6 and RWKV-7 recurrences of each device's kernels against the PyTorch reference."""
+    rows = []
+    for device in devices:
+        try:
+            module = load_kernel(device)
+        except RuntimeError as exc:
+            rows.append(Row("wkv5/7", device, device, "-", float("inf"), 0.0, note=f"unavailable: {exc}"))
+            continue
+        for kind in ("wkv5", "wkv7"):
+            for name, dtype in DTYPES.items():
+                if device == "cpu" and name != "fp32":
+                    continue  # the CPU kernels take float32 (the models compute r, k, v in fp32)
+                inputs = _matrix_inputs(kind, dtype, device)
+                y_ref, s_ref = getattr(reference_matrix_wkv, kind)(*(t.cpu().float() for t in inputs))
+                y, state = getattr(module, f"{kind}_forward")(*inputs)
+                error = max(_relative(y.float(), y_ref), _relative(state, s_ref))
+                rows.append(Row(kind, f"{device} kernel", device, name, error, WKV_TOL[name]))
+    return rows
+
+
 def _step_reference(weights, dtype: str, tokens: list[int]) -> list[torch.Tensor]:
     """The model's PyTorch forward on the CPU: logits after each token (fp16 is held to fp32)."""
     return _run_steps(_runtime_from(weights, "cpu", "fp32" if dtype == "fp16" else dtype, "reference"), tokens)[0]
@@ -128,8 +181,16 @@ def _run_steps(runtime, tokens: list[int]) -> tuple[list[torch.Tensor], float]:
 
 
 def check_step(devices: list[str]) -> list[Row]:
-    weights = init_random_weights(STEP_MODEL, seed=11)
-    tokens = torch.randint(0, STEP_MODEL.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    rows = []
+    for arch_name, config in STEP_MODELS.items():
+        rows += _check_step_of(arch_name, config, devices)
+    return rows
+
+
+def _check_step_of(arch_name: str, config, devices: list[str]) -> list[Row]:
+    weights = by_name(arch_name).random_weights(config, seed=11)
+    tokens = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    title = by_name(arch_name).title
     rows = []
     for device in devices:
         for name in ("fp32", "bf16", "fp16"):
@@ -139,21 +200,19 @@ def check_step(devices: list[str]) -> list[Row]:
                 try:
                     runtime = _runtime_from(weights, device, name, step)
                 except PlaygroundError as exc:
-                    rows.append(Row("step", step, device, name, float("inf"), 0.0, note=str(exc)))
+                    rows.append(Row(f"step {title}", step, device, name, float("inf"), 0.0, note=str(exc)))
                     continue
                 isas = [None]
                 if runtime._step_weights is not None:
                     isas = runtime.backends.cpu_kernels.available_isas()
                 for isa in isas:
                     if isa is not None:
-                        named = {k: t for k, t in runtime.model.state_dict().items()}
-                        runtime._step_weights = runtime.backends.cpu_kernels.StepWeights(
-                            named, STEP_MODEL.n_layer, LN_EPS, isa)
+                        runtime._step_weights = runtime.model.fused_step(runtime.backends.cpu_kernels, isa)
                     outputs, speed = _run_steps(runtime, tokens)
                     error = max(_relative(o, r) for o, r in zip(outputs, reference))
                     label = runtime.describe()["step"] + ("" if runtime.describe()["step"] != "reference"
                                                           else f", WKV {runtime.describe()['wkv']}")
-                    rows.append(Row("step", label, device, name, error, STEP_TOL[device, name], speed))
+                    rows.append(Row(f"step {title}", label, device, name, error, STEP_TOL[device, name], speed))
     return rows
 
 
@@ -183,7 +242,7 @@ def check_sampler() -> list[Row]:
 def run(devices: list[str] | None = None) -> list[Row]:
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return check_wkv(devices) + check_step(devices) + check_sampler()
+    return check_wkv(devices) + check_matrix_wkv(devices) + check_step(devices) + check_sampler()
 
 
 def machine() -> dict:

@@ -208,9 +208,14 @@ class MatrixWKV:
 reference_matrix_wkv = MatrixWKV("reference", wkv5_reference, wkv7_reference)
 
 
+# head sizes the CUDA kernels are compiled for (kernels/wkv_matrix_cuda.cu); the CPU ones take any
+CUDA_HEAD_SIZES = (16, 32, 64)
+
+
 def compiled_matrix_wkv(kernel_module, name: str) -> MatrixWKV:
-    """The matrix-state recurrences of a compiled kernel module (float32 in, float32 out).
-    Autograd does not run through a kernel: training uses the reference."""
+    """The matrix-state recurrences of a compiled kernel module (float32 in, float32 out); on CUDA a
+    head size the kernels are not compiled for runs the reference. Autograd does not run through a
+    kernel: training uses the reference."""
 
     def f32(t):
         return t.float().contiguous()
@@ -219,12 +224,19 @@ def compiled_matrix_wkv(kernel_module, name: str) -> MatrixWKV:
         B, _, H, N = k.shape
         return torch.zeros(B, H, N, N, dtype=torch.float32, device=k.device)
 
+    def unsupported(k) -> bool:
+        return name == "cuda" and k.shape[-1] not in CUDA_HEAD_SIZES
+
     def wkv5(r, k, v, w, u, state):
+        if unsupported(k):
+            return wkv5_reference(r, k, v, w, u, state)
         S = empty_state(k) if state is None else state
         y, S = kernel_module.wkv5_forward(f32(r), f32(k), f32(v), f32(w), f32(u), f32(S))
         return y, S
 
     def wkv7(r, w, k, v, kk, a, state):
+        if unsupported(k):
+            return wkv7_reference(r, w, k, v, kk, a, state)
         S = empty_state(k) if state is None else state
         y, S = kernel_module.wkv7_forward(f32(r), f32(w), f32(k), f32(v), f32(kk), f32(a), f32(S))
         return y, S

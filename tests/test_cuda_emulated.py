@@ -172,3 +172,90 @@ def test_the_emulated_kernels_agree_with_the_cpu_kernels(emulated, cpu_kernel_mo
         assert torch.allclose(a[1] / a[2], b[1] / b[2], rtol=1e-4, atol=1e-5)
     y_ref, *_ = wkv_reference(*make_inputs(1, 5, 3, torch.float32))
     assert y_ref.shape == (1, 5, 3)
+
+
+# ---- RWKV-5/6/7: kernels/wkv_matrix_cuda.cu ---------------------------------------------------------
+
+from test_wkv_matrix_kernels import inputs as matrix_inputs, rel as matrix_rel  # noqa: E402
+from rwkv_playground.wkv import reference_matrix_wkv  # noqa: E402
+
+MATRIX_TOL = {"fp32": 2e-5, "bf16": 2e-2, "fp16": 3e-3}
+# (B, H) with B * H blocks; T includes 0 (a grid that reads nothing) and a long run; N = 16, 32, 64
+MATRIX_GRID = list(itertools.product(["wkv5", "wkv7"], [(1, 1), (3, 2)], [0, 1, 17, 300], [16, 32, 64], list(DTYPES)))
+
+
+def matrix_args(kind, B, T, H, N, dtype, seed=0, decay="mixed"):
+    """The inputs in `dtype` (w, u and the state stay float32) and the reference's float32 inputs."""
+    args = matrix_inputs(kind, B, T, H, N, seed=seed, decay=decay)
+    low_precision = {"wkv5": (0, 1, 2), "wkv7": (0, 2, 3, 4, 5)}[kind]  # r, k, v (kk, a)
+    cast = [a.to(dtype).contiguous() if i in low_precision else a for i, a in enumerate(args)]
+    return cast, [a.float() for a in cast]
+
+
+@pytest.mark.parametrize("kind,BH,T,N,dtype_name", MATRIX_GRID)
+def test_matrix_kernels_match_the_reference_and_write_only_their_outputs(emulated, kind, BH, T, N, dtype_name):
+    (B, H), dtype = BH, DTYPES[dtype_name]
+    args, ref_args = matrix_args(kind, B, T, H, N, dtype, seed=B * 100 + T + N)
+    y, S = getattr(emulated, f"{kind}_forward")(*args)
+    assert y.dtype == dtype and S.dtype == torch.float32 and y.shape == (B, T, H, N)
+    y_ref, S_ref = getattr(reference_matrix_wkv, kind)(*ref_args)
+    if T == 0:
+        assert torch.equal(S, args[-1])  # nothing read, the state passes through
+    else:
+        assert matrix_rel(y.float(), y_ref) <= MATRIX_TOL[dtype_name]
+        assert matrix_rel(S, S_ref) <= 2e-5  # the state accumulates in fp32 from the same inputs
+    y_g, S_g = getattr(emulated, f"guarded_{kind}")(*args)  # every y written, nothing outside, inputs intact
+    assert torch.equal(y_g, y) and torch.equal(S_g, S)
+
+
+@pytest.mark.parametrize("kind,decay", list(itertools.product(["wkv5", "wkv7"], ["fast", "slow"])))
+def test_matrix_kernels_extreme_decays_and_chunks(emulated, kind, decay):
+    args, _ = matrix_args(kind, 2, 120, 2, 32, torch.float32, seed=4, decay=decay)
+    op = getattr(emulated, f"{kind}_forward")
+    y, S = op(*args)
+    y_ref, S_ref = getattr(reference_matrix_wkv, kind)(*args)
+    assert torch.isfinite(y).all() and matrix_rel(y, y_ref) <= 2e-5 and matrix_rel(S, S_ref) <= 2e-5
+    state, pieces = args[-1], []
+    for lo, hi in ((0, 1), (1, 50), (50, 120)):  # the state carried across calls
+        part, state = op(*[a[:, lo:hi].contiguous() if a.dim() == 4 else a for a in args[:-1]], state)
+        pieces.append(part)
+    assert torch.equal(torch.cat(pieces, 1), y) and torch.equal(state, S)
+
+
+def test_matrix_kernels_block_order_and_the_cpu_kernels(emulated, cpu_kernel_module):
+    for kind in ("wkv5", "wkv7"):
+        args, _ = matrix_args(kind, 3, 20, 3, 16, torch.float32, seed=8)
+        outputs = []
+        try:
+            for order, seed in ((0, 0), (1, 0), (2, 3)):
+                emulated.set_block_order(order, seed)
+                outputs.append(getattr(emulated, f"{kind}_forward")(*args))
+        finally:
+            emulated.set_block_order(0, 0)
+        for other in outputs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(other, outputs[0]))
+        cpu = getattr(cpu_kernel_module, f"{kind}_forward")(*args)
+        assert matrix_rel(outputs[0][0], cpu[0]) <= 2e-5 and matrix_rel(outputs[0][1], cpu[1]) <= 2e-5
+
+
+def test_matrix_binding_checks(emulated):
+    args, _ = matrix_args("wkv7", 2, 3, 2, 16, torch.float32)
+    r, w, k, v, kk, a, S = args
+    cases = [
+        ((r, w, k, v, kk, a, S[:1]), "state must be \\[B, H, N, N\\]"),
+        ((r, w.half(), k, v, kk, a, S), "w must be a contiguous float32"),
+        ((r, w, k, v.half(), kk, a, S), "one dtype"),
+        ((r, w, k, v, kk[:, :2].contiguous(), a, S), "one shape"),
+        ((r, w, k, v, kk, a, S.double()), "float32"),
+    ]
+    for call_args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            emulated.wkv7_forward(*call_args)
+    args, _ = matrix_args("wkv5", 1, 2, 1, 20, torch.float32)
+    with pytest.raises(RuntimeError, match="head size 20 is not compiled"):
+        emulated.wkv5_forward(*args)
+    empty, _ = matrix_args("wkv5", 1, 4, 2, 16, torch.float32)
+    before = emulated.launch_counts()
+    y, S = emulated.wkv5_forward(*[t[:0].contiguous() if t.dim() == 4 else t for t in empty[:4]], empty[4],
+                                 empty[5][:0].contiguous())
+    assert y.shape == (0, 4, 2, 16) and emulated.launch_counts()[0] == before[0]  # B = 0: nothing launched

@@ -2,7 +2,8 @@
 
     python tools/check_cuda_build.py
 
-1. kernels/wkv_cuda.cu compiles with nvcc for sm_80 and sm_90, and `-Xptxas -v` reports no
+1. kernels/wkv_cuda.cu and wkv_matrix_cuda.cu compile with nvcc for sm_80 and sm_90 with the flags
+   the runtime builds them with (rwkv_playground.kernels.CUDA_FLAGS), and `-Xptxas -v` reports no
    spill stores or loads and no local memory (stack frame, lmem) for any kernel: a kernel whose
    state left the registers would fail here, not on a user's card.
 2. The binding (kernels/wkv_cuda.cpp) compiles with nvcc against this torch's headers (compile only:
@@ -35,14 +36,32 @@ def demangle(symbol: str) -> str:
     return re.sub(r"^void ", "", name.split("(")[0])
 
 
+SOURCES = ("wkv_cuda.cu", "wkv_matrix_cuda.cu")
+
+
 def kernel_resources(arch: str, out_dir: Path) -> list[str]:
-    """Compile the kernels for one architecture; returns the problems found ([] when clean)."""
-    out = run(["nvcc", "-std=c++17", "-O3", "-Xptxas", "-O3", "-Xptxas", "-v", f"-arch={arch}", "-c",
-               str(ROOT / "kernels" / "wkv_cuda.cu"), "-o", str(out_dir / f"wkv_cuda_{arch}.o")])
-    if out.returncode != 0:
-        return [f"nvcc failed for {arch}:\n{out.stderr[-3000:]}"]
+    """Compile every kernel source for one architecture; returns the problems found ([] when clean)."""
+    sys.path.insert(0, str(ROOT))
+    from rwkv_playground.kernels import CUDA_FLAGS
+
+    problems, kernels = [], 0
+    for source in SOURCES:
+        out = run(["nvcc", "-std=c++17", *CUDA_FLAGS, "-Xptxas", "-v", f"-arch={arch}", "-c",
+                   str(ROOT / "kernels" / source), "-o", str(out_dir / f"{source}_{arch}.o")])
+        if out.returncode != 0:
+            return [f"nvcc failed for {source} ({arch}):\n{out.stderr[-3000:]}"]
+        found, count = parse_resources(arch, out.stderr)
+        problems += found
+        kernels += count
+    if kernels == 0:
+        problems.append(f"{arch}: ptxas reported no kernel (is -Xptxas -v still honoured?)")
+    return problems
+
+
+def parse_resources(arch: str, report: str) -> tuple[list[str], int]:
+    """The spill / stack / local-memory problems in ptxas' -v report, and how many kernels it lists."""
     problems, kernel, kernels = [], None, 0
-    for line in out.stderr.splitlines():
+    for line in report.splitlines():
         entry = re.search(r"Compiling entry function '(\w+)'", line)
         if entry:
             kernel, kernels = demangle(entry.group(1)), kernels + 1
@@ -57,9 +76,7 @@ def kernel_resources(arch: str, out_dir: Path) -> list[str]:
             clean = not any(p.startswith(f"{arch} {kernel}:") for p in problems)
             print(f"  {arch} {kernel}: {used.group(1)} registers, "
                   + ("no spills, no local memory" if clean else "SPILLS / LOCAL MEMORY"), flush=True)
-    if kernels == 0:
-        problems.append(f"{arch}: ptxas reported no kernel (is -Xptxas -v still honoured?)")
-    return problems
+    return problems, kernels
 
 
 def binding_compiles(out_dir: Path) -> list[str]:

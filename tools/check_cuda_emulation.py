@@ -31,6 +31,11 @@ MUTATIONS = [
     ("state not written back", "wkv_cuda.cu", "  aa[idx] = a;\n  bb[idx] = bsum;\n  pp[idx] = p;\n", ""),
     ("grid rounded down", "cuda_launch.h", "return static_cast<unsigned>((n + kThreads - 1) / kThreads);",
      "return static_cast<unsigned>(n / kThreads);"),
+    # the RWKV-5/6/7 kernels (kernels/wkv_matrix_cuda.cu)
+    ("v5 state read transposed", "wkv_matrix_cuda.cu", "s[j] = S[j * N + i];", "s[j] = S[i * N + j];"),
+    ("v7 state not written back", "wkv_matrix_cuda.cu", "  for (int j = 0; j < N; ++j) S[j] = s[j];\n", ""),
+    ("v7 decay by the wrong channel", "wkv_matrix_cuda.cu", "s[j] * w[base + j] - removed", "s[j] * w[base + i] - removed"),
+    ("every block on head 0", "wkv_matrix_cuda.cu", "const int b = bh / H, h = bh % H;", "const int b = bh / H, h = 0;"),
 ]
 
 

@@ -1,4 +1,5 @@
-// kernels/wkv_cuda.cu and its binding kernels/wkv_cuda.cpp, compiled as host C++ for the tests
+// kernels/wkv_cuda.cu, kernels/wkv_matrix_cuda.cu and their binding kernels/wkv_cuda.cpp, compiled
+// as host C++ for the tests
 // (cuda_shim.h runs every block and thread on the host; include/c10/cuda stands in for the
 // device guard and stream). Built by tests/cuda_emulation/build.py with the kernels' folder on
 // the include path, so a mutated copy of the sources can be built the same way.
@@ -24,6 +25,7 @@ const char* cudaGetErrorString(cudaError_t error) {
 }
 
 #include "wkv_cuda.cu"
+#include "wkv_matrix_cuda.cu"
 
 namespace emulation_hooks {
 
@@ -126,6 +128,45 @@ std::vector<torch::Tensor> guarded_train(torch::Tensor w, torch::Tensor u, torch
   return {y.tensor(v), gw_part.tensor(part).sum(0), gu_part.tensor(part).sum(0), gk_out.tensor(k), gv_out.tensor(v)};
 }
 
+// An in/out array: only its guard zones can be checked (its payload starts as the input's copy).
+void check_guards_only(const Guarded& g) {
+  for (size_t i = 0; i < kGuard * g.elem; ++i) {
+    TORCH_CHECK(g.bytes[i] == kGuardByte && g.bytes[(kGuard + g.count) * g.elem + i] == kGuardByte,
+                "emulated CUDA: a kernel wrote outside ", g.name);
+  }
+}
+
+int dtype_of(const torch::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? 0 : t.scalar_type() == at::kHalf ? 1 : 2;
+}
+
+std::vector<torch::Tensor> guarded_wkv5(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
+                                        torch::Tensor u, torch::Tensor state) {
+  const int B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
+  Guarded gr("r", r, false), gk("k", k, false), gv("v", v, false), gw("w", w, false), gu("u", u, false);
+  Guarded gy("y", k, true), gs("state", state, false);
+  launched(cuda_wkv5_forward(dtype_of(k), B, T, H, N, gr.data(), gk.data(), gv.data(), static_cast<float*>(gw.data()),
+                             static_cast<float*>(gu.data()), gy.data(), static_cast<float*>(gs.data()), nullptr));
+  for (const Guarded* g : {&gr, &gk, &gv, &gw, &gu}) g->check();
+  if (T > 0) gy.check();
+  check_guards_only(gs);
+  return {gy.tensor(k), gs.tensor(state)};
+}
+
+std::vector<torch::Tensor> guarded_wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+  const int B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
+  Guarded gr("r", r, false), gw("w", w, false), gk("k", k, false), gv("v", v, false), gkk("kk", kk, false),
+      ga("a", a, false);
+  Guarded gy("y", k, true), gs("state", state, false);
+  launched(cuda_wkv7_forward(dtype_of(k), B, T, H, N, gr.data(), static_cast<float*>(gw.data()), gk.data(), gv.data(),
+                             gkk.data(), ga.data(), gy.data(), static_cast<float*>(gs.data()), nullptr));
+  for (const Guarded* g : {&gr, &gw, &gk, &gv, &gkk, &ga}) g->check();
+  if (T > 0) gy.check();
+  check_guards_only(gs);
+  return {gy.tensor(k), gs.tensor(state)};
+}
+
 void set_block_order(int order, unsigned seed) {
   cuda_emulation::block_order = order;
   cuda_emulation::shuffle_seed = seed;
@@ -138,6 +179,8 @@ std::vector<int64_t> launch_counts() {
 void bind(pybind11::module_& m) {
   m.def("guarded_forward", &guarded_forward);
   m.def("guarded_train", &guarded_train);
+  m.def("guarded_wkv5", &guarded_wkv5);
+  m.def("guarded_wkv7", &guarded_wkv7);
   m.def("set_block_order", &set_block_order, "0: in order, 1: reversed, 2: shuffled with the seed");
   m.def("launch_counts", &launch_counts, "(launches, threads run) so far");
 }
