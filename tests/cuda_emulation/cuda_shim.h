@@ -37,6 +37,11 @@ inline unsigned long long threads_run = 0;  // threads that ran, over all launch
 
 }  // namespace cuda_emulation
 
+// a register budget for nvcc; nothing on the host
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
 #define threadIdx (::cuda_emulation::thread_index)
 #define blockIdx (::cuda_emulation::block_index)
 #define blockDim (::cuda_emulation::block_dim)
