@@ -123,3 +123,58 @@ def test_references_match_a_float64_loop():
             out = S_loop[0, h] @ r[0, t, h]
             assert torch.allclose(y[0, t, h], out, rtol=1e-12, atol=1e-12)
     assert torch.allclose(S, S_loop, rtol=1e-12, atol=1e-12)
+
+
+# ---- CUDA on a real GPU (marked gpu: deselected unless asked for with -m gpu; the CPU emulation in
+# test_cuda_emulated.py runs the same kernels everywhere) ---------------------------------------------
+
+def cuda_module():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need an NVIDIA GPU visible to PyTorch")
+    from rwkv_playground.kernels import load_kernel
+
+    return load_kernel("cuda")
+
+
+CUDA_TOL = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,B,T,shape,dtype", [
+    (kind, B, T, shape, dtype) for kind in ("wkv5", "wkv7") for B in (1, 3) for T in (1, 17, 1024)
+    for shape in ((2, 64), (3, 32), (4, 16)) for dtype in (torch.float32, torch.bfloat16, torch.float16)])
+def test_cuda_matrix_kernels_match_the_reference(kind, B, T, shape, dtype):
+    module = cuda_module()
+    H, N = shape
+    args = inputs(kind, B, T, H, N, seed=T + B)
+    low = {"wkv5": (0, 1, 2), "wkv7": (0, 2, 3, 4, 5)}[kind]
+    cast = [a.to(dtype) if i in low else a for i, a in enumerate(args)]
+    y_ref, S_ref = getattr(reference_matrix_wkv, kind)(*[a.float() for a in cast])
+    y, S = getattr(module, f"{kind}_forward")(*[a.cuda().contiguous() for a in cast])
+    assert rel(y.float().cpu(), y_ref) <= CUDA_TOL[dtype] and rel(S.cpu(), S_ref) <= 5e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch_name", ["rwkv5", "rwkv6", "rwkv7"])
+def test_cuda_model_matches_the_cpu_model(tmp_path, arch_name):
+    cuda_module()
+    from rwkv_playground import load_runtime
+    from rwkv_playground.models import by_name
+    from rwkv_playground.models.rwkv5 import RWKV5Config
+    from rwkv_playground.models.rwkv6 import RWKV6Config
+    from rwkv_playground.models.rwkv7 import RWKV7Config
+
+    config = {"rwkv5": RWKV5Config(3, 128, 500, 448, 2, 64), "rwkv6": RWKV6Config(3, 128, 500, 448, 2, 64),
+              "rwkv7": RWKV7Config(3, 128, 500, 512, 2, 64)}[arch_name]
+    path = tmp_path / f"{arch_name}.pth"
+    torch.save(by_name(arch_name).random_weights(config, seed=2), path)
+    tokens = list(range(1, 300))
+    cpu, cpu_state = load_runtime(path).forward(tokens, full_output=True)
+    for dtype, tol in (("fp32", 1e-4), ("fp16", 3e-2), ("bf16", 5e-2)):
+        runtime = load_runtime(path, device="cuda", dtype=dtype)
+        assert runtime.describe()["wkv"] == "cuda"
+        gpu, state = runtime.forward(tokens, full_output=True)
+        assert rel(gpu.cpu(), cpu) <= tol, dtype
+        step, _ = runtime.forward([7], state)  # the one-token step on the GPU
+        ref_step, _ = load_runtime(path).forward([7], cpu_state)
+        assert rel(step.cpu(), ref_step) <= tol, dtype
