@@ -30,6 +30,9 @@ class ChatFormat:
     user: str = "Bob"
     bot: str = "Alice"
     scenario: str = ""  # optional text read before the first turn
+    # what the reply starts with, read as part of the prompt: G1's thinking mode is "<think"
+    # (its model cards' "Assistant: <think"); shown as the start of the reply
+    reply_start: str = ""
 
     def turn_prompt(self, message: str, first: bool) -> str:
         # A message may not contain the turn separator: ChatRWKV folds "\n\n" into "\n".
@@ -37,13 +40,19 @@ class ChatFormat:
         while "\n\n" in message:
             message = message.replace("\n\n", "\n")
         head = (self.scenario.strip() + REPLY_END) if (first and self.scenario.strip()) else ("" if first else REPLY_END)
-        return f"{head}{self.user}: {message}{REPLY_END}{self.bot}:"
+        start = f" {self.reply_start.strip()}" if self.reply_start.strip() else ""
+        return f"{head}{self.user}: {message}{REPLY_END}{self.bot}:{start}"
+
+    def shown(self, text: str) -> str:
+        """The reply as the visitor sees it: the reply start (if any) and what the model wrote."""
+        return (self.reply_start.strip() + text).strip() if self.reply_start.strip() else text.strip()
 
 
 PRESETS = {
     "Raven (Bob / Alice)": ChatFormat("Bob", "Alice"),
     # RWKV-5/6/7 World and the RWKV-7 G1 models (their model cards, ChatRWKV's v7 demo)
     "World / G1 (User / Assistant)": ChatFormat("User", "Assistant"),
+    "G1 thinking (Assistant: <think)": ChatFormat("User", "Assistant", reply_start="<think"),
 }
 
 
@@ -190,14 +199,14 @@ class ChatSession(Session):
                          chunk_len=loaded.runtime.chunk_len, sampler_kernel=loaded.runtime.sampler_kernel)
         try:
             for text in follow_generation(self, engine, gen):
-                turn.reply = text.strip()
+                turn.reply = self.fmt.shown(text)
                 yield turn.reply
         finally:
             if gen.prompt_state is None:
                 self.turns.remove(turn)  # stopped while reading the message: as if never sent
             else:
                 turn.state_prompt, turn.logits_prompt = gen.prompt_state, gen.prompt_logits
-                turn.reply = gen.text.strip()
+                turn.reply = self.fmt.shown(gen.text)
                 turn.reply_tokens = list(gen.tokens)
                 turn.state_after, turn.logits_after = gen.state, gen.last_logits
                 turn.stats.update(gen.stats.as_dict())

@@ -185,7 +185,7 @@ def test_event_functions_in_process(engine):
     assert "Recorded" in rec_out[0] and inspector.recording is not None
     assert inspector.recording.tokens == chat.history_tokens()
     report = fns["selftest"]()  # the model panel's self-test button, through the scheduler
-    assert report.startswith("**All ") and "| step | cpu (" in report
+    assert report.startswith("**All ") and "| step RWKV-4 | cpu (" in report and "| step RWKV-7 | cpu (" in report
 
 
 def test_outline_mode_stopped_midway_can_continue(engine, loaded):

@@ -200,3 +200,19 @@ def test_a_bad_file_of_a_new_architecture_keeps_the_current_model(model_files, t
         assert eng.current.runtime.architecture.name == "rwkv7"
     finally:
         eng.scheduler.close()
+
+
+def test_g1_thinking_format_reads_the_reply_start_and_shows_it(matrix_engine):
+    """G1's thinking style: the prompt ends "Assistant: <think" (its model cards), the reply shown
+    starts with "<think", and the state holds exactly the prompt and the generated tokens."""
+    loaded = matrix_engine.require()
+    fmt = PRESETS["G1 thinking (Assistant: <think)"]
+    assert fmt.turn_prompt("Why?", first=True) == "User: Why?\n\nAssistant: <think"
+    s = ChatSession(fmt)
+    reply = run(s.send(matrix_engine, "Why?", settings(5), 10))
+    turn = s.turns[0]
+    assert reply.startswith("<think") and turn.reply == reply
+    assert turn.prompt_tokens == loaded.tokenizer.encode("User: Why?\n\nAssistant: <think")
+    assert reply == ("<think" + loaded.tokenizer.decode(turn.reply_tokens)).strip()
+    _, state = loaded.runtime.forward(turn.prompt_tokens + turn.reply_tokens)
+    assert torch.allclose(turn.state_after.wkv_state, state.wkv_state, atol=1e-4)

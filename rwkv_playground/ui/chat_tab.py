@@ -39,8 +39,8 @@ def view(session: ChatSession, status: str):
 
 def choose_preset(name):
     if name in PRESETS:
-        return PRESETS[name].user, PRESETS[name].bot
-    return gr.Textbox(), gr.Textbox()
+        return PRESETS[name].user, PRESETS[name].bot, PRESETS[name].reply_start
+    return gr.Textbox(), gr.Textbox(), gr.Textbox()
 
 
 class ChatTab:
@@ -50,7 +50,8 @@ class ChatTab:
         self.engine = engine
 
     def on_send(self, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
-                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, request: gr.Request = None):
+                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, reply_start="",
+                request: gr.Request = None):
         """Send a message and stream the reply; the message box is emptied once it is taken."""
         session = ensure_session(self.engine, session, ChatSession, request)
         if not message or not message.strip():
@@ -62,7 +63,8 @@ class ChatTab:
         except Exception as exc:
             yield *view(session, friendly_error(exc)), message
             return
-        session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "")
+        session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "",
+                                 reply_start=reply_start or "")
         for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
                               lambda status, final: view(session, status), lambda: last_stats(session)):
             yield *outputs, ""
@@ -124,6 +126,8 @@ def build(engine) -> gr.State:
                              elem_id="chat-format", scale=2)
         user_name = gr.Textbox(PRESETS[first].user, label="Your name", elem_id="chat-user", scale=1)
         bot_name = gr.Textbox(PRESETS[first].bot, label="Model's name", elem_id="chat-bot", scale=1)
+        reply_start = gr.Textbox(PRESETS[first].reply_start, label="Reply starts with (G1 thinking: <think)",
+                                 elem_id="chat-reply-start", scale=1)
     scenario = gr.Textbox("", label="Scenario (read once, before the first message)", lines=2,
                           elem_id="chat-scenario", placeholder="e.g. The following is a conversation between ...")
     chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
@@ -145,8 +149,9 @@ def build(engine) -> gr.State:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     shown = [chatbot, status, table, session]
-    inputs = [message, session, user_name, bot_name, scenario, *sampling]
-    preset.change(choose_preset, [preset], [user_name, bot_name], queue=False, api_visibility="private")
+    inputs = [message, session, user_name, bot_name, scenario, *sampling, reply_start]
+    preset.change(choose_preset, [preset], [user_name, bot_name, reply_start], queue=False,
+                  api_visibility="private")
     send_ev = send.click(tab.on_send, inputs, [*shown, message], api_name="chat", **model_events)
     submit_ev = message.submit(tab.on_send, inputs, [*shown, message], api_visibility="private",
                                **model_events)
