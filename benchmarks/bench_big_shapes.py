@@ -1,11 +1,14 @@
-"""The seed's own model size: Raven 14B's shape (40 x 5120) and 7B's (32 x 4096) on this machine.
+"""The big models on this machine: Raven 14B's shape (40 x 5120) and 7B's (32 x 4096), RWKV-7 G1
+7.2B (32 x 4096, head 64, LoRA widths 128 / 128 / 96 / 480) and a 13B-class RWKV-7 (61 x 4096 with
+the 7.2B widths: 13.2B parameters; the released 13.3B's layout is not published in what we read).
 
     python benchmarks/bench_big_shapes.py                      # 14B int8, 7B bf16, 7B int8
+    python benchmarks/bench_big_shapes.py --runs v7-7.2B:bf16 v7-7.2B:int8 v7-13B:int8
     python benchmarks/bench_big_shapes.py --runs 14B:int8 --scratch /big/disk
 
 For each run: a random-weight bf16 checkpoint of the shape (vocab 50277) is written to a scratch
 folder as .safetensors, one tensor at a time (a 14B model is ~28 GB and is never in memory whole;
-the free disk is checked first), then loaded in a fresh process with the requested dtype. Recorded:
+the free disk is checked first; RWKV-7 files have the World vocabulary, 65536), then loaded in a fresh process with the requested dtype. Recorded:
 load time, the process's peak resident memory (loading, then generating; the 4 GB buffer of the
 bandwidth measurement is allocated after that) against the machine's memory and the model's size,
 tokens/s of one-token generation (the fused step, no sampling), and that speed as a fraction of
@@ -27,22 +30,38 @@ from pathlib import Path
 import torch
 
 from common import CACHE, ROOT, machine, results_dir, write_results
-from rwkv_playground.models.rwkv4 import RWKVConfig, expected_shapes, iter_random_weights
+from rwkv_playground.models import by_name
+from rwkv_playground.models import random_init, rwkv4
+from rwkv_playground.models.rwkv4 import RWKVConfig
+from rwkv_playground.models.rwkv7 import RWKV7Config
 
+G1_7B_LORAS = dict(decay_lora=128, iclr_lora=128, value_lora=96, gate_lora=480)
 BIG_SHAPES = {
     "14B": RWKVConfig(n_layer=40, n_embd=5120, vocab_size=50277, ffn_dim=4 * 5120),
     "7B": RWKVConfig(n_layer=32, n_embd=4096, vocab_size=50277, ffn_dim=4 * 4096),
+    "v7-7.2B": RWKV7Config(32, 4096, 65536, 4 * 4096, 64, 64, **G1_7B_LORAS),
+    "v7-13B": RWKV7Config(61, 4096, 65536, 4 * 4096, 64, 64, **G1_7B_LORAS),
 }
+
+
+def expected_shapes(config) -> dict:
+    return by_name("rwkv7" if isinstance(config, RWKV7Config) else "rwkv4").expected_shapes(config)
+
+
+def iter_random_weights(config, seed: int, dtype):
+    if isinstance(config, RWKV7Config):
+        return random_init.iter_random_weights(expected_shapes(config), config, seed, dtype)
+    return rwkv4.iter_random_weights(config, seed, dtype)
 DEFAULT_RUNS = ("14B:int8", "7B:bf16", "7B:int8")
 PROMPT, GENERATE = 16, 16
 MARGIN = 1 << 30  # free disk kept after writing a checkpoint
 
 
-def file_bytes(config: RWKVConfig) -> int:
+def file_bytes(config) -> int:
     return sum(2 * torch.Size(shape).numel() for shape in expected_shapes(config).values())
 
 
-def write_safetensors(path: Path, config: RWKVConfig) -> float:
+def write_safetensors(path: Path, config) -> float:
     """Random bf16 weights of `config` streamed to a .safetensors file; returns seconds taken."""
     shapes = expected_shapes(config)
     header, offset = {}, 0
@@ -152,7 +171,7 @@ def write(rows: list[dict]) -> None:
         existing[r["shape"], r["dtype"]] = r
     rows = list(existing.values())
     m = machine()
-    md = ["# Big shapes: Raven 14B and 7B sizes (random weights, bf16 file) on this machine", "",
+    md = ["# Big shapes: Raven 14B and 7B, RWKV-7 G1 7.2B and a 13B-class RWKV-7 (random weights, bf16 file)", "",
           f"Machine: {m['cpu']}, {m['cores']} cores, {rows[0]['machine_memory_GB']:.1f} GB memory, "
           f"torch {m['torch']}, {m['date']}. Generation: the fused one-token step after a {PROMPT}-token "
           f"prompt, best of {GENERATE} steps; bound: weights read per token / `stream_read` (4 GB buffer, "
