@@ -216,3 +216,24 @@ def test_g1_thinking_format_reads_the_reply_start_and_shows_it(matrix_engine):
     assert reply == ("<think" + loaded.tokenizer.decode(turn.reply_tokens)).strip()
     _, state = loaded.runtime.forward(turn.prompt_tokens + turn.reply_tokens)
     assert torch.allclose(turn.state_after.wkv_state, state.wkv_state, atol=1e-4)
+
+
+def test_safetensors_files_load_and_the_panel_names_the_architecture(model_files, tmp_path):
+    from safetensors.torch import save_file
+
+    from rwkv_playground import load_runtime
+    from rwkv_playground.ui.model_panel import model_markdown
+
+    weights = torch.load(model_files["rwkv7"], weights_only=True)
+    path = tmp_path / "g1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    from_pth, _ = load_runtime(model_files["rwkv7"]).forward([1, 2, 3])
+    from_st, _ = load_runtime(path).forward([1, 2, 3])
+    assert torch.equal(from_pth, from_st)
+    eng = Engine(models_dir=tmp_path)
+    try:
+        eng.load(path)
+        text = model_markdown(eng)
+        assert "RWKV-7, 2 layers × 64 wide, 2 heads of 32" in text and "MB per conversation" in text
+    finally:
+        eng.scheduler.close()

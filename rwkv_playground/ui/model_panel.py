@@ -25,8 +25,12 @@ def model_markdown(engine) -> str:
     if i["gemm_reason"]:
         gemm += f" ({i['gemm_reason']})"
     s = engine.scheduler.status()
-    return (f"**{i['name']}** — {i['n_layer']} layers × {i['n_embd']} wide, vocab {i['vocab_size']:,}, "
+    heads = f", {i['n_head']} heads of {i['head_size']}" if "n_head" in i else ""
+    state = f" · state {i['state_bytes'] / 1e6:.2f} MB per conversation"
+    return (f"**{i['name']}** — {i['architecture']}, {i['n_layer']} layers × {i['n_embd']} wide{heads}, "
+            f"vocab {i['vocab_size']:,}, "
             f"{i['parameters'] / 1e6:.1f} M parameters · {i['dtype']} on {i['device']} · tokenizer: {i['tokenizer']}"
+            f"{state}"
             f"<br>Backends: WKV {BACKEND_NAMES.get(i['wkv'], i['wkv'])} · one-token step {step} · "
             f"sampler {BACKEND_NAMES.get(i['sampler'], i['sampler'])} · SIMD {i['simd']}"
             f"<br>Prompts: read in chunks of {i['chunk_len']} tokens, {gemm}"
