@@ -282,6 +282,22 @@ inline void mix(const float* cur, const float* prev, const float* m, float* out,
   for (int64_t c = 0; c < C; ++c) out[c] = cur[c] * m[c] + prev[c] * (1.0f - m[c]);
 }
 
+// x[b] = LN0(emb[token[b]]) for every row (scratch[b]: the widened embedding row)
+void embed_rows(const Matrix& emb, const int64_t* token, int64_t B, int64_t C, const float* ln_weight,
+                const float* ln_bias, float eps, const std::vector<float*>& scratch, const std::vector<float*>& x);
+
+// the feed-forward's relu(k)^2, in place, for every row
+template <typename Rows>
+void square_relu_rows(int64_t B, const Rows& rows, int64_t F) {
+  for_rows(B, [&](int64_t b) {
+    float* fb = rows[b];
+    for (int64_t j = 0; j < F; ++j) {
+      const float relu = fb[j] > 0.f ? fb[j] : 0.f;
+      fb[j] = relu * relu;
+    }
+  });
+}
+
 Storage storage_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return Storage::kFloat32;
@@ -304,6 +320,19 @@ std::vector<float*> rows_of(std::vector<float>& buffer, int64_t B, int64_t width
 
 MatvecJob job(const Matrix& W, int64_t B, const std::vector<float*>& x, const std::vector<float*>& y) {
   return {W, B, const_cast<const float* const*>(x.data()), nullptr, y.data()};
+}
+
+void embed_rows(const Matrix& emb, const int64_t* token, int64_t B, int64_t C, const float* ln_weight,
+                const float* ln_bias, float eps, const std::vector<float*>& scratch, const std::vector<float*>& x) {
+  for (int64_t b = 0; b < B; ++b) {
+    if (emb.storage == Storage::kFloat32) {
+      std::copy_n(static_cast<const float*>(emb.data) + token[b] * C, C, scratch[b]);
+    } else {
+      const uint16_t* row = static_cast<const uint16_t*>(emb.data) + token[b] * C;
+      for (int64_t c = 0; c < C; ++c) scratch[b][c] = bf16_to_float(row[c]);
+    }
+    layer_norm(scratch[b], ln_weight, ln_bias, eps, x[b], C);
+  }
 }
 
 bool cpu_has_avx512() {
@@ -585,16 +614,7 @@ at::Tensor StepWeights::step(const at::Tensor& tokens, const std::vector<at::Ten
   std::vector<float*> LOGITS(B);
   for (int64_t b = 0; b < B; ++b) LOGITS[b] = logits.data_ptr<float>() + b * V;
 
-  for (int64_t b = 0; b < B; ++b) {
-    float* xb = x.data() + b * C;
-    if (emb_.storage == Storage::kFloat32) {
-      std::copy_n(static_cast<const float*>(emb_.data) + token[b] * C, C, xx.data() + b * C);
-    } else {
-      const uint16_t* row = static_cast<const uint16_t*>(emb_.data) + token[b] * C;
-      for (int64_t c = 0; c < C; ++c) xx[b * C + c] = bf16_to_float(row[c]);
-    }
-    layer_norm(xx.data() + b * C, ln0_weight_, ln0_bias_, ln_eps_, xb, C);
-  }
+  embed_rows(emb_, token, B, C, ln0_weight_, ln0_bias_, ln_eps_, XX, XS);
 
   std::vector<MatvecJob> jobs;
   for (int64_t i = 0; i < L; ++i) {
@@ -635,13 +655,7 @@ at::Tensor StepWeights::step(const at::Tensor& tokens, const std::vector<at::Ten
     });
     jobs = {job(w.ffn_key, B, XK, FK), job(w.ffn_receptance, B, XR, R_)};
     run_jobs(isa_, jobs);
-    for_rows(B, [&](int64_t b) {
-      float* fb = FK[b];
-      for (int64_t j = 0; j < F; ++j) {
-        const float relu = fb[j] > 0.f ? fb[j] : 0.f;
-        fb[j] = relu * relu;
-      }
-    });
+    square_relu_rows(B, FK, F);
     jobs = {job(w.ffn_value, B, FK, OUT)};
     run_jobs(isa_, jobs);
     for_rows(B, [&](int64_t b) {
@@ -991,15 +1005,7 @@ at::Tensor MatrixStepWeights::step(const at::Tensor& tokens, const std::vector<a
   std::vector<float*> LOGITS(B);
   for (int64_t b = 0; b < B; ++b) LOGITS[b] = logits.data_ptr<float>() + b * V;
 
-  for (int64_t b = 0; b < B; ++b) {
-    if (emb_.storage == Storage::kFloat32) {
-      std::copy_n(static_cast<const float*>(emb_.data) + token[b] * C, C, XX[b]);
-    } else {
-      const uint16_t* row = static_cast<const uint16_t*>(emb_.data) + token[b] * C;
-      for (int64_t c = 0; c < C; ++c) XX[b][c] = bf16_to_float(row[c]);
-    }
-    layer_norm(XX[b], ln0_weight_, ln0_bias_, ln_eps_, X[b], C);
-  }
+  embed_rows(emb_, token, B, C, ln0_weight_, ln0_bias_, ln_eps_, XX, X);
 
   std::vector<MatvecJob> jobs;
   for (int64_t i = 0; i < L; ++i) {
@@ -1154,13 +1160,7 @@ at::Tensor MatrixStepWeights::step(const at::Tensor& tokens, const std::vector<a
     jobs = {job(lw.ffn_key, B, MIX[1], FK)};
     if (arch_ != MatrixArch::kV7) jobs.push_back(job(lw.ffn_receptance, B, MIX[0], R_));
     run_jobs(isa_, jobs);
-    for_rows(B, [&](int64_t b) {
-      float* fb = FK[b];
-      for (int64_t j = 0; j < F; ++j) {
-        const float relu = fb[j] > 0.f ? fb[j] : 0.f;
-        fb[j] = relu * relu;
-      }
-    });
+    square_relu_rows(B, FK, F);
     jobs = {job(lw.ffn_value, B, FK, OUT)};
     run_jobs(isa_, jobs);
     for_rows(B, [&](int64_t b) {

@@ -22,7 +22,9 @@ from the chosen backend (`wkv.py`: a PyTorch reference and compiled kernels, sam
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -176,3 +178,34 @@ def head_shape(tensors: dict[str, torch.Tensor], key: str, n_embd: int) -> tuple
 
 def matrix_state_layout(name: str, config) -> StateLayout:
     return StateLayout.matrix(name, config.n_layer, config.n_embd, config.n_head, config.head_size)
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """The dimensions every RWKV-5/6/7 model has (each read from the checkpoint's shapes); each
+    architecture's config adds its own (sub-version, LoRA widths)."""
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    ffn_dim: int
+    n_head: int
+    head_size: int
+
+    architecture_name = ""  # (a class attribute: the registry entry whose shapes these are)
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in by_name(self.architecture_name).expected_shapes(self).values())
+
+
+class MatrixArchitecture(Architecture):
+    """What RWKV-5, 6 and 7 share of the protocol."""
+    recurrence = "matrix"
+
+    def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        from .random_init import random_weights
+
+        return random_weights(self.expected_shapes(config), config, seed, dtype)
+
+    def describe(self, config) -> dict:
+        return {"architecture": self.title, "n_head": config.n_head, "head_size": config.head_size}

@@ -18,7 +18,6 @@ The channel mix is RWKV-4's (rwkv4.ChannelMix).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,19 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
-from . import Architecture, embedding_shape, head_shape, n_layer_of, require
+from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, token_shift
 from .rwkv4 import ChannelMix
 
 
 @dataclass(frozen=True)
-class RWKV5Config:
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    ffn_dim: int
-    n_head: int
-    head_size: int
+class RWKV5Config(MatrixConfig):
+    architecture_name = "rwkv5"
     subversion: str = "5.2"  # "5.0" | "5.1" | "5.2"
     bonus_key: str = "time_faaaa"  # "time_faaaa" (u as stored) or "time_first" (log u)
 
@@ -50,10 +44,6 @@ class RWKV5Config:
     def per_channel(self) -> bool:
         """5.2: decay and bonus per channel [H, N]; 5.0/5.1: one per head [H]."""
         return self.subversion == "5.2"
-
-    @property
-    def n_params(self) -> int:
-        return sum(math.prod(s) for s in expected_shapes(self).values())
 
 
 class TimeMix(nn.Module):
@@ -157,8 +147,8 @@ def subversion_of_keys(tensors: dict[str, torch.Tensor]) -> str:
     return "5.1" if "blocks.0.att.gate.weight" in tensors else "5.0"
 
 
-class RWKV5Architecture(Architecture):
-    name, title, recurrence = "rwkv5", "RWKV-5", "matrix"
+class RWKV5Architecture(MatrixArchitecture):
+    name, title = "rwkv5", "RWKV-5"
     fp16_rescale = True
     fingerprint_keys = ("att.time_decay", "att.ln_x.weight")
 
@@ -189,12 +179,7 @@ class RWKV5Architecture(Architecture):
         return RWKV5(config)
 
     def describe(self, config: RWKV5Config) -> dict:
-        return {"architecture": f"RWKV-{config.subversion}", "n_head": config.n_head, "head_size": config.head_size}
-
-    def random_weights(self, config: RWKV5Config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        from .random_init import random_weights
-
-        return random_weights(expected_shapes(config), config, seed, dtype)
+        return {**super().describe(config), "architecture": f"RWKV-{config.subversion}"}
 
 
 ARCHITECTURE = RWKV5Architecture()

@@ -17,14 +17,13 @@ The channel mix mixes with `x + d * time_maa_{k,r}` and is otherwise RWKV-4's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Architecture, embedding_shape, head_shape, n_layer_of, require
+from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, token_shift
 from ..errors import LoadError
 
@@ -32,19 +31,10 @@ MIXES = ("w", "k", "v", "r", "g")  # the order of the five ddlerp outputs in tim
 
 
 @dataclass(frozen=True)
-class RWKV6Config:
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    ffn_dim: int
-    n_head: int
-    head_size: int
+class RWKV6Config(MatrixConfig):
+    architecture_name = "rwkv6"
     mix_lora: int = 32     # D_mix: time_maa_w1 [C, 5 D_mix], time_maa_w2 [5, D_mix, C]
     decay_lora: int = 64   # D_decay: time_decay_w1 [C, D_decay], time_decay_w2 [D_decay, C]
-
-    @property
-    def n_params(self) -> int:
-        return sum(math.prod(s) for s in expected_shapes(self).values())
 
 
 class TimeMix(nn.Module):
@@ -149,8 +139,8 @@ def expected_shapes(config: RWKV6Config) -> dict[str, tuple]:
     return shapes
 
 
-class RWKV6Architecture(Architecture):
-    name, title, recurrence = "rwkv6", "RWKV-6", "matrix"
+class RWKV6Architecture(MatrixArchitecture):
+    name, title = "rwkv6", "RWKV-6"
     fp16_rescale = True
     fingerprint_keys = ("att.time_decay", "att.time_faaaa")
     lora_suffixes = ("att.time_maa_w1", "att.time_maa_w2", "att.time_decay_w1", "att.time_decay_w2")
@@ -177,13 +167,7 @@ class RWKV6Architecture(Architecture):
         return RWKV6(config)
 
     def describe(self, config: RWKV6Config) -> dict:
-        return {"architecture": self.title, "n_head": config.n_head, "head_size": config.head_size,
-                "lora": {"mix": config.mix_lora, "decay": config.decay_lora}}
-
-    def random_weights(self, config: RWKV6Config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        from .random_init import random_weights
-
-        return random_weights(expected_shapes(config), config, seed, dtype)
+        return {**super().describe(config), "lora": {"mix": config.mix_lora, "decay": config.decay_lora}}
 
 
 ARCHITECTURE = RWKV6Architecture()

@@ -24,14 +24,13 @@ The channel mix is `Wv relu(Wk (x + d * x_k))^2` (no receptance).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Architecture, embedding_shape, head_shape, n_layer_of, require
+from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 
 DECAY_SCALE = 0.606531  # exp(-0.5), as the rwkv package writes it: the decay is >= exp(-0.606531)
@@ -39,21 +38,12 @@ LERPS = ("r", "w", "k", "v", "a", "g")
 
 
 @dataclass(frozen=True)
-class RWKV7Config:
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    ffn_dim: int
-    n_head: int
-    head_size: int
+class RWKV7Config(MatrixConfig):
+    architecture_name = "rwkv7"
     decay_lora: int = 64   # w1 [C, Dw], w2 [Dw, C]
     iclr_lora: int = 64    # a1 [C, Da], a2 [Da, C]
     value_lora: int = 32   # v1 [C, Dv], v2 [Dv, C]
     gate_lora: int = 128   # g1 [C, Dg], g2 [Dg, C]
-
-    @property
-    def n_params(self) -> int:
-        return sum(math.prod(s) for s in expected_shapes(self).values())
 
 
 def lora_shapes(config: RWKV7Config) -> dict[str, tuple]:
@@ -163,8 +153,8 @@ def expected_shapes(config: RWKV7Config) -> dict[str, tuple]:
     return shapes
 
 
-class RWKV7Architecture(Architecture):
-    name, title, recurrence = "rwkv7", "RWKV-7", "matrix"
+class RWKV7Architecture(MatrixArchitecture):
+    name, title = "rwkv7", "RWKV-7"
     fingerprint_keys = ("att.w0", "att.r_k")
     lora_suffixes = tuple(f"att.{n}{i}" for n in "wavg" for i in (1, 2))
 
@@ -187,14 +177,8 @@ class RWKV7Architecture(Architecture):
         return RWKV7(config)
 
     def describe(self, config: RWKV7Config) -> dict:
-        return {"architecture": self.title, "n_head": config.n_head, "head_size": config.head_size,
-                "lora": {"decay": config.decay_lora, "iclr": config.iclr_lora, "value": config.value_lora,
-                         "gate": config.gate_lora}}
-
-    def random_weights(self, config: RWKV7Config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        from .random_init import random_weights
-
-        return random_weights(expected_shapes(config), config, seed, dtype)
+        return {**super().describe(config), "lora": {"decay": config.decay_lora, "iclr": config.iclr_lora,
+                                                     "value": config.value_lora, "gate": config.gate_lora}}
 
 
 ARCHITECTURE = RWKV7Architecture()
