@@ -12,10 +12,13 @@ def test_the_cpu_part_passes_and_covers_every_path(capsys):
     assert "MISMATCH" not in out and "checks passed" in out
     rows = selftest.run(["cpu"])
     kinds = {(r.check, r.dtype) for r in rows}
-    assert {("wkv", "fp32"), ("wkv", "bf16"), ("wkv", "fp16"), ("step", "fp32"), ("step", "bf16"),
-            ("step", "fp16"), ("sampler", "fp32")} <= kinds
-    assert any(r.implementation.startswith("cpu (") for r in rows)  # the fused step, per instruction set
-    assert all(r.tokens_per_second for r in rows if r.check == "step")
+    steps = {(f"step {title}", dtype) for title in ("RWKV-4", "RWKV-5", "RWKV-6", "RWKV-7")
+             for dtype in ("fp32", "bf16", "fp16")}
+    assert {("wkv", "fp32"), ("wkv", "bf16"), ("wkv", "fp16"), ("wkv5", "fp32"), ("wkv7", "fp32"),
+            ("sampler", "fp32")} | steps <= kinds
+    for title in ("RWKV-4", "RWKV-5", "RWKV-6", "RWKV-7"):  # the fused step, per instruction set
+        assert any(r.check == f"step {title}" and r.implementation.startswith("cpu (") for r in rows), title
+    assert all(r.tokens_per_second for r in rows if r.check.startswith("step"))
 
 
 def test_a_wrong_kernel_is_reported_and_fails_the_exit_status(monkeypatch, capsys):
@@ -55,3 +58,21 @@ def test_the_gpu_part_runs_where_there_is_a_gpu_and_says_so_where_not(capsys):
     else:
         assert selftest.main(["--device", "cuda"]) == 1
         assert "No NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_a_wrong_matrix_kernel_is_reported(monkeypatch, capsys):
+    """The RWKV-7 recurrence of the CPU kernels made slightly wrong: its row says MISMATCH."""
+    from rwkv_playground import selftest
+    from rwkv_playground.kernels import load_kernel
+
+    module = load_kernel("cpu")
+    real = module.wkv7_forward
+
+    def wrong(*args):
+        y, state = real(*args)
+        return y * 1.001, state
+
+    monkeypatch.setattr(module, "wkv7_forward", wrong)
+    rows = selftest.check_matrix_wkv(["cpu"])
+    bad = [r for r in rows if not r.ok]
+    assert [r.check for r in bad] == ["wkv7"] and all(r.ok for r in rows if r.check == "wkv5")
