@@ -46,7 +46,7 @@ struct Guarded {
     unsigned char* payload = bytes.data() + kGuard * elem;
     if (output) {
       std::memset(payload, kUnwritten, count * elem);
-    } else {
+    } else if (count > 0) {  // (an empty tensor's data pointer may be null)
       const torch::Tensor c = like.contiguous();
       std::memcpy(payload, c.data_ptr(), count * elem);
       original.assign(payload, payload + count * elem);
@@ -62,7 +62,7 @@ struct Guarded {
     }
     const unsigned char* payload = p + kGuard * elem;
     if (!output) {
-      TORCH_CHECK(std::memcmp(payload, original.data(), count * elem) == 0, "emulated CUDA: input ", name,
+      TORCH_CHECK(count == 0 || std::memcmp(payload, original.data(), count * elem) == 0, "emulated CUDA: input ", name,
                   " was modified");
       return;
     }
@@ -74,7 +74,7 @@ struct Guarded {
   }
   torch::Tensor tensor(const torch::Tensor& like) {
     auto out = torch::empty_like(like, at::MemoryFormat::Contiguous);
-    std::memcpy(out.data_ptr(), data(), count * elem);
+    if (count > 0) std::memcpy(out.data_ptr(), data(), count * elem);
     return out;
   }
 };
