@@ -83,7 +83,7 @@ def model_rows() -> list[dict]:
                      "wkv": runtime.describe()["wkv"], "step": runtime.describe()["step"],
                      "prompt_tok_s": PROMPT / prompt_s, "generate_tok_s": GENERATE / generate_s})
         print(json.dumps(rows[-1]), flush=True)
-        del runtime
+        runtime = state = None  # the next shape's weights take this one's place on the card
         torch.cuda.empty_cache()
     return rows
 

@@ -27,10 +27,10 @@ from . import backends as backends_mod
 from .errors import LoadError, StateError
 from .models import MissingKey, by_name, identify
 from .models.checkpoint import read_checkpoint, release_file_pages
-from .models.common import FP16_RESCALE_EVERY, LN_EPS
+from .models.common import FP16_RESCALE_EVERY
 from .quantization import quantize_rows
 from .state import State
-from .wkv import reference_matrix_wkv, reference_wkv
+from .wkv import reference_wkv
 
 # storage of the matrices; int8 keeps the embedding in bf16 (one row is read per token)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
