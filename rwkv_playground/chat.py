@@ -56,10 +56,11 @@ PRESETS = {
 }
 
 
-def default_preset(architecture: str, vocab_size: int) -> str:
-    """The format a model was released with: World / G1 for RWKV-5/6/7 and World-vocabulary
-    RWKV-4 models, Raven's otherwise (the demo model, Pile / Raven)."""
-    if architecture != "rwkv4" or vocab_size == 65536:
+def default_preset(architecture, vocab_size: int) -> str:
+    """The format a model was released with (`architecture`: models.Architecture): World / G1 for
+    the World-vocabulary releases (every RWKV-5/6/7 one, RWKV-4 World), Raven's otherwise (the
+    demo model, Pile / Raven)."""
+    if architecture.world_releases_only or vocab_size == 65536:
         return "World / G1 (User / Assistant)"
     return "Raven (Bob / Alice)"
 

@@ -59,8 +59,7 @@ def matrix_engine(request, model_files):
 
 def test_chat_turns_read_only_new_tokens_and_the_state_matches_the_history(matrix_engine):
     loaded = matrix_engine.require()
-    arch = loaded.runtime.architecture.name
-    assert default_preset(arch, loaded.runtime.config.vocab_size) == "World / G1 (User / Assistant)"
+    assert default_preset(loaded.runtime.architecture, loaded.runtime.config.vocab_size) == "World / G1 (User / Assistant)"
     assert loaded.tokenizer.name.startswith("rwkv_vocab")  # the World vocabulary
     s = ChatSession(PRESETS["World / G1 (User / Assistant)"])
     run(s.send(matrix_engine, "Hello there.", settings(1), 12))

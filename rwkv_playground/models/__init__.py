@@ -43,6 +43,7 @@ class Architecture:
     # components as lists of [L, ...] tensors, in layout order) advances the states in place
     fp16_rescale = False  # stores output projections pre-divided for fp16 (see FP16_RESCALE_EVERY)
     inspector = False    # the State inspector's views and experiments read this architecture
+    world_releases_only = False  # every released model uses the World vocabulary and User/Assistant
     # per-layer keys (after "blocks.N.") hashed into the model fingerprint
     fingerprint_keys: tuple[str, ...] = ()
     # LoRA matrices used as `x @ W` ([in, out]): the runtime stores them transposed in memory
@@ -201,6 +202,7 @@ class MatrixConfig:
 class MatrixArchitecture(Architecture):
     """What RWKV-5, 6 and 7 share of the protocol."""
     recurrence = "matrix"
+    world_releases_only = True
 
     def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
         from .random_init import random_weights

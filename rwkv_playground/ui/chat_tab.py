@@ -119,7 +119,7 @@ def build(engine) -> gr.State:
     tab = ChatTab(engine)
     session = session_state(engine)
     loaded = engine.current
-    first = (default_preset(loaded.runtime.architecture.name, loaded.runtime.config.vocab_size)
+    first = (default_preset(loaded.runtime.architecture, loaded.runtime.config.vocab_size)
              if loaded is not None else list(PRESETS)[0])
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=first, label="Format",
