@@ -22,7 +22,7 @@ def parse_args(argv=None):
     from rwkv_playground.scheduler import SchedulerSettings
 
     serving, scheduling = ServingSettings(), SchedulerSettings()
-    p = argparse.ArgumentParser(description="RWKV Playground (RWKV-4)")
+    p = argparse.ArgumentParser(description="RWKV Playground (RWKV-4, 5, 6 and 7)")
     p.add_argument("--model", default=str(DEMO_CHECKPOINT), help="checkpoint (.pth or .safetensors); "
                    "default: the bundled demo model")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (.json or World .txt); default: found "

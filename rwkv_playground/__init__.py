@@ -1,4 +1,4 @@
-"""RWKV Playground: an RWKV-4 inference engine (and the Gradio app in `rwkv_playground.ui`).
+"""RWKV Playground: an RWKV-4 to RWKV-7 inference engine (and the Gradio app in `rwkv_playground.ui`).
 
     from rwkv_playground import load_runtime, load_tokenizer, generate, SamplingSettings
 
