@@ -1,4 +1,4 @@
-"""RWKV Playground: a browser playground for RWKV-4 language models.
+"""RWKV Playground: a browser playground for RWKV-4, 5, 6 and 7 language models.
 
     python app.py                                   # the bundled demo model, on 127.0.0.1:7860
     python app.py --model RWKV-4-Raven-7B.pth --tokenizer 20B_tokenizer.json --device cuda --dtype fp16
