@@ -405,6 +405,56 @@ uint64_t sum_words_scalar(const uint8_t* begin, const uint8_t* end) {
   return total;
 }
 
+// Weights looked up by checkpoint name and validated (shape, dtype, device, contiguity) once, for
+// both steps; int8 matrices come with "<name>_scale" (float32, one per row). `keep` holds the
+// tensors the returned raw pointers point into.
+struct WeightReader {
+  const char* owner;  // "StepWeights" / "MatrixStepWeights": who asks, in the messages
+  const std::map<std::string, at::Tensor>& named;
+  std::vector<at::Tensor>& keep;
+
+  const at::Tensor& get(const std::string& name) const {
+    auto it = named.find(name);
+    TORCH_CHECK(it != named.end(), owner, ": missing '", name, "'");
+    return it->second;
+  }
+  const float* vec(const std::string& name, int64_t n) {
+    const at::Tensor& t = get(name);
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                owner, ": '", name, "' must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(t.numel() == n, owner, ": '", name, "' has ", t.numel(), " elements, expected ", n);
+    keep.push_back(t);
+    return t.data_ptr<float>();
+  }
+  Matrix mat(const at::Tensor& t, const std::string& name, int64_t rows, int64_t cols, const float* scale = nullptr) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2,
+                owner, ": '", name, "' must be a contiguous 2-D CPU tensor");
+    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, owner, ": '", name, "' has shape [", t.size(0),
+                ", ", t.size(1), "], expected [", rows, ", ", cols, "]");
+    Matrix m;
+    m.storage = storage_of(t);
+    m.data = t.data_ptr();
+    m.rows = rows;
+    m.cols = cols;
+    m.scale = scale;
+    keep.push_back(t);
+    return m;
+  }
+  Matrix mat(const std::string& name, int64_t rows, int64_t cols) {
+    const at::Tensor& t = get(name);
+    const float* scale = nullptr;
+    if (t.scalar_type() == at::kChar) {
+      auto s = named.find(name + "_scale");
+      TORCH_CHECK(s != named.end() && s->second.device().is_cpu() && s->second.scalar_type() == at::kFloat &&
+                      s->second.is_contiguous() && s->second.numel() == rows,
+                  owner, ": int8 '", name, "' needs '", name, "_scale' (", rows, " float32 values)");
+      keep.push_back(s->second);
+      scale = s->second.data_ptr<float>();
+    }
+    return mat(t, name, rows, cols, scale);
+  }
+};
+
 }  // namespace
 
 std::vector<std::string> cpu_features() {
@@ -479,47 +529,10 @@ const char* isa_name(Isa isa) {
 
 // ---- named weights ----------------------------------------------------------------------------
 
-const float* StepWeights::vector(const std::map<std::string, at::Tensor>& named, const std::string& name) {
-  auto it = named.find(name);
-  TORCH_CHECK(it != named.end(), "StepWeights: missing '", name, "'");
-  const at::Tensor& t = it->second;
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "StepWeights: '", name, "' must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(t.numel() == n_embd_, "StepWeights: '", name, "' has ", t.numel(), " elements, expected ", n_embd_);
-  keep_alive_.push_back(t);
-  return t.data_ptr<float>();
-}
-
-Matrix StepWeights::matrix(const std::map<std::string, at::Tensor>& named, const std::string& name, int64_t rows,
-                           int64_t cols) {
-  auto it = named.find(name);
-  TORCH_CHECK(it != named.end(), "StepWeights: missing '", name, "'");
-  const at::Tensor& t = it->second;
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2,
-              "StepWeights: '", name, "' must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "StepWeights: '", name, "' has shape [", t.size(0), ", ",
-              t.size(1), "], expected [", rows, ", ", cols, "]");
-  Matrix m;
-  m.storage = storage_of(t);
-  m.data = t.data_ptr();
-  m.rows = rows;
-  m.cols = cols;
-  keep_alive_.push_back(t);
-  if (m.storage == Storage::kInt8) {
-    auto s = named.find(name + "_scale");
-    TORCH_CHECK(s != named.end(), "StepWeights: int8 '", name, "' needs '", name, "_scale'");
-    TORCH_CHECK(s->second.device().is_cpu() && s->second.scalar_type() == at::kFloat && s->second.is_contiguous() &&
-                    s->second.numel() == rows,
-                "StepWeights: '", name, "_scale' must be ", rows, " contiguous float32 values");
-    m.scale = s->second.data_ptr<float>();
-    keep_alive_.push_back(s->second);
-  }
-  return m;
-}
-
 StepWeights::StepWeights(const std::map<std::string, at::Tensor>& named, int64_t n_layer, double layer_norm_eps,
                          const std::string& isa)
     : ln_eps_(static_cast<float>(layer_norm_eps)), isa_(parse_isa(isa)) {
+  WeightReader rd{"StepWeights", named, keep_alive_};
   TORCH_CHECK(n_layer >= 1, "StepWeights: n_layer must be at least 1");
   auto emb = named.find("emb.weight");
   auto ffn = named.find("blocks.0.ffn.key.weight");
@@ -529,38 +542,38 @@ StepWeights::StepWeights(const std::map<std::string, at::Tensor>& named, int64_t
   n_embd_ = emb->second.size(1);
   ffn_dim_ = ffn->second.size(0);
   const int64_t C = n_embd_, F = ffn_dim_;
-  emb_ = matrix(named, "emb.weight", vocab_, C);
+  emb_ = rd.mat("emb.weight", vocab_, C);
   TORCH_CHECK(emb_.storage != Storage::kInt8, "StepWeights: the embedding must be float32 or bfloat16");
-  ln0_weight_ = vector(named, "blocks.0.ln0.weight");
-  ln0_bias_ = vector(named, "blocks.0.ln0.bias");
+  ln0_weight_ = rd.vec("blocks.0.ln0.weight", C);
+  ln0_bias_ = rd.vec("blocks.0.ln0.bias", C);
   for (int64_t i = 0; i < n_layer; ++i) {
     const std::string p = "blocks." + std::to_string(i) + ".";
     LayerWeights l;
-    l.ln1_weight = vector(named, p + "ln1.weight");
-    l.ln1_bias = vector(named, p + "ln1.bias");
-    l.att_mix_k = vector(named, p + "att.time_mix_k");
-    l.att_mix_v = vector(named, p + "att.time_mix_v");
-    l.att_mix_r = vector(named, p + "att.time_mix_r");
-    const float* decay = vector(named, p + "att.time_decay");
+    l.ln1_weight = rd.vec(p + "ln1.weight", C);
+    l.ln1_bias = rd.vec(p + "ln1.bias", C);
+    l.att_mix_k = rd.vec(p + "att.time_mix_k", C);
+    l.att_mix_v = rd.vec(p + "att.time_mix_v", C);
+    l.att_mix_r = rd.vec(p + "att.time_mix_r", C);
+    const float* decay = rd.vec(p + "att.time_decay", C);
     l.att_decay.resize(C);
     for (int64_t c = 0; c < C; ++c) l.att_decay[c] = -std::exp(decay[c]);
-    l.att_first = vector(named, p + "att.time_first");
-    l.att_key = matrix(named, p + "att.key.weight", C, C);
-    l.att_value = matrix(named, p + "att.value.weight", C, C);
-    l.att_receptance = matrix(named, p + "att.receptance.weight", C, C);
-    l.att_output = matrix(named, p + "att.output.weight", C, C);
-    l.ln2_weight = vector(named, p + "ln2.weight");
-    l.ln2_bias = vector(named, p + "ln2.bias");
-    l.ffn_mix_k = vector(named, p + "ffn.time_mix_k");
-    l.ffn_mix_r = vector(named, p + "ffn.time_mix_r");
-    l.ffn_key = matrix(named, p + "ffn.key.weight", F, C);
-    l.ffn_receptance = matrix(named, p + "ffn.receptance.weight", C, C);
-    l.ffn_value = matrix(named, p + "ffn.value.weight", C, F);
+    l.att_first = rd.vec(p + "att.time_first", C);
+    l.att_key = rd.mat(p + "att.key.weight", C, C);
+    l.att_value = rd.mat(p + "att.value.weight", C, C);
+    l.att_receptance = rd.mat(p + "att.receptance.weight", C, C);
+    l.att_output = rd.mat(p + "att.output.weight", C, C);
+    l.ln2_weight = rd.vec(p + "ln2.weight", C);
+    l.ln2_bias = rd.vec(p + "ln2.bias", C);
+    l.ffn_mix_k = rd.vec(p + "ffn.time_mix_k", C);
+    l.ffn_mix_r = rd.vec(p + "ffn.time_mix_r", C);
+    l.ffn_key = rd.mat(p + "ffn.key.weight", F, C);
+    l.ffn_receptance = rd.mat(p + "ffn.receptance.weight", C, C);
+    l.ffn_value = rd.mat(p + "ffn.value.weight", C, F);
     layers_.push_back(std::move(l));
   }
-  ln_out_weight_ = vector(named, "ln_out.weight");
-  ln_out_bias_ = vector(named, "ln_out.bias");
-  head_ = matrix(named, "head.weight", vocab_, C);
+  ln_out_weight_ = rd.vec("ln_out.weight", C);
+  ln_out_bias_ = rd.vec("ln_out.bias", C);
+  head_ = rd.mat("head.weight", vocab_, C);
 }
 
 std::vector<std::string> StepWeights::slot_names(int64_t n_layer) {
@@ -730,52 +743,6 @@ struct MatrixLayerWeights {
 
 namespace {
 
-struct Reader {
-  const std::map<std::string, at::Tensor>& named;
-  std::vector<at::Tensor>& keep;
-
-  const at::Tensor& get(const std::string& name) const {
-    auto it = named.find(name);
-    TORCH_CHECK(it != named.end(), "MatrixStepWeights: missing '", name, "'");
-    return it->second;
-  }
-  const float* vec(const std::string& name, int64_t n) {
-    const at::Tensor& t = get(name);
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-                "MatrixStepWeights: '", name, "' must be a contiguous float32 CPU tensor");
-    TORCH_CHECK(t.numel() == n, "MatrixStepWeights: '", name, "' has ", t.numel(), " elements, expected ", n);
-    keep.push_back(t);
-    return t.data_ptr<float>();
-  }
-  Matrix mat(const at::Tensor& t, const std::string& name, int64_t rows, int64_t cols, const float* scale = nullptr) {
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2,
-                "MatrixStepWeights: '", name, "' must be a contiguous 2-D CPU tensor");
-    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "MatrixStepWeights: '", name, "' has shape [", t.size(0),
-                ", ", t.size(1), "], expected [", rows, ", ", cols, "]");
-    Matrix m;
-    m.storage = storage_of(t);
-    m.data = t.data_ptr();
-    m.rows = rows;
-    m.cols = cols;
-    m.scale = scale;
-    keep.push_back(t);
-    return m;
-  }
-  Matrix mat(const std::string& name, int64_t rows, int64_t cols) {
-    const at::Tensor& t = get(name);
-    const float* scale = nullptr;
-    if (t.scalar_type() == at::kChar) {
-      auto s = named.find(name + "_scale");
-      TORCH_CHECK(s != named.end() && s->second.scalar_type() == at::kFloat && s->second.is_contiguous() &&
-                      s->second.numel() == rows,
-                  "MatrixStepWeights: int8 '", name, "' needs '", name, "_scale' (", rows, " float32 values)");
-      keep.push_back(s->second);
-      scale = s->second.data_ptr<float>();
-    }
-    return mat(t, name, rows, cols, scale);
-  }
-};
-
 // GroupNorm of one row, one group per head of N channels (mean / variance in double, as layer_norm)
 void head_group_norm(float* y, const float* weight, const float* bias, float eps, int64_t H, int64_t N) {
   for (int64_t h = 0; h < H; ++h) {
@@ -839,7 +806,7 @@ MatrixStepWeights::MatrixStepWeights(const std::map<std::string, at::Tensor>& na
               "MatrixStepWeights: architecture must be rwkv5, rwkv6 or rwkv7, not '", architecture, "'");
   arch_ = architecture == "rwkv5" ? MatrixArch::kV5 : architecture == "rwkv6" ? MatrixArch::kV6 : MatrixArch::kV7;
   TORCH_CHECK(n_layer >= 1 && n_head >= 1 && head_size >= 1, "MatrixStepWeights: empty model");
-  Reader rd{named, keep_alive_};
+  WeightReader rd{"MatrixStepWeights", named, keep_alive_};
   const at::Tensor& emb = rd.get("emb.weight");
   const at::Tensor& ffn = rd.get("blocks.0.ffn.key.weight");
   TORCH_CHECK(emb.dim() == 2 && ffn.dim() == 2, "MatrixStepWeights: emb.weight and ffn.key.weight must be 2-D");

@@ -60,9 +60,6 @@ class StepWeights {
                   const std::vector<at::Tensor>& ffn_x) const;
 
  private:
-  const float* vector(const std::map<std::string, at::Tensor>& named, const std::string& name);
-  Matrix matrix(const std::map<std::string, at::Tensor>& named, const std::string& name, int64_t rows, int64_t cols);
-
   std::vector<at::Tensor> keep_alive_;  // the tensors the raw pointers below point into
   std::vector<LayerWeights> layers_;
   const float *ln0_weight_, *ln0_bias_, *ln_out_weight_, *ln_out_bias_;

@@ -16,18 +16,14 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda_dtype.h"
 #include "cuda_launch.h"
 #include "wkv_step.h"
 
 namespace {
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using rwkv_cuda::from_f;
+using rwkv_cuda::to_f;
 
 template <typename scalar_t>
 __global__ void wkv_forward_kernel(int B, int T, int C, const float* __restrict__ w,

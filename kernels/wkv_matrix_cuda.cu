@@ -18,17 +18,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda_dtype.h"
 #include "cuda_launch.h"
 
 namespace {
 
-__device__ __forceinline__ float as_f(float x) { return x; }
-__device__ __forceinline__ float as_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float as_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T to_t(float x);
-template <> __device__ __forceinline__ float to_t<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half to_t<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 to_t<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using rwkv_cuda::from_f;
+using rwkv_cuda::to_f;
 
 // y_t = r_t^T (diag(u) k_t v_t^T + S);  S <- k_t v_t^T + diag(w_t) S
 template <int N, typename scalar_t>
@@ -45,16 +41,16 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const scalar_t* _
   for (int j = 0; j < N; ++j) s[j] = S[j * N + i];
   for (int t = 0; t < T; ++t) {
     const int64_t base = (((int64_t)b * T + t) * H + h) * N;
-    const float vi = as_f(v[base + i]);
+    const float vi = to_f(v[base + i]);
     float out = 0.f;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float kj = as_f(k[base + j]);
+      const float kj = to_f(k[base + j]);
       const float kv = kj * vi;
-      out += as_f(r[base + j]) * (u[h * N + j] * kj * vi + s[j]);
+      out += to_f(r[base + j]) * (u[h * N + j] * kj * vi + s[j]);
       s[j] = kv + w[base + j] * s[j];
     }
-    y[base + i] = to_t<scalar_t>(out);
+    y[base + i] = from_f<scalar_t>(out);
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) S[j * N + i] = s[j];
@@ -78,15 +74,15 @@ __global__ void __launch_bounds__(N) wkv7_kernel(int T, int H, const scalar_t* _
     const int64_t base = (((int64_t)b * T + t) * H + h) * N;
     float removed = 0.f;  // (S kk)_i with the old S
 #pragma unroll
-    for (int j = 0; j < N; ++j) removed += s[j] * as_f(kk[base + j]);
-    const float vi = as_f(v[base + i]);
+    for (int j = 0; j < N; ++j) removed += s[j] * to_f(kk[base + j]);
+    const float vi = to_f(v[base + i]);
     float out = 0.f;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      s[j] = s[j] * w[base + j] - removed * (as_f(kk[base + j]) * as_f(a[base + j])) + vi * as_f(k[base + j]);
-      out += s[j] * as_f(r[base + j]);
+      s[j] = s[j] * w[base + j] - removed * (to_f(kk[base + j]) * to_f(a[base + j])) + vi * to_f(k[base + j]);
+      out += s[j] * to_f(r[base + j]);
     }
-    y[base + i] = to_t<scalar_t>(out);
+    y[base + i] = from_f<scalar_t>(out);
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) S[j] = s[j];

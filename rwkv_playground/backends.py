@@ -60,7 +60,6 @@ class Backends:
     gemm: str = "fp32"  # "native" / "upcast" (bf16 and int8 weights on the CPU), else the storage's own
     gemm_reason: str = ""  # what decided it, shown in the model panel
     matrix_wkv: MatrixWKV = reference_matrix_wkv  # the RWKV-5/6/7 recurrences
-    matvec: bool = False  # few-row products run the C++ streaming matvec
 
     def recurrence(self, kind: str):
         """The operator a model's forward takes: "wkv4" (RWKV-4) or "matrix" (RWKV-5/6/7)."""
@@ -93,18 +92,12 @@ def _fallback(note: str) -> None:
         log.warning(note)
 
 
-# Architectures the fused C++ one-token step runs (kernels/rnn_cpu.cpp); the others step through
-# their PyTorch forward, with the C++ matvecs for the products.
-FUSED_STEP_ARCHITECTURES = ("rwkv4", "rwkv5", "rwkv6", "rwkv7")
-
-
 def resolve(device: torch.device, storage: str, wkv: str | None = None, step: str | None = None,
-            sampler: str | None = None, gemm: str | None = None, architecture=None,
+            sampler: str | None = None, gemm: str | None = None,
             progress: Callable[[str], None] | None = None) -> Backends:
-    """Resolve the four choices for a model of `architecture` (models.Architecture; RWKV-4 if
-    None) on `device` stored as `storage` (fp32/bf16/fp16/int8)."""
-    arch_name = getattr(architecture, "name", "rwkv4")
-    arch_title = getattr(architecture, "title", "RWKV-4")
+    """Resolve the four choices for a model on `device` stored as `storage` (fp32/bf16/fp16/int8).
+    Every choice serves every architecture: the kernels hold RWKV-4's operator and the RWKV-5/6/7
+    recurrences, and the fused step runs all four (`model.fused_step`)."""
     device = torch.device(device)
     wanted = {kind: _preference(kind, value)
               for kind, value in (("wkv", wkv), ("step", step), ("sampler", sampler), ("gemm", gemm))}
@@ -136,32 +129,17 @@ def resolve(device: torch.device, storage: str, wkv: str | None = None, step: st
             raise LoadError(f"The '{kind}' WKV kernel cannot run a model on {device.type}.")
         module = kernel(kind, "the WKV operator", forced=wanted["wkv"] != "auto")
         if module is not None:
-            wkv_op = compiled_wkv(module, kind)
-            if hasattr(module, "wkv5_forward"):
-                matrix_op = compiled_matrix_wkv(module, kind)
-            elif arch_name != "rwkv4":
-                note = f"The {kind.upper()} kernels have no {arch_title} recurrence yet; prompts use the reference."
-                if wanted["wkv"] != "auto":
-                    raise LoadError(note)
-                notes.append(note)
+            wkv_op, matrix_op = compiled_wkv(module, kind), compiled_matrix_wkv(module, kind)
 
     # step: the fused C++ step runs fp32 / bf16 / int8 models on the CPU
-    step_choice, matvec = "reference", False
+    step_choice = "reference"
     if wanted["step"] == "cpu" or (wanted["step"] == "auto" and device.type == "cpu" and storage != "fp16"):
         if device.type != "cpu":
             raise LoadError("The C++ one-token step runs models on the CPU only.")
         if storage == "fp16":
             raise LoadError("The C++ one-token step reads fp32, bf16 or int8 weights, not fp16.")
         if kernel("cpu", "the one-token step", forced=wanted["step"] == "cpu") is not None:
-            matvec = True
-            if arch_name in FUSED_STEP_ARCHITECTURES:
-                step_choice = "cpu"
-            else:
-                note = (f"The fused C++ one-token step does not run {arch_title} yet; generation steps through "
-                        "the PyTorch forward with the C++ matvecs.")
-                if wanted["step"] == "cpu":
-                    raise LoadError(note)
-                notes.append(note)
+            step_choice = "cpu"
 
     # sampler: runs on the CPU whatever the model's device
     sampler_choice = "reference"
@@ -179,8 +157,7 @@ def resolve(device: torch.device, storage: str, wkv: str | None = None, step: st
             features = list(module.cpu_features()) if module is not None else []
             gemm_choice, gemm_reason = choose_gemm(features, lambda: measured_native_speedup(progress))
     return Backends(wkv=wkv_op, step=step_choice, sampler=sampler_choice, cpu_kernels=modules.get("cpu"),
-                    notes=notes, gemm=gemm_choice, gemm_reason=gemm_reason, matvec=matvec,
-                    matrix_wkv=matrix_op)
+                    notes=notes, gemm=gemm_choice, gemm_reason=gemm_reason, matrix_wkv=matrix_op)
 
 
 def choose_gemm(features: list[str], speedup: Callable[[], float]) -> tuple[str, str]:

@@ -33,7 +33,7 @@ _SOURCES = {
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu", "wkv_matrix_cuda.cu"],
 }
 # included by the sources: part of the cache key
-_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "matvec_block.inc"], "cuda": ["wkv_step.h", "cuda_launch.h"]}
+_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "matvec_block.inc"], "cuda": ["wkv_step.h", "cuda_launch.h", "cuda_dtype.h"]}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}

@@ -176,11 +176,10 @@ class Runtime:
         for module in model.modules():
             if isinstance(module, StoredLinear):
                 module.native_bf16 = backends.gemm == "native"
-        if backends.matvec:
+        if backends.step == "cpu":
             for module in model.modules():  # few-row products (a prompt's last layer) read, not convert
                 if isinstance(module, StoredLinear):
                     module.matvec = backends.cpu_kernels.matvec
-        if backends.step == "cpu":
             # the fused step reads the weights by their checkpoint names (validated once here)
             self._step_weights = model.fused_step(backends.cpu_kernels)
 
@@ -198,8 +197,7 @@ class Runtime:
         step = self.backends.step
         if self._step_weights is not None:
             step += f" ({self._step_weights.isa})"
-        info = {"architecture": self.architecture.title, "architecture_id": self.architecture.name}
-        info.update(self.architecture.describe(c))
+        info = self.architecture.describe(c)
         info.update({
             "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size, "ffn_dim": c.ffn_dim,
             "parameters": c.n_params, "state_bytes": self.layout.nbytes(), "dtype": self.dtype, "device": str(self.device),
@@ -356,7 +354,7 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     converted = {}
     keys = list(arch.expected_shapes(config))
     for n, key in enumerate(keys):
-        t = tensors.pop(key)  # drop our reference as we go: peak memory stays near the final size
+        original = t = tensors.pop(key)  # drop our reference as we go: peak memory stays near the final size
         is_matrix = key in stored
         if not is_matrix and not bool(torch.isfinite(t).all()):
             raise LoadError(f"Key '{key}' holds NaN or infinite values: the checkpoint is corrupt.")
@@ -374,9 +372,9 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
         else:
             want = (torch.bfloat16 if storage == torch.int8 else storage) if is_matrix else torch.float32
             converted[key] = t.to(device=dev, dtype=want)
-        if converted[key] is not t:
-            release_file_pages(t)  # the mmap'd original is read once: let its pages go
-        del t
+        if converted[key] is not original:
+            release_file_pages(original)  # the mmap'd original is read once: let its pages go
+        del t, original
         if n % 8 == 0:
             report(f"Converting weights ({n + 1}/{len(keys)})", (n + 1) / len(keys))
     model.load_state_dict(converted, assign=True, strict=True)
@@ -387,7 +385,7 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
 
     report("Preparing the kernels", 0.95)
     chosen = backends_mod.resolve(dev, dtype, wkv=wkv, step=step, sampler=sampler, gemm=gemm,
-                                  architecture=arch, progress=lambda msg: report(msg, 0.97))
+                                  progress=lambda msg: report(msg, 0.97))
     runtime = Runtime(model, device=dev, dtype=dtype, backends=chosen, chunk_len=chunk_len,
                       fingerprint=fingerprint, source_path=str(raw.path), architecture=arch.name)
     # One probe token: a corrupt matrix (NaN, inf) or an fp16 overflow shows here, not at a sampler.

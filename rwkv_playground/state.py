@@ -27,7 +27,6 @@ EMPTY_PP = -1e30
 FORMAT_NAME = "rwkv-playground-state"
 # RWKV-4's layout (files written before other architectures existed carry no architecture name)
 RWKV4_COMPONENTS = ("att_x", "aa", "bb", "pp", "ffn_x")
-COMPONENTS = RWKV4_COMPONENTS
 
 
 def _package_version() -> str:

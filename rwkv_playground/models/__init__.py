@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LoadError
-from ..state import StateLayout
 
 
-class Architecture:
+class Architecture(ABC):
     """One RWKV generation: how its checkpoints look and which module runs them."""
 
     name = ""            # "rwkv4": also the architecture of its states
@@ -50,21 +50,25 @@ class Architecture:
     # (the same values, a transposed view), so the fused step streams their rows like any matvec
     lora_suffixes: tuple[str, ...] = ()
 
+    @abstractmethod
     def recognises(self, keys: set[str]) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def config_from(self, tensors: dict[str, torch.Tensor]):
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def expected_shapes(self, config) -> dict[str, tuple]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build(self, config) -> torch.nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Random weights in realistic ranges (tests, benchmarks)."""
-        raise NotImplementedError
 
     def describe(self, config) -> dict:
         """What the model panel and `Runtime.describe()` show beyond layers x width."""
@@ -114,20 +118,6 @@ def identify(tensors: dict[str, torch.Tensor], filename: str = "the checkpoint")
     raise LoadError(f"{filename} is not an RWKV-4, 5, 6 or 7 checkpoint (keys such as {sample}).")
 
 
-def detect_rwkv_version(keys) -> str:
-    """The RWKV generation of a key list ("4", "5.0", "5.1", "5.2", "6", "7" or "unknown")."""
-    tensors = {k: torch.empty(0) for k in keys}
-    try:
-        arch = identify(tensors)
-    except LoadError:
-        return "unknown"
-    if arch.name == "rwkv5":
-        from .rwkv5 import subversion_of_keys
-
-        return subversion_of_keys(tensors)
-    return arch.name.replace("rwkv", "")
-
-
 # ---- shape helpers the architectures share ------------------------------------------------------
 
 def n_layer_of(tensors: dict[str, torch.Tensor]) -> int:
@@ -175,10 +165,6 @@ def head_shape(tensors: dict[str, torch.Tensor], key: str, n_embd: int) -> tuple
     if H <= 0 or H * N != n_embd:
         raise LoadError(f"Key '{key}' has shape {list(t.shape)}: {H} heads do not divide the width {n_embd}.")
     return int(H), int(N)
-
-
-def matrix_state_layout(name: str, config) -> StateLayout:
-    return StateLayout.matrix(name, config.n_layer, config.n_embd, config.n_head, config.head_size)
 
 
 @dataclass(frozen=True)

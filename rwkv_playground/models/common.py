@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..state import State, StateLayout
+from ..wkv import reference_matrix_wkv
+
 LN_EPS = 1e-5  # every LayerNorm (the fused C++ step receives it from here)
 GROUP_NORM_EPS = 64e-5  # ln_x of v5/v6/v7: one group per head (as the rwkv package, rwkv.cpp, llama.cpp)
 # fp16 storage: the output projections of layer i are stored divided by 2**(i // 6) and the
@@ -100,9 +103,7 @@ class MatrixStateLM(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rescale_every = 0  # set by a runtime storing fp16 weights pre-scaled
 
-    def state_layout(self):
-        from ..state import StateLayout
-
+    def state_layout(self) -> StateLayout:
         c = self.config
         return StateLayout.matrix(self.architecture, c.n_layer, c.n_embd, c.n_head, c.head_size)
 
@@ -121,9 +122,6 @@ class MatrixStateLM(nn.Module):
                 observe: Observer | None = None):
         """tokens: [B, T] ids; state: a batched State (not modified) or None (training).
         Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens)."""
-        from ..state import State
-        from ..wkv import reference_matrix_wkv
-
         wkv = wkv or reference_matrix_wkv
         x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
         carry: dict = {}

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..state import State, StateLayout
 from ..wkv import WKVOperator, reference_wkv
 from . import Architecture, embedding_shape, n_layer_of, require
-from .common import FP16_RESCALE_EVERY, LN_EPS, Observer, token_shift  # noqa: F401  (re-exported)
+from .common import LN_EPS, Observer, squared_relu_ffn, token_shift
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,8 @@ class ChannelMix(nn.Module):
         xx = token_shift(x, previous_x)                                       # [B, T, C]
         if keep is not None:
             x, xx = x[:, -keep:], xx[:, -keep:]
-        k = torch.square(torch.relu(self.key(torch.lerp(xx, x, self.time_mix_k))))  # [B, T', F]
         r = torch.sigmoid(self.receptance(torch.lerp(xx, x, self.time_mix_r)))      # [B, T', C]
-        return r * self.value(k)                                              # [B, T', C]
+        return r * squared_relu_ffn(self.key, self.value, torch.lerp(xx, x, self.time_mix_k))  # [B, T', C]
 
 
 class Block(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
-from .common import MatrixBlock, MatrixStateLM, head_group_norm, token_shift
+from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 from ..errors import LoadError
 
 MIXES = ("w", "k", "v", "r", "g")  # the order of the five ddlerp outputs in time_maa_w2
@@ -100,8 +100,8 @@ class ChannelMix(nn.Module):
     def forward(self, x, previous_x):
         """x: [B, T, C] the LN2 output; previous_x [B, C]. Returns [B, T, C]."""
         d = token_shift(x, previous_x) - x
-        k = torch.square(torch.relu(self.key(x + d * self.time_maa_k)))       # [B, T, F]
-        return torch.sigmoid(self.receptance(x + d * self.time_maa_r)) * self.value(k)
+        r = torch.sigmoid(self.receptance(x + d * self.time_maa_r))           # [B, T, C]
+        return r * squared_relu_ffn(self.key, self.value, x + d * self.time_maa_k)
 
 
 class RWKV6(MatrixStateLM):

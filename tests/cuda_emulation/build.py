@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "kernels"
-SOURCES = ("wkv_cuda.cu", "wkv_matrix_cuda.cu", "wkv_cuda.cpp", "wkv_step.h", "cuda_launch.h")
+SOURCES = ("wkv_cuda.cu", "wkv_matrix_cuda.cu", "wkv_cuda.cpp", "wkv_step.h", "cuda_launch.h", "cuda_dtype.h")
 
 
 def cuda_include_dirs() -> list[str]:
