@@ -25,6 +25,19 @@ from .state import State
 REPLY_END = "\n\n"
 
 
+def fold_message(message: str) -> str:
+    """A message may not contain the turn separator: ChatRWKV folds "\n\n" into "\n"."""
+    message = message.replace("\r\n", "\n").strip()
+    while "\n\n" in message:
+        message = message.replace("\n\n", "\n")
+    return message
+
+
+def model_chat_format(loaded) -> "ChatFormat":
+    """The chat format the loaded model was released with (the Chat tab's default)."""
+    return PRESETS[default_preset(loaded.runtime.architecture, loaded.runtime.config.vocab_size)]
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     user: str = "Bob"
@@ -35,10 +48,7 @@ class ChatFormat:
     reply_start: str = ""
 
     def turn_prompt(self, message: str, first: bool) -> str:
-        # A message may not contain the turn separator: ChatRWKV folds "\n\n" into "\n".
-        message = message.replace("\r\n", "\n").strip()
-        while "\n\n" in message:
-            message = message.replace("\n\n", "\n")
+        message = fold_message(message)
         head = (self.scenario.strip() + REPLY_END) if (first and self.scenario.strip()) else ("" if first else REPLY_END)
         start = f" {self.reply_start.strip()}" if self.reply_start.strip() else ""
         return f"{head}{self.user}: {message}{REPLY_END}{self.bot}:{start}"
@@ -75,6 +85,19 @@ def newline_bias(position: int) -> float:
     if position <= 150:
         return 0.0
     return min(3.0, (position - 150) * 0.25)
+
+
+def reply_logits_hook(newline_id: int | None):
+    """The hook a reply's Generation runs on its logits: newline_bias by reply position."""
+    def bias(step: int, step_logits: torch.Tensor) -> None:
+        if newline_id is not None:
+            step_logits[newline_id] += newline_bias(step)
+    return bias
+
+
+def reply_stops(fmt: ChatFormat) -> list[str]:
+    """A reply ends at the turn separator, or where the model starts writing the user's turn."""
+    return [REPLY_END, f"\n{fmt.user}:"]
 
 
 @dataclass
@@ -187,16 +210,11 @@ class ChatSession(Session):
 
     def _reply(self, engine, loaded, turn: Turn, prompt: list[int], state: State | None,
                logits: torch.Tensor | None, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
-        newline_id = loaded.newline_id
-
-        def bias(step: int, step_logits: torch.Tensor) -> None:
-            if newline_id is not None:
-                step_logits[newline_id] += newline_bias(step)
-
         chat_settings = SamplingSettings(**{**settings.__dict__,
                                             "banned_tokens": tuple(settings.banned_tokens) + (loaded.tokenizer.eos_id,)})
         gen = Generation(loaded.tokenizer, prompt, state=state, logits=logits, settings=chat_settings,
-                         max_tokens=max_tokens, stop=[REPLY_END, f"\n{self.fmt.user}:"], logits_hook=bias,
+                         max_tokens=max_tokens, stop=reply_stops(self.fmt),
+                         logits_hook=reply_logits_hook(loaded.newline_id),
                          chunk_len=loaded.runtime.chunk_len, sampler_kernel=loaded.runtime.sampler_kernel)
         try:
             for text in follow_generation(self, engine, gen):

@@ -20,6 +20,7 @@ starts inside a token is handled by re-reading the kept part of that token.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import time
 from dataclasses import asdict, dataclass
@@ -85,7 +86,8 @@ class Generation:
                  settings: SamplingSettings | None = None, max_tokens: int = 200,
                  stop: tuple[str, ...] | list[str] = (), stop_tokens: tuple[int, ...] = (),
                  logits_hook: Callable[[int, torch.Tensor], None] | None = None,
-                 chunk_len: int = 512, sampler_kernel=None):
+                 chunk_len: int = 512, sampler_kernel=None, logprobs: int | None = None,
+                 prompt_breaks: tuple[int, ...] | list[int] = ()):
         if isinstance(prompt, str):
             prompt_tokens = tokenizer.encode(prompt) if prompt else []
         else:
@@ -104,7 +106,17 @@ class Generation:
         self.stop_tokens = set(stop_tokens) | {tokenizer.eos_id}
         self.logits_hook = logits_hook
         self.chunk_len = int(chunk_len)
+        # positions a prompt chunk never crosses (the API reads a conversation message by message,
+        # so that a state kept at a message boundary is bit for bit the one a fresh read gives)
+        self.prompt_breaks = sorted({int(b) for b in prompt_breaks if 0 < int(b) < len(prompt_tokens)})
         self.sampler_kernel = sampler_kernel
+        # None: no log-probabilities; k >= 0: each sampled token's, with the k most likely
+        self.logprobs = None if logprobs is None else int(logprobs)
+        self.sampled = 0  # tokens drawn (a stop string's tokens included; `tokens` keeps what stays)
+        # per sampled token: (id, log-probability, [(id, log-probability)] * k) of the distribution
+        # it was drawn from, after the logits hook and before penalties, temperature and top-p
+        self.token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.token_ends: list[int] = []  # per sampled token: length of the decoded text after it
         # The state this generation owns and advances (None: the driver starts an empty one).
         self.state: State | None = state.clone() if state is not None else None
         self.last_logits: torch.Tensor | None = logits  # what the next token is sampled from
@@ -148,12 +160,17 @@ class Generation:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         if self.prompt_read < len(self.prompt_tokens):
-            return self.prompt_tokens[self.prompt_read:self.prompt_read + self.chunk_len]
+            return self.prompt_tokens[self.prompt_read:self._chunk_end()]
         self._prompt_done()
         return None
 
+    def _chunk_end(self) -> int:
+        end = min(self.prompt_read + self.chunk_len, len(self.prompt_tokens))
+        at = bisect.bisect_right(self.prompt_breaks, self.prompt_read)
+        return min(end, self.prompt_breaks[at]) if at < len(self.prompt_breaks) else end
+
     def prompt_chunk_read(self, logits: torch.Tensor) -> None:
-        self.prompt_read += min(self.chunk_len, len(self.prompt_tokens) - self.prompt_read)
+        self.prompt_read = self._chunk_end()
         self.last_logits = logits
         self.stats.prompt_seconds = time.perf_counter() - self._t0
 
@@ -186,13 +203,24 @@ class Generation:
             return None
         self._sampler.observe(token)
         self.tokens.append(token)
+        self.sampled += 1
+        if self.logprobs is not None:
+            self.token_logprobs.append(_logprobs_of(logits, token, self.logprobs))
         return token
+
+    def released_logprobs(self, chars: int | None = None) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """The log-probabilities of the sampled tokens whose text lies within the first `chars`
+        characters released (default: all of `text`); a token a stop string cut is left out."""
+        limit = len(self.text) if chars is None else chars
+        ends = self.token_ends
+        return self.token_logprobs[:bisect.bisect_right(ends, limit, 0, min(len(ends), len(self.token_logprobs)))]
 
     def token_read(self, logits: torch.Tensor) -> str:
         """After the driver stepped `state` with the last token: returns the text now released."""
         self.last_logits = logits
         self.stats.generated_tokens = len(self.tokens)
         self._full_text += self._decoder.decode(self.tokenizer.decode_bytes([self.tokens[-1]]))
+        self.token_ends.append(len(self._full_text))
         if not self._decoder.getstate()[0]:  # a clean point: nothing pending
             self._snapshots.append(_Snapshot(len(self._full_text), len(self.tokens), self.state.clone(), logits))
             # keep the last snapshot before any text that may still be cut: a forming stop
@@ -278,6 +306,15 @@ class Generation:
             logits, state = runtime.forward(extra, state, inplace=True)
             self.tokens.extend(extra)
         self.state, self.last_logits = state, logits
+
+
+def _logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if k > 0:
+        values, ids = torch.topk(log_probs, min(k, log_probs.shape[-1]))
+        top = list(zip(ids.tolist(), values.tolist()))
+    return token, float(log_probs[token]), top
 
 
 class Stream:

@@ -77,6 +77,11 @@ class Ticket:
         # characters of text its consumer has received (None: not counted); a generation that is
         # stopped keeps exactly these
         self.consumed_chars: int | None = None
+        self.refused = False  # the queue was full: the request never ran (the API answers 429)
+        self.submitted_at = time.monotonic()
+        # Called on the worker thread after every event (an asyncio consumer's wake-up; it must
+        # only schedule work, never do it)
+        self.waker: Callable[[], None] | None = None
         self._cancel_reason: str | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -133,6 +138,8 @@ class Ticket:
     # ---- the worker's side
     def _emit(self, kind: str, value: Any = None) -> None:
         self.events.put(Event(kind, value))
+        if self.waker is not None:
+            self.waker()
 
     def _finish(self, result: Any = None, error: str | None = None) -> None:
         self.result, self.error = result, error
@@ -166,11 +173,24 @@ class _SwitchJob(_Job):
         self.preflight: Callable[[], None] | None = None
 
 
+class SchedulerObserver:
+    """What the scheduler reports as it works (metrics.py counts it); called on the worker thread."""
+
+    def admitted(self, kind: str, waited_s: float) -> None: ...
+
+    def tick(self, batch_size: int) -> None: ...
+
+    def prompt_tokens(self, n: int) -> None: ...
+
+    def generated_tokens(self, n: int) -> None: ...
+
+
 class Scheduler:
     """Owns the loaded model (an object with a `.runtime`) and runs every request on one thread."""
 
     def __init__(self, settings: SchedulerSettings | None = None):
         self.settings = settings or SchedulerSettings()
+        self.observer = SchedulerObserver()
         self.loaded = None  # the engine's LoadedModel; only the worker replaces it
         self._lock = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -208,6 +228,7 @@ class Scheduler:
     def _submit(self, job: _Job) -> Ticket:
         with self._lock:
             if len(self._waiting) >= self.settings.max_queue:
+                job.ticket.refused = True
                 job.ticket._finish(error=f"The server is busy ({len(self._waiting)} requests are waiting): "
                                          "try again in a minute.")
                 return job.ticket
@@ -249,6 +270,7 @@ class Scheduler:
                     break
                 self._waiting.popleft()
                 job.ticket.position = None
+                self.observer.admitted(job.ticket.kind, time.monotonic() - job.ticket.submitted_at)
                 (self._generations if isinstance(job, _GenerationJob) else self._tasks).append(job)
                 admitted = True
             if admitted:
@@ -314,6 +336,7 @@ class Scheduler:
             if chunk is not None:
                 logits, _ = runtime.forward(chunk, gen.state, inplace=True)
                 gen.prompt_chunk_read(logits)
+                self.observer.prompt_tokens(len(chunk))
                 gen.next_prompt_chunk()  # marks the prompt read once the last chunk is in
         except Exception as exc:
             self._fail_generation(job, exc)
@@ -363,6 +386,8 @@ class Scheduler:
             return
         self.ticks += 1
         self.batch_sizes.append(len(rows))
+        self.observer.tick(len(rows))
+        self.observer.generated_tokens(len(rows))
         for b, job in enumerate(rows):
             piece = job.generation.token_read(logits[b].clone())
             if piece:

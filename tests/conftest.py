@@ -100,31 +100,42 @@ def loaded(engine):
     return engine.current
 
 
-@pytest.fixture(scope="session")
-def app_url(engine):
-    """The real app (create_app) served on a free loopback port for the session."""
+def free_port() -> int:
     import socket
-    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(engine):
+    """The real app as app.py serves it (the UI and the OpenAI-compatible API on one port) on a
+    free loopback port for the session; `.url`, `.app` (the FastAPI app)."""
     import urllib.request
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    from rwkv_playground.ui import create_app, launch
+    from rwkv_playground.ui import Server, build_server_app, create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     demo = create_app(engine)
-    launch(demo, engine, port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    app = build_server_app(demo, engine)
+    server = Server(app, port=free_port()).start()
+    server.app = app
     for _ in range(100):
         try:
-            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+            urllib.request.urlopen(server.url + "gradio_api/info", timeout=2)
             break
         except OSError:
             time.sleep(0.1)
-    yield url
+    yield server
+    server.close()
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def app_url(app_server):
+    return app_server.url
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,513 @@
+"""Completions for programs (the OpenAI-compatible API, api.py): a request becomes Generations
+on the engine's scheduler, batched with the browser visitors' ones, and a conversation that
+extends an earlier one starts from the state kept after it.
+
+    plan = chat_plan(loaded, messages=[("user", "Hello")], options=CompletionOptions(max_tokens=50))
+    run = CompletionRun(engine, cache, plan)
+    await run.start()                   # ServerBusy when the scheduler's queue is full
+    async for event in run.events():    # ("text", choice, piece, logprobs) ... ("done", choice, ...)
+        ...
+    run.usage                           # prompt / completion / cached token counts
+
+**State reuse.** A prompt is a list of segments (a chat: the prompt text up to each reply, and
+each reply), and it is always read segment by segment, each in chunks from its own start. So the
+state at a segment boundary is a function of the segments before it only, and `PrefixCache`
+keeps such states (after a prompt, and after a reply re-read as the client will send it back),
+keyed by the exact token prefix. A request that extends a cached prefix reads only the rest,
+and gets bit for bit what reading the whole conversation again gives (tests/test_api.py).
+
+Async (asyncio) because its consumer is a web server's event loop; the model work itself runs
+on the scheduler's thread, and nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .chat import REPLY_END, ChatFormat, fold_message, model_chat_format, reply_logits_hook, reply_stops
+from .errors import GenerationError
+from .generation import Generation
+from .sampling import SamplingSettings
+from .scheduler import Ticket
+from .sessions import Session
+from .state import State
+
+
+class ServerBusy(GenerationError):
+    """The scheduler's queue is full (the API answers 429 with Retry-After)."""
+
+
+FINISH_REASONS = {"max_tokens": "length", "stop_string": "stop", "end_of_text": "stop", "stop_token": "stop"}
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+
+def chat_segments(fmt: ChatFormat, messages: list[tuple[str, str]]) -> list[str]:
+    """A conversation as the Chat tab would have read it, cut where a reply starts and ends:
+    [prompt up to "Assistant:", " reply", "\\n\\nUser: ...\\n\\nAssistant:", ...]. System (and
+    developer) messages are the scenario: a paragraph read where they stand."""
+    segments: list[str] = []
+    pending = ""
+
+    def sep() -> str:
+        return REPLY_END if (segments or pending) else ""
+
+    for role, content in messages:
+        text = fold_message(content)
+        if role in ("system", "developer"):
+            if text:
+                pending += sep() + text
+        elif role == "user":
+            pending += sep() + f"{fmt.user}: {text}"
+        elif role == "assistant":
+            pending += sep() + f"{fmt.bot}:"
+            segments.append(pending)
+            pending = ""
+            if text:
+                segments.append(" " + text)
+        else:
+            raise GenerationError(f"Unknown message role '{role}'.")
+    start = f" {fmt.reply_start.strip()}" if fmt.reply_start.strip() else ""
+    segments.append(pending + sep() + f"{fmt.bot}:{start}")
+    return segments
+
+
+def reply_segment(fmt: ChatFormat, reply: str) -> str:
+    """How a reply returned to the client comes back as its assistant message (chat_segments)."""
+    text = fold_message(reply)
+    return " " + text if text else ""
+
+
+@dataclass
+class CompletionOptions:
+    max_tokens: int = 16
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    scope: str = ""  # requests share cached states only within one scope (an API key, a user)
+
+
+@dataclass
+class CompletionPlan:
+    """What to read and how to sample: built by chat_plan / text_plan."""
+    segments: list[list[int]]  # prompt token ids, segment by segment
+    options: CompletionOptions
+    stop: tuple[str, ...]
+    logits_hook: Callable[[int, torch.Tensor], None] | None
+    banned: tuple[int, ...]
+    fmt: ChatFormat | None = None  # chat: replies are kept in the cache as the next prompt's start
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return [t for ids in self.segments for t in ids]
+
+
+def _hooks(*hooks):
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+
+    def run(step: int, logits: torch.Tensor) -> None:
+        for hook in hooks:
+            hook(step, logits)
+    return run
+
+
+def _bias_hook(bias: dict[int, float]):
+    if not bias:
+        return None
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def add(step: int, logits: torch.Tensor) -> None:
+        logits[ids] += values
+    return add
+
+
+def chat_plan(loaded, messages: list[tuple[str, str]], options: CompletionOptions) -> CompletionPlan:
+    """A chat completion in the loaded model's chat format (the Chat tab's default for it)."""
+    fmt = model_chat_format(loaded)
+    segments = [loaded.tokenizer.encode(text) if text else [] for text in chat_segments(fmt, messages)]
+    return CompletionPlan(segments, options, tuple(reply_stops(fmt)) + options.stop,
+                          _hooks(reply_logits_hook(loaded.newline_id), _bias_hook(options.logit_bias)),
+                          banned=(loaded.tokenizer.eos_id,), fmt=fmt)
+
+
+def text_plan(loaded, prompt: str | list[int], options: CompletionOptions) -> CompletionPlan:
+    """A plain completion of a text (or of token ids)."""
+    ids = loaded.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    return CompletionPlan([ids], options, options.stop, _bias_hook(options.logit_bias), banned=())
+
+
+# ---- the cache of states at segment boundaries -------------------------------------------------
+
+@dataclass
+class _Entry:
+    key: bytes
+    n_tokens: int
+    state: State | None = None
+    logits: torch.Tensor | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def nbytes(self) -> int:
+        if self.state is None:
+            return 0
+        return self.state.nbytes() + self.logits.numel() * self.logits.element_size()
+
+
+class PrefixCache(Session):
+    """States after exact token prefixes, least recently used first out; at most `max_entries`,
+    and accounted in the server's memory budget like a visitor's session (which drops its largest
+    entries when memory runs short)."""
+
+    kind = "api-cache"
+
+    def __init__(self, max_entries: int = 64):
+        super().__init__()
+        self.max_entries = max(0, int(max_entries))
+        self.notices = collections.deque(maxlen=1)  # nobody reads them: keep none
+        self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.fingerprint = ""
+
+    @staticmethod
+    def boundary_keys(scope: str, fingerprint: str, segments: list[list[int]]) -> list[tuple[int, bytes]]:
+        """(tokens so far, key) after each segment, shortest first."""
+        digest = hashlib.blake2b(f"{scope}\0{fingerprint}\0".encode(), digest_size=20)
+        keys, n = [], 0
+        for ids in segments:
+            if ids:
+                digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
+                n += len(ids)
+                keys.append((n, digest.copy().digest()))
+        return keys
+
+    def longest(self, keys: list[tuple[int, bytes]]) -> _Entry | None:
+        with self._lock:
+            for _, key in reversed(keys):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return entry
+        return None
+
+    def reserve(self, key: bytes, n_tokens: int) -> _Entry | None:
+        """A place for a state being computed (a lookup meanwhile waits for it); None if off."""
+        if self.max_entries == 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return None  # already there (or coming)
+            entry = self._entries[key] = _Entry(key, n_tokens)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)[1].ready.set()
+        return entry
+
+    def fill(self, entry: _Entry | None, state: State | None, logits: torch.Tensor | None, engine=None) -> None:
+        if entry is None:
+            return
+        if state is None or logits is None:
+            self.discard(entry)
+        else:
+            entry.state, entry.logits = state, logits
+        entry.ready.set()
+        self.touch(engine)
+
+    def discard(self, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+        entry.ready.set()
+
+    def for_model(self, fingerprint: str) -> None:
+        """States mean something only to the model that made them: a new model empties the cache."""
+        if fingerprint != self.fingerprint:
+            self.clear()
+            self.fingerprint = fingerprint
+
+    def clear(self) -> None:
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), collections.OrderedDict()
+        for entry in entries:
+            entry.ready.set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- sessions.Session: the memory budget
+    def memory_items(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return [(key.hex(), e.nbytes()) for key, e in self._entries.items() if e.state is not None]
+
+    def drop(self, key: str) -> str:
+        with self._lock:
+            entry = self._entries.pop(bytes.fromhex(key), None)
+        if entry is not None:
+            entry.ready.set()
+        return "a kept API conversation state"
+
+
+# ---- a run --------------------------------------------------------------------------------------
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # (id, logprob, [(id, logprob)]) per token
+    generation: Generation | None = None
+
+
+class _Wakeup:
+    """Wakes an asyncio task from the scheduler's thread."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.loop.call_soon_threadsafe(self.event.set)
+
+
+class CompletionRun:
+    """One API request on the scheduler: its cache lookup, its n choices, its usage."""
+
+    PENDING_WAIT_S = 30.0  # how long a lookup waits for a state still being computed
+
+    def __init__(self, engine, cache: PrefixCache, plan: CompletionPlan):
+        self.engine = engine
+        self.cache = cache
+        self.plan = plan
+        self.loaded = engine.require()
+        self.usage = Usage(prompt_tokens=len(plan.prompt_tokens))
+        self.choices = [ChoiceResult(i) for i in range(plan.options.n)]
+        self._tickets: list[Ticket] = []
+        self._wakeup: _Wakeup | None = None
+        self._prompt_entry: _Entry | None = None
+        self._keys: list[tuple[int, bytes]] = []
+
+    # ---- starting
+    async def start(self) -> None:
+        """Look the prompt up in the cache and submit the work; raises ServerBusy or
+        GenerationError (the request is refused, nothing ran)."""
+        if not self.plan.prompt_tokens:
+            raise GenerationError("The prompt is empty: there is nothing to continue.")
+        vocab = self.loaded.runtime.config.vocab_size
+        if max(self.plan.prompt_tokens) >= vocab or min(self.plan.prompt_tokens) < 0:
+            raise GenerationError(f"Token ids must be between 0 and {vocab - 1}.")
+        self._wakeup = _Wakeup()
+        fingerprint = self.loaded.runtime.fingerprint
+        self._keys = PrefixCache.boundary_keys(self.plan.options.scope, fingerprint, self.plan.segments)
+        self.cache.for_model(fingerprint)
+        entry = self.cache.longest(self._keys)
+        if entry is not None and not entry.ready.is_set():  # a reply still being re-read
+            await asyncio.get_running_loop().run_in_executor(None, entry.ready.wait, self.PENDING_WAIT_S)
+            if not entry.ready.is_set():  # its task never ran (the model was switched meanwhile)
+                self.cache.discard(entry)
+            entry = self.cache.longest(self._keys)
+        if entry is not None and entry.state is None:
+            entry = None
+        self.cache.hits += entry is not None
+        self.cache.misses += entry is None
+        base_tokens = entry.n_tokens if entry is not None else 0
+        self.usage.cached_tokens = base_tokens
+        rest, breaks = self._rest_after(base_tokens)
+        total = self.usage.prompt_tokens
+        self._prompt_entry = self.cache.reserve(self._keys[-1][1], total) if base_tokens < total else None
+        state, logits = (entry.state, entry.logits) if entry is not None else (None, None)
+        if self.plan.options.n == 1:
+            self._submit([self._generation(0, rest, breaks, state, logits)])
+        else:  # read the prompt once, then every choice from a copy of its state
+            state, logits = await self._prefill(rest, breaks, state, logits)
+            self.cache.fill(self._prompt_entry, state, logits, self.engine)
+            self._prompt_entry = None
+            self._submit([self._generation(i, [], (), state, logits) for i in range(self.plan.options.n)])
+
+    def _rest_after(self, n_tokens: int) -> tuple[list[int], list[int]]:
+        rest, breaks, position = [], [], 0
+        for ids in self.plan.segments:
+            if position >= n_tokens:
+                rest += ids
+                breaks.append(len(rest))
+            position += len(ids)
+        return rest, breaks
+
+    def _generation(self, index: int, prompt: list[int], breaks, state, logits) -> Generation:
+        options, runtime = self.plan.options, self.loaded.runtime
+        settings = options.settings
+        if settings.seed is not None and index > 0:  # choice 0 is what n = 1 gives for this seed
+            settings = replace(settings, seed=(settings.seed, index))
+        settings = replace(settings, banned_tokens=tuple(settings.banned_tokens) + self.plan.banned)
+        gen = Generation(self.loaded.tokenizer, prompt, state=state, logits=logits, settings=settings,
+                         max_tokens=options.max_tokens, stop=self.plan.stop, logits_hook=self.plan.logits_hook,
+                         chunk_len=runtime.chunk_len, sampler_kernel=runtime.sampler_kernel,
+                         logprobs=options.logprobs, prompt_breaks=breaks)
+        self.choices[index].generation = gen
+        return gen
+
+    def _submit(self, generations: list[Generation]) -> None:
+        for gen in generations:
+            ticket = self.engine.scheduler.submit_generation(gen, label="api")
+            ticket.consumed_chars = 0
+            ticket.waker = self._wakeup
+            self._tickets.append(ticket)
+            if ticket.refused:
+                self.cancel()
+                raise ServerBusy(ticket.error)
+
+    async def _prefill(self, tokens: list[int], breaks: list[int], state, logits):
+        scheduler = self.engine.scheduler
+
+        def read(runtime):
+            work = state.clone() if state is not None else runtime.new_state()
+            out, start = logits, 0
+            for end in breaks:
+                for at in range(start, end, runtime.chunk_len):
+                    chunk = tokens[at:min(at + runtime.chunk_len, end)]
+                    out, _ = runtime.forward(chunk, work, inplace=True)
+                    scheduler.observer.prompt_tokens(len(chunk))
+                    yield None
+                start = end
+            return work, out
+
+        if not tokens:
+            return state, logits
+        ticket = scheduler.submit_task(read, label="api")
+        ticket.waker = self._wakeup
+        self._tickets.append(ticket)
+        if ticket.refused:
+            raise ServerBusy(ticket.error)
+        while not ticket.finished.is_set():
+            self._wakeup.event.clear()
+            if not ticket.finished.is_set():
+                await self._wakeup.event.wait()
+        self._tickets.remove(ticket)
+        if ticket.error is not None:
+            raise GenerationError(ticket.error)
+        return ticket.result
+
+    # ---- following
+    async def events(self) -> AsyncIterator[tuple]:
+        """("text", index, piece, new logprob entries) as text is released, ("done", index,
+        finish_reason) per choice; raises GenerationError if a choice fails."""
+        tickets = dict(enumerate(self._tickets))
+        sent_logprobs = [0] * len(tickets)
+        try:
+            while tickets:
+                self._wakeup.event.clear()
+                got = False
+                for index, ticket in list(tickets.items()):
+                    while True:
+                        try:
+                            event = ticket.events.get_nowait()
+                        except queue.Empty:
+                            break
+                        got = True
+                        choice = self.choices[index]
+                        if event.kind == "text":
+                            ticket.consumed_chars += len(event.value)
+                            choice.text += event.value
+                            entries = []
+                            if self.plan.options.logprobs is not None:
+                                released = choice.generation.released_logprobs(len(choice.text))
+                                entries = released[sent_logprobs[index]:]
+                                sent_logprobs[index] = len(released)
+                            yield ("text", index, event.value, entries)
+                        elif event.kind == "done":
+                            del tickets[index]
+                            gen = choice.generation
+                            choice.text = gen.text
+                            choice.finish_reason = FINISH_REASONS.get(gen.stats.stop_reason, "stop")
+                            choice.logprobs = gen.released_logprobs()
+                            tail = choice.logprobs[sent_logprobs[index]:]
+                            yield ("done", index, choice.finish_reason, tail)
+                            break
+                        elif event.kind == "error":
+                            del tickets[index]
+                            raise GenerationError(event.value)
+                if not got and tickets:
+                    await self._wakeup.event.wait()
+            self._finished()
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The client went away (or the request failed): end every choice within a tick."""
+        for ticket in self._tickets:
+            if not ticket.finished.is_set():
+                ticket.cancel("closed")
+        if self._prompt_entry is not None:
+            self.cache.discard(self._prompt_entry)
+            self._prompt_entry = None
+
+    def _finished(self) -> None:
+        self.usage.completion_tokens = sum(c.generation.sampled for c in self.choices)
+        first = self.choices[0].generation
+        if self._prompt_entry is not None:  # n = 1: the state after the prompt, from its generation
+            self.cache.fill(self._prompt_entry, first.prompt_state, first.prompt_logits, self.engine)
+            self._prompt_entry = None
+        if self.plan.fmt is not None:
+            for choice in self.choices:
+                self._keep_reply(choice)
+
+    def _keep_reply(self, choice: ChoiceResult) -> None:
+        """Re-read the reply as the client will send it back (reply_segment), from the state after
+        the prompt, and keep the state: the conversation's next request reads only its new turn."""
+        gen = choice.generation
+        if gen.prompt_state is None:
+            return
+        reply_ids = self.loaded.tokenizer.encode(reply_segment(self.plan.fmt, gen.text)) if gen.text.strip() else []
+        if not reply_ids:
+            return
+        keys = PrefixCache.boundary_keys(self.plan.options.scope, self.loaded.runtime.fingerprint,
+                                         self.plan.segments + [reply_ids])
+        entry = self.cache.reserve(keys[-1][1], keys[-1][0])
+        if entry is None:
+            return
+        state, logits, cache, engine = gen.prompt_state, gen.prompt_logits, self.cache, self.engine
+        scheduler = engine.scheduler
+
+        def reread(runtime):
+            work, out = state.clone(), logits
+            try:
+                for at in range(0, len(reply_ids), runtime.chunk_len):
+                    chunk = reply_ids[at:at + runtime.chunk_len]
+                    out, _ = runtime.forward(chunk, work, inplace=True)
+                    scheduler.observer.prompt_tokens(len(chunk))
+                    yield None
+            except BaseException:
+                cache.fill(entry, None, None)
+                raise
+            cache.fill(entry, work, out, engine)
+
+        if scheduler.submit_task(reread, label="api-cache").refused:
+            cache.discard(entry)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
