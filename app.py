@@ -56,6 +56,14 @@ def parse_args(argv=None):
     s.add_argument("--lock-models", action=argparse.BooleanOptionalAction, default=None,
                    help="no model switching or downloading from the browser (default: on with --share or a "
                         "non-loopback --host)")
+    a = p.add_argument_group("OpenAI-compatible API (/v1/..., /health, /metrics on the same port)")
+    a.add_argument("--no-api", dest="api", action="store_false", help="serve the UI only")
+    a.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route (env "
+                   "RWKV_PLAYGROUND_API_KEY); beyond loopback the API is off unless a key is set")
+    a.add_argument("--api-max-tokens", type=int, default=8192, help="most tokens one choice may ask for "
+                   "(default %(default)s)")
+    a.add_argument("--api-max-prompt-tokens", type=int, default=65536, help="most prompt tokens one request may "
+                   "send (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models-dir", default=None, help="folder whose checkpoints the browser may switch to")
@@ -82,6 +90,22 @@ def serving_settings(args):
     return ServingSettings(scheduler=SchedulerSettings(max_active=args.max_active, max_queue=args.max_queue),
                            memory_budget_bytes=args.session_memory_mb << 20, session_ttl_s=args.session_ttl * 60,
                            undo_depth=args.undo_depth, lock_models=lock)
+
+
+def api_settings(args):
+    """The API's settings from the flags: off with --no-api, off on a public host without a key."""
+    from rwkv_playground.api import API_KEY_ENV, ApiSettings
+
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    settings = ApiSettings(enabled=args.api, api_key=key, max_tokens=args.api_max_tokens,
+                           max_prompt_tokens=args.api_max_prompt_tokens)
+    if not args.api:
+        settings.off_reason = "the app was started with --no-api"
+    elif is_public(args.host, args.share) and not key:
+        settings.enabled = False
+        settings.off_reason = ("the app listens beyond loopback and no API key is set (start it with --api-key KEY "
+                               f"or {API_KEY_ENV})")
+    return settings
 
 
 def main(argv=None) -> int:
@@ -111,9 +135,21 @@ def main(argv=None) -> int:
         print("The model panel is locked (public deployment): no switching or downloads from the browser.",
               file=sys.stderr)
 
-    from rwkv_playground.ui import create_app, launch
+    from rwkv_playground.ui import create_app, launch, serve
 
-    launch(create_app(engine), engine, args.host, args.port, args.share)
+    api = api_settings(args)
+    if args.share:  # Gradio's share link needs its own server: the UI only
+        print("With --share the app is served by Gradio's own server: the API is off.", file=sys.stderr)
+        launch(create_app(engine), engine, args.host, args.port, args.share)
+        return 0
+    where = f"http://{args.host}:{args.port}"
+    if api.enabled:
+        print(f"OpenAI-compatible API at {where}/v1 ({'key required' if api.api_key else 'no key needed on loopback'}); "
+              f"health at {where}/health, metrics at {where}/metrics", file=sys.stderr)
+    else:
+        print(f"The API is off: {api.off_reason}.", file=sys.stderr)
+    print(f"Open {where}/ in a browser.", file=sys.stderr)
+    serve(create_app(engine), engine, args.host, args.port, api)
     return 0
 
 

@@ -199,7 +199,7 @@ def create_api_app(engine, settings: ApiSettings | None = None) -> FastAPI:
         loaded = engine.current
         if loaded is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "model": loaded.name}
+        return {"status": "ok", "model": model_id(loaded)}
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -204,8 +204,12 @@ class PrefixCache(Session):
                     return entry
         return None
 
+    def put(self, key: bytes, n_tokens: int, state: State, logits: torch.Tensor, engine=None) -> None:
+        self.fill(self.reserve(key, n_tokens), state, logits, engine)
+
     def reserve(self, key: bytes, n_tokens: int) -> _Entry | None:
-        """A place for a state being computed (a lookup meanwhile waits for it); None if off."""
+        """A place for a state being computed (a lookup meanwhile waits for it); None if off or
+        there already."""
         if self.max_entries == 0:
             return None
         with self._lock:
@@ -308,7 +312,6 @@ class CompletionRun:
         self.choices = [ChoiceResult(i) for i in range(plan.options.n)]
         self._tickets: list[Ticket] = []
         self._wakeup: _Wakeup | None = None
-        self._prompt_entry: _Entry | None = None
         self._keys: list[tuple[int, bytes]] = []
 
     # ---- starting
@@ -337,16 +340,18 @@ class CompletionRun:
         base_tokens = entry.n_tokens if entry is not None else 0
         self.usage.cached_tokens = base_tokens
         rest, breaks = self._rest_after(base_tokens)
-        total = self.usage.prompt_tokens
-        self._prompt_entry = self.cache.reserve(self._keys[-1][1], total) if base_tokens < total else None
         state, logits = (entry.state, entry.logits) if entry is not None else (None, None)
         if self.plan.options.n == 1:
             self._submit([self._generation(0, rest, breaks, state, logits)])
         else:  # read the prompt once, then every choice from a copy of its state
-            state, logits = await self._prefill(rest, breaks, state, logits)
-            self.cache.fill(self._prompt_entry, state, logits, self.engine)
-            self._prompt_entry = None
+            if rest:
+                state, logits = await self._prefill(rest, breaks, state, logits)
+                self._keep_prompt_state(state, logits)
             self._submit([self._generation(i, [], (), state, logits) for i in range(self.plan.options.n)])
+
+    def _keep_prompt_state(self, state, logits) -> None:
+        if state is not None and self.usage.cached_tokens < self.usage.prompt_tokens:
+            self.cache.put(self._keys[-1][1], self.usage.prompt_tokens, state, logits, self.engine)
 
     def _rest_after(self, n_tokens: int) -> tuple[list[int], list[int]]:
         rest, breaks, position = [], [], 0
@@ -461,16 +466,12 @@ class CompletionRun:
         for ticket in self._tickets:
             if not ticket.finished.is_set():
                 ticket.cancel("closed")
-        if self._prompt_entry is not None:
-            self.cache.discard(self._prompt_entry)
-            self._prompt_entry = None
 
     def _finished(self) -> None:
         self.usage.completion_tokens = sum(c.generation.sampled for c in self.choices)
-        first = self.choices[0].generation
-        if self._prompt_entry is not None:  # n = 1: the state after the prompt, from its generation
-            self.cache.fill(self._prompt_entry, first.prompt_state, first.prompt_logits, self.engine)
-            self._prompt_entry = None
+        if self.plan.options.n == 1:  # the state after the prompt, from its generation
+            first = self.choices[0].generation
+            self._keep_prompt_state(first.prompt_state, first.prompt_logits)
         if self.plan.fmt is not None:
             for choice in self.choices:
                 self._keep_reply(choice)
