@@ -57,3 +57,22 @@ def test_the_files_and_app_options_the_readme_names_exist():
                                cwd=ROOT).stdout
     for flag in APP_FLAGS:
         assert flag in text and flag in help_text, flag
+
+
+def test_the_openai_example_and_curl_lines_run_against_the_app(app_url, tmp_path):
+    """The README's API examples, as written, against the real app (only the port differs)."""
+    import shutil
+
+    code = readme_block("<!-- openai-example -->").replace("http://127.0.0.1:7860/", app_url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    match = re.search(r"(\d+) of (\d+) prompt tokens came from the kept state", out.stdout)
+    assert match and 0 < int(match.group(1)) < int(match.group(2)), out.stdout
+    assert "(length)" in out.stdout or "(stop)" in out.stdout
+    assert shutil.which("curl"), "curl runs the README's curl lines (.ci/run installs it)"
+    lines = readme_block("<!-- curl-example -->").replace("http://127.0.0.1:7860/", app_url)
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", lines], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '"status":"ok"' in out.stdout and '"chat.completion"' in out.stdout and "data: [DONE]" in out.stdout
+    assert "rwkv_generated_tokens_total" in out.stdout
