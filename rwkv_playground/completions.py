@@ -38,7 +38,7 @@ from .errors import GenerationError
 from .generation import Generation
 from .sampling import SamplingSettings
 from .scheduler import Ticket
-from .sessions import Session
+from .sessions import Session, followed_stream, streams_followed, update_interval
 from .state import State
 
 
@@ -154,15 +154,15 @@ def text_plan(loaded, prompt: str | list[int], options: CompletionOptions) -> Co
 
 @dataclass
 class _Entry:
+    """The state after `n_tokens` tokens; or, deferred, the state `extra` tokens before it (a
+    reply not re-read yet): a request that finds it reads those tokens first."""
     key: bytes
     n_tokens: int
-    state: State | None = None
-    logits: torch.Tensor | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    state: State
+    logits: torch.Tensor
+    extra: tuple[int, ...] = ()
 
     def nbytes(self) -> int:
-        if self.state is None:
-            return 0
         return self.state.nbytes() + self.logits.numel() * self.logits.element_size()
 
 
@@ -179,8 +179,6 @@ class PrefixCache(Session):
         self.notices = collections.deque(maxlen=1)  # nobody reads them: keep none
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
         self.fingerprint = ""
 
     @staticmethod
@@ -195,7 +193,16 @@ class PrefixCache(Session):
                 keys.append((n, digest.copy().digest()))
         return keys
 
+    def for_model(self, fingerprint: str) -> None:
+        """States mean something only to the model that made them: a new model empties the cache."""
+        with self._lock:
+            if fingerprint != self.fingerprint:
+                self._entries.clear()
+                self.fingerprint = fingerprint
+
     def longest(self, keys: list[tuple[int, bytes]]) -> _Entry | None:
+        """The entry of the longest of these prefixes that is kept (entries are never modified:
+        a deferred one is replaced when its tokens are read)."""
         with self._lock:
             for _, key in reversed(keys):
                 entry = self._entries.get(key)
@@ -204,50 +211,27 @@ class PrefixCache(Session):
                     return entry
         return None
 
-    def put(self, key: bytes, n_tokens: int, state: State, logits: torch.Tensor, engine=None) -> None:
-        self.fill(self.reserve(key, n_tokens), state, logits, engine)
-
-    def reserve(self, key: bytes, n_tokens: int) -> _Entry | None:
-        """A place for a state being computed (a lookup meanwhile waits for it); None if off or
-        there already."""
+    def put(self, entry: _Entry, engine=None, replace_deferred: bool = False) -> None:
         if self.max_entries == 0:
-            return None
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                return None  # already there (or coming)
-            entry = self._entries[key] = _Entry(key, n_tokens)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)[1].ready.set()
-        return entry
-
-    def fill(self, entry: _Entry | None, state: State | None, logits: torch.Tensor | None, engine=None) -> None:
-        if entry is None:
             return
-        if state is None or logits is None:
-            self.discard(entry)
-        else:
-            entry.state, entry.logits = state, logits
-        entry.ready.set()
+        with self._lock:
+            old = self._entries.get(entry.key)
+            if old is not None and not (replace_deferred and old.extra):
+                return
+            self._entries[entry.key] = entry
+            self._entries.move_to_end(entry.key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
         self.touch(engine)
 
-    def discard(self, entry: _Entry) -> None:
+    def deferred(self, key: bytes) -> _Entry | None:
         with self._lock:
-            if self._entries.get(entry.key) is entry:
-                del self._entries[entry.key]
-        entry.ready.set()
-
-    def for_model(self, fingerprint: str) -> None:
-        """States mean something only to the model that made them: a new model empties the cache."""
-        if fingerprint != self.fingerprint:
-            self.clear()
-            self.fingerprint = fingerprint
+            entry = self._entries.get(key)
+        return entry if entry is not None and entry.extra else None
 
     def clear(self) -> None:
         with self._lock:
-            entries, self._entries = list(self._entries.values()), collections.OrderedDict()
-        for entry in entries:
-            entry.ready.set()
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -255,13 +239,11 @@ class PrefixCache(Session):
     # ---- sessions.Session: the memory budget
     def memory_items(self) -> list[tuple[str, int]]:
         with self._lock:
-            return [(key.hex(), e.nbytes()) for key, e in self._entries.items() if e.state is not None]
+            return [(key.hex(), e.nbytes()) for key, e in self._entries.items()]
 
     def drop(self, key: str) -> str:
         with self._lock:
-            entry = self._entries.pop(bytes.fromhex(key), None)
-        if entry is not None:
-            entry.ready.set()
+            self._entries.pop(bytes.fromhex(key), None)
         return "a kept API conversation state"
 
 
@@ -288,20 +270,36 @@ class ChoiceResult:
 
 
 class _Wakeup:
-    """Wakes an asyncio task from the scheduler's thread."""
+    """Wakes an asyncio task from the scheduler's thread, only while it waits (`wait`): a stream
+    that is pausing between two pieces is not woken for every token of every stream."""
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
+        self._armed = False
+        self._lock = threading.Lock()
 
     def __call__(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self._armed = False
         self.loop.call_soon_threadsafe(self.event.set)
+
+    def arm(self) -> None:
+        """Before draining the tickets: an event that lands from now on wakes `wait`."""
+        self.event.clear()
+        with self._lock:
+            self._armed = True
+
+    async def wait(self) -> None:
+        await self.event.wait()
 
 
 class CompletionRun:
     """One API request on the scheduler: its cache lookup, its n choices, its usage."""
 
-    PENDING_WAIT_S = 30.0  # how long a lookup waits for a state still being computed
+    UPDATE_INTERVAL_S = 0.02  # a stream's pieces come at most this often (more streams: less often)
 
     def __init__(self, engine, cache: PrefixCache, plan: CompletionPlan):
         self.engine = engine
@@ -328,19 +326,13 @@ class CompletionRun:
         self._keys = PrefixCache.boundary_keys(self.plan.options.scope, fingerprint, self.plan.segments)
         self.cache.for_model(fingerprint)
         entry = self.cache.longest(self._keys)
-        if entry is not None and not entry.ready.is_set():  # a reply still being re-read
-            await asyncio.get_running_loop().run_in_executor(None, entry.ready.wait, self.PENDING_WAIT_S)
-            if not entry.ready.is_set():  # its task never ran (the model was switched meanwhile)
-                self.cache.discard(entry)
-            entry = self.cache.longest(self._keys)
-        if entry is not None and entry.state is None:
-            entry = None
-        self.cache.hits += entry is not None
-        self.cache.misses += entry is None
-        base_tokens = entry.n_tokens if entry is not None else 0
+        state, logits, extra = (entry.state, entry.logits, list(entry.extra)) if entry else (None, None, [])
+        kept = entry.n_tokens if entry is not None else 0
+        base_tokens = kept - len(extra)
         self.usage.cached_tokens = base_tokens
-        rest, breaks = self._rest_after(base_tokens)
-        state, logits = (entry.state, entry.logits) if entry is not None else (None, None)
+        rest, breaks = self._rest_after(kept)
+        if extra:  # a reply kept as the tokens to read after the state before it
+            rest, breaks = extra + rest, [len(extra)] + [b + len(extra) for b in breaks]
         if self.plan.options.n == 1:
             self._submit([self._generation(0, rest, breaks, state, logits)])
         else:  # read the prompt once, then every choice from a copy of its state
@@ -351,7 +343,8 @@ class CompletionRun:
 
     def _keep_prompt_state(self, state, logits) -> None:
         if state is not None and self.usage.cached_tokens < self.usage.prompt_tokens:
-            self.cache.put(self._keys[-1][1], self.usage.prompt_tokens, state, logits, self.engine)
+            self.cache.put(_Entry(self._keys[-1][1], self.usage.prompt_tokens, state, logits), self.engine,
+                           replace_deferred=True)
 
     def _rest_after(self, n_tokens: int) -> tuple[list[int], list[int]]:
         rest, breaks, position = [], [], 0
@@ -407,10 +400,11 @@ class CompletionRun:
         self._tickets.append(ticket)
         if ticket.refused:
             raise ServerBusy(ticket.error)
-        while not ticket.finished.is_set():
-            self._wakeup.event.clear()
-            if not ticket.finished.is_set():
-                await self._wakeup.event.wait()
+        while True:
+            self._wakeup.arm()
+            if ticket.finished.is_set():
+                break
+            await self._wakeup.wait()
         self._tickets.remove(ticket)
         if ticket.error is not None:
             raise GenerationError(ticket.error)
@@ -419,44 +413,58 @@ class CompletionRun:
     # ---- following
     async def events(self) -> AsyncIterator[tuple]:
         """("text", index, piece, new logprob entries) as text is released, ("done", index,
-        finish_reason) per choice; raises GenerationError if a choice fails."""
+        finish_reason, logprob entries) per choice; raises GenerationError if a choice fails.
+        Text that arrives together comes as one piece, and pieces come at most every
+        `update_interval` (shared with the browser's streams), so sixteen streams do not cost the
+        web server and its clients a message per token each on the cores the model runs on."""
         tickets = dict(enumerate(self._tickets))
         sent_logprobs = [0] * len(tickets)
+        loop = asyncio.get_running_loop()
+        last = 0.0
         try:
-            while tickets:
-                self._wakeup.event.clear()
-                got = False
-                for index, ticket in list(tickets.items()):
-                    while True:
-                        try:
-                            event = ticket.events.get_nowait()
-                        except queue.Empty:
-                            break
-                        got = True
+            with followed_stream():
+                while tickets:
+                    wait = update_interval(self.UPDATE_INTERVAL_S, streams_followed()) - (loop.time() - last)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._wakeup.arm()
+                    pieces: dict[int, str] = {}
+                    ended: list[int] = []
+                    for index, ticket in list(tickets.items()):
+                        while True:
+                            try:
+                                event = ticket.events.get_nowait()
+                            except queue.Empty:
+                                break
+                            if event.kind == "text":
+                                ticket.consumed_chars += len(event.value)
+                                pieces[index] = pieces.get(index, "") + event.value
+                            elif event.kind == "done":
+                                ended.append(index)
+                                break
+                            elif event.kind == "error":
+                                raise GenerationError(event.value)
+                    for index, piece in pieces.items():
                         choice = self.choices[index]
-                        if event.kind == "text":
-                            ticket.consumed_chars += len(event.value)
-                            choice.text += event.value
-                            entries = []
-                            if self.plan.options.logprobs is not None:
-                                released = choice.generation.released_logprobs(len(choice.text))
-                                entries = released[sent_logprobs[index]:]
-                                sent_logprobs[index] = len(released)
-                            yield ("text", index, event.value, entries)
-                        elif event.kind == "done":
-                            del tickets[index]
-                            gen = choice.generation
-                            choice.text = gen.text
-                            choice.finish_reason = FINISH_REASONS.get(gen.stats.stop_reason, "stop")
-                            choice.logprobs = gen.released_logprobs()
-                            tail = choice.logprobs[sent_logprobs[index]:]
-                            yield ("done", index, choice.finish_reason, tail)
-                            break
-                        elif event.kind == "error":
-                            del tickets[index]
-                            raise GenerationError(event.value)
-                if not got and tickets:
-                    await self._wakeup.event.wait()
+                        choice.text += piece
+                        entries = []
+                        if self.plan.options.logprobs is not None:
+                            released = choice.generation.released_logprobs(len(choice.text))
+                            entries = released[sent_logprobs[index]:]
+                            sent_logprobs[index] = len(released)
+                        yield ("text", index, piece, entries)
+                    for index in ended:
+                        del tickets[index]
+                        choice = self.choices[index]
+                        gen = choice.generation
+                        choice.text = gen.text
+                        choice.finish_reason = FINISH_REASONS.get(gen.stats.stop_reason, "stop")
+                        choice.logprobs = gen.released_logprobs()
+                        yield ("done", index, choice.finish_reason, choice.logprobs[sent_logprobs[index]:])
+                    if pieces or ended:
+                        last = loop.time()
+                    elif tickets:
+                        await self._wakeup.wait()
             self._finished()
         finally:
             self.cancel()
@@ -477,37 +485,33 @@ class CompletionRun:
                 self._keep_reply(choice)
 
     def _keep_reply(self, choice: ChoiceResult) -> None:
-        """Re-read the reply as the client will send it back (reply_segment), from the state after
-        the prompt, and keep the state: the conversation's next request reads only its new turn."""
+        """Keep the reply as the client will send it back (reply_segment) after the state after
+        the prompt: the conversation's next request reads only its new turn once the reply is
+        re-read, which the scheduler does when it is otherwise idle (before that, the next request
+        reads the reply itself: the same tokens from the same state, the same result)."""
         gen = choice.generation
-        if gen.prompt_state is None:
+        if gen.prompt_state is None or not gen.text.strip():
             return
-        reply_ids = self.loaded.tokenizer.encode(reply_segment(self.plan.fmt, gen.text)) if gen.text.strip() else []
-        if not reply_ids:
-            return
+        reply_ids = self.loaded.tokenizer.encode(reply_segment(self.plan.fmt, gen.text))
         keys = PrefixCache.boundary_keys(self.plan.options.scope, self.loaded.runtime.fingerprint,
                                          self.plan.segments + [reply_ids])
-        entry = self.cache.reserve(keys[-1][1], keys[-1][0])
-        if entry is None:
-            return
-        state, logits, cache, engine = gen.prompt_state, gen.prompt_logits, self.cache, self.engine
-        scheduler = engine.scheduler
+        key, n_tokens = keys[-1][1], keys[-1][0]
+        cache, engine, scheduler = self.cache, self.engine, self.engine.scheduler
+        cache.put(_Entry(key, n_tokens, gen.prompt_state, gen.prompt_logits, tuple(reply_ids)), engine)
 
         def reread(runtime):
-            work, out = state.clone(), logits
-            try:
-                for at in range(0, len(reply_ids), runtime.chunk_len):
-                    chunk = reply_ids[at:at + runtime.chunk_len]
-                    out, _ = runtime.forward(chunk, work, inplace=True)
-                    scheduler.observer.prompt_tokens(len(chunk))
-                    yield None
-            except BaseException:
-                cache.fill(entry, None, None)
-                raise
-            cache.fill(entry, work, out, engine)
+            entry = cache.deferred(key)
+            if entry is None:  # dropped, or read by a request meanwhile
+                return
+            work, out = entry.state.clone(), entry.logits
+            for at in range(0, len(entry.extra), runtime.chunk_len):
+                chunk = list(entry.extra[at:at + runtime.chunk_len])
+                out, _ = runtime.forward(chunk, work, inplace=True)
+                scheduler.observer.prompt_tokens(len(chunk))
+                yield None
+            cache.put(_Entry(key, n_tokens, work, out), engine, replace_deferred=True)
 
-        if scheduler.submit_task(reread, label="api-cache").refused:
-            cache.discard(entry)
+        scheduler.submit_background(reread)
 
 
 def new_request_id(prefix: str) -> str:

@@ -11,10 +11,10 @@ Work arrives as tickets:
   - model switches: every running and waiting ticket ends with one sentence, the old model is
     released, then the new one is built.
 
-Per loop iteration the worker runs at most one piece (prompt chunk or task piece, round robin),
-then one batched step. Each generation gets the same chunks and the same row arithmetic as when
-it runs alone (`generation.generate`), so its text never depends on who else is using the model.
-Past `max_active` generations, requests wait in a queue of at most `max_queue`, and their tickets
+Per loop iteration the worker runs prompt chunks (round robin, up to one chunk's worth of tokens:
+several short prompts, or one long chunk) or one task piece, then one batched step. Each
+generation gets the same chunks and the same row arithmetic as when it runs alone
+(`generation.generate`), so its text never depends on who else is using the model. Past `max_active` generations, requests wait in a queue of at most `max_queue`, and their tickets
 report their place in it.
 """
 
@@ -197,6 +197,10 @@ class Scheduler:
         self._generations: list[_GenerationJob] = []
         self._tasks: list[_TaskJob] = []
         self._rotation = 0
+        # work done only when nothing else waits or runs (a piece at a time): results worth having,
+        # never worth slowing anyone for (the API's conversation states, completions.py)
+        self._background: deque[Callable[[Any], Iterator]] = deque(maxlen=256)
+        self._background_iterator: Iterator | None = None
         self._stopping = False
         self.ticks = 0  # batched steps run (tests and benchmarks read these)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -211,6 +215,13 @@ class Scheduler:
         """task(runtime) returns a generator (each next() one bounded piece of work, yielding
         (fraction, message) or None; its return value is the result) or a plain result."""
         return self._submit(_TaskJob(Ticket("task", label), task))
+
+    def submit_background(self, task: Callable[[Any], Iterator]) -> None:
+        """task(runtime) returns a generator run one piece at a time while the model is otherwise
+        idle; it may never run (a model switch drops it, and at most 256 wait: the oldest go)."""
+        with self._lock:
+            self._background.append(task)
+            self._lock.notify_all()
 
     def switch_model(self, build: Callable[[Callable[[str, float], None]], Any], announcement: str,
                      preflight: Callable[[], None] | None = None) -> Ticket:
@@ -240,6 +251,7 @@ class Scheduler:
     def status(self) -> dict:
         with self._lock:
             return {"generating": len(self._generations), "tasks": len(self._tasks), "waiting": len(self._waiting),
+                    "background": len(self._background) + (self._background_iterator is not None),
                     "max_active": self.settings.max_active, "max_queue": self.settings.max_queue}
 
     def close(self) -> None:
@@ -258,7 +270,8 @@ class Scheduler:
     def _admit(self) -> _SwitchJob | None:
         """Move waiting jobs into the active sets while there is room; a switch is returned."""
         with self._lock:
-            while not (self._waiting or self._generations or self._tasks or self._stopping):
+            while not (self._waiting or self._generations or self._tasks or self._stopping
+                       or self._background or self._background_iterator):
                 self._lock.wait(self.settings.idle_wait_s)
             admitted = False
             while self._waiting:
@@ -290,6 +303,7 @@ class Scheduler:
                 self._cancel_requested()
                 self._one_piece()
                 self._one_step()
+                self._background_piece()
             except Exception as exc:  # never let the worker die: fail what is running, go on
                 log.exception("scheduler error")
                 self._end_all(f"Internal error ({type(exc).__name__}: {exc}).")
@@ -312,16 +326,26 @@ class Scheduler:
                 job.ticket._finish(error="Stopped.")
 
     def _one_piece(self) -> None:
-        """One prompt chunk or one task piece, taking turns among the jobs that need one."""
+        """Prompt chunks or one task piece, taking turns among the jobs that need one, before the
+        next tick: short prompts (a chat turn: tens of tokens) are read several per tick up to one
+        chunk's worth of tokens, so sixteen visitors arriving together start generating in the
+        same tick instead of one more per tick; a long prompt or a task piece is one per tick."""
         candidates = [j for j in self._generations if j.generation.reading_prompt] + self._tasks
         if not candidates:
             return
-        self._rotation = (self._rotation + 1) % len(candidates)
-        job = candidates[self._rotation]
-        if isinstance(job, _GenerationJob):
-            self._prompt_chunk(job)
-        else:
-            self._task_piece(job)
+        budget = self.loaded.runtime.chunk_len if self.loaded is not None else 0
+        for _ in range(len(candidates)):
+            self._rotation = (self._rotation + 1) % len(candidates)
+            job = candidates[self._rotation]
+            if isinstance(job, _GenerationJob):
+                before = job.generation.prompt_read
+                self._prompt_chunk(job)
+                budget -= max(1, job.generation.prompt_read - before)
+            else:
+                self._task_piece(job)
+                budget = 0
+            if budget <= 0:
+                return
 
     def _prompt_chunk(self, job: _GenerationJob) -> None:
         gen = job.generation
@@ -393,6 +417,33 @@ class Scheduler:
             if piece:
                 job.ticket._emit("text", piece)
 
+    def _background_piece(self) -> None:
+        with self._lock:
+            if self._waiting or self._generations or self._tasks or self.loaded is None:
+                return
+            if self._background_iterator is None:
+                if not self._background:
+                    return
+                task = self._background.popleft()
+            else:
+                task = None
+        try:
+            if task is not None:
+                self._background_iterator = task(self.loaded.runtime)
+            next(self._background_iterator)
+        except StopIteration:
+            self._background_iterator = None
+        except Exception:
+            log.exception("background task failed")
+            self._background_iterator = None
+
+    def _drop_background(self) -> None:
+        with self._lock:
+            self._background.clear()
+            iterator, self._background_iterator = self._background_iterator, None
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()
+
     def _finish_generation(self, job: _GenerationJob) -> None:
         self._generations.remove(job)
         try:
@@ -443,6 +494,7 @@ class Scheduler:
                 job.ticket._finish(error=_message(exc))
                 return
         self._end_all(job.announcement)
+        self._drop_background()
         self.loaded = None
         gc.collect()  # the old model's memory is released before the new one is built
         if torch.cuda.is_available():

@@ -33,6 +33,18 @@ def streams_followed() -> int:
     return _streams["count"]
 
 
+class followed_stream:
+    """Counts a stream followed outside a Session (an API response) in streams_followed()."""
+
+    def __enter__(self):
+        with _streams_lock:
+            _streams["count"] += 1
+
+    def __exit__(self, *exc):
+        with _streams_lock:
+            _streams["count"] -= 1
+
+
 def update_interval(base: float, streams: int) -> float:
     """Seconds between two updates of one stream: `base` (0: every event), longer once `streams`
     together would pass TOTAL_UPDATES_PER_SECOND."""

@@ -90,13 +90,14 @@ def test_finish_reason_is_length_when_max_tokens_cut_and_stop_when_a_stop_ended(
     assert "\n\n" not in long.choices[0].message.content
 
 
-def test_completions_honour_max_tokens_and_stream_valid_sse(client, app_url):
+def test_completions_honour_max_tokens_and_stream_valid_sse(client, app_url, engine):
     for n in (1, 5, 33):
         out = client.completions.create(model=MODEL, prompt="JULIET:", max_tokens=n, seed=4)
         assert out.usage.completion_tokens == n
     whole = client.completions.create(model=MODEL, prompt="JULIET:", max_tokens=30, seed=4)
-    chunks = list(client.completions.create(model=MODEL, prompt="JULIET:", max_tokens=30, seed=4, stream=True))
-    assert len(chunks) > 10
+    with paced(engine, 0.03):  # a real model's pace: a chunk per token (faster ones share chunks)
+        chunks = list(client.completions.create(model=MODEL, prompt="JULIET:", max_tokens=30, seed=4, stream=True))
+    assert len(chunks) > 20
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     # the wire format itself: every event is one `data:` line and a blank line, the last is [DONE]
@@ -186,7 +187,7 @@ def test_n_choices_and_choice_zero_is_the_single_choice(client):
     assert two.usage.completion_tokens == 10 and all(c.finish_reason == "length" for c in two.choices)
 
 
-def test_a_continued_conversation_reads_only_its_new_tokens_and_matches_a_fresh_read(client):
+def test_a_continued_conversation_reads_only_its_new_tokens_and_matches_a_fresh_read(client, engine):
     messages = [{"role": "system", "content": "A scene in Verona."},
                 {"role": "user", "content": "Who goes there?"}]
     first = chat(client, messages, max_tokens=30, seed=3)
@@ -195,6 +196,8 @@ def test_a_continued_conversation_reads_only_its_new_tokens_and_matches_a_fresh_
     assert again.choices[0].message.content == first.choices[0].message.content
     turn2 = messages + [{"role": "assistant", "content": first.choices[0].message.content},
                         {"role": "user", "content": "A friend to this ground."}]
+    # the reply is re-read as the client sends it back when the model is otherwise idle
+    assert wait_until(lambda: engine.scheduler.status()["background"] == 0)
     cached = chat(client, turn2, max_tokens=30, seed=9, logprobs=True, top_logprobs=3)
     reused = cached.usage.prompt_tokens_details.cached_tokens
     assert reused > first.usage.prompt_tokens  # the prompt and the reply came from the kept state
@@ -207,6 +210,26 @@ def test_a_continued_conversation_reads_only_its_new_tokens_and_matches_a_fresh_
     assert lp_tokens(fresh.choices[0]) == lp_tokens(cached.choices[0])  # bit for bit: floats compared exactly
     assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in fresh.choices[0].logprobs.content] == \
         [[(t.token, t.logprob) for t in e.top_logprobs] for e in cached.choices[0].logprobs.content]
+
+
+def test_a_reply_not_re_read_yet_is_read_by_the_next_turn_with_the_same_result(client, engine):
+    """While the model is busy the reply's re-read waits; the next turn reads the reply itself."""
+    messages = [{"role": "user", "content": "What light through yonder window breaks?"}]
+    with paced(engine, 0.01), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(client.completions.create, model=MODEL, prompt="IAGO:", max_tokens=400,
+                           logit_bias={"0": -100}, user="busy")
+        assert wait_until(lambda: engine.scheduler.status()["generating"] == 1)
+        first = chat(client, messages, max_tokens=20, seed=4, user="deferred")
+        turn2 = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                            {"role": "user", "content": "It is the east."}]
+        assert engine.scheduler.status()["background"] >= 1  # not re-read: the model was never idle
+        deferred = chat(client, turn2, max_tokens=20, seed=4, logprobs=True, user="deferred")
+        assert not busy.done()
+        busy.result()
+    assert deferred.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    fresh = chat(client, turn2, max_tokens=20, seed=4, logprobs=True, user="fresh")
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert lp_tokens(fresh.choices[0]) == lp_tokens(deferred.choices[0])
 
 
 def test_the_chat_template_is_the_chat_tabs(loaded):
@@ -260,6 +283,26 @@ def test_an_api_stream_and_a_browser_chat_run_in_the_same_ticks(client, app_url,
     assert ui_reply[0][-1]["role"] == "assistant"
     sizes = list(engine.scheduler.batch_sizes)[sizes_before - len(engine.scheduler.batch_sizes):]
     assert 2 in sizes, "the browser's reply and the API stream shared ticks"
+
+
+def test_a_long_api_prompt_never_freezes_a_chat(client, engine, monkeypatch):
+    """A 60000-token prompt is read in chunks between ticks: a short chat meanwhile is answered first."""
+    runtime = engine.current.runtime
+    read = runtime.forward
+
+    def slow_forward(*args, **kwargs):  # a laptop's pace for the demo model's prompt reading
+        time.sleep(0.01)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "forward", slow_forward)
+    long_prompt = [(7 * i) % 500 + 10 for i in range(60000)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(client.completions.create, model=MODEL, prompt=long_prompt, max_tokens=4, seed=1)
+        assert wait_until(lambda: engine.scheduler.status()["generating"] == 1)
+        short = chat(client, max_tokens=12, seed=1)
+        assert short.usage.completion_tokens > 0
+        assert not long.done(), "the chat was answered while the long prompt was still being read"
+        assert long.result().usage.prompt_tokens == 60000
 
 
 def test_a_client_that_disconnects_frees_its_slot_within_a_tick(app_url, engine):
