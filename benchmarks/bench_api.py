@@ -120,6 +120,24 @@ def gradio_round(url: str, clients: int, tokens: int) -> dict:
     return summarize(rows, wall)
 
 
+def step_ceiling(model: str, dtype: str) -> dict:
+    """The batched step alone (this process, after the server closed): B = 16 over B = 1 is the
+    most any serving of 16 streams could gain over one on this machine."""
+    from rwkv_playground.runtime import load_runtime
+
+    runtime = load_runtime(model, dtype=dtype)
+    out = {}
+    for batch in (1, 16):
+        states = [runtime.new_state() for _ in range(batch)]
+        runtime.step([1] * batch, states)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            runtime.step([1] * batch, states)
+        out[f"B{batch}_tok_s"] = 20 * batch / (time.perf_counter() - t0)
+    out["ratio"] = out["B16_tok_s"] / out["B1_tok_s"]
+    return out
+
+
 def main(model_name: str, tokens: int, counts: list[int]) -> None:
     model, dtype = ((str(ROOT / "assets" / "rwkv4-demo-shakespeare.pth"), "fp32") if model_name == "demo"
                     else (world_169m(), "bf16"))
@@ -140,8 +158,10 @@ def main(model_name: str, tokens: int, counts: list[int]) -> None:
             print(row, flush=True)
     finally:
         server.close()
+    ceiling = step_ceiling(model, dtype)
     one = next(r for r in rows if r["clients"] == 1)["api"]["aggregate_tok_s"]
     data = {"machine": machine(), "model": model_name, "dtype": dtype, "tokens": tokens, "results": rows,
+            "batched_step_alone": ceiling,
             "aggregate_16_over_1": next((r["api"]["aggregate_tok_s"] / one for r in rows if r["clients"] == 16), None)}
     m = data["machine"]
     md = [f"# OpenAI-compatible API: concurrent streaming clients ({model_name}, {dtype}, {tokens}-token replies)", "",
@@ -155,13 +175,15 @@ def main(model_name: str, tokens: int, counts: list[int]) -> None:
                   f"{a['aggregate_tok_s']:.1f} | {g['ttft_median_s'] * 1000:.0f} ms | {g['stream_tok_s_median']:.1f} | "
                   f"{g['aggregate_tok_s']:.1f} |")
     if data["aggregate_16_over_1"]:
-        md += ["", f"Aggregate at 16 streams / one stream: **{data['aggregate_16_over_1']:.2f}x** (target >= 5x)."]
+        md += ["", f"Aggregate at 16 streams / one stream: **{data['aggregate_16_over_1']:.2f}x** (target >= 5x). "
+                   f"The batched step alone, same run: B = 16 {ceiling['B16_tok_s']:.0f} tok/s / B = 1 "
+                   f"{ceiling['B1_tok_s']:.0f} tok/s = {ceiling['ratio']:.2f}x (the ceiling of any serving here)."]
     for r in rows:
         if "health_ms" in r["api"]:
             h = r["api"]["health_ms"]
             md += ["", f"`/health` while {r['clients']} streams run ({h['n']} probes): p50 {h['p50']:.1f} ms, "
                        f"**p99 {h['p99']:.1f} ms** (target < 50 ms), max {h['max']:.1f} ms."]
-    write_results(f"api_{model_name}", data, "\n".join(md) + "\n")
+    write_results(f"api_{model_name}_{tokens}tok", data, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ class ApiSettings:
     off_reason: str = ""  # why the API is off, said by every /v1 route
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready (nobody reads the reply)."""
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
@@ -269,6 +273,9 @@ def create_api_app(engine, settings: ApiSettings | None = None) -> FastAPI:
                 except ApiError as exc:
                     status = exc.status
                     return exc.response()
+                except ClientGone:
+                    status = 499  # (nginx's "client closed request"; never sent)
+                    return Response(status_code=499)
                 except ServerBusy as exc:
                     status = 429
                     return ApiError(429, str(exc), type="rate_limit_error", code="server_busy",
@@ -428,11 +435,14 @@ async def _drain(run: CompletionRun, request: Request) -> None:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
-                task.result()  # raises the request's error
+                try:
+                    task.result()
+                except GenerationError as exc:  # it failed while running: the server's fault, not the input's
+                    raise ApiError(500, str(exc), type="server_error") from None
                 return
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError()
+                raise ClientGone()
     finally:
         if not task.done():
             task.cancel()

@@ -41,7 +41,8 @@ class Metrics(SchedulerObserver):
 
     def __init__(self, engine):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.prompt_tokens_total = Counter("rwkv_prompt_tokens", "Prompt tokens read", registry=self.registry)
+        self.prompt_tokens_total = Counter("rwkv_prompt_tokens", "Prompt tokens read for generations (browser and API) "
+                                         "and the API's conversation states", registry=self.registry)
         self.generated_tokens_total = Counter("rwkv_generated_tokens", "Tokens generated", registry=self.registry)
         self.batch_size = Histogram("rwkv_batch_size", "Generations advanced by one batched step (per tick)",
                                     buckets=BATCH_BUCKETS, registry=self.registry)

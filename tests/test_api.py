@@ -389,6 +389,29 @@ def test_nothing_is_lost_after_errors(client):
     assert chat(client, max_tokens=12, seed=21).choices[0].message.content == before
 
 
+def test_a_model_that_yields_nan_mid_generation_is_a_clear_server_error(client, app_url, engine, monkeypatch):
+    runtime = engine.current.runtime
+    step = runtime.step
+    calls = {"n": 0}
+
+    def broken(tokens, states):
+        logits = step(tokens, states)
+        calls["n"] += 1
+        return logits * float("nan") if calls["n"] > 3 else logits
+
+    monkeypatch.setattr(runtime, "step", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=20, seed=1)
+    assert "NaN" in err.value.message
+    calls["n"] = 0
+    raw = httpx.post(app_url + "v1/completions", json={"model": MODEL, "prompt": "ROMEO:", "max_tokens": 20,
+                                                       "stream": True}).text
+    events = [e for e in raw.split("\n\n") if e]
+    assert '"error"' in events[-2] and "NaN" in events[-2] and events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5).usage.completion_tokens == 5
+
+
 # ---- a server of our own: queue limits, access ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
