@@ -356,3 +356,54 @@ def test_closing_the_tab_frees_that_visitors_sessions(app_url, engine, page):
         time.sleep(0.1)
     assert visitor not in engine._visits
     assert chat.memory_bytes() == 0 and chat not in engine.memory.sessions()
+
+
+def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
+    """A program streams from /v1/completions while a visitor chats in Chromium: both are served
+    in the same ticks, and the program gets the tokens it gets alone."""
+    import concurrent.futures
+    import json
+
+    import httpx
+
+    body = {"model": "rwkv4-demo-shakespeare", "prompt": "HAMLET:", "max_tokens": 160, "seed": 8,
+            "logit_bias": {"0": -100}}
+
+    def api_text(stream: bool) -> str:
+        if not stream:
+            return httpx.post(app_url + "v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        text = ""
+        with httpx.stream("POST", app_url + "v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    alone = api_text(stream=False)
+    visitor = page.context.new_page()
+    try:
+        visitor.goto(app_url)
+        visitor.locator("#chat-input textarea").wait_for(timeout=30000)
+        ticks_before = engine.scheduler.ticks
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            program = pool.submit(api_text, True)
+            assert any(engine.scheduler.status()["generating"] for _ in iter_for(10))
+            visitor.locator("#chat-input textarea").fill("Good morrow, my lord.")
+            visitor.locator("#chat-send").click()
+            wait_for_status(visitor, "chat-status", ["generated", "tok/s"])
+            chatted_while_streaming = not program.done()
+            assert program.result() == alone
+        assert chatted_while_streaming, "the browser's reply came while the API stream ran"
+        assert visitor.locator("#chatbot [data-testid='bot']").all_inner_texts()[-1].strip()
+        sizes = list(engine.scheduler.batch_sizes)[-(engine.scheduler.ticks - ticks_before):]
+        assert 2 in sizes, "the two generations shared ticks"
+    finally:
+        visitor.close()
+
+
+def iter_for(seconds: float):
+    """Yields until `seconds` have passed (polling helper), 20 ms apart."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        yield
+        time.sleep(0.02)
