@@ -14,8 +14,9 @@ Work arrives as tickets:
 Per loop iteration the worker runs prompt chunks (round robin, up to one chunk's worth of tokens:
 several short prompts, or one long chunk) or one task piece, then one batched step. Each
 generation gets the same chunks and the same row arithmetic as when it runs alone
-(`generation.generate`), so its text never depends on who else is using the model. Past `max_active` generations, requests wait in a queue of at most `max_queue`, and their tickets
-report their place in it.
+(`generation.generate`), so its text never depends on who else is using the model. Past
+`max_active` generations, requests wait in a queue of at most `max_queue`, and their tickets
+report their place in it. Background work (`submit_background`) runs only when nothing else does.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class Scheduler:
         """Move waiting jobs into the active sets while there is room; a switch is returned."""
         with self._lock:
             while not (self._waiting or self._generations or self._tasks or self._stopping
-                       or self._background or self._background_iterator):
+                       or ((self._background or self._background_iterator) and self.loaded is not None)):
                 self._lock.wait(self.settings.idle_wait_s)
             admitted = False
             while self._waiting:

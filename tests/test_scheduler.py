@@ -132,6 +132,45 @@ def test_a_long_prompt_is_read_between_the_ticks_of_others(engine):
     reader_ticket.wait(timeout=30)
 
 
+def test_short_prompts_arriving_together_start_in_the_same_tick(engine):
+    """Eight chat-sized prompts are read before one tick (up to a chunk's worth of tokens), so
+    the first tick already steps all eight; each still equals its solo run."""
+    loaded = engine.current
+    requests = [(f"Romeo {i}: good night", dict(seed=i), 5, ()) for i in range(8)]
+    solos = [solo(loaded, r) for r in requests]
+    ticks = engine.scheduler.ticks
+    gens = [new_generation(loaded, *r, chunk_len=loaded.runtime.chunk_len) for r in requests]
+    with engine.scheduler._lock:  # all eight waiting before the worker looks
+        tickets = [engine.scheduler.submit_generation(g) for g in gens]
+    for t in tickets:
+        t.wait(60)
+    first = list(engine.scheduler.batch_sizes)[-(engine.scheduler.ticks - ticks)]
+    assert first == 8
+    for result, gen in zip(solos, gens):
+        assert gen.text == result[0] and gen.tokens == result[1]
+
+
+def test_background_work_runs_only_when_the_model_is_otherwise_idle(engine):
+    ran = []
+
+    def background(runtime):
+        ran.append(engine.scheduler.status()["generating"])
+        yield None
+        ran.append(engine.scheduler.status()["generating"])
+
+    loaded = engine.current
+    gen = new_generation(loaded, "HAMLET: To be", dict(seed=1), 40, ())
+    with engine.scheduler._lock:
+        ticket = engine.scheduler.submit_generation(gen)
+        engine.scheduler.submit_background(background)
+    ticket.wait(60)
+    deadline = time.time() + 10
+    while len(ran) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert ran == [0, 0]
+    assert engine.scheduler.status()["background"] == 0
+
+
 def test_the_queue_has_a_limit_and_says_the_place(app_model_path):
     eng = Engine(settings=ServingSettings(scheduler=SchedulerSettings(max_active=1, max_queue=2)))
     try:
