@@ -400,11 +400,15 @@ class CompletionRun:
         self._tickets.append(ticket)
         if ticket.refused:
             raise ServerBusy(ticket.error)
-        while True:
-            self._wakeup.arm()
-            if ticket.finished.is_set():
-                break
-            await self._wakeup.wait()
+        try:
+            while True:
+                self._wakeup.arm()
+                if ticket.finished.is_set():
+                    break
+                await self._wakeup.wait()
+        finally:  # (cancelled: the request went away while its prompt was read)
+            if not ticket.finished.is_set():
+                ticket.cancel("closed")
         self._tickets.remove(ticket)
         if ticket.error is not None:
             raise GenerationError(ticket.error)
