@@ -269,11 +269,11 @@ def test_echo_returns_the_prompt_first(client):
 def test_an_api_stream_and_a_browser_chat_run_in_the_same_ticks(client, app_url, engine):
     from gradio_client import Client
 
-    alone = client.completions.create(model=MODEL, prompt="HAMLET:", max_tokens=300, seed=8).choices[0].text
+    alone = client.completions.create(model=MODEL, prompt="HAMLET:", max_tokens=600, seed=8).choices[0].text
     ui = Client(app_url, verbose=False)
     ticks_before = engine.scheduler.ticks
     with paced(engine, 0.004):
-        stream = client.completions.create(model=MODEL, prompt="HAMLET:", max_tokens=300, seed=8, stream=True)
+        stream = client.completions.create(model=MODEL, prompt="HAMLET:", max_tokens=600, seed=8, stream=True)
         pieces = [next(stream).choices[0].text, next(stream).choices[0].text]
         ui_reply = ui.predict("Good morrow, my lord.", "Bob", "Alice", "", 1.0, 0.7, 0, 0.4, 0.4, 0.996, 30, 3,
                               api_name="/chat")

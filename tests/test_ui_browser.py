@@ -366,7 +366,8 @@ def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
 
     import httpx
 
-    body = {"model": "rwkv4-demo-shakespeare", "prompt": "HAMLET:", "max_tokens": 160, "seed": 8,
+    # long enough (1000 tokens at the module's 40 tokens/s) for any chat reply to fit inside it
+    body = {"model": "rwkv4-demo-shakespeare", "prompt": "HAMLET:", "max_tokens": 1000, "seed": 8,
             "logit_bias": {"0": -100}}
 
     def api_text(stream: bool) -> str:
@@ -379,7 +380,11 @@ def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
                     text += json.loads(line[6:])["choices"][0]["text"]
         return text
 
-    alone = api_text(stream=False)
+    PACE["on"] = False
+    try:
+        alone = api_text(stream=False)
+    finally:
+        PACE["on"] = True
     visitor = page.context.new_page()
     try:
         visitor.goto(app_url)
