@@ -358,13 +358,28 @@ def create_api_app(engine, settings: ApiSettings | None = None) -> FastAPI:
         echo = (loaded.tokenizer.decode(plan.prompt_tokens) if (not chat and req.echo) else "")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(run, meta, chat, include_usage, echo, loaded.tokenizer),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _RunStream(run, _stream(run, meta, chat, include_usage, echo, loaded.tokenizer),
+                              media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await _drain(run, request)
         return JSONResponse(_full_response(run, meta, chat, echo, loaded.tokenizer))
 
     return app
+
+
+class _RunStream(StreamingResponse):
+    """A streaming answer that ends its run however the response ends: also when the client
+    went away before the first byte (Starlette then never starts the body iterator)."""
+
+    def __init__(self, run: CompletionRun, content, **options):
+        super().__init__(content, **options)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
 
 
 def model_id(loaded) -> str:
