@@ -94,14 +94,14 @@ def serving_settings(args):
 
 def api_settings(args):
     """The API's settings from the flags: off with --no-api, off on a public host without a key."""
-    from rwkv_playground.api import API_KEY_ENV, ApiSettings
+    from rwkv_playground.api import API_KEY_ENV, ApiSettings, settings_from_env
 
-    key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    settings = ApiSettings(enabled=args.api, api_key=key, max_tokens=args.api_max_tokens,
-                           max_prompt_tokens=args.api_max_prompt_tokens)
+    settings = settings_from_env(ApiSettings(enabled=args.api, api_key=args.api_key or None,
+                                             max_tokens=args.api_max_tokens,
+                                             max_prompt_tokens=args.api_max_prompt_tokens))
     if not args.api:
         settings.off_reason = "the app was started with --no-api"
-    elif is_public(args.host, args.share) and not key:
+    elif is_public(args.host, args.share) and not settings.api_key:
         settings.enabled = False
         settings.off_reason = ("the app listens beyond loopback and no API key is set (start it with --api-key KEY "
                                f"or {API_KEY_ENV})")

@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -182,8 +183,7 @@ def _validation_error(exc: ValidationError) -> ApiError:
 # ---- the app ----------------------------------------------------------------------------------------
 
 def settings_from_env(settings: ApiSettings) -> ApiSettings:
-    import os
-
+    """The key from RWKV_PLAYGROUND_API_KEY when none was given (app.py, and any embedder)."""
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
         settings.api_key = os.environ[API_KEY_ENV]
     return settings

@@ -210,9 +210,8 @@ class ChatSession(Session):
 
     def _reply(self, engine, loaded, turn: Turn, prompt: list[int], state: State | None,
                logits: torch.Tensor | None, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
-        chat_settings = SamplingSettings(**{**settings.__dict__,
-                                            "banned_tokens": tuple(settings.banned_tokens) + (loaded.tokenizer.eos_id,)})
-        gen = Generation(loaded.tokenizer, prompt, state=state, logits=logits, settings=chat_settings,
+        gen = Generation(loaded.tokenizer, prompt, state=state, logits=logits,
+                         settings=settings.banning([loaded.tokenizer.eos_id]),
                          max_tokens=max_tokens, stop=reply_stops(self.fmt),
                          logits_hook=reply_logits_hook(loaded.newline_id),
                          chunk_len=loaded.runtime.chunk_len, sampler_kernel=loaded.runtime.sampler_kernel)

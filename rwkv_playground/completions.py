@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import queue
 import threading
@@ -108,8 +109,8 @@ class CompletionPlan:
     banned: tuple[int, ...]
     fmt: ChatFormat | None = None  # chat: replies are kept in the cache as the next prompt's start
 
-    @property
-    def prompt_tokens(self) -> list[int]:
+    @functools.cached_property
+    def prompt_tokens(self) -> list[int]:  # (once: up to --api-max-prompt-tokens, read several times)
         return [t for ids in self.segments for t in ids]
 
 
@@ -182,16 +183,22 @@ class PrefixCache(Session):
         self.fingerprint = ""
 
     @staticmethod
-    def boundary_keys(scope: str, fingerprint: str, segments: list[list[int]]) -> list[tuple[int, bytes]]:
-        """(tokens so far, key) after each segment, shortest first."""
+    def boundary_keys(scope: str, fingerprint: str, segments: list[list[int]]):
+        """[(tokens so far, key)] after each segment, shortest first, and the running digest
+        (extend it with `extended_key` for a segment that follows)."""
         digest = hashlib.blake2b(f"{scope}\0{fingerprint}\0".encode(), digest_size=20)
         keys, n = [], 0
         for ids in segments:
             if ids:
-                digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
                 n += len(ids)
-                keys.append((n, digest.copy().digest()))
-        return keys
+                keys.append((n, PrefixCache.extended_key(digest, ids)))
+        return keys, digest
+
+    @staticmethod
+    def extended_key(digest, ids: list[int]) -> bytes:
+        """Feeds `ids` into the running digest; the key of the prefix so far."""
+        digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
+        return digest.copy().digest()
 
     def for_model(self, fingerprint: str) -> None:
         """States mean something only to the model that made them: a new model empties the cache."""
@@ -311,6 +318,7 @@ class CompletionRun:
         self._tickets: list[Ticket] = []
         self._wakeup: _Wakeup | None = None
         self._keys: list[tuple[int, bytes]] = []
+        self._digest = None  # the digest of the whole prompt (a reply's key extends it)
 
     # ---- starting
     async def start(self) -> None:
@@ -323,7 +331,8 @@ class CompletionRun:
             raise GenerationError(f"Token ids must be between 0 and {vocab - 1}.")
         self._wakeup = _Wakeup()
         fingerprint = self.loaded.runtime.fingerprint
-        self._keys = PrefixCache.boundary_keys(self.plan.options.scope, fingerprint, self.plan.segments)
+        self._keys, self._digest = PrefixCache.boundary_keys(self.plan.options.scope, fingerprint,
+                                                             self.plan.segments)
         self.cache.for_model(fingerprint)
         entry = self.cache.longest(self._keys)
         state, logits, extra = (entry.state, entry.logits, list(entry.extra)) if entry else (None, None, [])
@@ -360,7 +369,7 @@ class CompletionRun:
         settings = options.settings
         if settings.seed is not None and index > 0:  # choice 0 is what n = 1 gives for this seed
             settings = replace(settings, seed=(settings.seed, index))
-        settings = replace(settings, banned_tokens=tuple(settings.banned_tokens) + self.plan.banned)
+        settings = settings.banning(self.plan.banned)
         gen = Generation(self.loaded.tokenizer, prompt, state=state, logits=logits, settings=settings,
                          max_tokens=options.max_tokens, stop=self.plan.stop, logits_hook=self.plan.logits_hook,
                          chunk_len=runtime.chunk_len, sampler_kernel=runtime.sampler_kernel,
@@ -382,16 +391,7 @@ class CompletionRun:
         scheduler = self.engine.scheduler
 
         def read(runtime):
-            work = state.clone() if state is not None else runtime.new_state()
-            out, start = logits, 0
-            for end in breaks:
-                for at in range(start, end, runtime.chunk_len):
-                    chunk = tokens[at:min(at + runtime.chunk_len, end)]
-                    out, _ = runtime.forward(chunk, work, inplace=True)
-                    scheduler.observer.prompt_tokens(len(chunk))
-                    yield None
-                start = end
-            return work, out
+            return (yield from read_segments(runtime, scheduler.observer, state, logits, tokens, breaks))
 
         if not tokens:
             return state, logits
@@ -497,9 +497,8 @@ class CompletionRun:
         if gen.prompt_state is None or not gen.text.strip():
             return
         reply_ids = self.loaded.tokenizer.encode(reply_segment(self.plan.fmt, gen.text))
-        keys = PrefixCache.boundary_keys(self.plan.options.scope, self.loaded.runtime.fingerprint,
-                                         self.plan.segments + [reply_ids])
-        key, n_tokens = keys[-1][1], keys[-1][0]
+        key = PrefixCache.extended_key(self._digest.copy(), reply_ids)
+        n_tokens = self.usage.prompt_tokens + len(reply_ids)
         cache, engine, scheduler = self.cache, self.engine, self.engine.scheduler
         cache.put(_Entry(key, n_tokens, gen.prompt_state, gen.prompt_logits, tuple(reply_ids)), engine)
 
@@ -507,15 +506,28 @@ class CompletionRun:
             entry = cache.deferred(key)
             if entry is None:  # dropped, or read by a request meanwhile
                 return
-            work, out = entry.state.clone(), entry.logits
-            for at in range(0, len(entry.extra), runtime.chunk_len):
-                chunk = list(entry.extra[at:at + runtime.chunk_len])
-                out, _ = runtime.forward(chunk, work, inplace=True)
-                scheduler.observer.prompt_tokens(len(chunk))
-                yield None
+            extra = list(entry.extra)
+            work, out = yield from read_segments(runtime, scheduler.observer, entry.state, entry.logits, extra,
+                                                 [len(extra)])
             cache.put(_Entry(key, n_tokens, work, out), engine, replace_deferred=True)
 
         scheduler.submit_background(reread)
+
+
+def read_segments(runtime, observer, state: State | None, logits, tokens: list[int], breaks: list[int]):
+    """A scheduler task's body: read `tokens` into a copy of `state` (None: an empty one), each
+    segment (ending at each of `breaks`) in chunks from its own start, as a Generation with these
+    prompt breaks reads them; one chunk per piece. Returns (state, logits)."""
+    work = state.clone() if state is not None else runtime.new_state()
+    out, start = logits, 0
+    for end in breaks:
+        for at in range(start, end, runtime.chunk_len):
+            chunk = tokens[at:min(at + runtime.chunk_len, end)]
+            out, _ = runtime.forward(chunk, work, inplace=True)
+            observer.prompt_tokens(len(chunk))
+            yield None
+        start = end
+    return work, out
 
 
 def new_request_id(prefix: str) -> str:

@@ -16,7 +16,7 @@ mass-weighted quickselect) and is used instead; tests hold the two to the same t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ class SamplingSettings:
     penalty_decay: float = 0.996
     banned_tokens: tuple[int, ...] = ()
     seed: int | None = None
+
+    def banning(self, token_ids) -> "SamplingSettings":
+        """These settings with `token_ids` banned as well (a chat reply never ends the text)."""
+        return replace(self, banned_tokens=tuple(self.banned_tokens) + tuple(token_ids))
 
     def validate(self) -> "SamplingSettings":
         if not (self.temperature >= 0):

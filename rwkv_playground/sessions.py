@@ -34,7 +34,7 @@ def streams_followed() -> int:
 
 
 class followed_stream:
-    """Counts a stream followed outside a Session (an API response) in streams_followed()."""
+    """Counts a stream being followed (a session's ticket, an API response) in streams_followed()."""
 
     def __enter__(self):
         with _streams_lock:
@@ -117,23 +117,19 @@ class Session:
         it to end (within one scheduler tick), so what it produced is in a consistent state."""
         self._tickets.add(ticket)
         ticket.consumed_chars = 0
-        with _streams_lock:
-            _streams["count"] += 1
-
         try:
-            for event in ticket.coalesced(lambda: update_interval(self.update_interval, streams_followed())):
-                if event.kind == "queued":
-                    self.waiting = event.value
-                elif event.kind in ("started", "text", "progress"):
-                    self.waiting = None
-                elif event.kind == "error":
-                    raise GenerationError(event.value)
-                if event.kind == "text":  # counted before it is handed on: a close lands after it
-                    ticket.consumed_chars += len(event.value)
-                yield event
+            with followed_stream():
+                for event in ticket.coalesced(lambda: update_interval(self.update_interval, streams_followed())):
+                    if event.kind == "queued":
+                        self.waiting = event.value
+                    elif event.kind in ("started", "text", "progress"):
+                        self.waiting = None
+                    elif event.kind == "error":
+                        raise GenerationError(event.value)
+                    if event.kind == "text":  # counted before it is handed on: a close lands after it
+                        ticket.consumed_chars += len(event.value)
+                    yield event
         finally:
-            with _streams_lock:
-                _streams["count"] -= 1
             if not ticket.finished.is_set():
                 ticket.cancel("closed")
                 ticket.finished.wait()

@@ -100,6 +100,16 @@ def loaded(engine):
     return engine.current
 
 
+def wait_until(condition, timeout=10.0) -> bool:
+    """Polls `condition()` every 20 ms until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
 def free_port() -> int:
     import socket
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import WORLD_TINY, free_port, paced, write_checkpoint
+from conftest import WORLD_TINY, free_port, paced, wait_until, write_checkpoint
 
 MODEL = "rwkv4-demo-shakespeare"
 HELLO = [{"role": "user", "content": "Good morrow, sweet lady."}]
@@ -34,15 +34,6 @@ def chat(client, messages=HELLO, **kw):
 
 def lp_tokens(choice):
     return [(e.token, e.logprob) for e in choice.logprobs.content]
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # ---- the routes ------------------------------------------------------------------------------------

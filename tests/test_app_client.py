@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import paced
+from conftest import free_port, paced
 
 SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]  # temperature, top_p, top_k, presence, count, decay
 
@@ -98,16 +98,12 @@ def test_model_switch_refuses_paths_outside_the_folder(client, engine, app_model
 
 def test_engine_errors_are_readable_messages_not_tracebacks():
     """An app whose engine has no model: every endpoint answers with one readable line."""
-    import socket
-
     from gradio_client import Client
 
     from rwkv_playground.engine import Engine
     from rwkv_playground.ui import create_app, launch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     engine = Engine()
     demo = create_app(engine)
     launch(demo, engine, port=port, prevent_thread_lock=True, quiet=True)

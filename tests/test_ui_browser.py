@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import paced
+from conftest import paced, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -392,7 +392,7 @@ def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
         ticks_before = engine.scheduler.ticks
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             program = pool.submit(api_text, True)
-            assert any(engine.scheduler.status()["generating"] for _ in iter_for(10))
+            assert wait_until(lambda: engine.scheduler.status()["generating"])
             visitor.locator("#chat-input textarea").fill("Good morrow, my lord.")
             visitor.locator("#chat-send").click()
             wait_for_status(visitor, "chat-status", ["generated", "tok/s"])
@@ -405,10 +405,3 @@ def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
     finally:
         visitor.close()
 
-
-def iter_for(seconds: float):
-    """Yields until `seconds` have passed (polling helper), 20 ms apart."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        yield
-        time.sleep(0.02)

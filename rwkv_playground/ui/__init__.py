@@ -137,7 +137,6 @@ class Server:
 
 
 def serve(demo: gr.Blocks, engine, host: str = "127.0.0.1", port: int = 7860, api_settings=None) -> None:
-    """Serve the UI and the API on host:port until interrupted (app.py)."""
-    import uvicorn
-
-    uvicorn.run(build_server_app(demo, engine, api_settings), host=host, port=port, log_level="warning")
+    """Serve the UI and the API on host:port until interrupted (app.py): the same uvicorn server
+    as `Server`, in the calling thread."""
+    Server(build_server_app(demo, engine, api_settings), host, port).server.run()
