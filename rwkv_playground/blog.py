@@ -10,6 +10,7 @@ Everything that runs the model goes through the engine's scheduler.
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Iterator
 
 import torch
@@ -19,6 +20,7 @@ from .generation import Generation
 from .sampling import SamplingSettings
 from .sessions import Session, follow_generation
 from .state import State
+from .store import Document, StoreError, tokens_digest
 
 DEFAULT_TEMPLATE = (
     "Bob: Can you help to write a blog-post about {topic}?{details}\n\n"
@@ -71,22 +73,39 @@ class BlogSession(Session):
         self.logits: torch.Tensor | None = None
         self.model_fingerprint = ""
         self.stats: dict = {}
+        self.title = ""  # the topic
+        self.stored = False
+        self.interrupted = False  # the text came back after a crash cut its stream
+        # while a stream runs: (the tokens read before its text, its text so far), so that a
+        # crash keeps the document as shown and can rebuild the state from it
+        self._pending: tuple[list[int], str] | None = None
 
-    def _generate(self, engine, loaded, prompt, settings, max_tokens, stop=(), state=None, logits=None):
+    def _generate(self, engine, loaded, prompt, settings, max_tokens, stop=(), state=None, logits=None,
+                  read_before=()):
         """Stream one generation; yields (it, the text received so far) after each event, and
-        leaves it finished."""
+        leaves it finished. `read_before`: the tokens `state` has read (for the store)."""
         gen = Generation(loaded.tokenizer, prompt, state=state, logits=logits, settings=settings,
                          max_tokens=max_tokens, stop=stop, chunk_len=loaded.runtime.chunk_len,
                          sampler_kernel=loaded.runtime.sampler_kernel)
+        base = list(read_before) + list(prompt)
+        self.interrupted = False
         try:
             for text in follow_generation(self, engine, gen):
                 yield gen, text
+                self._pending = (base, text)
+                self.checkpoint()
         finally:
+            self._pending = None
             self.stats = gen.stats.as_dict()
 
-    def write(self, engine, prompt: str, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
-        """Start a new document from `prompt`; yields the growing document text."""
+    def _new_document(self, title: str) -> None:
+        self.doc_id, self.title, self.stored = uuid.uuid4().hex, " ".join(title.split())[:120], False
+
+    def write(self, engine, prompt: str, settings: SamplingSettings, max_tokens: int, title: str = "") -> Iterator[str]:
+        """Start a new document from `prompt` (the previous one stays in the store); yields the
+        growing document text."""
         loaded = engine.require()
+        self._new_document(title)
         self.model_fingerprint = loaded.runtime.fingerprint
         prompt_tokens = loaded.tokenizer.encode(prompt)
         self.text = "Title:" if prompt.endswith("Title:") else ""
@@ -106,6 +125,10 @@ class BlogSession(Session):
             raise GenerationError("There is nothing to continue yet: write something first.")
         if self.model_fingerprint != loaded.runtime.fingerprint:
             raise GenerationError("The model changed since this text was written: start a new post.")
+        if self.state is None:  # dropped from memory: the store may still hold it
+            held = self.stored_state("post", tokens_digest(self.model_fingerprint, self.tokens))
+            if held is not None:
+                self.state, self.logits = held
         if self.state is not None:
             prompt, state, logits = [], self.state, self.logits
         else:  # dropped to free memory: read the post again, once
@@ -113,7 +136,7 @@ class BlogSession(Session):
         start, before, gen = self.text, list(self.tokens), None
         try:
             for gen, text in self._generate(engine, loaded, prompt, settings, max_tokens, state=state,
-                                            logits=logits):
+                                            logits=logits, read_before=before if state is not None else ()):
                 self.text = start + text
                 yield self.text
         finally:
@@ -125,13 +148,15 @@ class BlogSession(Session):
             self.text = start + gen.text
             self.tokens = read_before + gen.prompt_tokens + gen.tokens
             self.state, self.logits = gen.state, gen.last_logits
+        self.persist()
         self.touch()
 
     def write_with_outline(self, engine, outline_prompt: str, settings: SamplingSettings,
-                           section_tokens: int) -> Iterator[str]:
+                           section_tokens: int, title: str = "") -> Iterator[str]:
         """Outline first, then each section from a fork of the outline's state. Stopped at any
         point, the document keeps what was shown and Continue resumes the last stream's state."""
         loaded = engine.require()
+        self._new_document(title)
         self.model_fingerprint = loaded.runtime.fingerprint
         self.text, self.tokens, self.state, self.logits = "", [], None, None
         outline_tokens = loaded.tokenizer.encode(outline_prompt)
@@ -144,6 +169,7 @@ class BlogSession(Session):
         finally:  # stopped during the outline: Continue resumes after it
             if gen is not None and gen.prompt_state is not None:
                 self.state, self.logits, self.tokens = gen.state, gen.last_logits, outline_tokens + gen.tokens
+            self.persist()
         if gen is None or gen.prompt_state is None or gen.stats.stop_reason in ("cancelled", "closed"):
             return
         headings = parse_outline(outline)
@@ -157,7 +183,7 @@ class BlogSession(Session):
             try:
                 for section, text in self._generate(engine, loaded, prefix, settings, section_tokens,
                                                     stop=["\n\nSection"], state=outline_state,
-                                                    logits=outline_logits):
+                                                    logits=outline_logits, read_before=outline_read):
                     self.text = body + section_head + text
                     yield self.text
             finally:
@@ -165,11 +191,57 @@ class BlogSession(Session):
                     # Continue resumes after the last section: its state and the tokens it read
                     self.state, self.logits = section.state, section.last_logits
                     self.tokens = outline_read + section.prompt_tokens + section.tokens
+                self.text = body + section_head + text
+                self.persist()  # each finished section
             body = body + section_head + text
             if section is not None and section.stats.stop_reason in ("cancelled", "closed"):
                 break
         self.text = body
         yield self.text
+
+    # ---- the session store (sessions.Session) ----------------------------------------------------
+    def document(self) -> Document | None:
+        if not self.text and not self.stored:
+            return None
+        body = {"version": 1, "title": self.title, "text": self.text, "tokens": list(self.tokens),
+                "stats": dict(self.stats), "interrupted": self.interrupted}
+        slots, states = {}, {}
+        if self._pending is not None:  # mid-stream: the text so far, and what it was read after
+            body["pending"] = {"base": list(self._pending[0]), "text": self._pending[1]}
+        elif self.tokens:
+            slots["post"] = tokens_digest(self.model_fingerprint, self.tokens)
+            if self.state is not None:
+                states["post"] = (self.state, self.logits)
+        self.stored = True
+        return Document("post", body, self.title or "Untitled post", self.doc_id, self.model_fingerprint,
+                        slots, states)
+
+    def open_document(self, doc: Document, tokenizer=None) -> None:
+        """Hold a stored post (its state is read back from the store when Continue needs it). A
+        post whose stream a crash cut comes back as shown, its tokens rebuilt from that text."""
+        if self.busy:
+            raise GenerationError("A post is being written: wait for it, or press Stop first.")
+        try:
+            body = doc.body
+            text, tokens = str(body["text"]), [int(t) for t in body.get("tokens", [])]
+            interrupted = bool(body.get("interrupted"))
+            pending = body.get("pending")
+            if pending:
+                generated = str(pending["text"])
+                tokens = [int(t) for t in pending["base"]] + (tokenizer.encode(generated) if tokenizer else [])
+                interrupted = True
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"That post could not be read back ({type(exc).__name__}).") from None
+        self.text, self.tokens, self.interrupted = text, tokens, interrupted
+        self.stats = dict(body.get("stats") or {})
+        self.state = self.logits = None
+        self.doc_id, self.title, self.model_fingerprint, self.stored = doc.id, doc.title, doc.fingerprint, True
+
+    def new_document(self) -> None:
+        if self.busy:
+            raise GenerationError("A post is being written: wait for it, or press Stop first.")
+        self.text, self.tokens, self.state, self.logits, self.stats, self.interrupted = "", [], None, None, {}, False
+        self._new_document("")
 
     # ---- memory accounting (sessions.Session) ----------------------------------------------------
     def memory_items(self) -> list[tuple[str, int]]:

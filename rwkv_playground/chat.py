@@ -11,6 +11,7 @@ Everything that runs the model goes through the engine's scheduler; a session ne
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -21,6 +22,7 @@ from .generation import Generation
 from .sampling import SamplingSettings
 from .sessions import Session, follow_generation
 from .state import State
+from .store import Document, StoreError, tokens_digest
 
 REPLY_END = "\n\n"
 
@@ -113,6 +115,13 @@ class Turn:
     state_after: State | None = None  # after the reply: the next turn starts here
     logits_after: torch.Tensor | None = None
     complete: bool = False
+    reply_raw: str = ""  # the reply as the model wrote it (`reply` is it as shown)
+    interrupted: bool = False  # cut by a server crash: the text shown then, no state of its own
+
+    def as_dict(self) -> dict:
+        return {"user": self.user, "reply": self.reply, "reply_raw": self.reply_raw,
+                "prompt_tokens": list(self.prompt_tokens), "reply_tokens": list(self.reply_tokens),
+                "stats": dict(self.stats), "complete": self.complete, "interrupted": self.interrupted}
 
     def tokens(self) -> list[int]:
         return self.prompt_tokens + self.reply_tokens
@@ -136,6 +145,8 @@ class ChatSession(Session):
         self.turns: list[Turn] = []
         self.model_fingerprint = ""
         self.undo_depth = max(1, int(undo_depth))
+        self.title = ""
+        self.stored = False  # the store holds this conversation (so an emptied one is saved too)
 
     @property
     def state(self) -> State | None:
@@ -144,11 +155,14 @@ class ChatSession(Session):
     def clear(self) -> None:
         self._check_idle()
         self.turns.clear()
+        self.persist()
 
     def undo(self) -> str | None:
         """Drop the last turn; returns its message (for editing)."""
         self._check_idle()
-        return self.turns.pop().user if self.turns else None
+        message = self.turns.pop().user if self.turns else None
+        self.persist()
+        return message
 
     def _check_idle(self) -> None:
         if self.busy:
@@ -162,10 +176,55 @@ class ChatSession(Session):
         return ids
 
     def _check_model(self, loaded) -> None:
-        if self.model_fingerprint and self.model_fingerprint != loaded.runtime.fingerprint:
-            self.turns.clear()  # a state only means something to the model that made it
-            self.notices.append("The model changed, so the conversation started over.")
+        """A state only means something to the model that made it: after a model change the
+        conversation keeps its text, read again (in the new model's tokens) by the next message."""
+        if self.model_fingerprint and self.model_fingerprint != loaded.runtime.fingerprint and self.turns:
+            encode = loaded.tokenizer.encode
+            for i, turn in enumerate(self.turns):
+                turn.drop_states()
+                turn.prompt_tokens = encode(self.fmt.turn_prompt(turn.user, first=i == 0))
+                turn.reply_tokens = encode(turn.reply_raw or turn.reply)
+            self.notices.append("This conversation was written with another model: its states do not fit this "
+                                "one, so your next message reads the conversation again.")
         self.model_fingerprint = loaded.runtime.fingerprint
+
+    # ---- where the next read starts ----------------------------------------------------------
+    def _digest(self, upto: int, prompt_of: int | None = None) -> str:
+        """What the state after turn upto-1 read (with prompt_of: then turn prompt_of's prompt)."""
+        tokens = self.history_tokens(upto)
+        if prompt_of is not None:
+            tokens = tokens + self.turns[prompt_of].prompt_tokens
+        return tokens_digest(self.model_fingerprint, tokens)
+
+    def _state_after(self, i: int) -> tuple[State | None, torch.Tensor | None, bool]:
+        """Turn i's state after its reply: kept in memory, else read back from the store.
+        Returns (state, logits, whether it came from the store)."""
+        turn = self.turns[i]
+        if turn.state_after is not None:
+            return turn.state_after, turn.logits_after, False
+        if turn.complete and not turn.interrupted:
+            held = self.stored_state(f"{i}.after", self._digest(i + 1))
+            if held is not None:
+                turn.state_after, turn.logits_after = held
+                return turn.state_after, turn.logits_after, True
+        return None, None, False
+
+    def _resume(self, upto: int) -> tuple[list[int], State | None, torch.Tensor | None, dict]:
+        """The tokens to read, and the state to read them from, to reach the state after turn
+        upto-1: the latest kept state (memory, then the store), else everything from the start."""
+        for i in range(upto - 1, -1, -1):
+            state, logits, from_store = self._state_after(i)
+            if state is not None:
+                rest = [t for turn in self.turns[i + 1:upto] for t in turn.tokens()]
+                stats = {"tokens_saved": state.token_count}
+                if rest:
+                    stats["history_reread"] = len(rest)
+                if from_store:
+                    stats["state_from_store"] = True
+                return rest, state, logits, stats
+        history = self.history_tokens(upto)
+        return history, None, None, ({"tokens_saved": 0, "history_reread": len(history)} if history else
+                                     {"tokens_saved": 0})
 
     def send(self, engine, message: str, settings: SamplingSettings, max_tokens: int) -> Iterator[str]:
         """Read the user's message into the state, then stream the reply (its text so far)."""
@@ -176,16 +235,10 @@ class ChatSession(Session):
         previous = self.turns[-1] if self.turns else None
         turn = Turn(user=message.strip())
         turn.prompt_tokens = loaded.tokenizer.encode(self.fmt.turn_prompt(message, first=previous is None))
-        if previous is None:
-            prompt, state, logits = turn.prompt_tokens, None, None
-            turn.stats = {"tokens_saved": 0}
-        elif previous.state_after is not None:
-            prompt, state, logits = turn.prompt_tokens, previous.state_after, previous.logits_after
-            turn.stats = {"tokens_saved": state.token_count}
-        else:  # the history's state was dropped: read it again, once
-            history = self.history_tokens()
-            prompt, state, logits = history + turn.prompt_tokens, None, None
-            turn.stats = {"tokens_saved": 0, "history_reread": len(history)}
+        # from the last turn's state (kept, or read back from the store); if it was dropped, from
+        # the latest one still kept, reading the turns after it once
+        rest, state, logits, turn.stats = self._resume(len(self.turns))
+        prompt = rest + turn.prompt_tokens
         self.turns.append(turn)
         yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
 
@@ -198,14 +251,18 @@ class ChatSession(Session):
         if not self.turns:
             raise GenerationError("The model changed: the conversation was cleared.")
         turn = self.turns[-1]
-        turn.reply, turn.reply_tokens, turn.complete = "", [], False
+        last = len(self.turns) - 1
+        if turn.state_prompt is None and not turn.interrupted:
+            held = self.stored_state(f"{last}.prompt", self._digest(last, prompt_of=last))
+            if held is not None:
+                turn.state_prompt, turn.logits_prompt = held
+        turn.reply, turn.reply_raw, turn.reply_tokens, turn.complete, turn.interrupted = "", "", [], False, False
         if turn.state_prompt is not None:
             prompt, state, logits = [], turn.state_prompt, turn.logits_prompt
             turn.stats = {"tokens_saved": state.token_count}
         else:
-            history = self.history_tokens(len(self.turns) - 1)
-            prompt, state, logits = history + turn.prompt_tokens, None, None
-            turn.stats = {"tokens_saved": 0, "history_reread": len(history)}
+            rest, state, logits, turn.stats = self._resume(last)
+            prompt = rest + turn.prompt_tokens
         yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
 
     def _reply(self, engine, loaded, turn: Turn, prompt: list[int], state: State | None,
@@ -217,21 +274,81 @@ class ChatSession(Session):
                          chunk_len=loaded.runtime.chunk_len, sampler_kernel=loaded.runtime.sampler_kernel)
         try:
             for text in follow_generation(self, engine, gen):
-                turn.reply = self.fmt.shown(text)
+                turn.reply, turn.reply_raw = self.fmt.shown(text), text
+                self.checkpoint()  # the text so far (a crash keeps what was shown)
                 yield turn.reply
         finally:
             if gen.prompt_state is None:
                 self.turns.remove(turn)  # stopped while reading the message: as if never sent
             else:
                 turn.state_prompt, turn.logits_prompt = gen.prompt_state, gen.prompt_logits
-                turn.reply = self.fmt.shown(gen.text)
+                turn.reply, turn.reply_raw = self.fmt.shown(gen.text), gen.text
                 turn.reply_tokens = list(gen.tokens)
                 turn.state_after, turn.logits_after = gen.state, gen.last_logits
                 turn.stats.update(gen.stats.as_dict())
                 turn.complete = True
                 for old in self.turns[:-self.undo_depth]:  # the undo depth: older turns keep text only
                     old.drop_states()
+            self.persist()  # the finished turn and its states
             self.touch(engine)
+
+    # ---- the session store (sessions.Session) -------------------------------------------------------
+    def document(self) -> Document | None:
+        if not self.turns and not self.stored:
+            return None
+        slots, states, history = {}, {}, []
+        first_kept = len(self.turns) - self.undo_depth  # the states kept, as in memory
+        for i, turn in enumerate(self.turns):
+            history += turn.prompt_tokens
+            if i >= first_kept and turn.complete and not turn.interrupted:
+                slots[f"{i}.prompt"] = tokens_digest(self.model_fingerprint, history)
+                if turn.state_prompt is not None:
+                    states[f"{i}.prompt"] = (turn.state_prompt, turn.logits_prompt)
+            history += turn.reply_tokens
+            if i >= first_kept and turn.complete and not turn.interrupted:
+                slots[f"{i}.after"] = tokens_digest(self.model_fingerprint, history)
+                if turn.state_after is not None:
+                    states[f"{i}.after"] = (turn.state_after, turn.logits_after)
+        if not self.title and self.turns:
+            self.title = " ".join(self.turns[0].user.split())[:60]
+        fmt = {"user": self.fmt.user, "bot": self.fmt.bot, "scenario": self.fmt.scenario,
+               "reply_start": self.fmt.reply_start}
+        self.stored = True
+        return Document("chat", {"version": 1, "title": self.title, "format": fmt,
+                                 "turns": [t.as_dict() for t in self.turns]},
+                        self.title or "New conversation", self.doc_id, self.model_fingerprint, slots, states)
+
+    def open_document(self, doc: Document, tokenizer=None) -> None:
+        """Make this session hold a stored conversation (its states are read back when needed).
+        A reply cut by a crash comes back as an interrupted reply: the text shown then, read
+        again (in tokens) by the next message."""
+        self._check_idle()
+        try:
+            body = doc.body
+            fmt = ChatFormat(**{k: str(v) for k, v in body["format"].items()
+                                if k in ("user", "bot", "scenario", "reply_start")})
+            turns = []
+            for t in body["turns"]:
+                turn = Turn(user=str(t["user"]), reply=str(t.get("reply", "")), reply_raw=str(t.get("reply_raw", "")),
+                            prompt_tokens=[int(x) for x in t.get("prompt_tokens", [])],
+                            reply_tokens=[int(x) for x in t.get("reply_tokens", [])],
+                            stats=dict(t.get("stats") or {}), complete=bool(t.get("complete")),
+                            interrupted=bool(t.get("interrupted")))
+                if not turn.complete:  # written while the server died
+                    turn.complete, turn.interrupted = True, True
+                    turn.stats = {**turn.stats, "interrupted": True}
+                    turn.reply_tokens = tokenizer.encode(turn.reply_raw) if tokenizer is not None else []
+                turns.append(turn)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"That conversation could not be read back ({type(exc).__name__}).") from None
+        self.fmt, self.turns, self.doc_id, self.title = fmt, turns, doc.id, doc.title
+        self.model_fingerprint, self.stored = doc.fingerprint, True
+
+    def new_document(self) -> None:
+        """Start a new conversation (the one held so far stays in the store)."""
+        self._check_idle()
+        self.turns, self.title, self.stored = [], "", False
+        self.doc_id = uuid.uuid4().hex
 
     # ---- memory accounting (sessions.Session) ----------------------------------------------------
     def memory_items(self) -> list[tuple[str, int]]:

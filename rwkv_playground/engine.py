@@ -122,7 +122,7 @@ class Engine:
     """The loaded model behind its scheduler, the models folder, and the visitors' sessions."""
 
     def __init__(self, models_dir: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "fp32",
-                 backends: dict | None = None, settings: ServingSettings | None = None):
+                 backends: dict | None = None, settings: ServingSettings | None = None, store=None):
         self.models_dir = Path(models_dir).expanduser().resolve() if models_dir else None
         self.device = device
         self.dtype = dtype
@@ -132,6 +132,7 @@ class Engine:
         self.memory = MemoryBudget(self.settings.memory_budget_bytes)
         self._visits: dict[str, list[Session]] = {}  # open pages' sessions, by Gradio's session id
         self._visits_lock = threading.Lock()
+        self.store = store  # store.SessionStore keeping visitors' work (None: in memory only, --no-store)
 
     @property
     def current(self) -> LoadedModel | None:
@@ -174,6 +175,24 @@ class Engine:
         for session in sessions:
             self.forget(session)
         return_freed_memory()
+
+    def open_visitor(self, key: str | None):
+        """The visitor a browser's key names in the session store: (key, store.Visitor, notice).
+        No key, or one this store does not know (malformed, forged, expired), gets a new key and
+        an empty workspace; the notice says so when a key was refused. (key, None, "") without a store."""
+        if self.store is None:
+            return key, None, ""
+        from .store import StoreError
+
+        if key:
+            try:
+                return key, self.store.visitor(key, create=False), ""
+            except StoreError:
+                notice = "Your browser's key to saved work is not known here, so a new, empty workspace was started."
+        else:
+            notice = ""
+        key, visitor = self.store.new_visitor()
+        return key, visitor, notice
 
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:

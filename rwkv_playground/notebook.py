@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,7 @@ from .generation import Generation, Stream
 from .sampling import SamplingSettings
 from .sessions import Session, follow_generation, run_task
 from .state import State
+from .store import Document, StoreError, tokens_digest
 
 FORMAT = "rwkv-playground-notebook"
 VERSION = 1
@@ -399,6 +401,72 @@ class NotebookSession(Session):
     def __init__(self, fingerprint: str = ""):
         super().__init__()
         self.notebook = Notebook(fingerprint)
+        self.title = ""
+        self.stored = False
+        self.pending: tuple[int, str] | None = None  # while a generate cell runs: (its index, its text so far)
+
+    # ---- the session store (sessions.Session) ------------------------------------------------
+    def document(self) -> Document | None:
+        notebook = self.notebook
+        if not notebook.cells and not self.stored:
+            return None
+        cells, slots, states, tokens = [], {}, {}, []
+        for i, cell in enumerate(notebook.cells):
+            data = {**cell.as_dict(), "tokens": list(cell.tokens), "fresh": cell.fresh}
+            if self.pending is not None and self.pending[0] == i:
+                data.update(output=self.pending[1], fresh=False, interrupted=True)
+            cells.append(data)
+            tokens = tokens + list(cell.tokens)
+            if cell.fresh and data["fresh"]:
+                slots[f"cell {i}"] = tokens_digest(notebook.fingerprint, tokens)
+                if cell.state is not None:
+                    states[f"cell {i}"] = (cell.state, cell.logits)
+        if not self.title:
+            first = next((c.source for c in notebook.cells if c.kind == "text" and c.source.strip()), "")
+            self.title = " ".join(first.split())[:60]
+        self.stored = True
+        return Document("notebook", {"version": 1, "title": self.title, "cells": cells},
+                        self.title or "Untitled notebook", self.doc_id, notebook.fingerprint, slots, states)
+
+    def open_document(self, doc: Document, fingerprint: str) -> None:
+        """Hold a stored notebook, with the states the store kept for it (a notebook made with
+        another model opens read-only). A cell a crash cut comes back with its text so far, to be
+        run again."""
+        if self.busy:
+            raise GenerationError("The notebook is running: wait for it, or press Stop first.")
+        try:
+            cells = []
+            for c in doc.body["cells"]:
+                cell = Cell(str(c["kind"]), source=str(c.get("source", "")), settings=dict(c.get("settings") or {}),
+                            max_tokens=int(c.get("max_tokens", 60)), stop=tuple(c.get("stop", ())),
+                            output=str(c.get("output", "")), tokens=[int(t) for t in c.get("tokens", [])],
+                            fresh=bool(c.get("fresh")))
+                cell.settings = asdict(SamplingSettings(**cell.settings))
+                cell.validate()
+                cells.append(cell)
+        except (KeyError, TypeError, ValueError, AttributeError, GenerationError) as exc:
+            raise StoreError(f"That notebook could not be read back ({type(exc).__name__}).") from None
+        notebook = Notebook(doc.fingerprint or fingerprint)
+        notebook.cells = cells
+        self.notebook, self.doc_id, self.title, self.stored, self.pending = notebook, doc.id, doc.title, True, None
+        if doc.fingerprint and fingerprint and doc.fingerprint != fingerprint:
+            notebook.read_only = True
+            return
+        tokens: list[int] = []
+        for i, cell in enumerate(cells):
+            tokens = tokens + cell.tokens
+            if not cell.fresh:
+                notebook.mark_stale(i)
+                break
+            held = self.stored_state(f"cell {i}", tokens_digest(notebook.fingerprint, tokens))
+            if held is not None:
+                cell.state, cell.logits = held
+
+    def new_document(self, fingerprint: str) -> None:
+        if self.busy:
+            raise GenerationError("The notebook is running: wait for it, or press Stop first.")
+        self.notebook, self.title, self.stored, self.pending = Notebook(fingerprint), "", False, None
+        self.doc_id = uuid.uuid4().hex
 
     def memory_items(self) -> list[tuple[str, int]]:
         return self.notebook.memory_items()

@@ -10,14 +10,21 @@ tokens where that is possible (chat, blog), or asked for again (a recording).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 import weakref
 from typing import Iterator
 
-from .errors import GenerationError
+from .errors import GenerationError, PlaygroundError
 from .generation import Generation
 from .scheduler import Event, Ticket
+
+log = logging.getLogger("rwkv_playground.sessions")
+# While a reply streams, its text so far is saved this often (text only: a crash loses at most
+# this much of what was shown; the states are saved when the reply ends).
+CHECKPOINT_INTERVAL_S = 1.0
 
 # Updates handed to all the streams being followed, together, per second at most. One browser
 # needs ~20 a second, but 16 visitors streaming at once need not 320: every update costs the web
@@ -68,6 +75,48 @@ class Session:
         self.last_active = time.monotonic()
         self.budget: weakref.ref | None = None  # the MemoryBudget accounting this session
         self._tickets: set[Ticket] = set()
+        # The session store (store.Visitor) keeping this visitor's work, and the id of the document
+        # this session holds (None: nothing is kept beyond this process, e.g. --no-store)
+        self.visitor = None
+        self.doc_id = uuid.uuid4().hex
+        self._checkpointed = 0.0
+
+    # ---- the session store
+    def document(self):
+        """This session's work as a store.Document (None: nothing to keep yet)."""
+        return None
+
+    def persist(self, with_states: bool = True) -> None:
+        """Hand the document to the store (its writer thread commits it); text only with
+        with_states=False. A store that fails is told to the visitor, never raised."""
+        if self.visitor is None:
+            return
+        try:
+            doc = self.document()
+            if doc is not None:
+                self.visitor.save(doc, with_states=with_states)
+        except PlaygroundError as exc:
+            self.notices.append(f"Your work could not be saved: {exc}")
+        except Exception:  # noqa: BLE001 - saving must never break the visitor's stream
+            log.exception("Saving a %s document failed", self.kind)
+            self.notices.append("Your work could not be saved (the server log says why).")
+
+    def checkpoint(self) -> None:
+        """While streaming: save the text so far, at most every CHECKPOINT_INTERVAL_S."""
+        now = time.monotonic()
+        if self.visitor is not None and now - self._checkpointed >= CHECKPOINT_INTERVAL_S:
+            self._checkpointed = now
+            self.persist(with_states=False)
+
+    def stored_state(self, slot: str, digest: str):
+        """(state, logits) of this session's document from the store, or None."""
+        if self.visitor is None:
+            return None
+        try:
+            return self.visitor.state(self.doc_id, slot, digest)
+        except Exception:  # noqa: BLE001 - a store that fails means re-reading, not an error
+            log.exception("Reading a stored state failed")
+            return None
 
     # ---- memory accounting
     def memory_items(self) -> list[tuple[str, int]]:

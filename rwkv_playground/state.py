@@ -219,10 +219,7 @@ class State:
         return self.pp + torch.log(self.bb.clamp_min(1e-38))
 
     # ---- files --------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
-        """Write the state to a .safetensors file with metadata (model fingerprint, shape, ...)."""
-        from safetensors.torch import save_file
-
+    def _file_parts(self, extra_metadata: dict | None) -> tuple[dict, dict]:
         meta = {
             "format": FORMAT_NAME,
             "architecture": self.architecture,
@@ -235,7 +232,38 @@ class State:
         if extra_metadata:
             meta["extra"] = json.dumps(extra_metadata)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._parts.items()}
+        return tensors, meta
+
+    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> None:
+        """Write the state to a .safetensors file with metadata (model fingerprint, shape, ...)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = self._file_parts(extra_metadata)
         save_file(tensors, str(path), metadata=meta)
+
+    def to_bytes(self, extra_tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+        """The state file's bytes (the session store keeps these), with optional extra tensors
+        beside the state's (e.g. the logits after it), named `extra.<name>`."""
+        from safetensors.torch import save
+
+        tensors, meta = self._file_parts(None)
+        for name, t in (extra_tensors or {}).items():
+            tensors[f"extra.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, runtime=None, name: str = "the state") -> tuple["State", dict]:
+        """The inverse of to_bytes: (state, {name: extra tensor})."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+            meta = _metadata_of(bytes(data))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise LoadError(f"{name} is not a readable state file ({exc}).") from None
+        extra = {k[len("extra."):]: tensors.pop(k) for k in list(tensors) if k.startswith("extra.")}
+        return cls._from_parts(tensors, meta, name, runtime), extra
 
     @classmethod
     def load(cls, path: str | os.PathLike, runtime=None, device="cpu") -> "State":
@@ -251,21 +279,26 @@ class State:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise LoadError(f"{path.name} is not a readable state file ({exc}).") from None
+        return cls._from_parts(tensors, meta, path.name, runtime, device)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict, meta: dict, name: str, runtime=None, device="cpu") -> "State":
+        """A state from a state file's tensors and metadata, every shape checked first."""
         architecture = meta.get("architecture") or "rwkv4"
         expected = RWKV4_COMPONENTS if architecture == "rwkv4" else ("att_x", "wkv_state", "ffn_x")
         if meta.get("format") != FORMAT_NAME or set(tensors) != set(expected):
-            raise LoadError(f"{path.name} is not an RWKV Playground state file.")
+            raise LoadError(f"{name} is not an RWKV Playground state file.")
         if any(t.dtype != torch.float32 for t in tensors.values()):
-            raise LoadError(f"{path.name} is corrupt: a state holds float32 tensors.")
+            raise LoadError(f"{name} is corrupt: a state holds float32 tensors.")
         leads = {tuple(t.shape[:1]) for t in tensors.values()}
         widths = {tensors[n].shape for n in expected if n != "wkv_state"}
         if len(leads) != 1 or len(widths) != 1 or tensors["att_x"].dim() != 2:
-            raise LoadError(f"{path.name} is corrupt: its components have different shapes.")
+            raise LoadError(f"{name} is corrupt: its components have different shapes.")
         if architecture != "rwkv4":
             L, C = tensors["att_x"].shape
             S = tensors["wkv_state"]
             if S.dim() != 4 or S.shape[2] != S.shape[3] or S.shape[1] * S.shape[2] != C:
-                raise LoadError(f"{path.name} is corrupt: its matrix state does not fit its width.")
+                raise LoadError(f"{name} is corrupt: its matrix state does not fit its width.")
         state = cls(
             {k: tensors[k].to(device) for k in expected},
             token_count=json.loads(meta.get("token_count", "0")),
@@ -276,3 +309,11 @@ class State:
         if runtime is not None:
             runtime.check_state(state)
         return state
+
+
+def _metadata_of(data: bytes) -> dict:
+    """The metadata of safetensors bytes (the format: an 8-byte header length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    if length <= 0 or length > len(data) - 8:
+        raise ValueError("the header does not fit the data")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
