@@ -64,6 +64,17 @@ def parse_args(argv=None):
                    "(default %(default)s)")
     a.add_argument("--api-max-prompt-tokens", type=int, default=65536, help="most prompt tokens one request may "
                    "send (default %(default)s)")
+    d = p.add_argument_group("saved work (conversations, posts, notebooks and their states)")
+    d.add_argument("--data-dir", default=None, help="folder of the session store (SQLite); default: "
+                   "$XDG_DATA_HOME/rwkv-playground (~/.local/share/rwkv-playground)")
+    d.add_argument("--store", default=None, help="a database URL instead (postgresql://user@host/db) for several "
+                   "app processes on one database")
+    d.add_argument("--no-store", dest="use_store", action="store_false",
+                   help="keep nothing beyond this process (an ephemeral public demo): work lasts as long as the tab")
+    d.add_argument("--store-budget-mb", type=int, default=2048, help="disk the stored states may use; past it the "
+                   "least recently used are dropped (rebuilt by reading the text again), never what visitors wrote")
+    d.add_argument("--retention-days", type=float, default=30.0, help="delete the saved work of visitors idle "
+                   "this long")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models-dir", default=None, help="folder whose checkpoints the browser may switch to")
@@ -108,15 +119,35 @@ def api_settings(args):
     return settings
 
 
+def open_store(args):
+    """The session store the flags name (None with --no-store); raises StoreError with a sentence."""
+    from rwkv_playground.store import SessionStore
+
+    if not args.use_store:
+        return None
+    return SessionStore.open(args.store or args.data_dir, disk_budget_bytes=args.store_budget_mb << 20,
+                             retention_days=args.retention_days)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rwkv_playground import PlaygroundError
     from rwkv_playground.engine import Engine
 
+    try:
+        store = open_store(args)
+    except PlaygroundError as exc:
+        print(f"Could not open the session store: {exc}", file=sys.stderr)
+        return 2
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     engine = Engine(models_dir=args.models_dir, device=args.device, dtype=dtype,
                     backends={"wkv": args.wkv, "step": args.step, "sampler": args.sampler, "gemm": args.gemm},
-                    settings=serving_settings(args))
+                    settings=serving_settings(args), store=store)
+    if store is not None:
+        print(f"Saved work: {store.url_shown} (states up to {args.store_budget_mb} MB; visitors idle "
+              f"{args.retention_days:g} days are deleted)", file=sys.stderr)
+    else:
+        print("Saved work: off (--no-store): nothing outlives a visitor's tab.", file=sys.stderr)
 
     def progress(message: str, fraction: float) -> None:
         print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)

@@ -117,6 +117,7 @@ class Turn:
     complete: bool = False
     reply_raw: str = ""  # the reply as the model wrote it (`reply` is it as shown)
     interrupted: bool = False  # cut by a server crash: the text shown then, no state of its own
+    restored: bool = False  # state_after was read back from the session store
 
     def as_dict(self) -> dict:
         return {"user": self.user, "reply": self.reply, "reply_raw": self.reply_raw,
@@ -132,6 +133,7 @@ class Turn:
 
     def drop_states(self) -> None:
         self.state_prompt = self.logits_prompt = self.state_after = self.logits_after = None
+        self.restored = False
 
 
 class ChatSession(Session):
@@ -201,11 +203,11 @@ class ChatSession(Session):
         Returns (state, logits, whether it came from the store)."""
         turn = self.turns[i]
         if turn.state_after is not None:
-            return turn.state_after, turn.logits_after, False
+            return turn.state_after, turn.logits_after, turn.restored
         if turn.complete and not turn.interrupted:
             held = self.stored_state(f"{i}.after", self._digest(i + 1))
             if held is not None:
-                turn.state_after, turn.logits_after = held
+                (turn.state_after, turn.logits_after), turn.restored = held, True
                 return turn.state_after, turn.logits_after, True
         return None, None, False
 
@@ -284,7 +286,7 @@ class ChatSession(Session):
                 turn.state_prompt, turn.logits_prompt = gen.prompt_state, gen.prompt_logits
                 turn.reply, turn.reply_raw = self.fmt.shown(gen.text), gen.text
                 turn.reply_tokens = list(gen.tokens)
-                turn.state_after, turn.logits_after = gen.state, gen.last_logits
+                turn.state_after, turn.logits_after, turn.restored = gen.state, gen.last_logits, False
                 turn.stats.update(gen.stats.as_dict())
                 turn.complete = True
                 for old in self.turns[:-self.undo_depth]:  # the undo depth: older turns keep text only
@@ -343,6 +345,32 @@ class ChatSession(Session):
             raise StoreError(f"That conversation could not be read back ({type(exc).__name__}).") from None
         self.fmt, self.turns, self.doc_id, self.title = fmt, turns, doc.id, doc.title
         self.model_fingerprint, self.stored = doc.fingerprint, True
+
+    def latest_state(self) -> tuple[State | None, int]:
+        """The state after the latest turn that still has one (memory or store), and that turn's
+        index (-1: none)."""
+        for i in range(len(self.turns) - 1, -1, -1):
+            state, _, _ = self._state_after(i)
+            if state is not None:
+                return state, i
+        return None, -1
+
+    def export_markdown(self) -> str:
+        """The conversation as Markdown (what the visitor sees)."""
+        lines = [f"# {self.title or 'Conversation'}", ""]
+        if self.fmt.scenario.strip():
+            lines += [f"*{self.fmt.scenario.strip()}*", ""]
+        for turn in self.turns:
+            reply = turn.reply + (" *(interrupted)*" if turn.interrupted else "")
+            lines += [f"**{self.fmt.user}:** {turn.user}", "", f"**{self.fmt.bot}:** {reply}", ""]
+        return "\n".join(lines)
+
+    def export_json(self) -> dict:
+        """The conversation as data: format, messages and each turn's statistics."""
+        return {"title": self.title, "user": self.fmt.user, "bot": self.fmt.bot, "scenario": self.fmt.scenario,
+                "reply_start": self.fmt.reply_start, "model_fingerprint": self.model_fingerprint,
+                "turns": [{"user": t.user, "reply": t.reply, "interrupted": t.interrupted, "stats": t.stats}
+                          for t in self.turns]}
 
     def new_document(self) -> None:
         """Start a new conversation (the one held so far stays in the store)."""

@@ -48,6 +48,7 @@ DEFAULT_DISK_BUDGET = 2 << 30
 DEFAULT_RETENTION_DAYS = 30.0
 MAX_DOCUMENTS_PER_KIND = 200  # a visitor's list stays a list (the oldest go past this)
 MAX_BODY_BYTES = 16 << 20
+EXPIRY_INTERVAL_S = 3600.0  # how often the writer thread deletes visitors idle past the retention
 
 
 class StoreError(PlaygroundError):
@@ -251,8 +252,20 @@ class SessionStore:
         done.wait(timeout)
 
     def _write_loop(self) -> None:
+        last_expiry = 0.0
         while True:
-            write = self._writes.get()
+            if time.monotonic() - last_expiry >= EXPIRY_INTERVAL_S:  # retention, from this thread
+                last_expiry = time.monotonic()
+                try:
+                    gone = self.expire()
+                    if gone:
+                        log.info("Deleted the saved work of %d visitors idle past the retention period", gone)
+                except Exception:  # noqa: BLE001
+                    log.exception("The retention sweep failed")
+            try:
+                write = self._writes.get(timeout=EXPIRY_INTERVAL_S)
+            except queue.Empty:
+                continue
             if write is None:
                 return
             if isinstance(write, threading.Event):

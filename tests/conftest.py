@@ -87,12 +87,15 @@ def app_model_path(ckpt_dir):
 @pytest.fixture(scope="session")
 def engine(app_model_path, tmp_path_factory):
     from rwkv_playground.engine import Engine
+    from rwkv_playground.store import SessionStore
 
     models_dir = tmp_path_factory.mktemp("models")
     write_checkpoint(models_dir / "other-tiny.pth", WORLD_TINY, seed=21)
-    eng = Engine(models_dir=models_dir)
+    # the app's default: visitors' work kept in a session store (SQLite in a data folder)
+    eng = Engine(models_dir=models_dir, store=SessionStore.open(tmp_path_factory.mktemp("data")))
     eng.load(app_model_path)
-    return eng
+    yield eng
+    eng.store.close()
 
 
 @pytest.fixture(scope="session")

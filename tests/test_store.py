@@ -208,7 +208,7 @@ def test_visitors_reach_only_their_own_documents(engine, store):
 
 
 def test_the_engine_gives_a_forged_or_unknown_key_a_new_empty_workspace(engine, store):
-    engine.store = store
+    kept, engine.store = engine.store, store
     try:
         key, visitor, notice = engine.open_visitor(None)
         assert len(key) >= 22 and notice == "" and visitor.documents("chat") == []
@@ -218,7 +218,7 @@ def test_the_engine_gives_a_forged_or_unknown_key_a_new_empty_workspace(engine, 
             new, other, notice = engine.open_visitor(forged)
             assert new != forged and other.id != visitor.id and "new, empty workspace" in notice
     finally:
-        engine.store = None
+        engine.store = kept
 
 
 def test_the_disk_budget_drops_states_never_text(engine, loaded, tmp_path):

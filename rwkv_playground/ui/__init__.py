@@ -14,6 +14,7 @@ import gradio as gr
 from ..blog import BlogSession
 from ..chat import ChatSession
 from ..inspection import InspectorSession
+from ..notebook import NotebookSession
 from . import blog_tab, chat_tab, inspector_tab, model_panel, notebook_tab
 from .common import ensure_session
 
@@ -44,28 +45,70 @@ def forget_gradio_session(demo: gr.Blocks, session_hash: str) -> None:
         getattr(holder, "time_last_used", {}).pop(session_hash, None)
 
 
+VISITOR_STORAGE_KEY = "rwkv-playground-visitor"
+
+
 def create_app(engine) -> gr.Blocks:
     _remember_absent_optional_modules()
+    store = engine.store
     with gr.Blocks(title="RWKV Playground", analytics_enabled=False) as demo:
         gr.Markdown("## RWKV Playground — chat, long-form writing and a look inside the recurrent state")
         info = model_panel.build(engine)
+        # The visitor's key to their saved work: random, made by the server, kept in this browser's
+        # storage (encrypted with the store's secret, so a restart reads it back); never in a URL
+        visitor_key = (gr.BrowserState(None, storage_key=VISITOR_STORAGE_KEY, secret=store.browser_secret())
+                       if store is not None else None)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat_state = chat_tab.build(engine)
+                chat = chat_tab.build(engine)
             with gr.Tab("Blog post", id="blog"):
-                blog_state = blog_tab.build(engine)
+                blog = blog_tab.build(engine)
             with gr.Tab("State inspector", id="inspector"):
-                inspector_state, model_figures, figure_outputs = inspector_tab.build(engine, chat_state, blog_state)
+                inspector_state, model_figures, figure_outputs = inspector_tab.build(engine, chat.session, blog.session)
             with gr.Tab("Notebook", id="notebook"):
-                notebook_tab.build(engine, inspector_state)
+                notebook = notebook_tab.build(engine, inspector_state)
+        if store is not None:
+            with gr.Accordion("Your saved work", open=False, elem_id="saved-work"):
+                gr.Markdown("Your conversations, posts and notebooks are kept on this server under a random key "
+                            "stored in this browser, so a reload, a new tab or a restart brings them back. "
+                            f"Work idle for {store.retention_s / 86400:.0f} days is deleted.")
+                with gr.Row():
+                    confirm = gr.Checkbox(False, label="Yes, delete everything I saved here", elem_id="delete-confirm")
+                    delete_all = gr.Button("Delete my data", variant="stop", elem_id="delete-my-data")
+                deleted = gr.Markdown("", elem_id="delete-status")
         demo.load(model_figures, None, figure_outputs, api_visibility="private")
         # the panel's description is the server's current one (the model may have been switched)
         demo.load(partial(model_panel.model_markdown, engine), None, [info], api_visibility="private")
 
-        def on_visit(request: gr.Request):
-            """A page opened: this visitor's sessions, known by the page's session id."""
-            return tuple(ensure_session(engine, None, factory, request)
-                         for factory in (ChatSession, BlogSession, InspectorSession))
+        def sessions_of(request: gr.Request, visitor):
+            """This visitor's sessions, known by the page's session id, bound to their saved work."""
+            loaded = engine.current
+            fingerprint = loaded.runtime.fingerprint if loaded is not None else ""
+            made = [ensure_session(engine, None, factory, request)
+                    for factory in (ChatSession, BlogSession, InspectorSession, lambda: NotebookSession(fingerprint))]
+            for session in made:
+                session.visitor = visitor
+            return made
+
+        def visit_outputs(key, made, notice=""):
+            chat_s, blog_s, insp_s, nb_s = made
+            values = (*chat.visit(chat_s, notice), *blog.visit(blog_s), insp_s, *notebook.visit(nb_s))
+            return (key, *values) if store is not None else values
+
+        def on_visit(key=None, request: gr.Request = None):
+            """A page opened: this visitor's sessions, holding their newest saved work."""
+            key, visitor, notice = engine.open_visitor(key)
+            return visit_outputs(key, sessions_of(request, visitor), notice)
+
+        def on_delete_all(confirmed, key, request: gr.Request = None):
+            """Everything this visitor saved, removed from the store; the page starts empty."""
+            if not confirmed:
+                return (gr.skip(),) * len(outputs) + ("Tick the box first: this cannot be undone.",)
+            key, visitor, _ = engine.open_visitor(key)
+            visitor.delete_all()
+            if request is not None:
+                engine.close_visit(request.session_hash)
+            return (*visit_outputs(key, sessions_of(request, visitor)), "Everything you had saved here is deleted.")
 
         def on_leave(request: gr.Request):
             """The tab was closed: stop what runs for this visitor and free what they kept."""
@@ -73,7 +116,14 @@ def create_app(engine) -> gr.Blocks:
                 engine.close_visit(request.session_hash)
                 forget_gradio_session(demo, request.session_hash)
 
-        demo.load(on_visit, None, [chat_state, blog_state, inspector_state], api_visibility="private")
+        outputs = [*chat.visit_outputs, *blog.visit_outputs, inspector_state, *notebook.visit_outputs]
+        if store is not None:
+            outputs = [visitor_key, *outputs]
+            # api "resume": a program (gradio_client) passes its key the way the page passes the browser's
+            demo.load(on_visit, [visitor_key], outputs, api_name="resume")
+            delete_all.click(on_delete_all, [confirm, visitor_key], [*outputs, deleted], api_name="delete_my_data")
+        else:
+            demo.load(on_visit, None, outputs, api_visibility="private")
         demo.unload(on_leave)
     return demo
 

@@ -9,9 +9,12 @@ import re
 import tempfile
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
+from . import documents
 from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
                      stream, with_notices)
 
@@ -54,9 +57,10 @@ class BlogTab:
             return
         if outline_first:
             per_section = max(50, max_tokens // 6)
-            make = lambda: session.write_with_outline(self.engine, prompt, settings, per_section)  # noqa: E731
+            make = lambda: session.write_with_outline(self.engine, prompt, settings, per_section,  # noqa: E731
+                                                      title=topic)
         else:
-            make = lambda: session.write(self.engine, prompt, settings, max_tokens)  # noqa: E731
+            make = lambda: session.write(self.engine, prompt, settings, max_tokens, title=topic)  # noqa: E731
         yield from _run(session, make, topic)
 
     def on_continue(self, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
@@ -75,10 +79,68 @@ class BlogTab:
         session = ensure_session(self.engine, session, BlogSession, request)
         return view(session, with_notices(session, "Stopped. " + stats_line(session.stats)), topic, final=True)
 
+    # ---- the visitor's posts (the session store) -------------------------------------------------
+    def posts(self, session):
+        return documents.listing(session, "post", "New post")
 
-def build(engine) -> gr.State:
+    def opened(self, session: BlogSession, status: str):
+        """Outputs after another post is held: the post, status, session, download, list, topic."""
+        if session.interrupted and not status:
+            status = ("The server stopped while this post was being written: it is as shown then; Continue "
+                      "reads it once and goes on.")
+        return (*view(session, with_notices(session, status), session.title, final=True), self.posts(session),
+                session.title)
+
+    def visit(self, session: BlogSession, notice: str = ""):
+        if session.visitor is not None and not session.text:
+            loaded = self.engine.current
+            documents.open_latest(session, "post", lambda doc: session.open_document(
+                doc, loaded.tokenizer if loaded is not None else None))
+        return self.opened(session, "")
+
+    def on_open(self, doc_id, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, BlogSession, request)
+        if not doc_id or doc_id in (documents.NEW, session.doc_id):
+            return self.opened(session, "")
+        doc = session.visitor.load(doc_id) if session.visitor is not None else None
+        if doc is None or doc.kind != "post":
+            return self.opened(session, "That post is not in your saved work.")
+        loaded = self.engine.current
+        try:
+            session.open_document(doc, loaded.tokenizer if loaded is not None else None)
+        except Exception as exc:
+            return self.opened(session, friendly_error(exc))
+        return self.opened(session, f"Opened “{session.title}”: Continue goes on from its state.")
+
+    def on_new(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, BlogSession, request)
+        try:
+            session.new_document()
+        except Exception as exc:
+            return self.opened(session, friendly_error(exc))
+        return self.opened(session, "A new post: type a topic and press Write (your other posts are in the list).")
+
+    def on_delete(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, BlogSession, request)
+        if session.busy:
+            return self.opened(session, "A post is being written: wait for it, or press Stop first.")
+        if session.visitor is not None and session.stored:
+            session.visitor.delete(session.doc_id)
+            session.visitor.store.flush()
+        session.new_document()
+        self.visit(session)
+        return self.opened(session, "Post deleted.")
+
+
+def build(engine) -> SimpleNamespace:
+    """Returns the tab's session state, and what a page visit fills in (visit, visit_outputs)."""
     tab = BlogTab(engine)
     session = session_state(engine)
+    with gr.Row(visible=engine.store is not None, elem_id="blog-documents"):
+        posts = gr.Dropdown([], allow_custom_value=True, label="Post", elem_id="blog-posts", scale=4,
+                            info="Your posts, kept across reloads and restarts")
+        new = gr.Button("+ New post", size="sm", elem_id="blog-new", scale=1)
+        delete = gr.Button("Delete", size="sm", variant="stop", elem_id="blog-delete", scale=1)
     with gr.Row():
         with gr.Column(scale=1):
             topic = gr.Textbox(label="Topic", placeholder="e.g. why recurrent networks are back",
@@ -110,6 +172,12 @@ def build(engine) -> gr.State:
                            outputs, api_name="blog", **model_events)
     cont_ev = cont.click(tab.on_continue, [session, topic, *sampling], outputs, api_name="blog_continue",
                          **model_events)
-    stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
-                                                                  api_visibility="private")
-    return session
+    stop_ev = stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
+                                                                            api_visibility="private")
+    for event in (write_ev, cont_ev, stop_ev):
+        event.then(tab.posts, [session], [posts], queue=False, api_visibility="private")
+    opened = [*outputs, posts, topic]
+    posts.input(tab.on_open, [posts, session], opened, api_name="blog_open", queue=False)
+    new.click(tab.on_new, [session], opened, api_name="blog_new", queue=False)
+    delete.click(tab.on_delete, [session], opened, api_name="blog_delete", queue=False)
+    return SimpleNamespace(session=session, visit=tab.visit, visit_outputs=opened)

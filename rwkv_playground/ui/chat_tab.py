@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pathlib import Path
+from types import SimpleNamespace
+
 from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
+from . import documents
 from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
                      stream, with_notices)
+
+INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
+
 
 def messages_of(session: ChatSession) -> list[dict]:
     messages = []
     for turn in session.turns:
         messages.append({"role": "user", "content": turn.user})
-        messages.append({"role": "assistant", "content": turn.reply or ("…" if not turn.complete else "(no reply)")})
+        reply = turn.reply or ("…" if not turn.complete else "(no reply)")
+        messages.append({"role": "assistant", "content": reply + (INTERRUPTED if turn.interrupted else "")})
     return messages
 
 
@@ -114,13 +122,106 @@ class ChatTab:
         line = last_stats(session)
         return view(session, with_notices(session, "Stopped. " + line if line else "Stopped."))
 
+    # ---- the visitor's conversations (the session store) ---------------------------------------
+    def conversations(self, session):
+        return documents.listing(session, "chat", "New conversation")
 
-def build(engine) -> gr.State:
+    def opened(self, session: ChatSession, status: str):
+        """Outputs after another conversation is held: the view, its format, the list, its name."""
+        fmt = session.fmt
+        return (*view(session, with_notices(session, status)), fmt.user, fmt.bot, fmt.scenario, fmt.reply_start,
+                self.conversations(session), session.title)
+
+    def visit(self, session: ChatSession, notice: str = ""):
+        """A page opened: hold the visitor's newest conversation (the outputs of `opened`)."""
+        if session.visitor is not None and not session.turns:
+            documents.open_latest(session, "chat", lambda doc: session.open_document(doc, self._tokenizer()))
+        if notice:
+            session.notices.append(notice)
+        return self.opened(session, "Welcome back: your conversation is as you left it." if session.turns else "")
+
+    def _tokenizer(self):
+        loaded = self.engine.current
+        return loaded.tokenizer if loaded is not None else None
+
+    def on_open(self, doc_id, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        if not doc_id or doc_id in (documents.NEW, session.doc_id):
+            return self.opened(session, "")
+        doc = session.visitor.load(doc_id) if session.visitor is not None else None
+        if doc is None or doc.kind != "chat":
+            return self.opened(session, "That conversation is not in your saved work.")
+        try:
+            session.open_document(doc, self._tokenizer())
+        except Exception as exc:
+            return self.opened(session, friendly_error(exc))
+        return self.opened(session, f"Opened “{session.title}”.")
+
+    def on_new(self, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        try:
+            session.new_document()
+        except Exception as exc:
+            return self.opened(session, friendly_error(exc))
+        return self.opened(session, "A new conversation: the others are in the list.")
+
+    def on_rename(self, title, session, request: gr.Request = None):
+        session = ensure_session(self.engine, session, ChatSession, request)
+        title = " ".join((title or "").split())[:60]
+        if not title:
+            return self.opened(session, "Type a name first.")
+        session.title = title
+        if session.visitor is not None and session.stored:
+            session.visitor.rename(session.doc_id, title)
+            session.visitor.store.flush()
+        return self.opened(session, f"Renamed to “{title}”.")
+
+    def on_delete(self, session, request: gr.Request = None):
+        """Delete the conversation held now; the newest other one (or a new one) is held next."""
+        session = ensure_session(self.engine, session, ChatSession, request)
+        if session.busy:
+            return self.opened(session, "A reply is being written: wait for it, or press Stop first.")
+        if session.visitor is not None and session.stored:
+            session.visitor.delete(session.doc_id)
+            session.visitor.store.flush()
+        session.new_document()
+        self.visit(session)
+        return self.opened(session, "Conversation deleted.")
+
+    def on_export(self, session, request: gr.Request = None):
+        """The conversation as Markdown and JSON files."""
+        session = ensure_session(self.engine, session, ChatSession, request)
+        if not session.turns:
+            return gr.File(value=None, visible=False), "Nothing to export yet."
+        files = documents.export_files(session.title or "conversation", session.export_markdown(),
+                                       session.export_json())
+        state, turn = session.latest_state()
+        if state is None:
+            return gr.File(value=files, visible=True), "Exported as Markdown and JSON."
+        path = Path(files[0]).with_suffix(f".state-after-turn-{turn + 1}.safetensors")
+        state.save(path, extra_metadata={"conversation": session.title, "turns": turn + 1})
+        return (gr.File(value=[*files, str(path)], visible=True),
+                f"Exported as Markdown and JSON, with the state after turn {turn + 1} (open it in the State inspector).")
+
+
+def build(engine) -> SimpleNamespace:
+    """Returns the tab's session state, and what a page visit fills in (visit, visit_outputs)."""
     tab = ChatTab(engine)
     session = session_state(engine)
     loaded = engine.current
     first = (default_preset(loaded.runtime.architecture, loaded.runtime.config.vocab_size)
              if loaded is not None else list(PRESETS)[0])
+    with gr.Row(visible=engine.store is not None, elem_id="chat-documents"):
+        conversations = gr.Dropdown([], allow_custom_value=True, label="Conversation", elem_id="chat-conversations", scale=3,
+                                    info="Your conversations, kept across reloads and restarts")
+        title = gr.Textbox(label="Name", elem_id="chat-title", scale=2)
+        with gr.Column(scale=1, min_width=120):
+            new = gr.Button("+ New", size="sm", elem_id="chat-new")
+            rename = gr.Button("Rename", size="sm", elem_id="chat-rename")
+        with gr.Column(scale=1, min_width=120):
+            export = gr.Button("Export", size="sm", elem_id="chat-export")
+            delete = gr.Button("Delete", size="sm", variant="stop", elem_id="chat-delete")
+    exported = gr.File(label="Exported conversation", file_count="multiple", visible=False, elem_id="chat-exported")
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS) + ["Custom"], value=first, label="Format",
                              elem_id="chat-format", scale=2)
@@ -157,9 +258,18 @@ def build(engine) -> gr.State:
                                **model_events)
     regen_ev = regenerate.click(tab.on_regenerate, [session, *sampling], shown, api_name="regenerate",
                                 **model_events)
-    stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
+    stop_ev = stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
         tab.on_stop, [session], shown, api_visibility="private")
-    undo.click(tab.on_undo, [session], shown, api_name="undo", queue=False)
-    edit.click(tab.on_edit, [session], [*shown, message], api_visibility="private", queue=False)
-    clear.click(tab.on_clear, [session], shown, api_name="clear", queue=False)
-    return session
+    undo_ev = undo.click(tab.on_undo, [session], shown, api_name="undo", queue=False)
+    edit_ev = edit.click(tab.on_edit, [session], [*shown, message], api_visibility="private", queue=False)
+    clear_ev = clear.click(tab.on_clear, [session], shown, api_name="clear", queue=False)
+    for event in (send_ev, submit_ev, regen_ev, stop_ev, undo_ev, edit_ev, clear_ev):  # a new name, a new date
+        event.then(tab.conversations, [session], [conversations], queue=False, api_visibility="private")
+
+    opened = [*shown, user_name, bot_name, scenario, reply_start, conversations, title]
+    conversations.input(tab.on_open, [conversations, session], opened, api_name="chat_open", queue=False)
+    new.click(tab.on_new, [session], opened, api_name="chat_new", queue=False)
+    rename.click(tab.on_rename, [title, session], opened, api_name="chat_rename", queue=False)
+    delete.click(tab.on_delete, [session], opened, api_name="chat_delete", queue=False)
+    export.click(tab.on_export, [session], [exported, status], api_name="chat_export", queue=False)
+    return SimpleNamespace(session=session, visit=tab.visit, visit_outputs=opened)

@@ -110,6 +110,10 @@ def stats_line(stats: dict) -> str:
         parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
     if stats.get("tokens_saved"):
         parts.append(f"{stats['tokens_saved']} history tokens reused from the state (not re-read)")
+    if stats.get("state_from_store"):
+        parts.append("the state read back from your saved work")
+    if stats.get("interrupted"):
+        parts.append("interrupted (the server stopped)")
     if stats.get("history_reread"):
         parts.append(f"{stats['history_reread']} history tokens re-read (the saved state had been dropped)")
     if stats.get("stop_reason") in ("cancelled", "closed"):

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -20,6 +21,7 @@ from ..inspection import InspectorSession
 from ..notebook import EngineDriver, Notebook, NotebookSession, RunReport
 from ..sampling import SamplingSettings
 from ..sessions import Session
+from . import documents
 from .common import ensure_session, friendly_error, session_state, with_notices
 
 FORK_SEEDS = 3
@@ -82,6 +84,7 @@ class NotebookTab:
                 session.notebook.add("generate", settings={**_default_settings(), "seed": seed}, stop=DEFAULT_STOP)
             else:
                 session.notebook.add("text", source="" if session.notebook.cells else STARTER)
+            session.persist()
             return session, version + 1, f"Added a {kind} cell ({len(session.notebook.cells)} cells)."
         except Exception as exc:
             return session, version, friendly_error(exc)
@@ -97,6 +100,7 @@ class NotebookTab:
             if not changed:
                 return version, gr.Markdown()
             notebook.edit(index, **changed)
+            session.persist()
             below = len(notebook.cells) - index
             return version + 1, f"Cell {index + 1} changed: it and the {below - 1} below it will run again."
         except Exception as exc:
@@ -105,6 +109,7 @@ class NotebookTab:
     def on_delete(self, session, index, version):
         try:
             session.notebook.delete(index)
+            session.persist()
             return version + 1, f"Deleted cell {index + 1}."
         except Exception as exc:
             return version, friendly_error(exc)
@@ -112,6 +117,7 @@ class NotebookTab:
     def on_keep(self, session, index, branch, version):
         try:
             session.notebook.keep(index, branch)
+            session.persist()
             return version + 1, f"Kept continuation {branch + 1} in cell {index + 1}; the cells below will run again."
         except Exception as exc:
             return version, friendly_error(exc)
@@ -132,11 +138,21 @@ class NotebookTab:
                 if notebook.cells[index].fresh and trimmed != index:  # a cell done: keep within the cap
                     session.trim(self.limit(), keep=index)  # as it goes (a 200-cell run all included)
                     trimmed = index
+                    session.pending = None
+                    session.persist()  # each finished cell, with its state
+                elif notebook.cells[index].kind == "generate":
+                    session.pending = (index, text)
+                    session.checkpoint()  # the text so far (a crash keeps what was shown)
                 yield f"Running cell {index + 1}…", text, version
             session.trim(self.limit())
+            session.pending = None
+            session.persist()
             session.touch(self.engine)
             yield with_notices(session, report.sentence()), "", version + 1
         except Exception as exc:
+            if isinstance(session, NotebookSession):
+                session.pending = None
+                session.persist()
             yield with_notices(session, friendly_error(exc)) if isinstance(session, Session) else friendly_error(exc), \
                 "", version + 1
 
@@ -156,6 +172,7 @@ class NotebookTab:
             yield f"Writing {len(seeds)} continuations of cell {index + 1}…", version
             session.notebook.fork(EngineDriver(self.engine, session), index, seeds)
             session.trim(self.limit())
+            session.persist()
             session.touch(self.engine)
             yield (f"Cell {index + 1}: {len(seeds)} continuations from the same state (seeds {seeds}); keep one.",
                    version + 1)
@@ -215,12 +232,66 @@ class NotebookTab:
                 target = Path(main).with_suffix(".states.safetensors")
                 if Path(states) != target:
                     target.write_bytes(Path(states).read_bytes())
-            session.notebook = Notebook.load(main, self.engine.require().runtime.fingerprint, read_only=bool(read_only))
+            notebook = Notebook.load(main, self.engine.require().runtime.fingerprint, read_only=bool(read_only))
+            session.new_document(notebook.fingerprint)  # an opened file is a new notebook of the visitor's
+            session.notebook = notebook
+            session.persist()
             note = " (made with another model: read-only)" if session.notebook.read_only else ""
             return session, version + 1, f"Opened a notebook of {len(session.notebook.cells)} cells{note}."
         except Exception as exc:
             return session, version, friendly_error(exc)
 
+
+    # ---- the visitor's notebooks (the session store) -------------------------------------------
+    def notebooks(self, session):
+        return documents.listing(session if isinstance(session, NotebookSession) else None, "notebook",
+                                 "New notebook")
+
+    def visit(self, session: NotebookSession, notice: str = ""):
+        """Outputs: session, version (1: draw the cells), status, the list."""
+        if session.visitor is not None and not session.notebook.cells:
+            documents.open_latest(session, "notebook", lambda doc: session.open_document(doc, self._fingerprint()))
+        return session, 1, "", self.notebooks(session)
+
+    def _fingerprint(self) -> str:
+        loaded = self.engine.current
+        return loaded.runtime.fingerprint if loaded is not None else ""
+
+    def on_open_document(self, doc_id, session, version, request: gr.Request = None):
+        try:
+            session = self.session(session, request)
+            if not doc_id or doc_id in (documents.NEW, session.doc_id):
+                return session, version, gr.Markdown(), self.notebooks(session)
+            doc = session.visitor.load(doc_id) if session.visitor is not None else None
+            if doc is None or doc.kind != "notebook":
+                raise GenerationError("That notebook is not in your saved work.")
+            session.open_document(doc, self._fingerprint())
+            note = " (made with another model: read-only)" if session.notebook.read_only else ""
+            return session, version + 1, f"Opened “{session.title}”{note}.", self.notebooks(session)
+        except Exception as exc:
+            return session, version, friendly_error(exc), self.notebooks(session)
+
+    def on_new_document(self, session, version, request: gr.Request = None):
+        try:
+            session = self.session(session, request)
+            session.new_document(self._fingerprint())
+            return session, version + 1, "A new notebook (your others are in the list).", self.notebooks(session)
+        except Exception as exc:
+            return session, version, friendly_error(exc), self.notebooks(session)
+
+    def on_delete_document(self, session, version, request: gr.Request = None):
+        try:
+            session = self.session(session, request)
+            if session.busy:
+                raise GenerationError("The notebook is running: wait for it, or press Stop first.")
+            if session.visitor is not None and session.stored:
+                session.visitor.delete(session.doc_id)
+                session.visitor.store.flush()
+            session.new_document(self._fingerprint())
+            self.visit(session)
+            return session, version + 1, "Notebook deleted.", self.notebooks(session)
+        except Exception as exc:
+            return session, version, friendly_error(exc), self.notebooks(session)
 
     # ---- the notebook's API (gradio_client): the same handlers, cells by index (0 = the first) ---
     def api_add(self, session, kind: str, source: str, seed: int, max_tokens: int, request: gr.Request = None):
@@ -290,6 +361,11 @@ def build(engine, inspector_state):
     version = gr.State(0)
     gr.Markdown("Cells over one recurrent state: each runs from the state the cell above left (kept), so "
                 "editing a cell re-runs only it and the cells below.")
+    with gr.Row(visible=engine.store is not None, elem_id="nb-documents"):
+        notebooks = gr.Dropdown([], allow_custom_value=True, label="Notebook", elem_id="nb-notebooks", scale=4,
+                                info="Your notebooks, kept across reloads and restarts")
+        new_notebook = gr.Button("+ New notebook", size="sm", elem_id="nb-new", scale=1)
+        delete_notebook = gr.Button("Delete", size="sm", variant="stop", elem_id="nb-delete", scale=1)
     with gr.Row():
         add_text = gr.Button("+ Text cell", elem_id="nb-add-text")
         add_gen = gr.Button("+ Generate cell", elem_id="nb-add-generate")
@@ -398,7 +474,7 @@ def build(engine, inspector_state):
                    api_visibility="private")
     add_gen.click(partial(tab.on_add, "generate"), [session, version], [session, version, status],
                   api_visibility="private")
-    run_all.click(lambda s, v: (yield from tab.on_run(s, v)), [session, version], [status, live, version],
+    run_all_ev = run_all.click(lambda s, v: (yield from tab.on_run(s, v)), [session, version], [status, live, version],
                   concurrency_id="model", concurrency_limit=engine.event_concurrency(), api_visibility="private")
     save_btn.click(tab.on_save, [session, include_states], [saved, status], api_visibility="private")
     # Stop reaches the running cell through its session (the cells' Run buttons are drawn by gr.render,
@@ -406,5 +482,13 @@ def build(engine, inspector_state):
     # still running, shows where it stopped.
     stop.click(tab.on_stop, [session], [status], queue=False, api_name="notebook_stop")
     upload.upload(tab.on_open, [session, upload, read_only, version], [session, version, status],
-                  api_visibility="private")
-    return session
+                  api_visibility="private").then(tab.notebooks, [session], [notebooks], queue=False,
+                                                 api_visibility="private")
+    listed = [session, version, status, notebooks]
+    notebooks.input(tab.on_open_document, [notebooks, session, version], listed, api_name="notebook_open",
+                    queue=False)
+    new_notebook.click(tab.on_new_document, [session, version], listed, api_name="notebook_new", queue=False)
+    delete_notebook.click(tab.on_delete_document, [session, version], listed, api_name="notebook_delete",
+                          queue=False)
+    run_all_ev.then(tab.notebooks, [session], [notebooks], queue=False, api_visibility="private")
+    return SimpleNamespace(session=session, visit=tab.visit, visit_outputs=listed)
