@@ -14,7 +14,13 @@ each short session is a gradio_client Client, closed at the end as a browser tab
    turn on an idle server (target: <= 3x).
 3. Memory: `--sessions` short sessions one after another (a chat turn, an inspector recording,
    then the client closes); the server's resident memory after 10 and after all of them
-   (target: within 10 %).
+   (target: within 10 %), and the session store's files against its disk budget.
+4. The session store: the same chat turns (alone, and 16 visitors at once) on two servers side by
+   side, one keeping every turn and its states in its store (the default) and one with
+   --no-store, measured in alternating rounds (target: median turn latency within 10 %).
+
+Every visitor opens its page the way a browser does (the "resume" call with no key: a new key,
+its work kept), so the store's saves are part of every turn measured.
 
 The 169M-shape model has random weights and the World vocabulary (12 x 768, vocab 65536: the
 shape of RWKV-4 World 0.1B), so it replies at a real model's speed; the demo model is tiny and
@@ -31,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -61,14 +68,17 @@ def world_169m() -> str:
 class Server:
     """python app.py in its own process, on a free loopback port."""
 
-    def __init__(self, model: str, dtype: str):
+    def __init__(self, model: str, dtype: str, store: bool = True, budget_mb: int = 2048):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.store = store
+        self.data_dir = tempfile.mkdtemp(prefix="rwkv-bench-data-")  # never the user's own data folder
+        flags = ["--data-dir", self.data_dir, "--store-budget-mb", str(budget_mb)] if store else ["--no-store"]
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--model", model, "--dtype", dtype, "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+            [sys.executable, str(ROOT / "app.py"), "--model", model, "--dtype", dtype, "--port", str(self.port),
+             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -83,6 +93,11 @@ class Server:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
         return -1.0
+
+    def store_mb(self) -> float:
+        """The session store's files (the database and its write-ahead log)."""
+        folder = self.data_dir
+        return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
 
     def close(self) -> None:
         self.process.terminate()
@@ -114,15 +129,24 @@ async def rest_call(http, url: str, api: str, data: list, session_hash: str) -> 
 
 
 async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float = 0.0) -> list[float]:
-    """TURNS chat turns of one visitor (its own session); the wall time of each."""
+    """TURNS chat turns of one visitor (its own session, opened as a page opens); the wall time of each."""
     session_hash = uuid.uuid4().hex
     await asyncio.sleep(max(0.0, start_at - time.time()))
+    await open_page(http, url, session_hash)
     times = []
     for turn in range(TURNS):
         seconds, _ = await rest_call(http, url, "chat", [f"Tell me about the sea, part {turn}.", "Bob", "Alice", "",
                                                           *SAMPLING, max_tokens, seed + turn], session_hash)
         times.append(seconds)
     return times
+
+
+async def open_page(http, url: str, session_hash: str) -> None:
+    """What a browser's page load does: "resume" with no key (a server with --no-store has no
+    such call: its page load makes the sessions, as the first chat call does here)."""
+    info = (await http.get(f"{url}gradio_api/info")).json()
+    if "/resume" in info.get("named_endpoints", {}):
+        await rest_call(http, url, "resume", [None], session_hash)
 
 
 async def simultaneous(url: str, sessions: int, max_tokens: int) -> dict:
@@ -154,6 +178,8 @@ async def during_blog(url: str, max_tokens: int, blog_tokens: int) -> dict:
 def soak(server: Server, sessions: int) -> dict:
     def short_session(n):
         c = client(server.url)
+        if server.store:
+            c.predict(None, api_name="/resume")
         c.predict(f"Good morrow, number {n}.", "Bob", "Alice", "", *SAMPLING, 16, n, api_name="/chat")
         c.predict("Text below", "Romeo: But soft, what light through yonder window breaks? " * 8, 0, "0-31", 96,
                   api_name="/inspect")
@@ -168,7 +194,31 @@ def soak(server: Server, sessions: int) -> dict:
             print(f"after {n + 1} sessions: {readings[n + 1]:.0f} MB", flush=True)
     first, last = readings[10], readings[sessions]
     return {"sessions": sessions, "rss_after_10_MB": first, f"rss_after_{sessions}_MB": last,
-            "growth": last / first - 1, "readings_MB": readings}
+            "growth": last / first - 1, "readings_MB": readings,
+            "store_MB": server.store_mb() if server.store else None}
+
+
+async def store_rounds(servers: dict, max_tokens: int, rounds: int) -> dict:
+    """The same visitors' turns on each server in alternating rounds: alone (4 visitors one after
+    another) and 16 at once; the median turn of each server over all rounds."""
+    alone = {name: [] for name in servers}
+    together = {name: [] for name in servers}
+    async with httpx.AsyncClient(timeout=300) as http:
+        for url in servers.values():
+            await chat_turns(http, url, 0, max_tokens)  # warm-up
+        for r in range(rounds):
+            for name, url in (servers.items() if r % 2 == 0 else reversed(servers.items())):
+                alone[name] += [t for s in range(4) for t in await chat_turns(http, url, 100 * s, max_tokens)]
+                start_at = time.time() + 1
+                together[name] += [t for times in await asyncio.gather(
+                    *[chat_turns(http, url, 100 * s, max_tokens, start_at) for s in range(16)]) for t in times]
+    out = {"max_tokens": max_tokens, "rounds": rounds}
+    for name in servers:
+        out[f"{name}_alone_median_s"] = statistics.median(alone[name])
+        out[f"{name}_16_median_s"] = statistics.median(together[name])
+    out["alone_ratio"] = out["store_alone_median_s"] / out["no_store_alone_median_s"]
+    out["16_ratio"] = out["store_16_median_s"] / out["no_store_16_median_s"]
+    return out
 
 
 def main(models: list[str], sessions: int, parts: list[str]) -> None:
@@ -176,9 +226,22 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
     for name in models:
         model, dtype, max_tokens = ((str(ROOT / "assets" / "rwkv4-demo-shakespeare.pth"), "fp32", 40) if name == "demo"
                                     else (world_169m(), "bf16", 24))
-        server = Server(model, dtype)
+        row = {"model": name, "dtype": dtype}
+        if "store" in parts:
+            with_store, without = Server(model, dtype), Server(model, dtype, store=False)
+            try:
+                row["store"] = asyncio.run(store_rounds({"store": with_store.url, "no_store": without.url},
+                                                        max_tokens, 3))
+                row["store"]["store_MB_after"] = with_store.store_mb()
+            finally:
+                with_store.close()
+                without.close()
+            print(row, flush=True)
+        if not {"latency", "memory"} & set(parts):
+            rows.append(row)
+            continue
+        server = Server(model, dtype, budget_mb=16)  # a small disk budget: the soak shows it holds
         try:
-            row = {"model": name, "dtype": dtype}
             if "latency" in parts:
                 row["simultaneous"] = asyncio.run(simultaneous(server.url, 16, max_tokens))
                 print(row, flush=True)
@@ -212,6 +275,20 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
                   f"{s['solo_median_s']:.2f} s = **{s['ratio']:.2f}x** | {b['during_blog_median_s']:.2f} s / "
                   f"{b['idle_median_s']:.2f} s = **{b['ratio']:.2f}x**"
                   + ("" if b["blog_still_writing_at_the_end"] else " (the post ended before the last turn)") + " |")
+    if any("store" in r for r in rows):
+        md += ["", "The session store: the same turns on a server keeping every turn and its states (SQLite, the "
+                   "default) and on one with --no-store, side by side in alternating rounds "
+                   "(target: within 10 %).", "",
+               "| model | one visitor: store / no store | 16 at once: store / no store | store after |",
+               "|---|---|---|---|"]
+        for r in rows:
+            if "store" in r:
+                s = r["store"]
+                md.append(f"| {r['model']} ({r['dtype']}, {s['max_tokens']}-token replies, {s['rounds']} rounds) | "
+                          f"{s['store_alone_median_s']:.3f} s / {s['no_store_alone_median_s']:.3f} s = "
+                          f"**{s['alone_ratio']:.3f}x** | {s['store_16_median_s']:.2f} s / "
+                          f"{s['no_store_16_median_s']:.2f} s = **{s['16_ratio']:.3f}x** | "
+                          f"{s['store_MB_after']:.1f} MB |")
     for r in rows:
         if "memory" in r:
             mem = r["memory"]
@@ -219,8 +296,11 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
             md += ["", f"Memory of the server process (demo model): after 10 short sessions "
                        f"{mem['rss_after_10_MB']:.0f} MB, after {mem['sessions']} "
                        f"{last:.0f} MB: **{mem['growth'] * 100:+.1f} %** "
-                       "(target within 10 %). Each session: one chat turn, one inspector recording, then the client "
-                       "closes."]
+                       "(target within 10 %). Each session: its page opened (a new key: its work kept), one chat "
+                       "turn, one inspector recording, then the client closes."]
+            if mem.get("store_MB") is not None:
+                md += ["", f"The session store after them: {mem['store_MB']:.1f} MB on disk, its disk budget for "
+                           "states 16 MB (the least recently used states dropped past it; every conversation kept)."]
             if mem.get("readings_MB"):
                 md += ["", "Readings (sessions: MB): " + ", ".join(f"{n}: {v:.0f}" for n, v in mem["readings_MB"].items())]
     write_results("serving", data, "\n".join(md) + "\n")
@@ -230,6 +310,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["demo", "169M"], choices=["demo", "169M"])
     parser.add_argument("--sessions", type=int, default=200, help="short sessions of the memory soak")
-    parser.add_argument("--parts", nargs="+", default=["latency", "memory"], choices=["latency", "memory"])
+    parser.add_argument("--parts", nargs="+", default=["latency", "memory", "store"],
+                        choices=["latency", "memory", "store"])
     args = parser.parse_args()
     main(args.models, args.sessions, args.parts)

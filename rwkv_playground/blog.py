@@ -76,6 +76,7 @@ class BlogSession(Session):
         self.title = ""  # the topic
         self.stored = False
         self.interrupted = False  # the text came back after a crash cut its stream
+        self.controls: dict = {}  # the form's values it was written with (kept with the post)
         # while a stream runs: (the tokens read before its text, its text so far), so that a
         # crash keeps the document as shown and can rebuild the state from it
         self._pending: tuple[list[int], str] | None = None
@@ -204,7 +205,7 @@ class BlogSession(Session):
         if not self.text and not self.stored:
             return None
         body = {"version": 1, "title": self.title, "text": self.text, "tokens": list(self.tokens),
-                "stats": dict(self.stats), "interrupted": self.interrupted}
+                "stats": dict(self.stats), "interrupted": self.interrupted, "controls": self.controls}
         slots, states = {}, {}
         if self._pending is not None:  # mid-stream: the text so far, and what it was read after
             body["pending"] = {"base": list(self._pending[0]), "text": self._pending[1]}
@@ -234,6 +235,7 @@ class BlogSession(Session):
             raise StoreError(f"That post could not be read back ({type(exc).__name__}).") from None
         self.text, self.tokens, self.interrupted = text, tokens, interrupted
         self.stats = dict(body.get("stats") or {})
+        self.controls = dict(body.get("controls") or {})
         self.state = self.logits = None
         self.doc_id, self.title, self.model_fingerprint, self.stored = doc.id, doc.title, doc.fingerprint, True
 

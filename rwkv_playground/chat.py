@@ -149,6 +149,7 @@ class ChatSession(Session):
         self.undo_depth = max(1, int(undo_depth))
         self.title = ""
         self.stored = False  # the store holds this conversation (so an emptied one is saved too)
+        self.controls: dict = {}  # the sampling controls' values last used (kept with the conversation)
 
     @property
     def state(self) -> State | None:
@@ -316,7 +317,7 @@ class ChatSession(Session):
         fmt = {"user": self.fmt.user, "bot": self.fmt.bot, "scenario": self.fmt.scenario,
                "reply_start": self.fmt.reply_start}
         self.stored = True
-        return Document("chat", {"version": 1, "title": self.title, "format": fmt,
+        return Document("chat", {"version": 1, "title": self.title, "format": fmt, "controls": self.controls,
                                  "turns": [t.as_dict() for t in self.turns]},
                         self.title or "New conversation", self.doc_id, self.model_fingerprint, slots, states)
 
@@ -345,6 +346,7 @@ class ChatSession(Session):
             raise StoreError(f"That conversation could not be read back ({type(exc).__name__}).") from None
         self.fmt, self.turns, self.doc_id, self.title = fmt, turns, doc.id, doc.title
         self.model_fingerprint, self.stored = doc.fingerprint, True
+        self.controls = dict(body.get("controls") or {})
 
     def latest_state(self) -> tuple[State | None, int]:
         """The state after the latest turn that still has one (memory or store), and that turn's
@@ -375,7 +377,7 @@ class ChatSession(Session):
     def new_document(self) -> None:
         """Start a new conversation (the one held so far stays in the store)."""
         self._check_idle()
-        self.turns, self.title, self.stored = [], "", False
+        self.turns, self.title, self.stored, self.controls = [], "", False, {}
         self.doc_id = uuid.uuid4().hex
 
     # ---- memory accounting (sessions.Session) ----------------------------------------------------

@@ -452,15 +452,29 @@ class NotebookSession(Session):
         if doc.fingerprint and fingerprint and doc.fingerprint != fingerprint:
             notebook.read_only = True
             return
-        tokens: list[int] = []
         for i, cell in enumerate(cells):
-            tokens = tokens + cell.tokens
             if not cell.fresh:
                 notebook.mark_stale(i)
                 break
-            held = self.stored_state(f"cell {i}", tokens_digest(notebook.fingerprint, tokens))
-            if held is not None:
-                cell.state, cell.logits = held
+        self.restore_states()
+
+    def restore_states(self) -> int:
+        """Read back from the store the states of up-to-date cells that memory does not hold (not
+        run yet since a visit, or dropped by the memory budget); returns how many came back."""
+        if self.visitor is None or self.notebook.read_only:
+            return 0
+        tokens: list[int] = []
+        restored = 0
+        for i, cell in enumerate(self.notebook.cells):
+            tokens = tokens + cell.tokens
+            if not cell.fresh:
+                break
+            if cell.state is None:
+                held = self.stored_state(f"cell {i}", tokens_digest(self.notebook.fingerprint, tokens))
+                if held is not None:
+                    cell.state, cell.logits = held
+                    restored += 1
+        return restored
 
     def new_document(self, fingerprint: str) -> None:
         if self.busy:

@@ -159,6 +159,9 @@ class SessionStore:
             self._prepare()
         except StoreError:
             raise
+        except ImportError as exc:  # the database's driver (PostgreSQL: psycopg) is not installed
+            raise StoreError(f"The session store {self.url_shown} needs the {exc.name or 'database'} package "
+                             "(PostgreSQL: pip install 'psycopg[binary]').") from None
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"The session store {self.url_shown} cannot be opened: "
                              f"{str(exc.orig if getattr(exc, 'orig', None) else exc).splitlines()[0]}") from None

@@ -60,15 +60,16 @@ def test_a_key_brings_the_conversations_back_and_reaches_only_its_own(client_at,
     resumed = again.predict(key, api_name="/resume")
     assert resumed[0] == key and [text_of(m) for m in resumed[1]] == [text_of(m) for m in messages]
     assert "as you left it" in resumed[2]
+    assert list(resumed[16:18]) == [12, 2]  # its sampling controls as last used (max tokens, seed)
     out = chat(again, "Farewell.", 8, 3)
     assert "read back from your saved work" in out[1] and "history tokens re-read" not in out[1]
 
     # the list: a new conversation, renamed; the first one is still there and opens
     listed = again.predict(api_name="/chat_new")
-    assert listed[0] == [] and listed[-2]["value"] == "new"
+    assert listed[0] == [] and listed[7]["value"] == "new"
     chat(again, "A second matter.", 6, 4)
     renamed = again.predict("Second matter", api_name="/chat_rename")
-    choices = {label.split(" · ")[0]: value for label, value in renamed[-2]["choices"]}
+    choices = {label.split(" · ")[0]: value for label, value in renamed[7]["choices"]}
     assert set(choices) == {"Second matter", "Good morrow, my lord."}
     opened = again.predict(choices["Good morrow, my lord."], api_name="/chat_open")
     assert len(opened[0]) == 6 and text_of(opened[0][0]) == "Good morrow, my lord."
@@ -90,7 +91,7 @@ def test_a_key_brings_the_conversations_back_and_reaches_only_its_own(client_at,
     # delete one, then everything
     gone = again.predict(api_name="/chat_delete")
     assert "deleted" in gone[1]
-    assert len(again.predict(api_name="/chat_new")[-2]["choices"]) == 2  # the other one, and "new"
+    assert len(again.predict(api_name="/chat_new")[7]["choices"]) == 2  # the other one, and "new"
     refused = again.predict(False, key, api_name="/delete_my_data")
     assert "Tick the box" in refused[-1]
     wiped = again.predict(True, key, api_name="/delete_my_data")

@@ -174,6 +174,10 @@ def test_notebooks_come_back_with_their_states(engine, loaded, store):
     assert [c.output for c in back.notebook.cells] == [c.output for c in nb.notebook.cells]
     assert all(c.fresh for c in back.notebook.cells)
     assert equal_states(back.notebook.cells[1].state, nb.notebook.cells[1].state)
+    # a state the memory budget dropped comes back from the store (not recomputed)
+    back.drop("cell 2")
+    assert back.notebook.cells[1].state is None and back.restore_states() == 1
+    assert equal_states(back.notebook.cells[1].state, nb.notebook.cells[1].state)
     # made with another model: opened read-only
     other = engine.add_session(NotebookSession("another-model"))
     other.open_document(doc, "another-model")
@@ -283,3 +287,43 @@ def test_a_conversation_of_another_model_keeps_its_text_and_rereads(engine, load
     run(back.send(engine, "Again.", settings(2), 4))
     assert "another model" in " ".join(back.notices)
     assert back.turns[0].reply == chat.turns[0].reply and back.turns[-1].stats["history_reread"] > 0
+
+
+def test_schema_migrations_run_once_in_order(tmp_path, monkeypatch):
+    """A store of an older schema is brought up to this one at open, step by step, once."""
+    import rwkv_playground.store as store_module
+
+    folder = tmp_path / "old"
+    SessionStore.open(folder).close()  # schema 1
+    ran = []
+
+    def add_column(conn):
+        ran.append(2)
+        conn.exec_driver_sql("ALTER TABLE rwkv_documents ADD COLUMN pinned INTEGER DEFAULT 0")
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_module.MIGRATIONS, 2, add_column)
+    upgraded = SessionStore.open(folder)
+    assert ran == [2] and upgraded.schema_version() == 2
+    upgraded.close()
+    SessionStore.open(folder).close()
+    assert ran == [2]  # not again
+
+
+def test_no_store_keeps_nothing_beyond_the_tab(engine):
+    """--no-store: no store, no key in the browser, no resume endpoint; the page works as before."""
+    import app
+    from rwkv_playground.engine import Engine
+    from rwkv_playground.ui import create_app
+
+    assert app.open_store(app.parse_args(["--no-store"])) is None
+    ephemeral = Engine()
+    ephemeral.scheduler.loaded = engine.current  # the same model, no store
+    try:
+        demo = create_app(ephemeral)
+        config = demo.get_config_file()
+        assert not any(c.get("type") == "browserstate" for c in config["components"])
+        assert not any(d.get("api_name") == "resume" for d in config["dependencies"])
+        assert ephemeral.open_visitor(None) == (None, None, "")
+    finally:
+        ephemeral.scheduler.loaded = None

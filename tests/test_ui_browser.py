@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import paced, wait_until
+from conftest import free_port, paced, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -405,3 +405,113 @@ def test_an_api_stream_and_a_browser_chat_at_once(page, app_url, engine):
     finally:
         visitor.close()
 
+
+
+def user_texts(page):
+    return page.locator("#chatbot [data-testid='user']").all_inner_texts()
+
+
+def test_a_reload_brings_the_conversation_back(page, engine):
+    """The visitor's key lives in the browser's storage: a reload shows the same conversation, in
+    the list, and the next message reads only its own tokens."""
+    PACE["on"] = False
+    try:
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#chat-new").click()
+        wait_for_status(page, "chat-status", ["A new conversation"])
+        page.locator("#chat-input textarea").fill("Good morrow, kind sir. How fares the king?")
+        page.locator("#chat-send").click()
+        wait_for_status(page, "chat-status", ["generated", "tok/s"])
+        users, bots = user_texts(page), bot_texts(page)
+        engine.store.flush()
+        page.reload()
+        page.locator("#chat-input textarea").wait_for(timeout=30000)
+        assert wait_until(lambda: user_texts(page) == users, timeout=20), user_texts(page)
+        assert bot_texts(page) == bots
+        assert "Good morrow, kind sir" in page.locator("#chat-conversations input").input_value()
+        page.locator("#chat-input textarea").fill("And the queen?")
+        page.locator("#chat-send").click()
+        status = wait_for_status(page, "chat-status", ["generated", "tok/s"])
+        assert "reused from the state" in status and "re-read" not in status.replace("(not re-read)", "")
+    finally:
+        PACE["on"] = True
+
+
+def test_a_server_killed_mid_reply_comes_back_in_the_browser(tmp_path, engine, app_model_path, page):
+    """SIGKILL in the middle of a reply; the server restarts on the same data folder and port; a
+    reload in the same browser shows the first turn as it was and the cut reply as interrupted,
+    with the text that had been shown."""
+    import signal
+
+    from rwkv_playground.chat import ChatFormat, ChatSession
+    from rwkv_playground.sampling import SamplingSettings
+    from test_saved_work import start_app
+
+    first, second = "Good morrow, sweet lady.", "Tell me all the news of Verona, I pray thee."
+
+    def conversation(seed):  # the Chat tab's default sampling, in this process
+        session = ChatSession(ChatFormat("Bob", "Alice"))
+        for message, s, limit in ((first, 1, 30), (second, seed, 200)):
+            settings = SamplingSettings(temperature=1.0, top_p=0.5, top_k=0, presence_penalty=0.4,
+                                        count_penalty=0.4, penalty_decay=0.996, seed=s)
+            for _ in session.send(engine, message, settings, limit):
+                pass
+        return session
+
+    PACE["on"] = False
+    try:
+        seed = next((s for s in range(1, 80) if len(conversation(s).turns[1].reply_tokens) >= 40), None)
+        assert seed is not None
+        expected = conversation(seed)
+    finally:
+        PACE["on"] = True
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}/"
+    procs = [start_app(data, port, app_model_path, 0.05, tmp_path / "app.log")]
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 1000})  # its own storage
+    try:
+        pg = context.new_page()
+        pg.goto(url)
+        pg.locator("#chat-input textarea").wait_for(timeout=30000)
+        pg.get_by_text("Sampling").first.click()
+        set_number(pg, "chat-max-tokens", 30)
+        set_number(pg, "chat-seed", 1)
+        pg.locator("#chat-input textarea").fill(first)
+        pg.locator("#chat-send").click()
+        wait_for_status(pg, "chat-status", ["generated", "tok/s"])
+        assert bot_texts(pg) == [expected.turns[0].reply]
+        set_number(pg, "chat-max-tokens", 200)
+        set_number(pg, "chat-seed", seed)
+        pg.locator("#chat-input textarea").fill(second)
+        pg.locator("#chat-send").click()
+        assert wait_until(lambda: len(bot_texts(pg)) == 2 and len(bot_texts(pg)[-1].split()) >= 4, timeout=60)
+        time.sleep(1.2)  # past one more save of the text so far
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        shown = bot_texts(pg)[-1].strip()
+
+        procs.append(start_app(data, port, app_model_path, 0.0, tmp_path / "app.log"))
+        pg.reload()
+        pg.locator("#chat-input textarea").wait_for(timeout=30000)
+        assert wait_until(lambda: len(user_texts(pg)) == 2, timeout=30), user_texts(pg)
+        assert [u.strip() for u in user_texts(pg)] == [first, second]
+        replies = bot_texts(pg)
+        assert replies[0].strip() == expected.turns[0].reply
+        assert "interrupted" in replies[1]
+        partial = replies[1].split("(interrupted")[0].strip()
+        full = expected.turns[1].reply
+        assert partial and full.startswith(partial) and full.startswith(shown) and len(partial) < len(full)
+        pg.screenshot(path=str(SHOTS / "chat-after-restart.png"), full_page=False)
+        # the first turn's state came back from the store: the next message reads only the cut
+        # reply and itself, not the first turn
+        pg.locator("#chat-input textarea").fill("Go on.")
+        pg.locator("#chat-send").click()
+        status = wait_for_status(pg, "chat-status", ["generated", "tok/s"])
+        assert "read back from your saved work" in status
+        assert f"{len(expected.history_tokens(1))} history tokens reused" in status
+    finally:
+        context.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)

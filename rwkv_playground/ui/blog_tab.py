@@ -15,8 +15,11 @@ import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
 from . import documents
-from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
+from .common import (controls_of, controls_update, ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
                      stream, with_notices)
+
+
+FORM = ("audience", "tone", "key_points", "outline_first", "template")  # kept with a post, besides its topic
 
 
 def markdown_file(text: str, topic: str) -> str:
@@ -55,6 +58,10 @@ class BlogTab:
         except Exception as exc:
             yield view(session, friendly_error(exc), topic)
             return
+        session.controls = {"audience": audience, "tone": tone, "key_points": key_points,
+                            "outline_first": bool(outline_first), "template": template,
+                            **controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                                          max_tokens, seed)}
         if outline_first:
             per_section = max(50, max_tokens // 6)
             make = lambda: session.write_with_outline(self.engine, prompt, settings, per_section,  # noqa: E731
@@ -88,8 +95,9 @@ class BlogTab:
         if session.interrupted and not status:
             status = ("The server stopped while this post was being written: it is as shown then; Continue "
                       "reads it once and goes on.")
+        form = [session.controls.get(name, gr.skip()) for name in FORM]
         return (*view(session, with_notices(session, status), session.title, final=True), self.posts(session),
-                session.title)
+                session.title, *form, *controls_update(session.controls))
 
     def visit(self, session: BlogSession, notice: str = ""):
         if session.visitor is not None and not session.text:
@@ -176,7 +184,7 @@ def build(engine) -> SimpleNamespace:
                                                                             api_visibility="private")
     for event in (write_ev, cont_ev, stop_ev):
         event.then(tab.posts, [session], [posts], queue=False, api_visibility="private")
-    opened = [*outputs, posts, topic]
+    opened = [*outputs, posts, topic, audience, tone, key_points, outline_first, template, *sampling]
     posts.input(tab.on_open, [posts, session], opened, api_name="blog_open", queue=False)
     new.click(tab.on_new, [session], opened, api_name="blog_new", queue=False)
     delete.click(tab.on_delete, [session], opened, api_name="blog_delete", queue=False)

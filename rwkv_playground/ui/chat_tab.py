@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
 from . import documents
-from .common import (ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
-                     stream, with_notices)
+from .common import (controls_of, controls_update, ensure_session, friendly_error, sampling_controls, session_state,
+                     settings_from, stats_line, stream, with_notices)
 
 INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
 
@@ -73,6 +73,8 @@ class ChatTab:
             return
         session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "",
                                  reply_start=reply_start or "")
+        session.controls = controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                                       max_tokens, seed)
         for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
                               lambda status, final: view(session, status), lambda: last_stats(session)):
             yield *outputs, ""
@@ -87,6 +89,8 @@ class ChatTab:
         except Exception as exc:
             yield view(session, friendly_error(exc))
             return
+        session.controls = controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
+                                       max_tokens, seed)
         yield from stream(session, lambda: session.regenerate(self.engine, settings, max_tokens),
                           lambda status, final: view(session, status), lambda: last_stats(session))
 
@@ -130,7 +134,7 @@ class ChatTab:
         """Outputs after another conversation is held: the view, its format, the list, its name."""
         fmt = session.fmt
         return (*view(session, with_notices(session, status)), fmt.user, fmt.bot, fmt.scenario, fmt.reply_start,
-                self.conversations(session), session.title)
+                self.conversations(session), session.title, *controls_update(session.controls))
 
     def visit(self, session: ChatSession, notice: str = ""):
         """A page opened: hold the visitor's newest conversation (the outputs of `opened`)."""
@@ -266,7 +270,7 @@ def build(engine) -> SimpleNamespace:
     for event in (send_ev, submit_ev, regen_ev, stop_ev, undo_ev, edit_ev, clear_ev):  # a new name, a new date
         event.then(tab.conversations, [session], [conversations], queue=False, api_visibility="private")
 
-    opened = [*shown, user_name, bot_name, scenario, reply_start, conversations, title]
+    opened = [*shown, user_name, bot_name, scenario, reply_start, conversations, title, *sampling]
     conversations.input(tab.on_open, [conversations, session], opened, api_name="chat_open", queue=False)
     new.click(tab.on_new, [session], opened, api_name="chat_new", queue=False)
     rename.click(tab.on_rename, [title, session], opened, api_name="chat_rename", queue=False)

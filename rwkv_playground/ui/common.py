@@ -75,6 +75,20 @@ def sampling_controls(prefix: str, temperature=1.0, top_p=0.7, presence=0.4, cou
     return [t, p, k, pres, cnt, dec, mx, seed]
 
 
+SAMPLING_NAMES = ("temperature", "top_p", "top_k", "presence_penalty", "count_penalty", "penalty_decay",
+                  "max_tokens", "seed")
+
+
+def controls_of(*values) -> dict:
+    """The sampling controls' values by name (kept with a document, shown again when it opens)."""
+    return dict(zip(SAMPLING_NAMES, values))
+
+
+def controls_update(controls: dict) -> list:
+    """Updates of the sampling controls to a document's kept values (unchanged where it has none)."""
+    return [controls[name] if name in controls else gr.skip() for name in SAMPLING_NAMES]
+
+
 def settings_from(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
     """The sampling controls' values -> (SamplingSettings, max_tokens capped for the browser)."""
     settings = SamplingSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),

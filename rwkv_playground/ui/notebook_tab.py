@@ -131,6 +131,7 @@ class NotebookTab:
             notebook = session.notebook
             if from_here is not None:
                 notebook.mark_stale(from_here)
+            session.restore_states()  # states the memory budget dropped: from the store, not re-run
             report = RunReport()
             driver = EngineDriver(self.engine, session)
             trimmed = None
