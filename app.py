@@ -180,7 +180,11 @@ def main(argv=None) -> int:
     else:
         print(f"The API is off: {api.off_reason}.", file=sys.stderr)
     print(f"Open {where}/ in a browser.", file=sys.stderr)
-    serve(create_app(engine), engine, args.host, args.port, api)
+    try:
+        serve(create_app(engine), engine, args.host, args.port, api)
+    finally:
+        if store is not None:
+            store.close()  # what the writer thread still holds is committed
     return 0
 
 

@@ -136,7 +136,7 @@ async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float
     times = []
     for turn in range(TURNS):
         seconds, _ = await rest_call(http, url, "chat", [f"Tell me about the sea, part {turn}.", "Bob", "Alice", "",
-                                                          *SAMPLING, max_tokens, seed + turn], session_hash)
+                                                          *SAMPLING, max_tokens, seed + turn, ""], session_hash)
         times.append(seconds)
     return times
 
@@ -180,7 +180,7 @@ def soak(server: Server, sessions: int) -> dict:
         c = client(server.url)
         if server.store:
             c.predict(None, api_name="/resume")
-        c.predict(f"Good morrow, number {n}.", "Bob", "Alice", "", *SAMPLING, 16, n, api_name="/chat")
+        c.predict(f"Good morrow, number {n}.", "Bob", "Alice", "", *SAMPLING, 16, n, "", api_name="/chat")
         c.predict("Text below", "Romeo: But soft, what light through yonder window breaks? " * 8, 0, "0-31", 96,
                   api_name="/inspect")
         c.close()

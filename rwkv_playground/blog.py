@@ -201,7 +201,7 @@ class BlogSession(Session):
         yield self.text
 
     # ---- the session store (sessions.Session) ----------------------------------------------------
-    def document(self) -> Document | None:
+    def document(self, with_states: bool = True) -> Document | None:
         if not self.text and not self.stored:
             return None
         body = {"version": 1, "title": self.title, "text": self.text, "tokens": list(self.tokens),
@@ -209,7 +209,7 @@ class BlogSession(Session):
         slots, states = {}, {}
         if self._pending is not None:  # mid-stream: the text so far, and what it was read after
             body["pending"] = {"base": list(self._pending[0]), "text": self._pending[1]}
-        elif self.tokens:
+        elif self.tokens and with_states:
             slots["post"] = tokens_digest(self.model_fingerprint, self.tokens)
             if self.state is not None:
                 states["post"] = (self.state, self.logits)

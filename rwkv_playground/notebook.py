@@ -32,7 +32,7 @@ from .generation import Generation, Stream
 from .sampling import SamplingSettings
 from .sessions import Session, follow_generation, run_task
 from .state import State
-from .store import Document, StoreError, tokens_digest
+from .store import Document, RunningDigest, StoreError
 
 FORMAT = "rwkv-playground-notebook"
 VERSION = 1
@@ -406,19 +406,18 @@ class NotebookSession(Session):
         self.pending: tuple[int, str] | None = None  # while a generate cell runs: (its index, its text so far)
 
     # ---- the session store (sessions.Session) ------------------------------------------------
-    def document(self) -> Document | None:
+    def document(self, with_states: bool = True) -> Document | None:
         notebook = self.notebook
         if not notebook.cells and not self.stored:
             return None
-        cells, slots, states, tokens = [], {}, {}, []
+        cells, slots, states, digest = [], {}, {}, RunningDigest(notebook.fingerprint)
         for i, cell in enumerate(notebook.cells):
             data = {**cell.as_dict(), "tokens": list(cell.tokens), "fresh": cell.fresh}
             if self.pending is not None and self.pending[0] == i:
                 data.update(output=self.pending[1], fresh=False, interrupted=True)
             cells.append(data)
-            tokens = tokens + list(cell.tokens)
-            if cell.fresh and data["fresh"]:
-                slots[f"cell {i}"] = tokens_digest(notebook.fingerprint, tokens)
+            if with_states and cell.fresh and data["fresh"]:
+                slots[f"cell {i}"] = digest.update(cell.tokens).hexdigest()
                 if cell.state is not None:
                     states[f"cell {i}"] = (cell.state, cell.logits)
         if not self.title:
@@ -463,14 +462,13 @@ class NotebookSession(Session):
         run yet since a visit, or dropped by the memory budget); returns how many came back."""
         if self.visitor is None or self.notebook.read_only:
             return 0
-        tokens: list[int] = []
-        restored = 0
+        digest, restored = RunningDigest(self.notebook.fingerprint), 0
         for i, cell in enumerate(self.notebook.cells):
-            tokens = tokens + cell.tokens
             if not cell.fresh:
                 break
+            digest.update(cell.tokens)
             if cell.state is None:
-                held = self.stored_state(f"cell {i}", tokens_digest(self.notebook.fingerprint, tokens))
+                held = self.stored_state(f"cell {i}", digest.hexdigest())
                 if held is not None:
                     cell.state, cell.logits = held
                     restored += 1

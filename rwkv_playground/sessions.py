@@ -82,8 +82,9 @@ class Session:
         self._checkpointed = 0.0
 
     # ---- the session store
-    def document(self):
-        """This session's work as a store.Document (None: nothing to keep yet)."""
+    def document(self, with_states: bool = True):
+        """This session's work as a store.Document (None: nothing to keep yet); with_states=False:
+        its text only (no state slots: what a checkpoint while streaming saves)."""
         return None
 
     def persist(self, with_states: bool = True) -> None:
@@ -92,7 +93,7 @@ class Session:
         if self.visitor is None:
             return
         try:
-            doc = self.document()
+            doc = self.document(with_states)
             if doc is not None:
                 self.visitor.save(doc, with_states=with_states)
         except PlaygroundError as exc:

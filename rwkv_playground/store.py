@@ -19,6 +19,7 @@ waits for the disk; `flush()` waits for them.
 from __future__ import annotations
 
 import hashlib
+from array import array
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ KEY_BYTES = 32  # 256 random bits: secrets.token_urlsafe(32) -> 43 characters
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 DEFAULT_DISK_BUDGET = 2 << 30
 DEFAULT_RETENTION_DAYS = 30.0
-MAX_DOCUMENTS_PER_KIND = 200  # a visitor's list stays a list (the oldest go past this)
+MAX_DOCUMENTS_PER_KIND = 1000  # per visitor and kind: past it a new one is refused (never an old one dropped)
 MAX_BODY_BYTES = 16 << 20
 EXPIRY_INTERVAL_S = 3600.0  # how often the writer thread deletes visitors idle past the retention
 
@@ -69,11 +70,23 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("ascii")).hexdigest()
 
 
+class RunningDigest:
+    """tokens_digest of a growing token list, one pass: the digest after each piece read."""
+
+    def __init__(self, fingerprint: str):
+        self._hash = hashlib.blake2b(fingerprint.encode(), digest_size=16)
+
+    def update(self, tokens: list[int]) -> "RunningDigest":
+        self._hash.update(array("q", tokens).tobytes())
+        return self
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()  # the hash goes on: later updates extend it
+
+
 def tokens_digest(fingerprint: str, tokens: list[int]) -> str:
     """What a state has read: the model and the exact tokens (a stored state is used only for it)."""
-    h = hashlib.blake2b(fingerprint.encode(), digest_size=16)
-    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
+    return RunningDigest(fingerprint).update(tokens).hexdigest()
 
 
 def redact_url(url: str) -> str:
@@ -348,6 +361,7 @@ class Visitor:
         self.store, self.id = store, vid
         # (doc, slot) -> digest of the state written (same digest: same model, same tokens, same state)
         self._written: dict[tuple[str, str], str] = {}
+        self._known: set[str] = set()  # documents known to be in the store (or queued for it)
         self._lock = threading.Lock()
 
     def documents(self, kind: str) -> list[DocumentInfo]:
@@ -402,6 +416,7 @@ class Visitor:
         if len(body) > MAX_BODY_BYTES:
             raise StoreError("This document is too long to keep (over 16 MB of text).")
         vid, now, title = self.id, time.time(), (doc.title or "Untitled")[:200]
+        self._check_room(doc)
         writes: list[tuple[str, str, State, torch.Tensor | None]] = []
         deletes: list[str] = []
         if with_states:
@@ -424,7 +439,6 @@ class Visitor:
                 if conn.execute(sa.select(t.c.id).where(t.c.id == doc.id)).first() is not None:
                     return  # another visitor's id: never written over
                 conn.execute(t.insert().values(id=doc.id, visitor=vid, kind=doc.kind, created=now, **values))
-                _keep_list_bounded(conn, vid, doc.kind)
             conn.execute(visitors_table.update().where(visitors_table.c.id == vid).values(seen=now))
             if not with_states:
                 return
@@ -442,6 +456,19 @@ class Visitor:
                 self.store._enforce_budget(conn)
 
         self.store.submit(write)
+
+    def _check_room(self, doc: Document) -> None:
+        """A visitor's list stays a list: a new document past MAX_DOCUMENTS_PER_KIND is refused."""
+        if doc.id in self._known:
+            return
+        t = documents_table
+        with self.store.db.connect() as conn:
+            if conn.execute(sa.select(t.c.id).where(t.c.id == doc.id, t.c.visitor == self.id)).first() is None:
+                count = conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                    t.c.visitor == self.id, t.c.kind == doc.kind)).scalar()
+                if count >= MAX_DOCUMENTS_PER_KIND:
+                    raise StoreError(f"You have {count} saved {doc.kind}s: delete some to keep new ones.")
+        self._known.add(doc.id)
 
     def rename(self, doc_id: str, title: str) -> None:
         title = " ".join(str(title).split())[:200] or "Untitled"
@@ -463,6 +490,7 @@ class Visitor:
         with self._lock:
             for key in [k for k in self._written if k[0] == doc_id]:
                 del self._written[key]
+            self._known.discard(doc_id)
 
         def write(conn):
             conn.execute(states_table.delete().where(states_table.c.document == doc_id,
@@ -476,18 +504,10 @@ class Visitor:
         vid, now = self.id, time.time()
         with self._lock:
             self._written.clear()
+            self._known.clear()
 
         def write(conn):
             _delete_visitor(conn, vid)
             conn.execute(visitors_table.insert().values(id=vid, created=now, seen=now))
         self.store.submit(write)
         self.store.flush()
-
-
-def _keep_list_bounded(conn: sa.Connection, vid: str, kind: str) -> None:
-    t = documents_table
-    old = conn.execute(sa.select(t.c.id).where(t.c.visitor == vid, t.c.kind == kind)
-                       .order_by(t.c.updated.desc()).offset(MAX_DOCUMENTS_PER_KIND)).all()
-    for (doc_id,) in old:
-        conn.execute(states_table.delete().where(states_table.c.document == doc_id))
-        conn.execute(t.delete().where(t.c.id == doc_id))

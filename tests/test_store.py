@@ -67,7 +67,7 @@ def test_a_chat_comes_back_with_its_states_and_reads_only_new_tokens(engine, loa
     assert all(t.state_after is None for t in back.turns)  # read back only when needed
     held = back.stored_state("1.after", back._digest(2))
     assert held is not None and equal_states(held[0], chat.turns[1].state_after)
-    assert torch.equal(held[1], chat.turns[1].logits_after)
+    assert held[1] is None  # no logits kept: the next turn reads its message first
     # the next message reads only its own tokens, from the stored state, and writes what the
     # never-restarted session writes
     back.turns[1].drop_states()
@@ -90,11 +90,15 @@ def test_states_dropped_from_memory_are_read_back_from_the_store(engine, loaded,
     run(chat.send(engine, "Speak again.", settings(3), 8))
     assert chat.turns[1].stats.get("state_from_store") and "history_reread" not in chat.turns[1].stats
     assert equal_states(chat.turns[0].state_after, reference)
-    # regenerate from the stored state after the user's message
+    # regenerate: from the stored state of the turn before, reading the message again
     store.flush()
-    chat.turns[1].drop_states()
-    run(chat.regenerate(engine, settings(4), 8))
-    assert chat.turns[1].stats["tokens_saved"] == len(chat.history_tokens(1)) + len(chat.turns[1].prompt_tokens)
+    expected = chat.turns[1].reply
+    for turn in chat.turns:
+        turn.drop_states()
+    run(chat.regenerate(engine, settings(3), 8))
+    stats = chat.turns[1].stats
+    assert stats["state_from_store"] and stats["tokens_saved"] == len(chat.history_tokens(1))
+    assert stats["prompt_tokens"] == len(chat.turns[1].prompt_tokens) and chat.turns[1].reply == expected
 
 
 def snapshot(store, tmp_path):
