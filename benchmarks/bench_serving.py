@@ -142,11 +142,10 @@ async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float
 
 
 async def open_page(http, url: str, session_hash: str) -> None:
-    """What a browser's page load does: "resume" with no key (a server with --no-store has no
-    such call: its page load makes the sessions, as the first chat call does here)."""
+    """What a browser's page load does: "resume" (with a store: with no key, so a new one)."""
     info = (await http.get(f"{url}gradio_api/info")).json()
-    if "/resume" in info.get("named_endpoints", {}):
-        await rest_call(http, url, "resume", [None], session_hash)
+    takes_key = bool(info["named_endpoints"]["/resume"]["parameters"])
+    await rest_call(http, url, "resume", [None] if takes_key else [], session_hash)
 
 
 async def simultaneous(url: str, sessions: int, max_tokens: int) -> dict:
@@ -178,8 +177,7 @@ async def during_blog(url: str, max_tokens: int, blog_tokens: int) -> dict:
 def soak(server: Server, sessions: int) -> dict:
     def short_session(n):
         c = client(server.url)
-        if server.store:
-            c.predict(None, api_name="/resume")
+        c.predict(*([None] if server.store else []), api_name="/resume")
         c.predict(f"Good morrow, number {n}.", "Bob", "Alice", "", *SAMPLING, 16, n, "", api_name="/chat")
         c.predict("Text below", "Romeo: But soft, what light through yonder window breaks? " * 8, 0, "0-31", 96,
                   api_name="/inspect")
@@ -206,13 +204,20 @@ async def store_rounds(servers: dict, max_tokens: int, rounds: int) -> dict:
     async with httpx.AsyncClient(timeout=300) as http:
         for url in servers.values():
             await chat_turns(http, url, 0, max_tokens)  # warm-up
+        per_round = []
         for r in range(rounds):
+            medians = {}
             for name, url in (servers.items() if r % 2 == 0 else reversed(servers.items())):
-                alone[name] += [t for s in range(4) for t in await chat_turns(http, url, 100 * s, max_tokens)]
+                solo = [t for s in range(4) for t in await chat_turns(http, url, 100 * s, max_tokens)]
                 start_at = time.time() + 1
-                together[name] += [t for times in await asyncio.gather(
+                many = [t for times in await asyncio.gather(
                     *[chat_turns(http, url, 100 * s, max_tokens, start_at) for s in range(16)]) for t in times]
-    out = {"max_tokens": max_tokens, "rounds": rounds}
+                alone[name] += solo
+                together[name] += many
+                medians[name] = (statistics.median(solo), statistics.median(many))
+            per_round.append([round(medians["store"][i] / medians["no_store"][i], 3) for i in (0, 1)])
+            print(f"round {r + 1}: store / no store = {per_round[-1]} (alone, 16 at once)", flush=True)
+    out = {"max_tokens": max_tokens, "rounds": rounds, "per_round_ratios": per_round}
     for name in servers:
         out[f"{name}_alone_median_s"] = statistics.median(alone[name])
         out[f"{name}_16_median_s"] = statistics.median(together[name])
@@ -231,7 +236,7 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
             with_store, without = Server(model, dtype), Server(model, dtype, store=False)
             try:
                 row["store"] = asyncio.run(store_rounds({"store": with_store.url, "no_store": without.url},
-                                                        max_tokens, 3))
+                                                        max_tokens, 6))
                 row["store"]["store_MB_after"] = with_store.store_mb()
             finally:
                 with_store.close()
@@ -289,6 +294,9 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
                           f"**{s['alone_ratio']:.3f}x** | {s['store_16_median_s']:.2f} s / "
                           f"{s['no_store_16_median_s']:.2f} s = **{s['16_ratio']:.3f}x** | "
                           f"{s['store_MB_after']:.1f} MB |")
+                if s.get("per_round_ratios"):
+                    md.append(f"|  rounds (alone, 16): {', '.join(f'{a:.2f} / {b:.2f}' for a, b in s['per_round_ratios'])} "
+                              "| | | |")
     for r in rows:
         if "memory" in r:
             mem = r["memory"]

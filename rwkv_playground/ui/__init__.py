@@ -122,8 +122,8 @@ def create_app(engine) -> gr.Blocks:
             # api "resume": a program (gradio_client) passes its key the way the page passes the browser's
             demo.load(on_visit, [visitor_key], outputs, api_name="resume")
             delete_all.click(on_delete_all, [confirm, visitor_key], [*outputs, deleted], api_name="delete_my_data")
-        else:
-            demo.load(on_visit, None, outputs, api_visibility="private")
+        else:  # nothing to resume: the call makes the page's sessions, as its page load does
+            demo.load(on_visit, None, outputs, api_name="resume")
         demo.unload(on_leave)
     return demo
 
