@@ -128,13 +128,14 @@ async def rest_call(http, url: str, api: str, data: list, session_hash: str) -> 
     return time.perf_counter() - t0, final
 
 
-async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float = 0.0) -> list[float]:
-    """TURNS chat turns of one visitor (its own session, opened as a page opens); the wall time of each."""
+async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float = 0.0, turns: int = TURNS
+                     ) -> list[float]:
+    """`turns` chat turns of one visitor (its own session, opened as a page opens); the wall time of each."""
     session_hash = uuid.uuid4().hex
     await asyncio.sleep(max(0.0, start_at - time.time()))
     await open_page(http, url, session_hash)
     times = []
-    for turn in range(TURNS):
+    for turn in range(turns):
         seconds, _ = await rest_call(http, url, "chat", [f"Tell me about the sea, part {turn}.", "Bob", "Alice", "",
                                                           *SAMPLING, max_tokens, seed + turn, ""], session_hash)
         times.append(seconds)
@@ -197,32 +198,35 @@ def soak(server: Server, sessions: int) -> dict:
 
 
 async def store_rounds(servers: dict, max_tokens: int, rounds: int) -> dict:
-    """The same visitors' turns on each server in alternating rounds: alone (4 visitors one after
-    another) and 16 at once; the median turn of each server over all rounds."""
+    """The same visitors' turns on each server, in pairs run back to back (which server goes first
+    alternates): one visitor alone (TURNS turns), then 16 visitors at once (2 turns each). This VM's
+    speed drifts by tens of percent over a minute, so each pair's ratio is taken (neighbours in
+    time) and the median of the pairs' ratios is the figure."""
     alone = {name: [] for name in servers}
     together = {name: [] for name in servers}
+    pairs = []
     async with httpx.AsyncClient(timeout=300) as http:
         for url in servers.values():
             await chat_turns(http, url, 0, max_tokens)  # warm-up
-        per_round = []
         for r in range(rounds):
             medians = {}
             for name, url in (servers.items() if r % 2 == 0 else reversed(servers.items())):
-                solo = [t for s in range(4) for t in await chat_turns(http, url, 100 * s, max_tokens)]
-                start_at = time.time() + 1
+                solo = await chat_turns(http, url, 100 * r, max_tokens)
+                start_at = time.time() + 0.5
                 many = [t for times in await asyncio.gather(
-                    *[chat_turns(http, url, 100 * s, max_tokens, start_at) for s in range(16)]) for t in times]
+                    *[chat_turns(http, url, 100 * s + r, max_tokens, start_at, turns=2) for s in range(16)])
+                        for t in times]
                 alone[name] += solo
                 together[name] += many
                 medians[name] = (statistics.median(solo), statistics.median(many))
-            per_round.append([round(medians["store"][i] / medians["no_store"][i], 3) for i in (0, 1)])
-            print(f"round {r + 1}: store / no store = {per_round[-1]} (alone, 16 at once)", flush=True)
-    out = {"max_tokens": max_tokens, "rounds": rounds, "per_round_ratios": per_round}
+            pairs.append([medians["store"][i] / medians["no_store"][i] for i in (0, 1)])
+            print(f"pair {r + 1}: store / no store = {pairs[-1][0]:.3f} alone, {pairs[-1][1]:.3f} 16 at once", flush=True)
+    out = {"max_tokens": max_tokens, "rounds": rounds, "per_round_ratios": pairs}
     for name in servers:
         out[f"{name}_alone_median_s"] = statistics.median(alone[name])
         out[f"{name}_16_median_s"] = statistics.median(together[name])
-    out["alone_ratio"] = out["store_alone_median_s"] / out["no_store_alone_median_s"]
-    out["16_ratio"] = out["store_16_median_s"] / out["no_store_16_median_s"]
+    out["alone_ratio"] = statistics.median(p[0] for p in pairs)
+    out["16_ratio"] = statistics.median(p[1] for p in pairs)
     return out
 
 
@@ -236,7 +240,7 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
             with_store, without = Server(model, dtype), Server(model, dtype, store=False)
             try:
                 row["store"] = asyncio.run(store_rounds({"store": with_store.url, "no_store": without.url},
-                                                        max_tokens, 6))
+                                                        max_tokens, 12))
                 row["store"]["store_MB_after"] = with_store.store_mb()
             finally:
                 with_store.close()
@@ -284,15 +288,17 @@ def main(models: list[str], sessions: int, parts: list[str]) -> None:
         md += ["", "The session store: the same turns on a server keeping every turn and its states (SQLite, the "
                    "default) and on one with --no-store, side by side in alternating rounds "
                    "(target: within 10 %).", "",
+               "Each figure is the median over pairs of runs back to back (one visitor's turns, then 16 "
+                   "visitors at once, on each server); the medians of all turns are beside it.", "",
                "| model | one visitor: store / no store | 16 at once: store / no store | store after |",
                "|---|---|---|---|"]
         for r in rows:
             if "store" in r:
                 s = r["store"]
                 md.append(f"| {r['model']} ({r['dtype']}, {s['max_tokens']}-token replies, {s['rounds']} rounds) | "
-                          f"{s['store_alone_median_s']:.3f} s / {s['no_store_alone_median_s']:.3f} s = "
-                          f"**{s['alone_ratio']:.3f}x** | {s['store_16_median_s']:.2f} s / "
-                          f"{s['no_store_16_median_s']:.2f} s = **{s['16_ratio']:.3f}x** | "
+                          f"**{s['alone_ratio']:.3f}x** ({s['store_alone_median_s']:.3f} s / "
+                          f"{s['no_store_alone_median_s']:.3f} s) | **{s['16_ratio']:.3f}x** "
+                          f"({s['store_16_median_s']:.2f} s / {s['no_store_16_median_s']:.2f} s) | "
                           f"{s['store_MB_after']:.1f} MB |")
                 if s.get("per_round_ratios"):
                     md.append(f"|  rounds (alone, 16): {', '.join(f'{a:.2f} / {b:.2f}' for a, b in s['per_round_ratios'])} "

@@ -239,6 +239,11 @@ class BlogSession(Session):
         self.state = self.logits = None
         self.doc_id, self.title, self.model_fingerprint, self.stored = doc.id, doc.title, doc.fingerprint, True
 
+    store_kind = "post"
+
+    def open_from(self, doc: Document, loaded) -> None:
+        self.open_document(doc, loaded.tokenizer if loaded is not None else None)
+
     def new_document(self) -> None:
         if self.busy:
             raise GenerationError("A post is being written: wait for it, or press Stop first.")

@@ -367,6 +367,11 @@ class ChatSession(Session):
                 "turns": [{"user": t.user, "reply": t.reply, "interrupted": t.interrupted, "stats": t.stats}
                           for t in self.turns]}
 
+    store_kind = "chat"
+
+    def open_from(self, doc: Document, loaded) -> None:
+        self.open_document(doc, loaded.tokenizer if loaded is not None else None)
+
     def new_document(self) -> None:
         """Start a new conversation (the one held so far stays in the store)."""
         self._check_idle()

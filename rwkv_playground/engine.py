@@ -194,6 +194,17 @@ class Engine:
         key, visitor = self.store.new_visitor()
         return key, visitor, notice
 
+    def known_visitor(self, key):
+        """The store's visitor for a key it already knows (None: no store, no key, or unknown)."""
+        if self.store is None or not key:
+            return None
+        from .store import StoreError
+
+        try:
+            return self.store.visitor(key, create=False)
+        except StoreError:
+            return None
+
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:
         """Checkpoint names the browser may choose: files in the models folder, plus the demo."""

@@ -474,6 +474,11 @@ class NotebookSession(Session):
                     restored += 1
         return restored
 
+    store_kind = "notebook"
+
+    def open_from(self, doc: Document, loaded) -> None:
+        self.open_document(doc, loaded.runtime.fingerprint if loaded is not None else "")
+
     def new_document(self, fingerprint: str) -> None:
         if self.busy:
             raise GenerationError("The notebook is running: wait for it, or press Stop first.")

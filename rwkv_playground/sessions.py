@@ -82,6 +82,23 @@ class Session:
         self._checkpointed = 0.0
 
     # ---- the session store
+    store_kind = ""  # the kind of document this session holds (store.KINDS)
+
+    def open_from(self, doc, loaded) -> None:
+        """Hold a stored document (`loaded`: the engine's model, or None)."""
+        raise NotImplementedError
+
+    def open_newest(self, loaded) -> bool:
+        """Hold the visitor's newest document of this session's kind, if they have one."""
+        if self.visitor is None or not self.store_kind:
+            return False
+        docs = self.visitor.documents(self.store_kind)
+        doc = self.visitor.load(docs[0].id) if docs else None
+        if doc is None:
+            return False
+        self.open_from(doc, loaded)
+        return True
+
     def document(self, with_states: bool = True):
         """This session's work as a store.Document (None: nothing to keep yet); with_states=False:
         its text only (no state slots: what a checkpoint while streaming saves)."""

@@ -46,7 +46,7 @@ def test_api_has_named_parameters_and_the_reply_alone(client):
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     chat = [p["parameter_name"] for p in api["/chat"]["parameters"]]
     assert chat == ["message", "user_name", "bot_name", "scenario", "temperature", "top_p", "top_k",
-                    "presence_penalty", "count_penalty", "penalty_decay", "max_tokens", "seed", "reply_start"]
+                    "presence_penalty", "count_penalty", "penalty_decay", "max_tokens", "seed", "reply_start", "key"]
     assert [p["parameter_name"] for p in api["/blog"]["parameters"]][:6] == [
         "topic", "audience", "tone", "key_points", "outline_first", "template"]
     for endpoint in api.values():

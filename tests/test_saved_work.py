@@ -199,3 +199,22 @@ def test_sigkill_mid_reply_then_restart_loses_only_the_reply_in_flight(tmp_path,
     last = out[2][-1]
     assert last["state_from_store"] and last["tokens_saved"] == len(expected.history_tokens(2))
     assert 0 < last["history_reread"] < 200
+
+
+def test_a_process_that_never_saw_the_page_takes_over_with_the_key(client_at, engine):
+    """What a failover looks like to the process that takes over: a /chat call for a session it
+    never saw, with the visitor's key (the browser sends it with every message): the visitor's
+    conversation as it was after their last finished turn, its state from the store."""
+    first = client_at()
+    key = first.predict(None, api_name="/resume")[0]
+    chat(first, "Good morrow, my lord.", 12, 1)
+    before = chat(first, "What news?", 12, 2)[0]
+    engine.store.flush()
+    other = client_at()  # no resume: as if this were another process
+    out = other.predict("And then?", "Bob", "Alice", "", *SAMPLING, 8, 3, "", key, api_name="/chat")
+    assert [text_of(m) for m in out[0][:4]] == [text_of(m) for m in before] and len(out[0]) == 6
+    assert "took over your session" in out[1] and "read back from your saved work" in out[1]
+    assert out[2][-1]["tokens_saved"] > 0 and "history_reread" not in out[2][-1]
+    # an unknown key takes over nothing (and is not given a workspace either)
+    stranger = client_at().predict("Hello.", "Bob", "Alice", "", *SAMPLING, 4, 1, "", "x" * 43, api_name="/chat")
+    assert len(stranger[0]) == 2 and "took over" not in stranger[1]

@@ -60,9 +60,9 @@ def create_app(engine) -> gr.Blocks:
                        if store is not None else None)
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat = chat_tab.build(engine)
+                chat = chat_tab.build(engine, visitor_key)
             with gr.Tab("Blog post", id="blog"):
-                blog = blog_tab.build(engine)
+                blog = blog_tab.build(engine, visitor_key)
             with gr.Tab("State inspector", id="inspector"):
                 inspector_state, model_figures, figure_outputs = inspector_tab.build(engine, chat.session, blog.session)
             with gr.Tab("Notebook", id="notebook"):

@@ -48,9 +48,10 @@ class BlogTab:
         self.engine = engine
 
     def on_write(self, session, topic, audience, tone, key_points, outline_first, template, temperature, top_p,
-                 top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed, request: gr.Request = None):
+                 top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed, key=None,
+                 request: gr.Request = None):
         """Write a new post (or an outline, then each section from a fork of its state)."""
-        session = ensure_session(self.engine, session, BlogSession, request)
+        session = ensure_session(self.engine, session, BlogSession, request, key)
         try:
             settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
                                                  penalty_decay, max_tokens, seed)
@@ -71,9 +72,9 @@ class BlogTab:
         yield from _run(session, make, topic)
 
     def on_continue(self, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                    max_tokens, seed, request: gr.Request = None):
+                    max_tokens, seed, key=None, request: gr.Request = None):
         """Keep writing from the saved state."""
-        session = ensure_session(self.engine, session, BlogSession, request)
+        session = ensure_session(self.engine, session, BlogSession, request, key)
         try:
             settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
                                                  penalty_decay, max_tokens, seed)
@@ -101,9 +102,7 @@ class BlogTab:
 
     def visit(self, session: BlogSession, notice: str = ""):
         if session.visitor is not None and not session.text:
-            loaded = self.engine.current
-            documents.open_latest(session, "post", lambda doc: session.open_document(
-                doc, loaded.tokenizer if loaded is not None else None))
+            session.open_newest(self.engine.current)
         return self.opened(session, "")
 
     def on_open(self, doc_id, session, request: gr.Request = None):
@@ -140,9 +139,10 @@ class BlogTab:
         return self.opened(session, "Post deleted.")
 
 
-def build(engine) -> SimpleNamespace:
+def build(engine, visitor_key=None) -> SimpleNamespace:
     """Returns the tab's session state, and what a page visit fills in (visit, visit_outputs)."""
     tab = BlogTab(engine)
+    key_input = [visitor_key] if visitor_key is not None else []
     session = session_state(engine)
     with gr.Row(visible=engine.store is not None, elem_id="blog-documents"):
         posts = gr.Dropdown([], allow_custom_value=True, label="Post", elem_id="blog-posts", scale=4,
@@ -176,9 +176,10 @@ def build(engine) -> SimpleNamespace:
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     outputs = [output, status, session, download]
     write_ev = write.click(tab.on_write,
-                           [session, topic, audience, tone, key_points, outline_first, template, *sampling],
+                           [session, topic, audience, tone, key_points, outline_first, template, *sampling,
+                            *key_input],
                            outputs, api_name="blog", **model_events)
-    cont_ev = cont.click(tab.on_continue, [session, topic, *sampling], outputs, api_name="blog_continue",
+    cont_ev = cont.click(tab.on_continue, [session, topic, *sampling, *key_input], outputs, api_name="blog_continue",
                          **model_events)
     stop_ev = stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
                                                                             api_visibility="private")

@@ -58,10 +58,11 @@ class ChatTab:
         self.engine = engine
 
     def on_send(self, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
-                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, reply_start="",
+                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, reply_start="", key=None,
                 request: gr.Request = None):
-        """Send a message and stream the reply; the message box is emptied once it is taken."""
-        session = ensure_session(self.engine, session, ChatSession, request)
+        """Send a message and stream the reply; the message box is emptied once it is taken.
+        `key`: the visitor's (the browser's storage), for a process that never saw their page."""
+        session = ensure_session(self.engine, session, ChatSession, request, key)
         if not message or not message.strip():
             yield *view(session, "Type a message first, then press Enter or Send."), message
             return
@@ -80,9 +81,9 @@ class ChatTab:
             yield *outputs, ""
 
     def on_regenerate(self, session, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                      max_tokens, seed, request: gr.Request = None):
+                      max_tokens, seed, key=None, request: gr.Request = None):
         """A new reply to the last message, from the state kept after reading it."""
-        session = ensure_session(self.engine, session, ChatSession, request)
+        session = ensure_session(self.engine, session, ChatSession, request, key)
         try:
             settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
                                                  penalty_decay, max_tokens, seed)
@@ -139,7 +140,7 @@ class ChatTab:
     def visit(self, session: ChatSession, notice: str = ""):
         """A page opened: hold the visitor's newest conversation (the outputs of `opened`)."""
         if session.visitor is not None and not session.turns:
-            documents.open_latest(session, "chat", lambda doc: session.open_document(doc, self._tokenizer()))
+            session.open_newest(self.engine.current)
         if notice:
             session.notices.append(notice)
         return self.opened(session, "Welcome back: your conversation is as you left it." if session.turns else "")
@@ -208,9 +209,11 @@ class ChatTab:
                 f"Exported as Markdown and JSON, with the state after turn {turn + 1} (open it in the State inspector).")
 
 
-def build(engine) -> SimpleNamespace:
-    """Returns the tab's session state, and what a page visit fills in (visit, visit_outputs)."""
+def build(engine, visitor_key=None) -> SimpleNamespace:
+    """Returns the tab's session state, and what a page visit fills in (visit, visit_outputs).
+    `visitor_key`: the page's BrowserState holding the visitor's key (with a store)."""
     tab = ChatTab(engine)
+    key_input = [visitor_key] if visitor_key is not None else []
     session = session_state(engine)
     loaded = engine.current
     first = (default_preset(loaded.runtime.architecture, loaded.runtime.config.vocab_size)
@@ -254,13 +257,13 @@ def build(engine) -> SimpleNamespace:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     shown = [chatbot, status, table, session]
-    inputs = [message, session, user_name, bot_name, scenario, *sampling, reply_start]
+    inputs = [message, session, user_name, bot_name, scenario, *sampling, reply_start, *key_input]
     preset.change(choose_preset, [preset], [user_name, bot_name, reply_start], queue=False,
                   api_visibility="private")
     send_ev = send.click(tab.on_send, inputs, [*shown, message], api_name="chat", **model_events)
     submit_ev = message.submit(tab.on_send, inputs, [*shown, message], api_visibility="private",
                                **model_events)
-    regen_ev = regenerate.click(tab.on_regenerate, [session, *sampling], shown, api_name="regenerate",
+    regen_ev = regenerate.click(tab.on_regenerate, [session, *sampling, *key_input], shown, api_name="regenerate",
                                 **model_events)
     stop_ev = stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
         tab.on_stop, [session], shown, api_visibility="private")

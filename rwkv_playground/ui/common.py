@@ -43,11 +43,19 @@ def session_state(engine) -> gr.State:
 
 
 def ensure_session(engine, session: Session | None, factory: Callable[[], Session],
-                   request: gr.Request | None = None) -> Session:
+                   request: gr.Request | None = None, key=None) -> Session:
     """The visitor's session (made at their first call if their page did not make it), known
-    under their id so that their leaving (tab closed, API client closed) frees it at once."""
+    under their id so that their leaving (tab closed, API client closed) frees it at once. With
+    the visitor's `key` (the browser's storage): a process that never saw their page (another
+    one served it and died) takes over their saved work, as it was after their last finished turn."""
     if session is None:
         session = engine.add_session(factory())
+        visitor = engine.known_visitor(key)
+        if visitor is not None:
+            session.visitor = visitor
+            if session.open_newest(engine.current):
+                session.notices.append("This server process took over your session: your work is as it was after "
+                                       "your last finished reply.")
     session.update_interval = 1.0 / UPDATES_PER_SECOND
     if request is not None:
         engine.join_visit(request.session_hash, session)

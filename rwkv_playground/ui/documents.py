@@ -37,19 +37,6 @@ def listing(session: Session | None, kind: str, unsaved_label: str):
     return gr.Dropdown(choices=items, value=value)
 
 
-def open_latest(session: Session, kind: str, open_document) -> str:
-    """Make a visiting session hold the visitor's newest document of `kind` (if any); returns a
-    notice for the visitor ("" if none)."""
-    docs = session.visitor.documents(kind)
-    if not docs:
-        return ""
-    doc = session.visitor.load(docs[0].id)
-    if doc is None:
-        return ""
-    open_document(doc)
-    return ""
-
-
 def export_files(stem: str, markdown: str, data: dict) -> list[str]:
     """A document as a Markdown and a JSON file to download (a fresh temporary folder)."""
     slug = re.sub(r"[^a-z0-9]+", "-", (stem or "document").lower()).strip("-")[:40] or "document"

@@ -251,7 +251,7 @@ class NotebookTab:
     def visit(self, session: NotebookSession, notice: str = ""):
         """Outputs: session, version (1: draw the cells), status, the list."""
         if session.visitor is not None and not session.notebook.cells:
-            documents.open_latest(session, "notebook", lambda doc: session.open_document(doc, self._fingerprint()))
+            session.open_newest(self.engine.current)
         return session, 1, "", self.notebooks(session)
 
     def _fingerprint(self) -> str:
