@@ -133,20 +133,23 @@ async def chat_turns(http, url: str, seed: int, max_tokens: int, start_at: float
     """`turns` chat turns of one visitor (its own session, opened as a page opens); the wall time of each."""
     session_hash = uuid.uuid4().hex
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    await open_page(http, url, session_hash)
+    key = await open_page(http, url, session_hash)
     times = []
     for turn in range(turns):
         seconds, _ = await rest_call(http, url, "chat", [f"Tell me about the sea, part {turn}.", "Bob", "Alice", "",
-                                                          *SAMPLING, max_tokens, seed + turn, ""], session_hash)
+                                                          *SAMPLING, max_tokens, seed + turn, "",
+                                                          *([key] if key else [])], session_hash)
         times.append(seconds)
     return times
 
 
-async def open_page(http, url: str, session_hash: str) -> None:
-    """What a browser's page load does: "resume" (with a store: with no key, so a new one)."""
+async def open_page(http, url: str, session_hash: str) -> str | None:
+    """What a browser's page load does: "resume" (with a store: with no key, so a new one, which
+    the browser then sends with each message, as here). Returns the key (None: no store)."""
     info = (await http.get(f"{url}gradio_api/info")).json()
     takes_key = bool(info["named_endpoints"]["/resume"]["parameters"])
-    await rest_call(http, url, "resume", [None] if takes_key else [], session_hash)
+    _, data = await rest_call(http, url, "resume", [None] if takes_key else [], session_hash)
+    return data[0] if takes_key else None
 
 
 async def simultaneous(url: str, sessions: int, max_tokens: int) -> dict:

@@ -49,7 +49,8 @@ DEFAULT_DISK_BUDGET = 2 << 30
 DEFAULT_RETENTION_DAYS = 30.0
 MAX_DOCUMENTS_PER_KIND = 1000  # per visitor and kind: past it a new one is refused (never an old one dropped)
 MAX_BODY_BYTES = 16 << 20
-EXPIRY_INTERVAL_S = 3600.0  # how often the writer thread deletes visitors idle past the retention
+EXPIRY_INTERVAL_S = 3600.0
+BUDGET_RESUM = 32  # state writes between two sums of the states' bytes from the table  # how often the writer thread deletes visitors idle past the retention
 
 
 class StoreError(PlaygroundError):
@@ -123,6 +124,27 @@ states_table = sa.Table(
     sa.Column("used", sa.Float, nullable=False, index=True),
     sa.Column("data", sa.LargeBinary, nullable=False))
 
+# The statements of every save, built once (constructing a statement costs more Python than
+# SQLite takes to run it; the writer thread shares the interpreter with the model's thread).
+_b = sa.bindparam
+UPDATE_DOCUMENT = documents_table.update().where(
+    documents_table.c.id == _b("b_id"), documents_table.c.visitor == _b("b_visitor")).values(
+    title=_b("b_title"), fingerprint=_b("b_fingerprint"), updated=_b("b_updated"), body=_b("b_body"))
+DOCUMENT_EXISTS = sa.select(documents_table.c.id).where(documents_table.c.id == _b("b_id"))
+INSERT_DOCUMENT = documents_table.insert().values(
+    id=_b("b_id"), visitor=_b("b_visitor"), kind=_b("b_kind"), title=_b("b_title"), fingerprint=_b("b_fingerprint"),
+    created=_b("b_created"), updated=_b("b_updated"), body=_b("b_body"))
+UPDATE_SEEN = visitors_table.update().where(visitors_table.c.id == _b("b_id")).values(seen=_b("b_seen"))
+SLOTS_OF_DOCUMENT = sa.select(states_table.c.slot, states_table.c.digest).where(
+    states_table.c.document == _b("b_document"), states_table.c.visitor == _b("b_visitor"))
+DELETE_SLOT = states_table.delete().where(
+    states_table.c.document == _b("b_document"), states_table.c.visitor == _b("b_visitor"),
+    states_table.c.slot == _b("b_slot"))
+INSERT_STATE = states_table.insert().values(
+    document=_b("b_document"), slot=_b("b_slot"), visitor=_b("b_visitor"), digest=_b("b_digest"),
+    fingerprint=_b("b_fingerprint"), nbytes=_b("b_nbytes"), used=_b("b_used"), data=_b("b_data"))
+STATE_BYTES = sa.select(sa.func.coalesce(sa.func.sum(states_table.c.nbytes), 0))
+
 # schema version -> the statements that bring a store of the version before it up to it
 MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {}
 
@@ -179,6 +201,8 @@ class SessionStore:
             raise StoreError(f"The session store {self.url_shown} cannot be opened: "
                              f"{str(exc.orig if getattr(exc, 'orig', None) else exc).splitlines()[0]}") from None
         self.dropped_states = 0  # states dropped to keep the disk budget (tests, the log)
+        self._state_total: int | None = None  # the writer's running estimate of the states' bytes
+        self._writes_since_sum = BUDGET_RESUM  # sum the table at the first state write
         self._writes: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="rwkv-store-writer", daemon=True)
         self._writer.start()
@@ -304,11 +328,18 @@ class SessionStore:
     # ---- upkeep --------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         with self.db.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(states_table.c.nbytes), 0))).scalar())
+            return int(conn.execute(STATE_BYTES).scalar())
 
-    def _enforce_budget(self, conn: sa.Connection) -> None:
-        """Drop the least recently used states until they fit the disk budget."""
-        total = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(states_table.c.nbytes), 0))).scalar())
+    def _enforce_budget(self, conn: sa.Connection, added: int = 0) -> None:
+        """Drop the least recently used states until they fit the disk budget. The total is kept
+        as a running estimate, summed again from the table every BUDGET_RESUM writes (other
+        processes on the same database write too) and whenever the estimate passes the budget."""
+        self._writes_since_sum += 1
+        self._state_total = (self._state_total or 0) + added
+        if self._writes_since_sum < BUDGET_RESUM and self._state_total <= self.disk_budget_bytes:
+            return
+        self._writes_since_sum = 0
+        total = self._state_total = int(conn.execute(STATE_BYTES).scalar())
         if total <= self.disk_budget_bytes:
             return
         rows = conn.execute(sa.select(states_table.c.document, states_table.c.slot, states_table.c.nbytes)
@@ -320,6 +351,7 @@ class SessionStore:
                                                      states_table.c.slot == slot))
             total -= nbytes
             self.dropped_states += 1
+        self._state_total = total
 
     def expire(self, now: float | None = None) -> int:
         """Delete the visitors idle past the retention period, with everything of theirs."""
@@ -352,6 +384,12 @@ def _delete_visitor(conn: sa.Connection, vid: str) -> None:
 
 def state_blob(state: State, logits: torch.Tensor | None) -> bytes:
     return state.to_bytes({"logits": logits} if logits is not None else None)
+
+
+def len_of(write: tuple) -> int:
+    """The bytes a queued state write will add (the blob's size, before it is made)."""
+    _, _, state, logits = write
+    return state.nbytes() + (logits.numel() * 4 if logits is not None else 0)
 
 
 class Visitor:
@@ -433,27 +471,25 @@ class Visitor:
             slots = dict(doc.slots)
 
         def write(conn: sa.Connection) -> None:
-            t = documents_table
-            values = dict(title=title, fingerprint=doc.fingerprint, updated=now, body=body)
-            if conn.execute(t.update().where(t.c.id == doc.id, t.c.visitor == vid).values(**values)).rowcount == 0:
-                if conn.execute(sa.select(t.c.id).where(t.c.id == doc.id)).first() is not None:
+            values = dict(b_id=doc.id, b_visitor=vid, b_title=title, b_fingerprint=doc.fingerprint, b_updated=now,
+                          b_body=body)
+            if conn.execute(UPDATE_DOCUMENT, values).rowcount == 0:
+                if conn.execute(DOCUMENT_EXISTS, {"b_id": doc.id}).first() is not None:
                     return  # another visitor's id: never written over
-                conn.execute(t.insert().values(id=doc.id, visitor=vid, kind=doc.kind, created=now, **values))
-            conn.execute(visitors_table.update().where(visitors_table.c.id == vid).values(seen=now))
-            if not with_states:
+                conn.execute(INSERT_DOCUMENT, {**values, "b_kind": doc.kind, "b_created": now})
+            if not with_states:  # a checkpoint while streaming: the text only
                 return
-            s = states_table
-            stale = [slot for slot, digest in conn.execute(sa.select(s.c.slot, s.c.digest).where(
-                s.c.document == doc.id, s.c.visitor == vid)) if slots.get(slot) != digest]
-            for slot in set(stale) | set(deletes):
-                conn.execute(s.delete().where(s.c.document == doc.id, s.c.visitor == vid, s.c.slot == slot))
+            conn.execute(UPDATE_SEEN, {"b_id": vid, "b_seen": now})
+            key = {"b_document": doc.id, "b_visitor": vid}
+            stale = [slot for slot, digest in conn.execute(SLOTS_OF_DOCUMENT, key) if slots.get(slot) != digest]
+            for slot in set(stale) | set(deletes) | {w[0] for w in writes}:
+                conn.execute(DELETE_SLOT, {**key, "b_slot": slot})
             for slot, digest, state, logits in writes:
                 data = state_blob(state, logits)
-                conn.execute(s.delete().where(s.c.document == doc.id, s.c.slot == slot))
-                conn.execute(s.insert().values(document=doc.id, slot=slot, visitor=vid, digest=digest,
-                                               fingerprint=state.fingerprint, nbytes=len(data), used=now, data=data))
+                conn.execute(INSERT_STATE, {**key, "b_slot": slot, "b_digest": digest, "b_fingerprint": state.fingerprint,
+                                            "b_nbytes": len(data), "b_used": now, "b_data": data})
             if writes:
-                self.store._enforce_budget(conn)
+                self.store._enforce_budget(conn, sum(len_of(w) for w in writes))
 
         self.store.submit(write)
 
