@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,9 +65,9 @@ defaults
     timeout client 15m
     timeout server 15m
     timeout tunnel 15m
-    # a request for a process that is down goes to another one
+    # a request for a process that is down goes to another one (at its first retry)
     option redispatch
-    retries 3
+    retries 1
     default-server inter 1s fall 2 rise 2
 
 frontend playground
@@ -148,6 +149,9 @@ class LocalCluster:
         self.pg_port = free_port()
         self.haproxy: subprocess.Popen | None = None
         self.stats_socket = str(self.work / "haproxy.sock")
+        # the cluster trusts loopback connections, so any password is accepted; the URL carries one
+        # all the same, as a real deployment's would (the app must never show or log it)
+        self.db_password = secrets.token_urlsafe(12)
 
     @property
     def url(self) -> str:
@@ -155,7 +159,7 @@ class LocalCluster:
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://rwkv@127.0.0.1:{self.pg_port}/rwkv"
+        return f"postgresql://rwkv:{self.db_password}@127.0.0.1:{self.pg_port}/rwkv"
 
     # ---- PostgreSQL --------------------------------------------------------------------------
     def _as_postgres(self, command: list[str]) -> list[str]:
