@@ -59,7 +59,6 @@ global
 
 defaults
     mode http
-    option httplog
     timeout connect 5s
     # replies stream for minutes (server-sent events)
     timeout client 15m

@@ -86,13 +86,18 @@ def test_round_robin_without_stickiness_fails_gradio(cluster, tmp_path):
                              stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 30)
-        failures = 0
-        for _ in range(3):
-            try:
-                Client(f"http://127.0.0.1:{port}/", verbose=False).predict(None, api_name="/resume")
-            except Exception:  # noqa: BLE001 - any failure of the protocol counts
-                failures += 1
-        assert failures == 3, "round robin should break Gradio's event stream"
+        def failures(url):
+            failed = 0
+            for _ in range(6):
+                try:
+                    Client(url, verbose=False).predict(None, api_name="/resume")
+                except Exception:  # noqa: BLE001 - any failure of the protocol counts
+                    failed += 1
+            return failed
+
+        # which calls fail depends on where each request of the protocol lands; some always do
+        assert failures(f"http://127.0.0.1:{port}/") >= 2, "round robin should break Gradio's event stream"
+        assert failures(cluster.url) == 0  # the same calls with the cookie
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
