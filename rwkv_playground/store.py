@@ -143,6 +143,8 @@ DELETE_SLOT = states_table.delete().where(
 INSERT_STATE = states_table.insert().values(
     document=_b("b_document"), slot=_b("b_slot"), visitor=_b("b_visitor"), digest=_b("b_digest"),
     fingerprint=_b("b_fingerprint"), nbytes=_b("b_nbytes"), used=_b("b_used"), data=_b("b_data"))
+COUNT_DOCUMENTS = sa.select(sa.func.count()).select_from(documents_table).where(
+    documents_table.c.visitor == _b("b_visitor"), documents_table.c.kind == _b("b_kind"))
 STATE_BYTES = sa.select(sa.func.coalesce(sa.func.sum(states_table.c.nbytes), 0))
 
 # schema version -> the statements that bring a store of the version before it up to it
@@ -399,7 +401,7 @@ class Visitor:
         self.store, self.id = store, vid
         # (doc, slot) -> digest of the state written (same digest: same model, same tokens, same state)
         self._written: dict[tuple[str, str], str] = {}
-        self._known: set[str] = set()  # documents known to be in the store (or queued for it)
+        self._refused = ""  # a save the writer refused, for the visitor
         self._lock = threading.Lock()
 
     def documents(self, kind: str) -> list[DocumentInfo]:
@@ -454,7 +456,9 @@ class Visitor:
         if len(body) > MAX_BODY_BYTES:
             raise StoreError("This document is too long to keep (over 16 MB of text).")
         vid, now, title = self.id, time.time(), (doc.title or "Untitled")[:200]
-        self._check_room(doc)
+        refused = self.take_refusal()
+        if refused:
+            raise StoreError(refused)
         writes: list[tuple[str, str, State, torch.Tensor | None]] = []
         deletes: list[str] = []
         if with_states:
@@ -476,6 +480,13 @@ class Visitor:
             if conn.execute(UPDATE_DOCUMENT, values).rowcount == 0:
                 if conn.execute(DOCUMENT_EXISTS, {"b_id": doc.id}).first() is not None:
                     return  # another visitor's id: never written over
+                # a visitor's list stays a list: past the limit a new document is refused (the
+                # visitor is told at their next save), never an old one dropped
+                count = conn.execute(COUNT_DOCUMENTS, {"b_visitor": vid, "b_kind": doc.kind}).scalar()
+                if count >= MAX_DOCUMENTS_PER_KIND:
+                    with self._lock:
+                        self._refused = f"You have {count} saved {doc.kind}s: delete some to keep new ones."
+                    return
                 conn.execute(INSERT_DOCUMENT, {**values, "b_kind": doc.kind, "b_created": now})
             if not with_states:  # a checkpoint while streaming: the text only
                 return
@@ -493,18 +504,11 @@ class Visitor:
 
         self.store.submit(write)
 
-    def _check_room(self, doc: Document) -> None:
-        """A visitor's list stays a list: a new document past MAX_DOCUMENTS_PER_KIND is refused."""
-        if doc.id in self._known:
-            return
-        t = documents_table
-        with self.store.db.connect() as conn:
-            if conn.execute(sa.select(t.c.id).where(t.c.id == doc.id, t.c.visitor == self.id)).first() is None:
-                count = conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                    t.c.visitor == self.id, t.c.kind == doc.kind)).scalar()
-                if count >= MAX_DOCUMENTS_PER_KIND:
-                    raise StoreError(f"You have {count} saved {doc.kind}s: delete some to keep new ones.")
-        self._known.add(doc.id)
+    def take_refusal(self) -> str:
+        """The sentence of a save the writer refused (a list past MAX_DOCUMENTS_PER_KIND), once."""
+        with self._lock:
+            refused, self._refused = self._refused, ""
+        return refused
 
     def rename(self, doc_id: str, title: str) -> None:
         title = " ".join(str(title).split())[:200] or "Untitled"
@@ -526,7 +530,6 @@ class Visitor:
         with self._lock:
             for key in [k for k in self._written if k[0] == doc_id]:
                 del self._written[key]
-            self._known.discard(doc_id)
 
         def write(conn):
             conn.execute(states_table.delete().where(states_table.c.document == doc_id,
@@ -540,7 +543,6 @@ class Visitor:
         vid, now = self.id, time.time()
         with self._lock:
             self._written.clear()
-            self._known.clear()
 
         def write(conn):
             _delete_visitor(conn, vid)

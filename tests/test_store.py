@@ -332,3 +332,14 @@ def test_no_store_keeps_nothing_beyond_the_tab(engine):
         assert ephemeral.open_visitor(None) == (None, None, "")
     finally:
         ephemeral.scheduler.loaded = None
+
+
+def test_a_visitor_past_the_list_limit_is_told_and_loses_nothing(engine, store, monkeypatch):
+    monkeypatch.setattr("rwkv_playground.store.MAX_DOCUMENTS_PER_KIND", 2)
+    _, visitor = store.new_visitor()
+    kept = [chat_with(engine, visitor, [f"Matter {i}."], max_tokens=3) for i in range(2)]
+    refused = chat_with(engine, visitor, ["A third matter."], max_tokens=3)
+    store.flush()
+    assert {d.id for d in visitor.documents("chat")} == {c.doc_id for c in kept}  # the old ones stay
+    refused.persist()
+    assert any("delete some to keep new ones" in n for n in refused.notices)
