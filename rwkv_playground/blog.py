@@ -73,8 +73,6 @@ class BlogSession(Session):
         self.logits: torch.Tensor | None = None
         self.model_fingerprint = ""
         self.stats: dict = {}
-        self.title = ""  # the topic
-        self.stored = False
         self.interrupted = False  # the text came back after a crash cut its stream
         self.controls: dict = {}  # the form's values it was written with (kept with the post)
         # while a stream runs: (the tokens read before its text, its text so far), so that a

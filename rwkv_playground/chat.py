@@ -147,8 +147,6 @@ class ChatSession(Session):
         self.turns: list[Turn] = []
         self.model_fingerprint = ""
         self.undo_depth = max(1, int(undo_depth))
-        self.title = ""
-        self.stored = False  # the store holds this conversation (so an emptied one is saved too)
         self.controls: dict = {}  # the sampling controls' values last used (kept with the conversation)
 
     @property

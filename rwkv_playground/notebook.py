@@ -401,8 +401,6 @@ class NotebookSession(Session):
     def __init__(self, fingerprint: str = ""):
         super().__init__()
         self.notebook = Notebook(fingerprint)
-        self.title = ""
-        self.stored = False
         self.pending: tuple[int, str] | None = None  # while a generate cell runs: (its index, its text so far)
 
     # ---- the session store (sessions.Session) ------------------------------------------------

@@ -79,14 +79,30 @@ class Session:
         # this session holds (None: nothing is kept beyond this process, e.g. --no-store)
         self.visitor = None
         self.doc_id = uuid.uuid4().hex
+        self.title = ""
+        self.stored = False  # the store holds this document (so an emptied one is saved too)
         self._checkpointed = 0.0
 
     # ---- the session store
-    store_kind = ""  # the kind of document this session holds (store.KINDS)
+    # The kind of document this session holds (store.KINDS; "" for none). A session with a kind
+    # defines open_from(doc, loaded): hold that stored document (`loaded`: the engine's model or None).
+    store_kind = ""
 
-    def open_from(self, doc, loaded) -> None:
-        """Hold a stored document (`loaded`: the engine's model, or None)."""
-        raise NotImplementedError
+    def open_stored(self, doc_id: str, loaded) -> bool:
+        """Hold the visitor's document `doc_id`; False if they have no such document of this kind."""
+        if self.visitor is None or not self.store_kind:
+            return False
+        doc = self.visitor.load(doc_id)
+        if doc is None or doc.kind != self.store_kind:
+            return False
+        self.open_from(doc, loaded)
+        return True
+
+    def delete_stored(self) -> None:
+        """Remove the document held now from the store (if it is there); the caller holds another."""
+        if self.visitor is not None and self.stored:
+            self.visitor.delete(self.doc_id)
+            self.visitor.store.flush()
 
     def open_newest(self, loaded) -> bool:
         """Hold the visitor's newest document of this session's kind, if they have one."""

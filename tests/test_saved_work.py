@@ -133,15 +133,15 @@ def processes():
 MESSAGES = ["Good morrow, sweet lady.", "What news from the court?", "Tell me all, I pray thee."]
 
 
-def replies_in_process(engine, seeds, max_tokens):
-    """The same conversation in this process (same model, same code): the replies, and the
-    token count of each reply."""
+def replies_in_process(engine, seeds, max_tokens, messages=MESSAGES, top_p=0.7):
+    """The same conversation in this process (same model, same code, the app's sampling with
+    `top_p`): the ChatSession, with each turn's reply and tokens."""
     from rwkv_playground.chat import ChatFormat, ChatSession
     from rwkv_playground.sampling import SamplingSettings
 
     session = ChatSession(ChatFormat("Bob", "Alice"))
-    for message, seed, limit in zip(MESSAGES, seeds, max_tokens):
-        settings = SamplingSettings(temperature=1.0, top_p=0.7, top_k=0, presence_penalty=0.4, count_penalty=0.4,
+    for message, seed, limit in zip(messages, seeds, max_tokens):
+        settings = SamplingSettings(temperature=1.0, top_p=top_p, top_k=0, presence_penalty=0.4, count_penalty=0.4,
                                     penalty_decay=0.996, seed=seed)
         for _ in session.send(engine, message, settings, limit):
             pass

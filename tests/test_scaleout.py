@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import ROOT, wait_until
+from test_saved_work import INTERRUPTED, MESSAGES, SAMPLING, exported_state, replies_in_process, text_of
 
 sys.path.insert(0, str(ROOT / "deploy"))
 from local_cluster import LocalCluster, free_port, haproxy_config, missing_packages  # noqa: E402
@@ -21,41 +21,16 @@ from local_cluster import LocalCluster, free_port, haproxy_config, missing_packa
 pytestmark = pytest.mark.skipif(bool(missing_packages()), reason=(
     f"needs Debian's {' and '.join(missing_packages())} (apt-get install haproxy postgresql; .ci/run installs them)"))
 
-SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]
-MESSAGES = ["Good morrow, sweet lady.", "What news from the court?", "Tell me all, I pray thee."]
 LIMITS = [12, 12, 300]
-INTERRUPTED = "*(interrupted: the server stopped while writing this reply)*"
 VISITORS = 6
-
-
-def text_of(message):
-    content = message["content"]
-    return "".join(p.get("text", "") for p in content) if isinstance(content, list) else content
 
 
 def chat(client, message, max_tokens, seed, key):
     return client.predict(message, "Bob", "Alice", "", *SAMPLING, max_tokens, seed, "", key, api_name="/chat")
 
 
-def exported_state(client):
-    files, status = client.predict(api_name="/chat_export")
-    paths = files["value"] if isinstance(files, dict) else files
-    state = [p for p in paths if str(p).endswith(".safetensors")]
-    assert state, status
-    return load_file(state[0])
-
-
 def in_process(engine, seeds):
-    from rwkv_playground.chat import ChatFormat, ChatSession
-    from rwkv_playground.sampling import SamplingSettings
-
-    session = ChatSession(ChatFormat("Bob", "Alice"))
-    for message, seed, limit in zip(MESSAGES, seeds, LIMITS):
-        settings = SamplingSettings(temperature=1.0, top_p=0.7, top_k=0, presence_penalty=0.4, count_penalty=0.4,
-                                    penalty_decay=0.996, seed=seed)
-        for _ in session.send(engine, message, settings, limit):
-            pass
-    return session
+    return replies_in_process(engine, seeds, LIMITS)
 
 
 def answers(url: str) -> bool:

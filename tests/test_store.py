@@ -14,19 +14,9 @@ import torch
 from rwkv_playground.blog import BlogSession
 from rwkv_playground.chat import ChatSession
 from rwkv_playground.notebook import EngineDriver, NotebookSession
-from rwkv_playground.sampling import SamplingSettings
 from rwkv_playground.store import SCHEMA_VERSION, SessionStore, StoreError, new_key
 
-
-def settings(seed=1):
-    return SamplingSettings(temperature=1.0, top_p=0.8, presence_penalty=0.4, count_penalty=0.4, seed=seed)
-
-
-def run(stream):
-    last = ""
-    for last in stream:
-        pass
-    return last
+from test_chat_blog_sessions import run, settings
 
 
 @pytest.fixture

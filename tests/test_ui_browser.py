@@ -443,20 +443,12 @@ def test_a_server_killed_mid_reply_comes_back_in_the_browser(tmp_path, engine, a
     with the text that had been shown."""
     import signal
 
-    from rwkv_playground.chat import ChatFormat, ChatSession
-    from rwkv_playground.sampling import SamplingSettings
-    from test_saved_work import start_app
+    from test_saved_work import replies_in_process, start_app
 
     first, second = "Good morrow, sweet lady.", "Tell me all the news of Verona, I pray thee."
 
-    def conversation(seed):  # the Chat tab's default sampling, in this process
-        session = ChatSession(ChatFormat("Bob", "Alice"))
-        for message, s, limit in ((first, 1, 30), (second, seed, 200)):
-            settings = SamplingSettings(temperature=1.0, top_p=0.5, top_k=0, presence_penalty=0.4,
-                                        count_penalty=0.4, penalty_decay=0.996, seed=s)
-            for _ in session.send(engine, message, settings, limit):
-                pass
-        return session
+    def conversation(seed):  # the Chat tab's default sampling (top_p 0.5), in this process
+        return replies_in_process(engine, [1, seed], [30, 200], messages=[first, second], top_p=0.5)
 
     PACE["on"] = False
     try:

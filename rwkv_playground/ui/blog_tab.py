@@ -109,12 +109,9 @@ class BlogTab:
         session = ensure_session(self.engine, session, BlogSession, request)
         if not doc_id or doc_id in (documents.NEW, session.doc_id):
             return self.opened(session, "")
-        doc = session.visitor.load(doc_id) if session.visitor is not None else None
-        if doc is None or doc.kind != "post":
-            return self.opened(session, "That post is not in your saved work.")
-        loaded = self.engine.current
         try:
-            session.open_document(doc, loaded.tokenizer if loaded is not None else None)
+            if not session.open_stored(doc_id, self.engine.current):
+                return self.opened(session, "That post is not in your saved work.")
         except Exception as exc:
             return self.opened(session, friendly_error(exc))
         return self.opened(session, f"Opened “{session.title}”: Continue goes on from its state.")
@@ -131,11 +128,9 @@ class BlogTab:
         session = ensure_session(self.engine, session, BlogSession, request)
         if session.busy:
             return self.opened(session, "A post is being written: wait for it, or press Stop first.")
-        if session.visitor is not None and session.stored:
-            session.visitor.delete(session.doc_id)
-            session.visitor.store.flush()
+        session.delete_stored()
         session.new_document()
-        self.visit(session)
+        session.open_newest(self.engine.current)
         return self.opened(session, "Post deleted.")
 
 

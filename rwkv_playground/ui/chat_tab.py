@@ -145,19 +145,13 @@ class ChatTab:
             session.notices.append(notice)
         return self.opened(session, "Welcome back: your conversation is as you left it." if session.turns else "")
 
-    def _tokenizer(self):
-        loaded = self.engine.current
-        return loaded.tokenizer if loaded is not None else None
-
     def on_open(self, doc_id, session, request: gr.Request = None):
         session = ensure_session(self.engine, session, ChatSession, request)
         if not doc_id or doc_id in (documents.NEW, session.doc_id):
             return self.opened(session, "")
-        doc = session.visitor.load(doc_id) if session.visitor is not None else None
-        if doc is None or doc.kind != "chat":
-            return self.opened(session, "That conversation is not in your saved work.")
         try:
-            session.open_document(doc, self._tokenizer())
+            if not session.open_stored(doc_id, self.engine.current):
+                return self.opened(session, "That conversation is not in your saved work.")
         except Exception as exc:
             return self.opened(session, friendly_error(exc))
         return self.opened(session, f"Opened “{session.title}”.")
@@ -186,11 +180,9 @@ class ChatTab:
         session = ensure_session(self.engine, session, ChatSession, request)
         if session.busy:
             return self.opened(session, "A reply is being written: wait for it, or press Stop first.")
-        if session.visitor is not None and session.stored:
-            session.visitor.delete(session.doc_id)
-            session.visitor.store.flush()
+        session.delete_stored()
         session.new_document()
-        self.visit(session)
+        session.open_newest(self.engine.current)
         return self.opened(session, "Conversation deleted.")
 
     def on_export(self, session, request: gr.Request = None):

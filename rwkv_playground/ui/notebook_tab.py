@@ -263,10 +263,8 @@ class NotebookTab:
             session = self.session(session, request)
             if not doc_id or doc_id in (documents.NEW, session.doc_id):
                 return session, version, gr.Markdown(), self.notebooks(session)
-            doc = session.visitor.load(doc_id) if session.visitor is not None else None
-            if doc is None or doc.kind != "notebook":
+            if not session.open_stored(doc_id, self.engine.current):
                 raise GenerationError("That notebook is not in your saved work.")
-            session.open_document(doc, self._fingerprint())
             note = " (made with another model: read-only)" if session.notebook.read_only else ""
             return session, version + 1, f"Opened “{session.title}”{note}.", self.notebooks(session)
         except Exception as exc:
@@ -285,11 +283,9 @@ class NotebookTab:
             session = self.session(session, request)
             if session.busy:
                 raise GenerationError("The notebook is running: wait for it, or press Stop first.")
-            if session.visitor is not None and session.stored:
-                session.visitor.delete(session.doc_id)
-                session.visitor.store.flush()
+            session.delete_stored()
             session.new_document(self._fingerprint())
-            self.visit(session)
+            session.open_newest(self.engine.current)
             return session, version + 1, "Notebook deleted.", self.notebooks(session)
         except Exception as exc:
             return session, version, friendly_error(exc), self.notebooks(session)
