@@ -15,6 +15,11 @@ std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch:
                                         torch::Tensor u, torch::Tensor state);
 std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
                                         torch::Tensor kk, torch::Tensor a, torch::Tensor state);
+std::vector<torch::Tensor> wkv7_train_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                              torch::Tensor kk, torch::Tensor a);
+std::vector<torch::Tensor> wkv7_train_backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                               torch::Tensor kk, torch::Tensor a, torch::Tensor checkpoints,
+                                               torch::Tensor gy);
 // kernels/sampling_cpu.cpp
 int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p, int64_t top_k, double uniform,
                      const std::string& isa);
@@ -37,6 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv7_forward", &wkv7_forward, py::arg("r"), py::arg("w"), py::arg("k"), py::arg("v"), py::arg("kk"),
         py::arg("a"), py::arg("state"), py::call_guard<py::gil_scoped_release>(),
         "RWKV-7 recurrence over [B, T, H, N] float32 inputs, state [B, H, N, N] [value, key] in; (y, state) out");
+  m.def("wkv7_train_forward", &wkv7_train_forward, py::arg("r"), py::arg("w"), py::arg("k"), py::arg("v"),
+        py::arg("kk"), py::arg("a"), py::call_guard<py::gil_scoped_release>(),
+        "RWKV-7 training forward from an empty state (float32 or float64): (y, chunk checkpoints, final state)");
+  m.def("wkv7_train_backward", &wkv7_train_backward, py::arg("r"), py::arg("w"), py::arg("k"), py::arg("v"),
+        py::arg("kk"), py::arg("a"), py::arg("checkpoints"), py::arg("gy"), py::call_guard<py::gil_scoped_release>(),
+        "its backward: (gr, gw, gk, gv, gkk, ga)");
 
   using rwkv_cpu::StepWeights;
   py::class_<StepWeights>(m, "StepWeights",

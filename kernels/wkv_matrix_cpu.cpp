@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -146,4 +147,185 @@ std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch:
     }
   });
   return {y, S_out};
+}
+
+// ---- RWKV-7 training: forward from an empty state keeping chunk checkpoints, and its backward ----
+//
+// Per head, with b_t = kk_t * a_t and M_t = diag(w_t) - kk_t b_t^T:   S_t = S_{t-1} M_t + v_t k_t^T,
+// y_t = S_t r_t. Walking t down with dS (the loss's gradient wrt S_t, from y_t and every later S):
+//   dS += dy r^T;  dr = S_t^T dy;  dv = dS k;  dk = dS^T v;
+//   q = dS b;  m = S_{t-1} kk;  dw_j = sum_i S_{t-1}[i][j] dS[i][j];  dkk = -S_{t-1}^T q;  db = -dS^T m;
+//   da = db * kk;  dkk += db * a;  dS <- dS diag(w) - q kk^T                    (dS_{t-1} = dS M_t^T)
+// All O(N^2) per token (dM = S_{t-1}^T dS is never formed). The forward keeps S at the start of
+// every kChunk tokens; the backward recomputes the states of one chunk at a time (memory
+// B*H*T/kChunk*N^2 instead of B*H*T*N^2), as RWKV-LM's wkv7 CUDA kernel does. acc_t is float, or
+// double for gradcheck.
+
+namespace {
+
+constexpr int64_t kChunk = 16;
+
+template <typename acc_t>
+inline void wkv7_train_token(acc_t* S, const acc_t* r, const acc_t* w, const acc_t* k, const acc_t* v,
+                             const acc_t* kk, const acc_t* a, acc_t* y, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t* row = S + i * N;
+    acc_t removed = 0;
+#pragma omp simd reduction(+ : removed)
+    for (int64_t j = 0; j < N; ++j) removed += row[j] * kk[j];
+    const acc_t vi = v[i];
+    acc_t yi = 0;
+#pragma omp simd reduction(+ : yi)
+    for (int64_t j = 0; j < N; ++j) {
+      row[j] = row[j] * w[j] - removed * kk[j] * a[j] + vi * k[j];
+      yi += row[j] * r[j];
+    }
+    if (y) y[i] = yi;
+  }
+}
+
+template <typename acc_t>
+void wkv7_train_forward_kernel(int64_t B, int64_t T, int64_t H, int64_t N, const acc_t* r, const acc_t* w,
+                               const acc_t* k, const acc_t* v, const acc_t* kk, const acc_t* a, acc_t* y,
+                               acc_t* checkpoints, acc_t* final_state) {
+  const int64_t n_chunks = (T + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      acc_t* S = final_state + task * N * N;
+      std::fill(S, S + N * N, acc_t(0));
+      for (int64_t t = 0; t < T; ++t) {
+        if (t % kChunk == 0) std::copy(S, S + N * N, checkpoints + (task * n_chunks + t / kChunk) * N * N);
+        const int64_t off = ((b * T + t) * H + h) * N;
+        wkv7_train_token(S, r + off, w + off, k + off, v + off, kk + off, a + off, y + off, N);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void wkv7_train_backward_kernel(int64_t B, int64_t T, int64_t H, int64_t N, const acc_t* r, const acc_t* w,
+                                const acc_t* k, const acc_t* v, const acc_t* kk, const acc_t* a,
+                                const acc_t* checkpoints, const acc_t* gy, acc_t* gr, acc_t* gw, acc_t* gk,
+                                acc_t* gv, acc_t* gkk, acc_t* ga) {
+  const int64_t n_chunks = (T + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> states((kChunk + 1) * N * N), dS(N * N), q(N), m(N), bvec(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      std::fill(dS.begin(), dS.end(), acc_t(0));
+      for (int64_t c = n_chunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * kChunk, t1 = std::min(T, t0 + kChunk);
+        const acc_t* saved = checkpoints + (task * n_chunks + c) * N * N;
+        std::copy(saved, saved + N * N, states.begin());
+        for (int64_t t = t0; t < t1; ++t) {  // states[t - t0 + 1] = S_t
+          const int64_t off = ((b * T + t) * H + h) * N;
+          acc_t* next = states.data() + (t - t0 + 1) * N * N;
+          std::copy(next - N * N, next, next);
+          wkv7_train_token<acc_t>(next, r + off, w + off, k + off, v + off, kk + off, a + off, nullptr, N);
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t off = ((b * T + t) * H + h) * N;
+          const acc_t *rt = r + off, *wt = w + off, *kt = k + off, *vt = v + off, *kkt = kk + off, *at_ = a + off,
+                      *dy = gy + off;
+          const acc_t* S_prev = states.data() + (t - t0) * N * N;
+          const acc_t* S_now = S_prev + N * N;
+          acc_t *dr = gr + off, *dw = gw + off, *dk = gk + off, *dv = gv + off, *dkk = gkk + off, *da = ga + off;
+          for (int64_t j = 0; j < N; ++j) {
+            bvec[j] = kkt[j] * at_[j];
+            dr[j] = dw[j] = dk[j] = dkk[j] = da[j] = 0;  // da holds db until the end
+          }
+          for (int64_t i = 0; i < N; ++i) {
+            acc_t* g = dS.data() + i * N;
+            const acc_t* sp = S_prev + i * N;
+            const acc_t dyi = dy[i];
+            acc_t dvi = 0, qi = 0, mi = 0;
+#pragma omp simd reduction(+ : dvi, qi, mi)
+            for (int64_t j = 0; j < N; ++j) {
+              g[j] += dyi * rt[j];
+              dvi += g[j] * kt[j];
+              qi += g[j] * bvec[j];
+              mi += sp[j] * kkt[j];
+            }
+            dv[i] = dvi;
+            q[i] = qi;
+            m[i] = mi;
+          }
+          for (int64_t i = 0; i < N; ++i) {
+            acc_t* g = dS.data() + i * N;
+            const acc_t *sp = S_prev + i * N, *sn = S_now + i * N;
+            const acc_t dyi = dy[i], vi = vt[i], qi = q[i], mi = m[i];
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) {
+              dr[j] += sn[j] * dyi;
+              dk[j] += g[j] * vi;
+              dw[j] += sp[j] * g[j];
+              dkk[j] -= sp[j] * qi;
+              da[j] -= mi * g[j];
+              g[j] = g[j] * wt[j] - qi * kkt[j];
+            }
+          }
+          for (int64_t j = 0; j < N; ++j) {
+            const acc_t db = da[j];
+            da[j] = db * kkt[j];
+            dkk[j] += db * at_[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_train(const std::vector<std::pair<const torch::Tensor*, const char*>>& seq) {
+  const auto& first = *seq.front().first;
+  TORCH_CHECK(first.scalar_type() == torch::kFloat32 || first.scalar_type() == torch::kFloat64,
+              "wkv7 training: inputs must be float32 or float64");
+  for (const auto& [t, name] : seq) {
+    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(t->scalar_type() == first.scalar_type(), name, " must have the dtype of r");
+    TORCH_CHECK(t->dim() == 4 && t->sizes() == first.sizes(), name, " must be [B, T, H, N] like r");
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+}
+
+}  // namespace
+
+// Training forward from an empty state: (y [B, T, H, N], checkpoints [B, H, ceil(T/16), N, N], final state).
+std::vector<torch::Tensor> wkv7_train_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                              torch::Tensor kk, torch::Tensor a) {
+  check_train({{&r, "r"}, {&w, "w"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"}});
+  const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
+  auto y = torch::zeros_like(k);
+  auto checkpoints = torch::empty({B, H, (T + kChunk - 1) / kChunk, N, N}, k.options());
+  auto final_state = torch::zeros({B, H, N, N}, k.options());
+  if (B * H * T == 0) return {y, checkpoints, final_state};
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv7_train_forward", [&] {
+    wkv7_train_forward_kernel<scalar_t>(B, T, H, N, r.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), kk.data_ptr<scalar_t>(),
+                                        a.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                        checkpoints.data_ptr<scalar_t>(), final_state.data_ptr<scalar_t>());
+  });
+  return {y, checkpoints, final_state};
+}
+
+// Its backward: (gr, gw, gk, gv, gkk, ga), each [B, T, H, N], for the gradient gy of y.
+std::vector<torch::Tensor> wkv7_train_backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                               torch::Tensor kk, torch::Tensor a, torch::Tensor checkpoints,
+                                               torch::Tensor gy) {
+  check_train({{&r, "r"}, {&w, "w"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"}, {&gy, "gy"}});
+  const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
+  TORCH_CHECK(checkpoints.is_contiguous() && checkpoints.scalar_type() == k.scalar_type() &&
+                  checkpoints.sizes() == torch::IntArrayRef({B, H, (T + kChunk - 1) / kChunk, N, N}),
+              "checkpoints must be the tensor wkv7_train_forward returned");
+  std::vector<torch::Tensor> grads;
+  for (int i = 0; i < 6; ++i) grads.push_back(torch::zeros_like(k));
+  if (B * H * T == 0) return grads;
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv7_train_backward", [&] {
+    wkv7_train_backward_kernel<scalar_t>(
+        B, T, H, N, r.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+        kk.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+        grads[0].data_ptr<scalar_t>(), grads[1].data_ptr<scalar_t>(), grads[2].data_ptr<scalar_t>(),
+        grads[3].data_ptr<scalar_t>(), grads[4].data_ptr<scalar_t>(), grads[5].data_ptr<scalar_t>());
+  });
+  return grads;
 }

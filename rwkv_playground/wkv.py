@@ -212,10 +212,39 @@ reference_matrix_wkv = MatrixWKV("reference", wkv5_reference, wkv7_reference)
 CUDA_HEAD_SIZES = (16, 32, 64)
 
 
+class _CompiledWKV7Train(torch.autograd.Function):
+    """RWKV-7's recurrence from an empty state with the C++ kernel's hand-written backward
+    (kernels/wkv_matrix_cpu.cpp: wkv7_train_forward / wkv7_train_backward); float64 stays float64
+    (gradcheck), anything else runs in float32. The final state is returned, not differentiable."""
+
+    @staticmethod
+    def forward(ctx, kernel_module, r, w, k, v, kk, a):
+        dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+        inputs = tuple(t.to(dtype).contiguous() for t in (r, w, k, v, kk, a))
+        y, checkpoints, final_state = kernel_module.wkv7_train_forward(*inputs)
+        ctx.kernel_module = kernel_module
+        ctx.save_for_backward(*inputs, checkpoints)
+        ctx.mark_non_differentiable(final_state)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_state):
+        *inputs, checkpoints = ctx.saved_tensors
+        grad_y = torch.zeros_like(inputs[0]) if grad_y is None else grad_y.to(inputs[0].dtype).contiguous()
+        grads = ctx.kernel_module.wkv7_train_backward(*inputs, checkpoints, grad_y)
+        return (None, *grads)
+
+
+def wkv7_train(kernel_module, r, w, k, v, kk, a):
+    """Differentiable wkv7 from an empty state on the CPU: (y [B, T, H, N], final state)."""
+    return _CompiledWKV7Train.apply(kernel_module, r, w, k, v, kk, a)
+
+
 def compiled_matrix_wkv(kernel_module, name: str) -> MatrixWKV:
     """The matrix-state recurrences of a compiled kernel module (float32 in, float32 out); on CUDA a
-    head size the kernels are not compiled for runs the reference. Autograd does not run through a
-    kernel: training uses the reference."""
+    head size the kernels are not compiled for runs the reference. Autograd runs through the CPU
+    kernel's RWKV-7 training form (state None, inputs needing gradients); otherwise through the
+    reference."""
 
     def f32(t):
         return t.float().contiguous()
@@ -234,8 +263,13 @@ def compiled_matrix_wkv(kernel_module, name: str) -> MatrixWKV:
         y, S = kernel_module.wkv5_forward(f32(r), f32(k), f32(v), f32(w), f32(u), f32(S))
         return y, S
 
+    def needs_grad(*tensors) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
     def wkv7(r, w, k, v, kk, a, state):
-        if unsupported(k):
+        if name == "cpu" and state is None and needs_grad(r, w, k, v, kk, a):
+            return wkv7_train(kernel_module, r, w, k, v, kk, a)
+        if unsupported(k) or needs_grad(r, w, k, v, kk, a):
             return wkv7_reference(r, w, k, v, kk, a, state)
         S = empty_state(k) if state is None else state
         y, S = kernel_module.wkv7_forward(f32(r), f32(w), f32(k), f32(v), f32(kk), f32(a), f32(S))
