@@ -178,3 +178,67 @@ def test_cuda_model_matches_the_cpu_model(tmp_path, arch_name):
         step, _ = runtime.forward([7], state)  # the one-token step on the GPU
         ref_step, _ = load_runtime(path).forward([7], cpu_state)
         assert rel(step.cpu(), ref_step) <= tol, dtype
+
+
+# ---- RWKV-7's training form: the C++ forward + hand-written backward (wkv.wkv7_train) ------------------
+
+TRAIN_GRID = list(itertools.product([1, 2], [1, 15, 16, 17, 70], [(1, 64), (2, 16), (3, 6)],
+                                    ["mixed", "fast", "slow"]))
+
+
+def train_inputs(B, T, H, N, decay, dtype, seed=0):
+    r, w, k, v, kk, a, _ = inputs("wkv7", B, T, H, N, seed=seed, decay=decay)
+    return [t.to(dtype).requires_grad_() for t in (r, w, k, v, kk, a)]
+
+
+@pytest.mark.parametrize("B,T,shape,decay", TRAIN_GRID)
+def test_wkv7_training_backward_matches_autograd_through_the_reference(cpu_kernel_module, B, T, shape, decay):
+    """float64: y and all six gradients equal autograd through wkv7_reference (chunk borders at 16
+    crossed, T = 1, decays ~0 and ~1); float32: the same within fp32 rounding."""
+    from rwkv_playground.wkv import wkv7_train
+
+    H, N = shape
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        args = train_inputs(B, T, H, N, decay, dtype, seed=B * 100 + T)
+        y, S = wkv7_train(cpu_kernel_module, *args)
+        y_ref, S_ref = wkv7_reference(*args, None)
+        assert y.dtype == dtype and rel(y, y_ref) <= tol and rel(S, S_ref) <= tol
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(T), dtype=dtype)
+        grads = torch.autograd.grad((y * grad_y).sum(), args)
+        grads_ref = torch.autograd.grad((y_ref * grad_y).sum(), args)
+        for name, g, g_ref in zip("r w k v kk a".split(), grads, grads_ref):
+            assert torch.isfinite(g).all(), name
+            assert rel(g, g_ref) <= tol, (name, dtype, rel(g, g_ref))
+
+
+@pytest.mark.parametrize("T", [1, 5, 20])
+def test_wkv7_training_backward_passes_float64_gradcheck(cpu_kernel_module, T):
+    from rwkv_playground.wkv import wkv7_train
+
+    args = train_inputs(1, T, 2, 4, "mixed", torch.float64, seed=T)
+    assert torch.autograd.gradcheck(lambda *t: wkv7_train(cpu_kernel_module, *t)[0], args, eps=1e-6, atol=1e-8)
+
+
+def test_the_cpu_operator_trains_through_the_kernel_and_infers_through_the_forward(kernel, cpu_kernel_module):
+    """state None + inputs needing gradients -> the training kernel (its gradients are the reference's);
+    with a state, or under no_grad, the inference kernel; a state + gradients -> the reference (autograd)."""
+    args = train_inputs(1, 20, 2, 16, "mixed", torch.float32)
+    y, _ = kernel.wkv7(*args, None)
+    assert y.grad_fn is not None and "CompiledWKV7Train" in type(y.grad_fn).__name__
+    with torch.no_grad():
+        y_plain, _ = kernel.wkv7(*args, None)
+    assert rel(y_plain, y.detach()) <= TOL
+    state = torch.zeros(1, 2, 16, 16)
+    y_state, _ = kernel.wkv7(*args, state)
+    assert y_state.grad_fn is not None and rel(y_state.detach(), y.detach()) <= TOL
+
+
+def test_wkv7_training_refuses_bad_inputs(cpu_kernel_module):
+    from rwkv_playground.wkv import wkv7_train
+
+    args = train_inputs(1, 4, 1, 8, "mixed", torch.float32)
+    with pytest.raises(RuntimeError, match="must be"):
+        cpu_kernel_module.wkv7_train_forward(*[a.detach() for a in args[:5]], args[5].detach()[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_kernel_module.wkv7_train_forward(*[a.detach() for a in args[:5]], args[5].detach().double())
+    assert wkv7_train(cpu_kernel_module, *args)[0].shape == (1, 4, 1, 8)
