@@ -29,7 +29,9 @@ from .sessions import MemoryBudget, Session, forget_session
 from .tokenizer import Tokenizer, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_CHECKPOINT = ASSETS / "rwkv4-demo-shakespeare.pth"
+DEMO_CHECKPOINT = ASSETS / "rwkv4-demo-shakespeare.pth"  # the default model
+# every model the project trained and ships (tools/demo_model/train.py): the model panel offers each
+DEMO_CHECKPOINTS = (DEMO_CHECKPOINT, ASSETS / "rwkv7-demo-shakespeare.pth")
 WORLD_VOCAB = ASSETS / "rwkv_vocab_v20230424.txt"
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 
@@ -207,10 +209,8 @@ class Engine:
 
     # ---- models folder ---------------------------------------------------------------------
     def list_models(self) -> list[str]:
-        """Checkpoint names the browser may choose: files in the models folder, plus the demo."""
-        names = []
-        if DEMO_CHECKPOINT.exists():
-            names.append(DEMO_CHECKPOINT.name)
+        """Checkpoint names the browser may choose: files in the models folder, plus the demo models."""
+        names = [path.name for path in DEMO_CHECKPOINTS if path.exists()]
         if self.models_dir and self.models_dir.is_dir():
             for p in sorted(self.models_dir.rglob("*")):
                 if p.suffix in CHECKPOINT_SUFFIXES and p.is_file():
@@ -221,8 +221,9 @@ class Engine:
 
     def resolve_choice(self, name: str) -> Path:
         """Map a name chosen in the browser to a file, refusing anything outside the models folder."""
-        if name == DEMO_CHECKPOINT.name:
-            return DEMO_CHECKPOINT
+        for demo in DEMO_CHECKPOINTS:
+            if name == demo.name and demo.exists():
+                return demo
         if not self.models_dir:
             raise LoadError("No models folder is configured (start the app with --models-dir DIR).")
         candidate = (self.models_dir / name).resolve()

@@ -24,6 +24,9 @@ from rwkv_playground.models.rwkv7 import RWKV7Config
 
 TOL = 1e-5
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEMO_TEXT = ("Viola: What country, friends, is this?\n\nCaptain: This is Illyria, lady.\n\n"
+             "Viola: And what should I do in Illyria? My brother he is in Elysium.\n\n")
 T_SEQ, T_RNN = 40, 12
 
 # (id, architecture, config, file dtype)
@@ -68,6 +71,17 @@ def matrix_cases(tmp_path_factory):
         jobs["1" if arch_name == "rwkv7" else "0"].append(
             {"path": str(pkg_path), "tokens": tokens, "rnn_tokens": T_RNN, "out": str(out)})
         cases[case] = (path, tokens, out)
+    # the shipped RWKV-7 demo model, like any v7 file (the package reads its exact fp32 upcast)
+    demo = ROOT / "assets" / "rwkv7-demo-shakespeare.pth"
+    assert demo.exists(), "assets/ must ship the RWKV-7 demo model (python -m tools.demo_model.train --arch v7)"
+    pkg_path = folder / "demo-v7-fp32.pth"
+    torch.save({k: v.float() for k, v in torch.load(demo, weights_only=True).items()}, pkg_path)
+    from rwkv_playground.tokenizer import load_tokenizer
+
+    tokens = load_tokenizer(ROOT / "assets" / "rwkv4-demo-tokenizer.json").encode(DEMO_TEXT)[:T_SEQ]
+    out = folder / "demo-v7.out.safetensors"
+    jobs["1"].append({"path": str(pkg_path), "tokens": tokens, "rnn_tokens": T_RNN, "out": str(out)})
+    cases["demo-v7"] = (demo, tokens, out)
     for v7, group in jobs.items():
         job_file = folder / f"jobs-{v7}.json"
         job_file.write_text(json.dumps(group))
@@ -86,7 +100,7 @@ def compare_states(ref: dict, prefix: str, state, n_layer: int):
         assert rel(state.ffn_x[i], ffn_x) <= TOL, (i, "ffn_x")
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["demo-v7"])
 def test_logits_and_states_match_the_rwkv_package(matrix_cases, case):
     from rwkv_playground import load_runtime
 

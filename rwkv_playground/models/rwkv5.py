@@ -91,7 +91,7 @@ class TimeMix(nn.Module):
                                 self.bonus(), wkv_state)                      # [B, T, H, N]
         y = y.reshape(B, T, C)
         if observe is not None:
-            for name, value in (("att_x", x), ("r", r), ("k", k), ("v", v), ("wkv", y)):
+            for name, value in (("att_x", x), ("r", r), ("k", k), ("v", v), ("w", w.reshape(B, T, C)), ("wkv", y)):
                 observe(name, value)
         y = head_group_norm(y, H, self.ln_x.weight, self.ln_x.bias)
         if self.gated:
