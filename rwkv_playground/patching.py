@@ -1,0 +1,560 @@
+"""Experiments that move state between runs, on every architecture (RWKV-4's vector state and
+RWKV-5/6/7's matrix state alike; no Gradio, no plotting).
+
+- **patching from a clean run**: two texts of the same length (clean, corrupted). Read the
+  corrupted text; just after token `position`, restore a part of the state (a layer, a head's
+  matrix, a group of channels) from the clean run, and read on. At every later token: how much of
+  the clean prediction returned, recovery = (log p_patched - log p_corrupted) / (log p_clean -
+  log p_corrupted) of the clean run's most likely token (1: all of it, 0: none), and the KL
+  divergence from the clean distribution.
+- **restore sweep** (the causal trace of the RWKV-4 paper, restoring instead of erasing): every
+  layer restored after each of the `window` tokens before `target`, the recovery of the clean
+  prediction at `target`; every row in one batch, read segment by segment.
+- **remove a token**: subtract exactly one earlier token's contribution from a layer's memory
+  (RWKV-5/6/7: its value times its decayed key, carried through every later transition; RWKV-4:
+  its e^{k} v term and e^{k} weight) and read on.
+- **blend**: interpolate the states of two texts after a token (alpha from 0 to 1) and read the
+  next-token distribution and a short greedy continuation from each blend.
+
+Positions are token indices; "after position t" means after reading token t.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import GenerationError
+from .scheduler import run_here
+from .state import EMPTY_PP, State
+
+MATRIX = ("rwkv5", "rwkv6", "rwkv7")
+
+
+@dataclass(frozen=True)
+class StatePart:
+    """A part of one layer's state: the whole layer, one head's matrix (RWKV-5/6/7), or channels
+    (RWKV-4: aa, bb, pp and both token shifts; RWKV-5/6/7: the token shifts and those rows or
+    columns of every head's matrix: `axis` "rows" or "columns", in the matrix's own index order)."""
+
+    layer: int
+    head: int | None = None
+    channels: tuple[int, ...] | None = None
+    axis: str = "rows"
+
+    @property
+    def label(self) -> str:
+        if self.head is not None:
+            return f"L{self.layer} head {self.head}"
+        if self.channels is not None:
+            ch = self.channels
+            span = f"{ch[0]}-{ch[-1]}" if len(ch) > 1 and list(ch) == list(range(ch[0], ch[-1] + 1)) else ",".join(map(str, ch[:6]))
+            return f"L{self.layer} ch {span}"
+        return f"L{self.layer}"
+
+    def validate(self, state: State) -> None:
+        L = state.n_layer
+        if not 0 <= self.layer < L:
+            raise GenerationError(f"Layer {self.layer} does not exist: this model has layers 0 to {L - 1}.")
+        matrix = state.architecture in MATRIX
+        if self.head is not None:
+            if not matrix:
+                raise GenerationError("RWKV-4 has no heads: choose a layer or channels.")
+            H = state.wkv_state.shape[-3]
+            if not 0 <= self.head < H:
+                raise GenerationError(f"Head {self.head} does not exist: this model has heads 0 to {H - 1}.")
+        if self.channels is not None:
+            limit = state.wkv_state.shape[-1] if matrix and self.axis in ("rows", "columns") else state.n_embd
+            if not self.channels or min(self.channels) < 0 or max(self.channels) >= limit:
+                raise GenerationError(f"Channels must be between 0 and {limit - 1}, and at least one.")
+        if self.axis not in ("rows", "columns"):
+            raise GenerationError("The axis of a matrix part is 'rows' or 'columns'.")
+
+    def views(self, state: State) -> list[torch.Tensor]:
+        """The tensors (views into a single-sequence state) this part covers."""
+        i = self.layer
+        if state.architecture not in MATRIX:
+            if self.channels is None:
+                return [getattr(state, n)[i] for n in ("att_x", "aa", "bb", "pp", "ffn_x")]
+            ch = torch.tensor(self.channels)
+            return [_IndexView(getattr(state, n)[i], ch) for n in ("att_x", "aa", "bb", "pp", "ffn_x")]
+        if self.head is not None:
+            return [state.wkv_state[i, self.head]]
+        if self.channels is None:
+            return [state.att_x[i], state.wkv_state[i], state.ffn_x[i]]
+        ch = torch.tensor(self.channels)
+        S = state.wkv_state[i]
+        return [_IndexView(S, ch, dim=1 if self.axis == "rows" else 2)]
+
+    def copy(self, target: State, source: State) -> None:
+        """Set this part of `target` to `source`'s (both single-sequence states, same model)."""
+        for t, s in zip(self.views(target), self.views(source)):
+            t.copy_(s)
+
+    def erase(self, target: State) -> None:
+        """Set this part to an empty memory (RWKV-4: aa = bb = 0, pp = empty; otherwise zeros)."""
+        for n, t in zip(("att_x", "aa", "bb", "pp", "ffn_x"), self.views(target)):
+            t.fill_(EMPTY_PP if target.architecture not in MATRIX and n == "pp" else 0.0)
+
+
+class _IndexView:
+    """Channels of a tensor along one dimension, assignable like a view (index_copy_)."""
+
+    def __init__(self, tensor: torch.Tensor, index: torch.Tensor, dim: int = 0):
+        self.tensor, self.index, self.dim = tensor, index, dim
+
+    def copy_(self, other: "_IndexView") -> None:
+        self.tensor.index_copy_(self.dim, self.index, other.tensor.index_select(other.dim, other.index))
+
+    def fill_(self, value: float) -> None:
+        self.tensor.index_fill_(self.dim, self.index, value)
+
+
+def _check(runtime, *texts) -> list[list[int]]:
+    out = []
+    for tokens in texts:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise GenerationError("There is no text to experiment on: type some text first.")
+        if min(tokens) < 0 or max(tokens) >= runtime.config.vocab_size:
+            raise GenerationError("The text has token ids this model does not know.")
+        out.append(tokens)
+    return out
+
+
+def _texts(tokenizer, ids) -> list[str]:
+    return [tokenizer.token_text(int(t)) for t in ids] if tokenizer else [str(int(t)) for t in ids]
+
+
+def _recovery(lp_row, lp_corrupt, lp_clean):
+    """(row - corrupted) / (clean - corrupted); NaN where the two runs agree (nothing to recover)."""
+    gap = lp_clean - lp_corrupt
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.abs(gap) > 1e-6, (lp_row - lp_corrupt) / gap, np.nan)
+
+
+# ---- patching from a clean run ---------------------------------------------------------------------
+
+@dataclass
+class PatchResult:
+    """Rows: the corrupted run, then one per restored part. Columns: positions position .. T-1."""
+
+    clean_tokens: list[int]
+    corrupt_tokens: list[int]
+    token_texts: list[str]  # the corrupted text's tokens
+    position: int
+    labels: list[str]
+    clean_top: list[int]  # the clean run's most likely next token at each position
+    clean_top_texts: list[str]
+    log_prob: np.ndarray  # [K + 1, P] log p(clean top token) per row (row 0: corrupted, unpatched)
+    clean_log_prob: np.ndarray  # [P]
+    kl: np.ndarray  # [K + 1, P] KL(clean || row)
+    recovery: np.ndarray  # [K, P]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(self.position, len(self.corrupt_tokens))
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["part", "position", "token", "clean_top", "recovery", "kl_from_clean"])
+        for k, label in enumerate(self.labels):
+            for j, pos in enumerate(self.positions):
+                writer.writerow([label, int(pos), self.token_texts[pos], self.clean_top_texts[j],
+                                 f"{self.recovery[k, j]:.6g}", f"{self.kl[k + 1, j]:.6g}"])
+        return out.getvalue()
+
+    def to_json(self) -> str:
+        return json.dumps({"position": self.position, "parts": self.labels, "positions": self.positions.tolist(),
+                           "clean_top": self.clean_top, "recovery": _nan_to_none(self.recovery),
+                           "kl_from_clean": self.kl.tolist(), "corrupted_kl": self.kl[0].tolist()})
+
+
+def _nan_to_none(a):
+    return [[None if not math.isfinite(float(x)) else float(x) for x in row] for row in a]
+
+
+def _clean_run(runtime, tokens, state):
+    """Logits at every position and the state after every position of the clean run."""
+    current = state.clone() if state is not None else runtime.new_state()
+    logits_all, states = [], []
+    for t in tokens:
+        logits, current = runtime.forward([t], current)
+        logits_all.append(logits.double())
+        states.append(current.clone())
+    return torch.stack(logits_all), states
+
+
+def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
+               state: State | None = None):
+    """Restore each part from the clean run just after `position` of the corrupted text (a
+    scheduler task; returns a PatchResult). All rows read the rest as one batch."""
+    clean, corrupt = _check(runtime, clean_tokens, corrupt_tokens)
+    T = len(corrupt)
+    if len(clean) != T:
+        raise GenerationError(f"The clean and corrupted texts must have the same number of tokens "
+                              f"({len(clean)} and {T}): patching compares them position by position.")
+    if not 0 <= position < T:
+        raise GenerationError(f"Position {position} is outside the text (0 to {T - 1}).")
+    if not parts:
+        raise GenerationError("Choose at least one part of the state to restore.")
+    start = state.clone() if state is not None else runtime.new_state()
+    for p in parts:
+        p.validate(start)
+    clean_current = start.clone()
+    clean_logits, _ = runtime.forward(clean[:position + 1], clean_current, full_output=True, inplace=True)
+    clean_after = clean_current.clone()
+    rest_clean, _ = runtime.forward(clean[position + 1:], clean_current, full_output=True) if position + 1 < T else (None, None)
+    clean_logits = torch.cat([clean_logits[position:]] + ([rest_clean] if rest_clean is not None else [])).double()
+    yield 0.3, "Read the clean text"
+    base = start.clone()
+    corrupt_logits, _ = runtime.forward(corrupt[:position + 1], base, full_output=True, inplace=True)
+    first = corrupt_logits[position].double()
+    rows = State.stack([base] * (len(parts) + 1))
+    for single, part in zip(rows.unbind_views()[1:], parts):
+        part.copy(single, clean_after)
+    K1 = len(parts) + 1
+    log_p = [torch.log_softmax(first, -1).expand(K1, -1)]  # patching after position changes nothing at position
+    if position + 1 < T:
+        logits, _ = runtime.forward(torch.tensor([corrupt[position + 1:]] * K1), rows, full_output=True, inplace=True)
+        log_p = [log_p[0][:, None]] + [torch.log_softmax(logits.double(), -1)]
+        log_p = torch.cat(log_p, dim=1)  # [K1, P, V]
+    else:
+        log_p = log_p[0][:, None]
+    yield 0.9, "Read the corrupted text with each restore"
+    clean_lp = torch.log_softmax(clean_logits, -1)  # [P, V]
+    top = clean_lp.argmax(-1)  # [P]
+    row_lp = log_p.gather(2, top.expand(K1, -1)[..., None])[..., 0].numpy()
+    clean_top_lp = clean_lp.gather(1, top[:, None])[:, 0].numpy()
+    kl = (clean_lp.exp()[None] * (clean_lp[None] - log_p)).sum(-1).clamp_min(0).numpy()
+    recovery = _recovery(row_lp[1:], row_lp[:1], clean_top_lp[None])
+    return PatchResult(clean_tokens=clean, corrupt_tokens=corrupt, token_texts=_texts(tokenizer, corrupt),
+                       position=position, labels=[p.label for p in parts], clean_top=top.tolist(),
+                       clean_top_texts=_texts(tokenizer, top.tolist()), log_prob=row_lp, clean_log_prob=clean_top_lp,
+                       kl=kl, recovery=recovery)
+
+
+# ---- the restore sweep (causal trace) ----------------------------------------------------------------
+
+@dataclass
+class RestoreSweep:
+    """recovery[g, j]: how much of the clean prediction at `target` returns when part g is restored
+    from the clean run just after positions[j] of the corrupted text."""
+
+    token_texts: list[str]
+    target: int
+    answer: int  # the clean run's most likely next token after `target`
+    answer_text: str
+    clean_log_prob: float
+    corrupt_log_prob: float
+    labels: list[str]
+    positions: list[int]
+    log_prob: np.ndarray  # [G, J]
+    recovery: np.ndarray  # [G, J]
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["part", "position", "token", "log_prob_answer", "recovery"])
+        for g, label in enumerate(self.labels):
+            for j, pos in enumerate(self.positions):
+                writer.writerow([label, pos, self.token_texts[pos], f"{self.log_prob[g, j]:.6g}",
+                                 f"{self.recovery[g, j]:.6g}"])
+        return out.getvalue()
+
+    def to_json(self) -> str:
+        return json.dumps({"target": self.target, "answer": self.answer, "answer_text": self.answer_text,
+                           "clean_log_prob": self.clean_log_prob, "corrupt_log_prob": self.corrupt_log_prob,
+                           "parts": self.labels, "positions": self.positions,
+                           "recovery": _nan_to_none(self.recovery), "log_prob": self.log_prob.tolist()})
+
+
+def restore_sweep_task(runtime, tokenizer, clean_tokens, corrupt_tokens, target: int | None = None,
+                       window: int = 32, parts: list[StatePart] | None = None, state: State | None = None):
+    """Every part (default: each layer) restored after each of the `window` positions before
+    `target` (default: the last token); one batch whose rows join as the corrupted reading passes
+    their position, read segment by segment (a scheduler task; returns a RestoreSweep)."""
+    clean, corrupt = _check(runtime, clean_tokens, corrupt_tokens)
+    T = len(corrupt)
+    if len(clean) != T:
+        raise GenerationError(f"The clean and corrupted texts must have the same number of tokens "
+                              f"({len(clean)} and {T}).")
+    target = T - 1 if target is None else int(target)
+    if not 1 <= target < T:
+        raise GenerationError(f"The target must be one of positions 1 to {T - 1} (it needs a past).")
+    start = state.clone() if state is not None else runtime.new_state()
+    parts = parts or [StatePart(layer) for layer in range(runtime.config.n_layer)]
+    for p in parts:
+        p.validate(start)
+    first = max(0, target - max(1, window))
+    positions = list(range(first, target))
+    # the clean run: its state after each window position, and its prediction at the target
+    clean_state = start.clone()
+    if first > 0:
+        runtime.forward(clean[:first], clean_state, inplace=True)
+    clean_after = []
+    for pos in positions:
+        runtime.forward([clean[pos]], clean_state, inplace=True)
+        clean_after.append(clean_state.clone())
+    clean_logits, _ = runtime.forward([clean[target]], clean_state)
+    clean_lp = torch.log_softmax(clean_logits.double(), -1)
+    answer = int(clean_lp.argmax())
+    yield 0.2, "Read the clean text"
+    base = start.clone()
+    if first > 0:
+        runtime.forward(corrupt[:first], base, inplace=True)
+    rows: State | None = None
+    n_rows = len(parts) * len(positions)
+    log_prob = np.zeros(n_rows)
+    corrupt_lp = None
+    for j, pos in enumerate(positions):
+        # the unpatched reading moves on by one token; then new rows restore each part after pos
+        runtime.forward([corrupt[pos]], base, inplace=True)
+        fresh = []
+        for part in parts:
+            row = base.clone()
+            part.copy(row, clean_after[j])
+            fresh.append(row)
+        if rows is None:
+            rows = State.stack(fresh)
+        else:
+            advance = corrupt[pos]  # rows already running read this token too
+            runtime.forward(torch.tensor([[advance]] * rows.batch_size), rows, inplace=True)
+            rows = State.stack(rows.unbind() + fresh)
+        yield 0.2 + 0.7 * (j + 1) / len(positions), f"Restore sweep: position {j + 1} of {len(positions)}"
+    # every row has read up to target - 1; the target token gives the prediction
+    logits, _ = runtime.forward(torch.tensor([[corrupt[target]]] * rows.batch_size), rows, inplace=True)
+    row_lp = torch.log_softmax(logits.double(), -1)[:, answer].numpy()
+    corrupt_logits, _ = runtime.forward([corrupt[target]], base)
+    corrupt_lp = float(torch.log_softmax(corrupt_logits.double(), -1)[answer])
+    # rows were appended position by position, parts within each: [J, G] -> [G, J]
+    log_prob = row_lp.reshape(len(positions), len(parts)).T.copy()
+    recovery = _recovery(log_prob, corrupt_lp, float(clean_lp[answer]))
+    return RestoreSweep(token_texts=_texts(tokenizer, corrupt), target=target, answer=answer,
+                        answer_text=_texts(tokenizer, [answer])[0], clean_log_prob=float(clean_lp[answer]),
+                        corrupt_log_prob=corrupt_lp, labels=[p.label for p in parts], positions=positions,
+                        log_prob=log_prob, recovery=recovery)
+
+
+# ---- remove one token from a layer's memory ---------------------------------------------------------
+
+def token_contribution(runtime, tokens, token: int, upto: int, layer: int, state: State | None = None):
+    """What token `token` added to layer `layer`'s WKV memory, as it stands after position `upto`:
+    RWKV-5/6: (prod_{token<m<=upto} w_m * k) v^T per head; RWKV-7: v k^T M_{token+1} ... M_upto;
+    RWKV-4: (e^{k} v, e^{k}) decayed by e^{(upto - token) w}, on the scale of pp. Returns tensors
+    shaped like the layer's part of the state: {"wkv_state"} or {"aa", "bb"} (with "pp")."""
+    if not 0 <= token <= upto < len(tokens):
+        raise GenerationError("The removed token must come at or before the position it is removed at.")
+    arch = runtime.architecture.name
+    seen: dict[str, torch.Tensor] = {}
+
+    def observe(i, name, value):
+        if i == layer:
+            seen[name] = value[0].detach().double()
+
+    start = state.clone() if state is not None else runtime.new_state()
+    runtime.forward(tokens[:upto + 1], start, observe=observe, chunk_len=upto + 1)
+    c = runtime.config
+    if arch in MATRIX:
+        H, N = c.n_head, c.head_size
+        get = lambda n: seen[n].reshape(-1, H, N)  # noqa: E731  [T, H, N]
+        k, v, w = get("k")[token], get("v")[token], get("w")
+        if arch == "rwkv7":
+            kk, a = get("kk"), get("a")
+            contrib = v[:, :, None] * k[:, None, :]  # [H, value, key]
+            for m in range(token + 1, upto + 1):
+                removed = torch.einsum("hij,hj->hi", contrib, kk[m])
+                contrib = contrib * w[m][:, None, :] - removed[..., None] * (kk[m] * a[m])[:, None, :]
+        else:
+            decay = torch.prod(w[token + 1:upto + 1], dim=0) if upto > token else torch.ones_like(k)
+            contrib = (decay * k)[:, :, None] * v[:, None, :]  # [H, key, value]
+        return {"wkv_state": contrib}
+    # RWKV-4: the state holds (aa, bb) scaled by e^{-pp}; the token's term is e^{k + (upto - token) w}
+    time_decay = -torch.exp(runtime.model.blocks[layer].att.time_decay.detach().double())
+    k, v = seen["k"][token], seen["v"][token]
+    return {"log_weight": k + (upto - token) * time_decay, "v": v}
+
+
+def remove_token(runtime, state: State, contribution: dict, layer: int) -> State:
+    """A copy of `state` (single sequence) with the contribution subtracted from layer `layer`."""
+    out = state.clone()
+    if "wkv_state" in contribution:
+        out.wkv_state[layer] -= contribution["wkv_state"].to(out.wkv_state.dtype)
+        return out
+    pp = out.pp[layer].double()
+    scale = torch.exp(contribution["log_weight"] - pp)  # the token's weight on the state's scale
+    out.aa[layer] = (out.aa[layer].double() - scale * contribution["v"]).float()
+    out.bb[layer] = (out.bb[layer].double() - scale).clamp_min(0).float()
+    return out
+
+
+@dataclass
+class RemovalResult:
+    token_texts: list[str]
+    removed: int
+    at: int
+    layers: list[int]
+    kl: np.ndarray  # [P] KL(original || removed) of the next-token distribution, positions at .. T-1
+    surprisal: np.ndarray  # [2, P] -log p(actual next token): original, removed (NaN at the end)
+    top_texts: list[list[str]] = field(default_factory=list)  # [2][P] most likely next token
+
+    def to_json(self) -> str:
+        return json.dumps({"removed": self.removed, "at": self.at, "layers": self.layers, "kl": self.kl.tolist(),
+                           "surprisal": _nan_to_none(self.surprisal), "top": self.top_texts})
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["position", "token", "kl", "surprisal_original", "surprisal_removed"])
+        for j in range(len(self.kl)):
+            writer.writerow([self.at + j, self.token_texts[self.at + j], f"{self.kl[j]:.6g}",
+                             f"{self.surprisal[0, j]:.6g}", f"{self.surprisal[1, j]:.6g}"])
+        return out.getvalue()
+
+
+def remove_token_task(runtime, tokenizer, tokens, removed: int, at: int, layers: list[int] | None = None,
+                      state: State | None = None):
+    """Subtract token `removed`'s contribution from the chosen layers' memory just after position
+    `at`, then read the rest of the text; compared with the unedited reading (returns a RemovalResult)."""
+    (tokens,) = _check(runtime, tokens)
+    T = len(tokens)
+    if not 0 <= removed <= at < T:
+        raise GenerationError(f"Remove a token at or before the position it is removed at (0 <= token <= at < {T}).")
+    layers = list(range(runtime.config.n_layer)) if layers is None else [int(x) for x in layers]
+    start = state.clone() if state is not None else runtime.new_state()
+    for layer in layers:
+        StatePart(layer).validate(start)
+    original = start.clone()
+    runtime.forward(tokens[:at + 1], original, inplace=True)
+    edited = original
+    for layer in layers:
+        edited = remove_token(runtime, edited, token_contribution(runtime, tokens, removed, at, layer, state), layer)
+    yield 0.5, "Removed the token"
+    rows = State.stack([original, edited])
+    pieces = []
+    if at + 1 < T:
+        logits, _ = runtime.forward(torch.tensor([tokens[at + 1:]] * 2), rows, full_output=True, inplace=True)
+        pieces.append(logits.double())
+    log_p = torch.log_softmax(torch.cat(pieces, dim=1), -1) if pieces else torch.zeros(2, 0, runtime.config.vocab_size)
+    kl = (log_p[0].exp() * (log_p[0] - log_p[1])).sum(-1).clamp_min(0).numpy()
+    P = log_p.shape[1]
+    surprisal = np.full((2, P), np.nan)
+    if P > 1:
+        nxt = torch.tensor(tokens[at + 2:])
+        surprisal[:, :P - 1] = (-log_p[:, :P - 1].gather(2, nxt.expand(2, -1)[..., None])[..., 0]).numpy()
+    top = log_p.argmax(-1).tolist() if P else [[], []]
+    return RemovalResult(token_texts=_texts(tokenizer, tokens), removed=removed, at=at + 1, layers=layers,
+                         kl=kl, surprisal=surprisal, top_texts=[_texts(tokenizer, row) for row in top])
+
+
+# ---- blend two states -------------------------------------------------------------------------------
+
+def blend_states(a: State, b: State, alpha: float) -> State:
+    """(1 - alpha) a + alpha b. RWKV-4's (aa, bb, pp) are blended as the sums they stand for
+    (aa e^{pp}, bb e^{pp}), on the larger of the two scales, so the blend is the same memory mixed."""
+    if a.architecture != b.architecture or a.shapes() != b.shapes():
+        raise GenerationError("These states come from different models.")
+    out = a.clone()
+    if a.architecture in MATRIX:
+        for name, t in out.tensors().items():
+            t.copy_((1 - alpha) * a.tensors()[name] + alpha * b.tensors()[name])
+        return out
+    for name in ("att_x", "ffn_x"):
+        getattr(out, name).copy_((1 - alpha) * getattr(a, name) + alpha * getattr(b, name))
+    pa, pb = a.pp.double(), b.pp.double()
+    p = torch.maximum(pa, pb)
+    ea, eb = (1 - alpha) * torch.exp(pa - p), alpha * torch.exp(pb - p)
+    out.aa.copy_(ea * a.aa.double() + eb * b.aa.double())
+    out.bb.copy_(ea * a.bb.double() + eb * b.bb.double())
+    out.pp.copy_(p)
+    return out
+
+
+@dataclass
+class BlendResult:
+    alphas: list[float]
+    top_texts: list[list[str]]  # [A][top_k]
+    top_probs: np.ndarray  # [A, top_k]
+    continuations: list[str]  # greedy, one per alpha
+    kl_from_a: np.ndarray  # [A]
+    kl_from_b: np.ndarray  # [A]
+
+    def to_json(self) -> str:
+        return json.dumps({"alphas": self.alphas, "top": self.top_texts, "top_probs": self.top_probs.tolist(),
+                           "continuations": self.continuations, "kl_from_a": self.kl_from_a.tolist(),
+                           "kl_from_b": self.kl_from_b.tolist()})
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["alpha", "top_token", "top_prob", "kl_from_a", "kl_from_b", "continuation"])
+        for i, alpha in enumerate(self.alphas):
+            writer.writerow([alpha, self.top_texts[i][0], f"{self.top_probs[i, 0]:.6g}",
+                             f"{self.kl_from_a[i]:.6g}", f"{self.kl_from_b[i]:.6g}", self.continuations[i]])
+        return out.getvalue()
+
+
+def blend_task(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.75, 1.0), continuation: int = 12,
+               top_k: int = 5):
+    """Read both texts, blend their states at their last token for each alpha, and read the
+    next-token distribution and a greedy continuation of each blend (as one batch)."""
+    a, b = _check(runtime, tokens_a, tokens_b)
+    alphas = [float(x) for x in alphas]
+    if not alphas or any(not 0 <= x <= 1 for x in alphas):
+        raise GenerationError("Blend weights must be between 0 and 1.")
+    logits_a, state_a = runtime.forward(a)
+    logits_b, state_b = runtime.forward(b)
+    # the next-token distribution of a state needs a token read from it; the blends read the last
+    # token of text a from the states before it (so alpha = 0 is text a exactly, alpha = 1 is b's
+    # memory read with a's last token)
+    _, before_a = runtime.forward(a[:-1]) if len(a) > 1 else (None, runtime.new_state())
+    _, before_b = runtime.forward(b[:-1]) if len(b) > 1 else (None, runtime.new_state())
+    rows = State.stack([blend_states(before_a, before_b, x) for x in alphas])
+    yield 0.3, "Blended the states"
+    last = a[-1]
+    ids = [[last]] * len(alphas)
+    generated = [[] for _ in alphas]
+    first_lp = None
+    for step in range(continuation + 1):
+        logits, _ = runtime.forward(torch.tensor(ids), rows, inplace=True)
+        lp = torch.log_softmax(logits.double(), -1)
+        if first_lp is None:
+            first_lp = lp
+        nxt = lp.argmax(-1).tolist()
+        if step < continuation:
+            for g, t in zip(generated, nxt):
+                g.append(t)
+        ids = [[t] for t in nxt]
+        yield 0.3 + 0.7 * (step + 1) / (continuation + 1), f"Blend: token {step + 1}"
+    lp_a = torch.log_softmax(logits_a.double(), -1)
+    lp_b = torch.log_softmax(logits_b.double(), -1)
+    kl_a = (lp_a.exp()[None] * (lp_a[None] - first_lp)).sum(-1).clamp_min(0).numpy()
+    kl_b = (lp_b.exp()[None] * (lp_b[None] - first_lp)).sum(-1).clamp_min(0).numpy()
+    values, top = torch.topk(first_lp, top_k, dim=-1)
+    decode = (lambda ids_: tokenizer.decode(ids_)) if tokenizer else (lambda ids_: " ".join(map(str, ids_)))
+    return BlendResult(alphas=alphas, top_texts=[_texts(tokenizer, row) for row in top.tolist()],
+                       top_probs=values.exp().numpy(), continuations=[decode(g) for g in generated],
+                       kl_from_a=kl_a, kl_from_b=kl_b)
+
+
+def patch(runtime, tokenizer, clean, corrupt, position, parts, state=None) -> PatchResult:
+    return run_here(patch_task(runtime, tokenizer, clean, corrupt, position, parts, state))
+
+
+def restore_sweep(runtime, tokenizer, clean, corrupt, target=None, window=32, parts=None, state=None) -> RestoreSweep:
+    return run_here(restore_sweep_task(runtime, tokenizer, clean, corrupt, target, window, parts, state))
+
+
+def remove_token_experiment(runtime, tokenizer, tokens, removed, at, layers=None, state=None) -> RemovalResult:
+    return run_here(remove_token_task(runtime, tokenizer, tokens, removed, at, layers, state))
+
+
+def blend(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.75, 1.0), continuation=12) -> BlendResult:
+    return run_here(blend_task(runtime, tokenizer, tokens_a, tokens_b, alphas, continuation))

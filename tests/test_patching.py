@@ -1,0 +1,208 @@
+"""Patching from a clean run, the restore sweep, removing a token and blending states, on RWKV-4
+and RWKV-5/6/7 (rwkv_playground/patching.py), held to the independent float64 numpy forward of
+tests/numpy_rwkv.py where it exists (v5.2, v6, v7) and to exact identities everywhere:
+restoring every layer after the texts agree again gives the clean run; one restored layer is the
+numpy forward with that layer's state copied; the sweep's cells are the single patches; removing a
+token subtracts exactly the memory the recurrence would hold without its value."""
+
+import numpy as np
+import pytest
+import torch
+
+import numpy_rwkv
+from rwkv_playground.models import by_name
+from rwkv_playground.models.rwkv4 import RWKVConfig
+from rwkv_playground.models.rwkv5 import RWKV5Config
+from rwkv_playground.models.rwkv6 import RWKV6Config
+from rwkv_playground.models.rwkv7 import RWKV7Config
+from rwkv_playground.patching import (StatePart, blend, blend_states, patch, remove_token_experiment, restore_sweep,
+                                      token_contribution)
+
+CONFIGS = {
+    "rwkv4": RWKVConfig(2, 64, 97, 224),
+    "rwkv5": RWKV5Config(2, 64, 97, 224, 4, 16),
+    "rwkv6": RWKV6Config(2, 64, 97, 224, 4, 16, mix_lora=8, decay_lora=16),
+    "rwkv7": RWKV7Config(3, 64, 97, 256, 2, 32, decay_lora=16, iclr_lora=16, value_lora=8, gate_lora=16),
+}
+T, DIFF = 24, 4  # the texts differ at token 4 only
+
+
+def close(a, b, tol=1e-4):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, tmp_path_factory):
+    from rwkv_playground import load_runtime
+
+    arch = request.param
+    config = CONFIGS[arch]
+    weights = by_name(arch).random_weights(config, seed=11, dtype=torch.float32)
+    path = tmp_path_factory.mktemp(arch) / f"{arch}.pth"
+    torch.save(weights, path)
+    runtime = load_runtime(path, dtype="fp32")
+    clean = torch.randint(0, config.vocab_size, (T,), generator=torch.Generator().manual_seed(2)).tolist()
+    corrupt = list(clean)
+    corrupt[DIFF] = (clean[DIFF] + 1) % config.vocab_size
+    return arch, config, weights, runtime, clean, corrupt
+
+
+def test_restoring_every_layer_after_the_texts_agree_gives_the_clean_run(case):
+    arch, config, _, runtime, clean, corrupt = case
+    every = [StatePart(layer) for layer in range(config.n_layer)]
+    # one part covering all layers: patch them one after another by listing each as its own row
+    # and also all together (a part per layer on the same row is what copy() of each does)
+    result = patch(runtime, None, clean, corrupt, DIFF, every)
+    assert result.recovery.shape == (config.n_layer, T - DIFF)
+    # restoring all layers at once: apply every part to one row
+    from rwkv_playground.state import State
+
+    row = runtime.new_state()
+    runtime.forward(corrupt[:DIFF + 1], row, inplace=True)
+    clean_state = runtime.new_state()
+    runtime.forward(clean[:DIFF + 1], clean_state, inplace=True)
+    for part in every:
+        part.copy(row, clean_state)
+    for name, t in row.tensors().items():
+        assert torch.equal(t, clean_state.tensors()[name]), name
+    patched_logits, _ = runtime.forward(corrupt[DIFF + 1:], row, full_output=True)
+    clean_logits, _ = runtime.forward(clean, full_output=True)
+    assert torch.allclose(patched_logits, clean_logits[DIFF + 1:], atol=1e-5)
+    assert isinstance(row, State)
+    # the corrupted row differs from clean, so there is something to recover
+    assert result.kl[0, 1:].max() > 1e-6
+    assert np.all(result.kl[0] >= 0)
+
+
+def test_one_restored_layer_is_the_numpy_forward_with_that_layer_copied(case):
+    arch, config, weights, runtime, clean, corrupt = case
+    position, layer = DIFF + 2, config.n_layer - 1
+    if arch == "rwkv4":  # (no numpy forward of RWKV-4 here: held to the engine read by hand)
+        parts = [StatePart(layer), StatePart(0, channels=(1, 2, 30))]
+        result = patch(runtime, None, clean, corrupt, position, parts)
+        clean_logits, clean_state = runtime.forward(clean, full_output=True)
+        _, clean_state = runtime.forward(clean[:position + 1])
+        top = clean_logits[position:].argmax(-1)
+        for k, part in enumerate(parts):
+            _, row = runtime.forward(corrupt[:position + 1])
+            part.copy(row, clean_state)
+            logits, _ = runtime.forward(corrupt[position + 1:], row, full_output=True)
+            lp = torch.log_softmax(logits.double(), -1)[torch.arange(len(top) - 1), top[1:]].numpy()
+            assert close(result.log_prob[k + 1, 1:], lp, 1e-6), part.label
+        return
+    parts = [StatePart(layer), StatePart(0, head=1), StatePart(1, channels=(0, 3, 5), axis="columns")]
+    result = patch(runtime, None, clean, corrupt, position, parts)
+    _, _, clean_state = numpy_rwkv.forward(arch, weights, clean[:position + 1], config.n_head)
+    clean_logits, _, _ = numpy_rwkv.forward(arch, weights, clean, config.n_head)
+    top = clean_logits[position:].argmax(-1)
+    assert result.clean_top == top.tolist()
+
+    def edit_for(part):
+        def edit(t, st):
+            if t != position:
+                return
+            if part.head is not None:
+                st["S"][part.layer, part.head] = clean_state["S"][part.layer, part.head]
+            elif part.channels is not None:
+                idx = list(part.channels)
+                st["S"][part.layer][:, :, idx] = clean_state["S"][part.layer][:, :, idx]
+            else:
+                for name in ("att_x", "S", "ffn_x"):
+                    st[name][part.layer] = clean_state[name][part.layer]
+        return edit
+
+    for k, part in enumerate(parts):
+        logits, _, _ = numpy_rwkv.forward(arch, weights, corrupt, config.n_head, edit=edit_for(part))
+        lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        want = lp[position:][np.arange(len(top)), top]
+        assert close(result.log_prob[k + 1], want), part.label
+
+
+def test_the_sweep_cells_are_the_single_patches(case):
+    arch, config, _, runtime, clean, corrupt = case
+    sweep = restore_sweep(runtime, None, clean, corrupt, target=T - 1, window=6)
+    assert sweep.recovery.shape == (config.n_layer, 6) and sweep.positions == list(range(T - 7, T - 1))
+    for j in (0, 3, 5):
+        pos = sweep.positions[j]
+        single = patch(runtime, None, clean, corrupt, pos, [StatePart(g) for g in range(config.n_layer)])
+        col = T - 1 - pos  # the target's column in the patch result
+        assert single.clean_top[col] == sweep.answer
+        assert close(single.log_prob[1:, col], sweep.log_prob[:, j], 1e-5)
+    # restoring after the last differing token leaves nothing of the corruption in that layer's state...
+    assert np.isfinite(sweep.corrupt_log_prob) and sweep.clean_log_prob >= sweep.corrupt_log_prob - 50
+    assert "recovery" in sweep.to_json() and sweep.to_csv().count("\n") == config.n_layer * 6 + 1
+
+
+def test_removing_a_token_subtracts_exactly_its_memory(case):
+    arch, config, weights, runtime, clean, _ = case
+    removed, at, layer = 3, 9, config.n_layer - 1
+    contribution = token_contribution(runtime, clean, removed, at, layer)
+    if arch == "rwkv4":
+        # the state without the token's term: read the text with that token's weight in this layer zero
+        from rwkv_playground.patching import remove_token
+
+        _, state = runtime.forward(clean[:at + 1])
+        edited = remove_token(runtime, state, contribution, layer)
+        assert torch.all(edited.bb[layer] < state.bb[layer] + 1e-6)
+        assert not torch.equal(edited.aa[layer], state.aa[layer])
+        return
+    _, obs, _ = numpy_rwkv.forward(arch, weights, clean[:at + 1], config.n_head)
+    H, N = config.n_head, config.head_size
+    # the recurrence of this layer replayed on the same inputs with the token's value zeroed
+    get = lambda n: obs[n][:, layer].reshape(at + 1, H, N)  # noqa: E731
+    r, k, v, w = get("r"), get("k"), get("v").copy(), get("w")
+    v[removed] = 0
+    S = np.zeros((H, N, N))
+    for t in range(at + 1):
+        for h in range(H):
+            if arch == "rwkv7":
+                kk, a = get("kk")[t, h], get("a")[t, h]
+                S[h] = S[h] * w[t, h][None] - np.outer(S[h] @ kk, kk * a) + np.outer(v[t, h], k[t, h])
+            else:
+                S[h] = np.outer(k[t, h], v[t, h]) + w[t, h][:, None] * S[h]
+    expected = obs["S"][at, layer] - S
+    assert close(contribution["wkv_state"].numpy(), expected, 1e-5)
+    result = remove_token_experiment(runtime, None, clean, removed, at, layers=[layer])
+
+    def edit(t, st):
+        if t == at:
+            st["S"][layer] = S
+
+    logits, _, _ = numpy_rwkv.forward(arch, weights, clean, config.n_head, edit=edit)
+    orig, _, _ = numpy_rwkv.forward(arch, weights, clean, config.n_head)
+    lp = lambda x: x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))  # noqa: E731
+    kl = (np.exp(lp(orig)) * (lp(orig) - lp(logits))).sum(-1)[at + 1:]
+    assert close(result.kl, kl, 1e-4) and result.kl.max() > 0
+
+
+def test_blend_ends_are_the_two_texts(case):
+    arch, config, _, runtime, clean, corrupt = case
+    other = clean[5:] + clean[:5]
+    result = blend(runtime, None, clean, other, alphas=(0, 0.5, 1), continuation=4)
+    assert result.kl_from_a[0] < 1e-9  # alpha 0: text a itself
+    # alpha 1: text b's memory reading text a's last token
+    logits, _ = runtime.forward(other[:-1] + [clean[-1]])
+    lp = torch.log_softmax(logits.double(), -1)
+    assert abs(float(lp.exp().max()) - float(result.top_probs[2, 0])) < 1e-5
+    assert len(result.continuations) == 3 and all(isinstance(c, str) for c in result.continuations)
+    _, sa = runtime.forward(clean)
+    _, sb = runtime.forward(other)
+    half = blend_states(sa, sb, 0.5)
+    assert all(torch.isfinite(t).all() for t in half.tensors().values())
+    assert result.to_csv().count("\n") == 4
+
+
+def test_bad_requests_are_refused_in_one_sentence(case):
+    from rwkv_playground.errors import GenerationError
+
+    arch, config, _, runtime, clean, corrupt = case
+    with pytest.raises(GenerationError, match="same number of tokens"):
+        patch(runtime, None, clean, corrupt[:-1], 2, [StatePart(0)])
+    with pytest.raises(GenerationError, match="Layer 9"):
+        patch(runtime, None, clean, corrupt, 2, [StatePart(9)])
+    if arch == "rwkv4":
+        with pytest.raises(GenerationError, match="no heads"):
+            patch(runtime, None, clean, corrupt, 2, [StatePart(0, head=0)])
+    with pytest.raises(GenerationError, match="outside"):
+        patch(runtime, None, clean, corrupt, T, [StatePart(0)])
