@@ -141,9 +141,8 @@ def require_inspector(runtime, what: str = "The State inspector") -> None:
     arch = runtime.architecture
     if not arch.inspector:
         raise GenerationError(
-            f"{what} reads RWKV-4's vector state; its views of {arch.title}'s matrix state (one N x N matrix "
-            f"per head) are not built yet. Chat, Blog post and Notebook run {arch.title}, and the Notebook "
-            "saves its states as files.")
+            f"{what} reads RWKV-4's vector state (aa, bb, pp); {arch.title}'s matrix state has its own views "
+            "(the Matrix state tab) and experiments (Patching, Remove a token, Blend).")
 
 
 def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
@@ -301,8 +300,15 @@ class InspectorSession(Session):
         The recording is kept in `self.recording`."""
         tokenizer = engine.require().tokenizer
         self.recording = None
-        for event in run_task(self, engine, lambda runtime: record_task(runtime, tokenizer, tokens, state),
-                              label="recording"):
+
+        def task(runtime):
+            if runtime.architecture.recurrence == "matrix":  # RWKV-5/6/7: matrix_inspection.py
+                from .matrix_inspection import record_matrix_task
+
+                return record_matrix_task(runtime, tokenizer, tokens, state)
+            return record_task(runtime, tokenizer, tokens, state)
+
+        for event in run_task(self, engine, task, label="recording"):
             if event.kind == "done":
                 self.recording = event.value
                 self.touch(engine)

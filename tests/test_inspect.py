@@ -87,7 +87,8 @@ def test_figures_have_expected_traces_axes_and_shapes(rec):
     assert life.data[0].z.shape == td.shape
     assert figures.bonus_heatmap(tf).data[0].z.shape == tf.shape
     assert len(figures.bonus_vs_decay(td, tf).data) == rec.n_layer
-    value, mass, pp, lines, attention, summary, at_token, info = draw_views(rec, 1, 10, "0-7", 16)
+    value, mass, pp, lines, attention, summary, at_token, info, *matrix = draw_views(rec, 1, 10, "0-7", 16)
+    assert len(matrix) == 7 and all(getattr(m, "value", None) is None for m in matrix)  # RWKV-4: no matrix views
     assert at_token.data[0].z.shape == (rec.n_layer, rec.n_embd)
     assert np.allclose(at_token.data[0].z[1], rec.value_estimate(1)[10])
     assert value.data[0].z.shape == (8, 16) and value.layout.xaxis.title.text == "token"

@@ -5,6 +5,7 @@ The State inspector's views and experiments read RWKV-4's vector state; for the 
 architectures they say so in one sentence (their matrix-state views are a separate piece of work).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ def test_the_inspector_says_plainly_what_does_not_apply(matrix_engine):
 
     loaded = matrix_engine.require()
     title = loaded.runtime.architecture.title
-    with pytest.raises(GenerationError, match=f"vector state; its views of {title}'s matrix state"):
+    with pytest.raises(GenerationError, match=rf"vector state \(aa, bb, pp\); {title}'s matrix state has its own"):
         record(loaded.runtime, loaded.tokenizer, [1, 2, 3])
     with pytest.raises(GenerationError, match="Experiments on the state"):
         knockouts(loaded.runtime, loaded.tokenizer, [1, 2, 3], [Knockout(layer=0, channels=(0,), position=1)])
@@ -236,3 +237,45 @@ def test_safetensors_files_load_and_the_panel_names_the_architecture(model_files
         assert "RWKV-7, 2 layers × 64 wide, 2 heads of 32" in text and "MB per conversation" in text
     finally:
         eng.scheduler.close()
+
+
+def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
+    """Through the tab's handlers (in-process): Record gives a MatrixRecording, every matrix figure
+    is drawn and consistent with it, the head slider moves the views, the state exports, and the
+    Patching tab restores from the clean run."""
+    from rwkv_playground.inspection import InspectorSession
+    from rwkv_playground.matrix_inspection import MatrixRecording
+    from rwkv_playground.ui import inspector_tab, patching_panel
+
+    tab = inspector_tab.InspectorTab(matrix_engine)
+    session = InspectorSession()
+    text = "User: Hello there, how are you today?\n\nAssistant: Fine."
+    *_, last = tab.on_record("Text below", text, None, None, session, 1, "0-31", 96, 1)
+    status, layer, token, head, spike, *rest = last
+    assert "Recorded" in status and "heads of" in status, status
+    rec = session.recording
+    assert isinstance(rec, MatrixRecording)
+    views = rest[:15]
+    decay, distribution, bonus, fourth, matrix, over, attention = views[8:15]
+    t = rec.n_tokens - 1
+    assert np.allclose(matrix.data[0].z, rec.state_at(t, 1, 1), atol=1e-6)
+    assert decay.data[0].z.shape == (rec.n_embd, rec.n_tokens)
+    assert attention.data[1].z.shape == (rec.n_tokens, rec.n_tokens)
+    assert len(over.data) == 3 and bonus.data[0].z.shape == (rec.n_layer, rec.n_embd)
+    assert views[5].data[1].z.shape == (rec.n_layer, rec.n_tokens)  # per-token summary
+    again = inspector_tab.on_view(session, 0, 3, "0-31", 16, 0)
+    assert np.allclose(again[12].data[0].z, rec.state_at(3, 0, 0), atol=1e-6)
+    path, message = inspector_tab.on_export(session, 3)
+    exported = State.load(path, runtime=matrix_engine.require().runtime)
+    assert torch.allclose(exported.wkv_state, rec.full_state_at(3).wkv_state)
+    assert inspector_tab.on_html(session, 0, 3, "0-31", 16, 0).endswith(".html")
+    panel = patching_panel.PatchingPanel(matrix_engine)
+    corrupt = text.replace("today", "now")
+    same_length = len(matrix_engine.require().tokenizer.encode(corrupt)) == rec.n_tokens
+    out = list(panel.on_run(session, patching_panel.ACTIONS[0], corrupt if same_length else text, 2,
+                            patching_panel.PARTS[1], "0", "0-3", "rows", 8, 0))[-1]
+    assert "done" in out[0], out[0]
+    assert out[1].data[0].z.shape[0] == rec.n_head and len(out[3]) == 3
+    out = list(panel.on_run(session, patching_panel.ACTIONS[2], "", 5, patching_panel.PARTS[0], "all", "", "rows",
+                            8, 2))[-1]
+    assert "done" in out[0], out[0]

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..errors import GenerationError
 from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
+from ..matrix_inspection import MatrixRecording
 from ..state import State
-from . import experiments_panel, figures
+from . import experiments_panel, figures, matrix_figures, patching_panel
 from .common import ensure_session, friendly_error, parse_id_list, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
@@ -43,8 +44,56 @@ def spikes(rec, count: int = 12) -> list[tuple[str, int]]:
     return [(f"t={t} {rec.token_texts[t]!r} -log p={s[t]:.2f}", int(t)) for t in sorted(top) if s[t] >= 0]
 
 
-def draw_views(rec, layer: int, token: int, channel_spec: str, size: int):
-    """All token-dependent figures (cheap slices of the recording)."""
+def draw_views(rec, layer: int, token: int, channel_spec: str, size: int, head: int = 0):
+    """All token-dependent figures (cheap slices of the recording): RWKV-4's seven, the token line,
+    then the seven matrix-state figures (empty for the other kind of recording)."""
+    if isinstance(rec, MatrixRecording):
+        return draw_matrix_views(rec, layer, token, size, head)
+    return (*draw_vector_views(rec, layer, token, channel_spec, size), *NO_MATRIX_VIEWS)
+
+
+def draw_matrix_views(rec: MatrixRecording, layer: int, token: int, size: int, head: int):
+    """RWKV-5/6/7: the per-token summary, the token line and the matrix-state figures."""
+    layer = int(min(max(layer, 0), rec.n_layer - 1))
+    head = int(min(max(head, 0), rec.n_head - 1))
+    token = int(min(max(token, 0), rec.n_tokens - 1))
+    start, end = window(rec, token, size)
+    texts = rec.token_texts[start:end]
+    N = rec.head_size
+    summary = figures.token_summary(rec.surprisal[start:end], rec.state_change[start:end].mean(axis=2), texts,
+                                    start, token)
+    w = rec.decay(layer)
+    decay = matrix_figures.token_channel_heatmap(
+        w[start:end], texts, start, f"Layer {layer}: decay w per token and channel"
+        + (" (fixed in RWKV-5)" if rec.architecture == "rwkv5" else ""), "w", token)
+    distribution = matrix_figures.half_life_distribution(w, layer)
+    bonus = matrix_figures.bonus_heatmap(rec.bonus, rec.architecture)
+    if rec.architecture == "rwkv7":
+        fourth = matrix_figures.token_channel_heatmap(
+            rec.arrays["a"][start:end, layer], texts, start,
+            f"Layer {layer}: in-context learning rate a (how much of the old value at kk is replaced)", "a", token)
+    else:
+        fourth = matrix_figures.token_channel_heatmap(
+            np.log10(np.maximum(rec.half_life(layer)[start:end], 1e-6)), texts, start,
+            f"Layer {layer}: half-life per token and channel (log10 tokens)", "log10 half-life", token)
+    S = rec.state_at(token, layer, head)
+    matrix = matrix_figures.state_matrix(S, layer, head, token, rec.token_texts[token], rec.architecture)
+    rank = rec.effective_rank(layer, head)[start:end]
+    over = matrix_figures.state_over_tokens(rec.state_norm[start:end, layer, head], rank,
+                                            rec.state_change[start:end, layer, head], texts, start, layer, head, token)
+    alpha, carried = rec.attention(layer, head, start, end)
+    attention = matrix_figures.matrix_attention(
+        alpha, np.linalg.norm(carried, axis=1), texts, start,
+        f"Layer {layer}, head {head}: exact effective attention (output = Σ α · value + carried-in memory)")
+    at = (f"Token {token} of {rec.n_tokens}: {rec.token_texts[token]!r} · surprisal {rec.surprisal[token]:.2f} "
+          f"nats · window {start}–{end - 1} · head {head} of {rec.n_head} (channels {head * N}–{head * N + N - 1})")
+    empty = [gr.Plot()] * N_VIEWS
+    empty[5] = summary
+    return (*empty, at, decay, distribution, bonus, fourth, matrix, over, attention)
+
+
+def draw_vector_views(rec, layer: int, token: int, channel_spec: str, size: int):
+    """RWKV-4's figures."""
     layer = int(min(max(layer, 0), rec.n_layer - 1))
     token = int(min(max(token, 0), rec.n_tokens - 1))
     channels = parse_channels(channel_spec, rec.n_embd)
@@ -72,8 +121,12 @@ def draw_views(rec, layer: int, token: int, channel_spec: str, size: int):
     return heat_value, heat_mass, heat_pp, lines, attention, summary, at_token, at
 
 
-N_VIEWS = 7  # figures returned by draw_views (then the token line)
+N_VIEWS = 7  # RWKV-4 figures returned by draw_views (then the token line, then the matrix figures)
 NO_VIEWS = [gr.Plot()] * N_VIEWS
+N_MATRIX_VIEWS = 7
+NO_MATRIX_VIEWS = [gr.Plot()] * N_MATRIX_VIEWS
+MATRIX_VIEW_NAMES = ["decay per token", "half-life distribution", "bonus", "in-context rate or half-life",
+                     "state matrix", "state over the text", "effective attention"]
 
 
 def model_figures(runtime) -> tuple:
@@ -99,13 +152,14 @@ def tokens_to_record(source, text, chat_session, blog_session, tokenizer) -> lis
     return tokenizer.encode(text)
 
 
-def on_view(session, layer, token, channels, window_size):
+def on_view(session, layer, token, channels, window_size, head=0):
     if session is None or session.recording is None:
-        return [*NO_VIEWS, with_notices(session, "Press Record first.") if session else "Press Record first."]
+        return [*NO_VIEWS, with_notices(session, "Press Record first.") if session else "Press Record first.",
+                *NO_MATRIX_VIEWS]
     try:
-        return list(draw_views(session.recording, layer, token, channels, window_size))
+        return list(draw_views(session.recording, layer, token, channels, window_size, head))
     except Exception as exc:
-        return [*NO_VIEWS, friendly_error(exc)]
+        return [*NO_VIEWS, friendly_error(exc), *NO_MATRIX_VIEWS]
 
 
 def on_spike(choice):
@@ -116,24 +170,29 @@ def on_export(session, token):
     rec = session.recording if session is not None else None
     if rec is None:
         return None, "Press Record first."
-    t = int(token)
+    t = int(min(max(int(token), 0), rec.n_tokens - 1))
     path = Path(tempfile.mkdtemp(prefix="rwkv-state-")) / f"state-token-{t}.safetensors"
-    rec.state_at(t).save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
+    state = rec.full_state_at(t) if isinstance(rec, MatrixRecording) else rec.state_at(t)
+    state.save(path, extra_metadata={"token_index": t, "text": "".join(rec.token_texts[:t + 1])[-2000:]})
     return str(path), f"Saved the state after token {t}."
 
 
-def on_html(session, layer, token, channels, window_size):
+def on_html(session, layer, token, channels, window_size, head=0):
     rec = session.recording if session is not None else None
     if rec is None:
         return None
-    views = draw_views(rec, layer, token, channels, window_size)
+    views = draw_views(rec, layer, token, channels, window_size, head)
+    path = Path(tempfile.mkdtemp(prefix="rwkv-figs-")) / "rwkv-state-inspector.html"
+    if isinstance(rec, MatrixRecording):
+        figs = {"per-token summary": views[5], **dict(zip(MATRIX_VIEW_NAMES, views[N_VIEWS + 1:]))}
+        path.write_text(figures.figures_to_html(figs), encoding="utf-8")
+        return str(path)
     names = ["value estimate", "memory mass", "pp", "channels over the text", "effective attention",
              "per-token summary", "state at the selected token"]
     figs = dict(zip(names, views[:N_VIEWS]))
     figs.update({"decay spectrum": figures.decay_spectrum(rec.time_decay),
                  "half-life": figures.half_life_heatmap(rec.time_decay),
                  "bonus u": figures.bonus_heatmap(rec.time_first)})
-    path = Path(tempfile.mkdtemp(prefix="rwkv-figs-")) / "rwkv-state-inspector.html"
     path.write_text(figures.figures_to_html(figs), encoding="utf-8")
     return str(path)
 
@@ -144,13 +203,14 @@ class InspectorTab:
     def __init__(self, engine):
         self.engine = engine
 
-    def on_record(self, source, text, chat_session, blog_session, session, layer, channels, window_size,
+    def on_record(self, source, text, chat_session, blog_session, session, layer, channels, window_size, head=0,
                   request: gr.Request = None):
         """Record the chosen text (progress while it runs), then draw every view at its last token.
         Outputs: status, layer slider, token slider, spike list, the views, the token line, the four
         model figures, session."""
         session = ensure_session(self.engine, session, InspectorSession, request)
-        unchanged = (gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *[gr.Plot()] * 4, session)
+        unchanged = (gr.Slider(), gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *NO_MATRIX_VIEWS,
+                     *[gr.Plot()] * 4, session)
         try:
             loaded = self.engine.require()
             ids = tokens_to_record(source, text, chat_session, blog_session, loaded.tokenizer)
@@ -162,11 +222,16 @@ class InspectorTab:
             rec = session.recording
             layer = min(int(layer), rec.n_layer - 1)
             last = rec.n_tokens - 1
-            views = draw_views(rec, layer, last, channels, window_size)
-            status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels. "
+            matrix = isinstance(rec, MatrixRecording)
+            head = min(int(head or 0), rec.n_head - 1) if matrix else 0
+            views = draw_views(rec, layer, last, channels, window_size, head)
+            heads = f" ({rec.n_head} heads of {rec.head_size}: see the Matrix state tab)" if matrix else ""
+            status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels{heads}. "
                       "Move the sliders: every view is a slice of this recording.")
             yield (with_notices(session, status), gr.Slider(maximum=rec.n_layer - 1, value=layer),
-                   gr.Slider(maximum=last, value=last), gr.Dropdown(choices=spikes(rec), value=None), *views,
+                   gr.Slider(maximum=last, value=last),
+                   gr.Slider(maximum=max(1, rec.n_head - 1) if matrix else 1, value=head, interactive=matrix),
+                   gr.Dropdown(choices=spikes(rec), value=None), *views,
                    *model_figures(loaded.runtime), session)
         except Exception as exc:
             yield (with_notices(session, friendly_error(exc)), *unchanged)
@@ -175,6 +240,9 @@ class InspectorTab:
         if session is None or session.recording is None or file is None:
             return gr.Plot(), "Record a text and choose a state file to compare."
         try:
+            if isinstance(session.recording, MatrixRecording):
+                return gr.Plot(), ("Comparing state files reads RWKV-4's state; for RWKV-5/6/7 export the state "
+                                   "and compare it in the Notebook, or use Patching.")
             other = State.load(file if isinstance(file, str) else file.name, runtime=self.engine.require().runtime)
             result = compare_states(session.recording.state_at(int(token)), other)
             rows = result["top_channels"][:8]
@@ -203,6 +271,7 @@ def build(engine, chat_state, blog_state):
         layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="insp-layer")
         token = gr.Slider(0, 1, value=0, step=1, label="Token", elem_id="insp-token")
         size = gr.Slider(16, 512, value=96, step=8, label="Window (tokens)", elem_id="insp-window")
+        head = gr.Slider(0, 1, value=0, step=1, label="Head (RWKV-5/6/7)", elem_id="insp-head")
         channel_spec = gr.Textbox("0-31", label="Channels (e.g. 0-31 or 3,7,9)", elem_id="insp-channels")
     with gr.Row():
         spike = gr.Dropdown([], label="Jump to a surprising token", elem_id="insp-spike")
@@ -218,6 +287,18 @@ def build(engine, chat_state, blog_state):
             pp_plot = gr.Plot(elem_id="insp-pp")
         with gr.Tab("Effective attention"):
             attention_plot = gr.Plot(elem_id="insp-attention")
+        with gr.Tab("Matrix state (RWKV-5/6/7)"):
+            gr.Markdown("One N × N matrix per head. The head slider above picks the head; the attention is "
+                        "exact (the state is linear in the values) and signed: RWKV-7 removes what it overwrites.")
+            m_attention = gr.Plot(elem_id="insp-m-attention")
+            m_matrix = gr.Plot(elem_id="insp-m-matrix")
+            m_over = gr.Plot(elem_id="insp-m-over")
+            m_decay = gr.Plot(elem_id="insp-m-decay")
+            m_fourth = gr.Plot(elem_id="insp-m-rate")
+            m_distribution = gr.Plot(elem_id="insp-m-halflife")
+            m_bonus = gr.Plot(elem_id="insp-m-bonus")
+        with gr.Tab("Patching"):
+            patching_panel.build(engine, session, token)
         with gr.Tab("Experiments"):
             experiments_panel.build(engine, session, token)
         with gr.Tab("Decay and bonus"):
@@ -238,14 +319,14 @@ def build(engine, chat_state, blog_state):
             html_file = gr.File(label="Figures (standalone HTML)", elem_id="insp-html-file")
 
     view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, at_token_plot,
-                    token_info]
+                    token_info, m_decay, m_distribution, m_bonus, m_fourth, m_matrix, m_over, m_attention]
     model_plots = [decay_plot, life_plot, bonus_plot, bonus_scatter]
     record_btn.click(tab.on_record, [source, text, chat_state, blog_state, session, layer, channel_spec,
-                                                  size],
-                     [status, layer, token, spike, *view_outputs, *model_plots, session], api_name="inspect",
+                                     size, head],
+                     [status, layer, token, head, spike, *view_outputs, *model_plots, session], api_name="inspect",
                      concurrency_id="model", concurrency_limit=engine.event_concurrency())
-    view_inputs = [session, layer, token, channel_spec, size]
-    for control in (layer, token, size):
+    view_inputs = [session, layer, token, channel_spec, size, head]
+    for control in (layer, token, size, head):
         control.release(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
     token.input(on_view, view_inputs, view_outputs, concurrency_limit=None, trigger_mode="always_last",
                 api_visibility="private")

@@ -1,0 +1,174 @@
+"""The State inspector's Patching tab: restore parts of the state from a clean run, the restore
+sweep (causal trace), remove a token, blend two texts. Every architecture (RWKV-4 included);
+patching.py does the work through the engine's scheduler, this module parses, draws and exports.
+
+The clean text is the recorded one (press Record first); the corrupted text is typed here and
+must have the same number of tokens. The selected token (the Token slider) is where a restore
+happens, or the token whose prediction the sweep explains, or where a token is removed.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+
+from .. import patching
+from ..errors import GenerationError
+from ..inspection import InspectorSession
+from . import matrix_figures
+from .common import ensure_session, friendly_error, with_notices
+from .experiments_panel import export_files, parse_ids
+
+ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text"]
+PARTS = ["each layer", "each head of the chosen layers", "channels of the chosen layers"]
+DEFAULT_CORRUPT = ("Romeo: But soft, what light through yonder window breaks?\n"
+                   "It is the east, and Romeo is the sun.\n\n"
+                   "Juliet: O Romeo, Romeo, wherefore art thou Romeo?")
+
+
+def build_parts(state, mode: str, layers: str, channels: str, axis: str) -> list[patching.StatePart]:
+    L = state.n_layer
+    chosen = parse_ids(layers, L, "Layers")
+    if mode == PARTS[1]:
+        if state.architecture not in patching.MATRIX:
+            raise GenerationError("RWKV-4 has no heads: restore layers or channels.")
+        H = state.wkv_state.shape[-3]
+        parts = [patching.StatePart(layer, head=h) for layer in chosen for h in range(H)]
+    elif mode == PARTS[2]:
+        limit = state.wkv_state.shape[-1] if state.architecture in patching.MATRIX else state.n_embd
+        picked = tuple(parse_ids(channels, limit, "Channels"))
+        parts = [patching.StatePart(layer, channels=picked, axis=axis) for layer in chosen]
+    else:
+        parts = [patching.StatePart(layer) for layer in chosen]
+    if len(parts) > 128:
+        raise GenerationError("At most 128 parts at once: choose fewer layers.")
+    return parts
+
+
+def summary(action: str, result) -> str:
+    if action == ACTIONS[0]:
+        mean = np.nanmean(np.where(np.isfinite(result.recovery), result.recovery, np.nan), axis=1)
+        order = np.argsort(-np.nan_to_num(mean, nan=-9))
+        rows = [f"| {result.labels[i]} | {mean[i]:.3f} | {result.kl[i + 1].mean():.4f} |" for i in order[:12]]
+        return (f"Corrupted run: mean KL from clean {result.kl[0].mean():.4f} nats.\n\n"
+                "| restored | mean recovery | mean KL from clean |\n|---|---|---|\n" + "\n".join(rows))
+    if action == ACTIONS[1]:
+        flat = np.nan_to_num(result.recovery, nan=-9)
+        g, j = np.unravel_index(np.argsort(-flat, axis=None)[:6], flat.shape)
+        return (f"Answer {result.answer_text!r}: clean p = {np.exp(result.clean_log_prob):.3f}, corrupted p = "
+                f"{np.exp(result.corrupt_log_prob):.3f}. Strongest restores:\n\n| restored | after token | recovery |\n"
+                "|---|---|---|\n" + "\n".join(f"| {result.labels[a]} | {result.positions[b]} "
+                                            f"{result.token_texts[result.positions[b]]!r} | {result.recovery[a, b]:.3f} |"
+                                            for a, b in zip(g, j)))
+    if action == ACTIONS[2]:
+        return (f"Removed token {result.removed} from layers {result.layers} at token {result.at - 1}: mean KL "
+                f"{result.kl.mean() if result.kl.size else 0:.4f}, max {result.kl.max() if result.kl.size else 0:.4f} nats.")
+    return "| alpha | most likely next | p | greedy continuation |\n|---|---|---|---|\n" + "\n".join(
+        f"| {a:g} | {t[0]!r} | {p[0]:.3f} | {c!r} |" for a, t, p, c in
+        zip(result.alphas, result.top_texts, result.top_probs, result.continuations))
+
+
+def removal_figure(result):
+    import plotly.graph_objects as go
+
+    from .figures import LAYOUT
+
+    x = list(range(result.at, result.at + len(result.kl)))
+    fig = go.Figure(go.Bar(x=x, y=result.kl, name="KL", hovertemplate="after token %{x}: KL %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Token {result.removed} removed from the memory of layers {result.layers}: how the "
+                            "prediction changes after", **LAYOUT)
+    fig.update_xaxes(title="prediction after token")
+    fig.update_yaxes(title="KL(original || removed), nats")
+    return fig
+
+
+def blend_figure(result):
+    import plotly.graph_objects as go
+
+    from .figures import LAYOUT
+
+    fig = go.Figure([go.Scatter(x=result.alphas, y=result.kl_from_a, name="KL from text A", mode="lines+markers"),
+                     go.Scatter(x=result.alphas, y=result.kl_from_b, name="KL from text B", mode="lines+markers")])
+    fig.update_layout(title="Blended state (1 - α) A + α B: the next-token distribution moves from A to B", **LAYOUT)
+    fig.update_xaxes(title="α")
+    fig.update_yaxes(title="KL, nats")
+    return fig
+
+
+class PatchingPanel:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_run(self, session, action, corrupt_text, position, mode, layers, channels, axis, window, removed,
+               request: gr.Request = None):
+        """Outputs: status, figure, summary, export files."""
+        session = ensure_session(self.engine, session, InspectorSession, request)
+        unchanged = (gr.Plot(), gr.Markdown(), gr.File())
+        try:
+            rec = session.recording
+            if rec is None:
+                raise GenerationError("Press Record first: the recorded text is the clean run.")
+            loaded = self.engine.require()
+            tokenizer = loaded.tokenizer
+            clean = list(rec.tokens)
+            other = tokenizer.encode(corrupt_text or "")
+            position = int(min(max(int(position or 0), 0), len(clean) - 1))
+            empty = loaded.runtime.new_state()
+            if action == ACTIONS[0]:
+                parts = build_parts(empty, mode, layers, channels, axis)
+                task = lambda rt: patching.patch_task(rt, tokenizer, clean, other, position, parts)  # noqa: E731
+                draw = matrix_figures.patch_recovery
+            elif action == ACTIONS[1]:
+                parts = build_parts(empty, mode, layers, channels, axis)
+                task = lambda rt: patching.restore_sweep_task(  # noqa: E731
+                    rt, tokenizer, clean, other, max(1, position), int(window), parts)
+                draw = matrix_figures.restore_sweep_heatmap
+            elif action == ACTIONS[2]:
+                chosen = parse_ids(layers, empty.n_layer, "Layers")
+                task = lambda rt: patching.remove_token_task(rt, tokenizer, clean, int(removed), position, chosen)  # noqa: E731
+                draw = removal_figure
+            else:
+                task = lambda rt: patching.blend_task(rt, tokenizer, clean, other)  # noqa: E731
+                draw = blend_figure
+            for event in session.run_experiment(self.engine, task, label="patching"):
+                if event.kind == "progress":
+                    yield (f"{action}… {event.value[1]}", *unchanged)
+                elif event.kind == "queued":
+                    yield (f"Waiting for the model: place {event.value} in the queue…", *unchanged)
+            result = session.experiment
+            if result is None:
+                raise GenerationError("The experiment was stopped.")
+            fig = draw(result)
+            name = ["restore", "restore-sweep", "remove-token", "blend"][ACTIONS.index(action)]
+            yield (with_notices(session, f"{action}: done. Export: figure (HTML), data (CSV, JSON)."), fig,
+                   summary(action, result), export_files(name, fig, result))
+        except Exception as exc:
+            yield (with_notices(session, friendly_error(exc)), *unchanged)
+
+
+def build(engine, session, token_slider):
+    panel = PatchingPanel(engine)
+    gr.Markdown("The **recorded text is the clean run**; type the corrupted text below (the same number of "
+                "tokens). *Restore*: just after the selected token, put a part of the clean run's state into the "
+                "corrupted reading and see how much of the clean prediction returns at every later token. "
+                "*Sweep*: every part restored after each of the positions before the selected token. *Remove*: "
+                "subtract one earlier token's exact contribution from the memory. *Blend*: mix the two texts' states.")
+    corrupt = gr.Textbox(DEFAULT_CORRUPT, lines=3, label="Corrupted text (or the other text, for Blend)",
+                         elem_id="patch-text")
+    with gr.Row():
+        action = gr.Radio(ACTIONS, value=ACTIONS[0], label="Experiment", elem_id="patch-action")
+        run_btn = gr.Button("Run", variant="primary", elem_id="patch-run")
+    with gr.Row():
+        mode = gr.Dropdown(PARTS, value=PARTS[0], label="Parts to restore", elem_id="patch-parts")
+        layers = gr.Textbox("all", label="Layers (all, 0-3, 1,4)", elem_id="patch-layers")
+        channels = gr.Textbox("0-15", label="Channels (or matrix rows / columns)", elem_id="patch-channels")
+        axis = gr.Dropdown(["rows", "columns"], value="rows", label="Matrix axis", elem_id="patch-axis")
+        window = gr.Slider(1, 128, value=24, step=1, label="Sweep: positions before the token", elem_id="patch-window")
+        removed = gr.Number(0, precision=0, label="Remove: token index", elem_id="patch-removed")
+    status = gr.Markdown("", elem_id="patch-status")
+    plot = gr.Plot(elem_id="patch-plot")
+    table = gr.Markdown("", elem_id="patch-summary")
+    files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
+    run_btn.click(panel.on_run, [session, action, corrupt, token_slider, mode, layers, channels, axis, window, removed],
+                  [status, plot, table, files], api_name="patching", concurrency_id="model",
+                  concurrency_limit=engine.event_concurrency())
