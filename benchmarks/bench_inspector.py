@@ -1,6 +1,8 @@
-"""State inspector on the demo model (CPU): record a 512-token text and draw every view (target:
+"""State inspector on the demo models (CPU): record a 512-token text and draw every view (target:
 under 2 s), then the experiments: a sweep of 32 knock-outs over those 512 tokens (one batched pass
-from the first edit; target: at most 5 s), a causal trace, a logit lens, and their figures.
+from the first edit; target: at most 5 s), a causal trace, a logit lens, and their figures. Then
+the same on the RWKV-7 demo model's matrix state: record + draw every matrix view (target < 2 s),
+32 patchings from a clean run over 512 tokens (target <= 5 s), a restore sweep, remove, blend.
 
     python benchmarks/bench_inspector.py
 """
@@ -37,6 +39,7 @@ def main() -> None:
     data = {"machine": machine(), "tokens": len(tokens), "record_s": best[0], "draw_all_s": best[1],
             "redraw_after_slider_s": best[2], "total_s": best[0] + best[1]}
     data["experiments"] = experiment_times(loaded, rec, tokens)
+    data["rwkv7"] = matrix_times(text)
     md = ("# State inspector on the demo model (CPU)\n\n"
           f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, {data['machine']['date']}.\n\n"
           f"| step | time (best of 3) |\n|---|---|\n| record {len(tokens)} tokens | {best[0]:.3f} s |\n"
@@ -50,7 +53,58 @@ def main() -> None:
            f"| {e['causal_trace_figure_s']:.3f} s |\n"
            f"| logit lens, {len(tokens)} tokens | {e['logit_lens_s']:.3f} s | {e['logit_lens_figure_s']:.3f} s |\n"
            f"| memory probe (from the recording) | {e['memory_probe_s']:.3f} s | {e['memory_probe_figure_s']:.3f} s |\n")
+    m = data["rwkv7"]
+    md += ("\n## RWKV-7 demo model: the matrix state (best of 3 each)\n\n| step | time |\n|---|---|\n"
+           f"| record {m['tokens']} tokens | {m['record_s']:.3f} s |\n"
+           f"| draw every matrix view (layer 2, head 1, window 128) | {m['draw_all_s']:.3f} s |\n"
+           f"| **record + draw** | **{m['record_s'] + m['draw_all_s']:.3f} s** (target < 2 s) |\n"
+           f"| redraw after a slider move | {m['redraw_s']:.3f} s |\n"
+           f"| **32 patchings from the clean run (24 heads + 6 layers + 2 channel groups, restored after token 16), "
+           f"{m['tokens']} tokens** | **{m['patch32_s']:.3f} s** (target <= 5 s) |\n"
+           f"| restore sweep: 6 layers x 32 positions before token {m['tokens'] - 1} (192 patchings) | "
+           f"{m['sweep_s']:.3f} s |\n"
+           f"| remove token 20 from every layer at token 100, read to {m['tokens']} | {m['remove_s']:.3f} s |\n"
+           f"| blend two {m['tokens']}-token texts, 5 alphas, 12 greedy tokens | {m['blend_s']:.3f} s |\n")
     write_results("inspector", data, md)
+
+
+def matrix_times(text: str) -> dict:
+    from rwkv_playground import patching
+    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.ui.inspector_tab import draw_views
+
+    loaded = Engine().load(DEMO_CHECKPOINTS[1])
+    runtime, tokenizer = loaded.runtime, loaded.tokenizer
+    clean = tokenizer.encode(text)[:512]
+    corrupt = list(clean)
+    corrupt[10] = (corrupt[10] + 1) % runtime.config.vocab_size
+    c = runtime.config
+
+    def best(run, repeat=3):
+        out, fastest = None, float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = run()
+            fastest = min(fastest, time.perf_counter() - t0)
+        return out, fastest
+
+    rec, record_s = best(lambda: record_matrix(runtime, tokenizer, clean))
+    _, draw_s = best(lambda: draw_views(rec, 2, 256, "0-63", 128, 1))
+    _, redraw_s = best(lambda: draw_views(rec, 3, 100, "0-63", 128, 2))
+    parts = ([patching.StatePart(layer, head=h) for layer in range(c.n_layer) for h in range(c.n_head)]
+             + [patching.StatePart(layer) for layer in range(c.n_layer)]
+             + [patching.StatePart(0, channels=tuple(range(16))), patching.StatePart(5, channels=tuple(range(16)))])
+    parts = parts[:32]
+    _, patch_s = best(lambda: patching.patch(runtime, tokenizer, clean, corrupt, 16, parts))
+    _, sweep_s = best(lambda: patching.restore_sweep(runtime, tokenizer, clean, corrupt, len(clean) - 1, 32))
+    _, remove_s = best(lambda: patching.remove_token_experiment(runtime, tokenizer, clean, 20, 100))
+    other = clean[256:] + clean[:256]
+    _, blend_s = best(lambda: patching.blend(runtime, tokenizer, clean, other))
+    out = {"tokens": len(clean), "patchings": len(parts), "record_s": record_s, "draw_all_s": draw_s,
+           "redraw_s": redraw_s, "patch32_s": patch_s, "sweep_s": sweep_s, "remove_s": remove_s, "blend_s": blend_s}
+    print("rwkv7", {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, flush=True)
+    return out
 
 
 def experiment_times(loaded, rec, tokens) -> dict:

@@ -275,3 +275,29 @@ def test_the_notebook_through_the_api_reruns_only_below_an_edit(client, engine):
     summary, status = nb_client.predict("poem", "", 0, 0, api_name="/notebook_add")
     assert status.startswith("⚠") and "'text' or 'generate'" in status and len(summary) == 4
     nb_client.close()
+
+
+def test_the_inspector_and_patching_through_the_api(app_url, engine):
+    """Record through /inspect (now with a head parameter, ignored by RWKV-4), then /patching:
+    restore each layer from the clean run, the restore sweep, and the errors a visitor can make,
+    each as one sentence."""
+    from rwkv_playground.ui.inspector_tab import DEFAULT_TEXT
+    from rwkv_playground.ui.patching_panel import ACTIONS, DEFAULT_CORRUPT, PARTS
+
+    from gradio_client import Client
+
+    c = Client(app_url, verbose=False)  # a visitor of its own: its session holds the recording
+    out = c.predict("Text below", DEFAULT_TEXT, 0, "0-31", 96, 0, api_name="/inspect")
+    assert out[0].startswith("Recorded"), out[0]
+    n = len(engine.require().tokenizer.encode(DEFAULT_TEXT))
+    status, plot, table, files = c.predict(ACTIONS[0], DEFAULT_CORRUPT, 24, PARTS[0], "all", "0-15", "rows", 8, 0,
+                                           api_name="/patching")
+    assert "done" in status and "mean recovery" in table, status
+    assert len(files) == 3 and plot is not None
+    status, plot, table, files = c.predict(ACTIONS[1], DEFAULT_CORRUPT, n - 1, PARTS[0], "0-2", "0-15", "rows", 6,
+                                           0, api_name="/patching")
+    assert "done" in status and "Strongest restores" in table, status
+    status, *_ = c.predict(ACTIONS[0], "too short", 3, PARTS[0], "all", "", "rows", 8, 0, api_name="/patching")
+    assert status.startswith("⚠") and "same number of tokens" in status and "Traceback" not in status
+    status, *_ = c.predict(ACTIONS[0], DEFAULT_CORRUPT, 3, PARTS[1], "all", "", "rows", 8, 0, api_name="/patching")
+    assert "no heads" in status

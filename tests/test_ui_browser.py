@@ -507,3 +507,74 @@ def test_a_server_killed_mid_reply_comes_back_in_the_browser(tmp_path, engine, a
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+MATRIX_CLEAN = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
+                "That I shall say good night till it be morrow.\n\nJULIET:")
+
+
+def same_length_corruption(tokenizer, clean: str) -> str:
+    """The clean text with the first speaker renamed to a name of the same token count."""
+    n = len(tokenizer.encode(clean))
+    for name in ("JULIET", "HAMLET", "BRUTUS", "OTHELLO", "PORTIA", "VIOLA", "MACBETH", "OLIVIA", "BANQUO"):
+        candidate = clean.replace("ROMEO", name, 1)
+        if len(tokenizer.encode(candidate)) == n:
+            return candidate
+    raise AssertionError("no same-length name found")
+
+
+def test_the_matrix_inspector_and_patching_on_the_rwkv7_demo(page):
+    """The RWKV-7 demo model in its own app: Record draws the Matrix state tab (exact attention per
+    head, the state matrix), the head slider moves it, and the Patching tab restores from the
+    clean run and sweeps layers x positions; screenshots for the README."""
+    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.ui import create_app, launch
+
+    engine7 = Engine()
+    loaded = engine7.load(DEMO_CHECKPOINTS[1])
+    corrupt = same_length_corruption(loaded.tokenizer, MATRIX_CLEAN)
+    port = free_port()
+    demo = create_app(engine7)
+    launch(demo, engine7, port=port, prevent_thread_lock=True, quiet=True)
+    pg = page.context.new_page()
+    try:
+        pg.goto(f"http://127.0.0.1:{port}/")
+        pg.locator("#chat-input textarea").wait_for(timeout=30000)
+        pg.get_by_role("tab", name="State inspector").click()
+        pg.locator("#insp-text textarea").fill(MATRIX_CLEAN)
+        pg.locator("#insp-record").click()
+        status = wait_for_status(pg, "insp-status", ["Recorded", "heads of"], timeout=60)
+        assert "⚠" not in status
+        pg.get_by_role("tab", name="Matrix state (RWKV-5/6/7)").click()
+        wait_for_figure(pg, "insp-m-attention", "exact effective attention", "heatmaplayer")
+        wait_for_figure(pg, "insp-m-matrix", "the state matrix after token", "heatmaplayer")
+        box = pg.locator("#insp-head input[type=number]")
+        box.fill("2")
+        box.press("Enter")
+        wait_for_figure(pg, "insp-m-matrix", "head 2: the state matrix", "heatmaplayer")
+        pg.wait_for_timeout(600)
+        pg.locator("#insp-m-attention").screenshot(path=str(SHOTS / "matrix-attention.png"))
+        pg.locator("#insp-m-matrix").screenshot(path=str(SHOTS / "matrix-state.png"))
+        pg.get_by_role("tab", name="Patching").click()
+        pg.locator("#patch-text textarea").fill(corrupt)
+        select_token(pg, 2)  # the state right after the name's first tokens
+        pg.locator("#patch-run").click()
+        status = wait_for_status(pg, "patch-status", ["done"], timeout=60)
+        assert "⚠" not in status, status
+        wait_for_figure(pg, "patch-plot", "Restored from the clean run", "heatmaplayer")
+        assert "mean recovery" in pg.locator("#patch-summary").inner_text()
+        files = pg.locator("#patch-files").inner_text()
+        assert all(s in files for s in (".html", ".csv", ".json")), files
+        pg.wait_for_timeout(600)
+        pg.locator("#patch-plot").screenshot(path=str(SHOTS / "patching-restore.png"))
+        select_token(pg, len(loaded.tokenizer.encode(MATRIX_CLEAN)) - 1)
+        pg.locator("#patch-action").get_by_label("Restore sweep (causal trace)", exact=True).check()
+        pg.locator("#patch-run").click()
+        status = wait_for_status(pg, "patch-status", ["Restore sweep (causal trace): done"], timeout=90)
+        wait_for_figure(pg, "patch-plot", "Causal trace by restoring", "heatmaplayer")
+        pg.wait_for_timeout(600)
+        pg.locator("#patch-plot").screenshot(path=str(SHOTS / "patching-sweep.png"))
+    finally:
+        pg.close()
+        demo.close()
+        engine7.scheduler.close()

@@ -328,8 +328,9 @@ def build(engine, chat_state, blog_state):
     view_inputs = [session, layer, token, channel_spec, size, head]
     for control in (layer, token, size, head):
         control.release(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
-    token.input(on_view, view_inputs, view_outputs, concurrency_limit=None, trigger_mode="always_last",
-                api_visibility="private")
+    for control in (token, head):
+        control.input(on_view, view_inputs, view_outputs, concurrency_limit=None, trigger_mode="always_last",
+                      api_visibility="private")
     channel_spec.submit(on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
     spike.change(on_spike, [spike], [token], queue=False, api_visibility="private").then(
         on_view, view_inputs, view_outputs, concurrency_limit=None, api_visibility="private")
