@@ -76,3 +76,14 @@ def test_the_openai_example_and_curl_lines_run_against_the_app(app_url, tmp_path
     assert out.returncode == 0, out.stderr
     assert '"status":"ok"' in out.stdout and '"chat.completion"' in out.stdout and "data: [DONE]" in out.stdout
     assert "rwkv_generated_tokens_total" in out.stdout
+
+
+def test_the_patching_example_runs_as_written(tmp_path):
+    code = readme_block("<!-- patching-example -->")
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "answer '?'" in out.stdout and "layer 1" in out.stdout
+    assert "plotly" in (tmp_path / "sweep.html").read_text()
+    assert (tmp_path / "sweep.csv").read_text().startswith("part,position,token,log_prob_answer,recovery")
