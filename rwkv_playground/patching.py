@@ -15,6 +15,8 @@ RWKV-5/6/7's matrix state alike; no Gradio, no plotting).
   its e^{k} v term and e^{k} weight) and read on.
 - **blend**: interpolate the states of two texts after a token (alpha from 0 to 1) and read the
   next-token distribution and a short greedy continuation from each blend.
+- **knock-outs of any part** (`patch(..., kind="erase")`): a head's matrix, matrix rows or columns.
+- **two models on one text**: per-token surprisal and per-layer median half-life side by side.
 
 Positions are token indices; "after position t" means after reading token t.
 """
@@ -193,9 +195,13 @@ def _clean_run(runtime, tokens, state):
 
 
 def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
-               state: State | None = None):
+               state: State | None = None, kind: str = "restore"):
     """Restore each part from the clean run just after `position` of the corrupted text (a
-    scheduler task; returns a PatchResult). All rows read the rest as one batch."""
+    scheduler task; returns a PatchResult). All rows read the rest as one batch. kind "erase":
+    each part is emptied instead (a knock-out of a head, or of matrix rows / columns; pass the
+    same text twice to measure it against the unedited reading: the KL row of each part)."""
+    if kind not in ("restore", "erase"):
+        raise GenerationError("A patch restores or erases.")
     clean, corrupt = _check(runtime, clean_tokens, corrupt_tokens)
     T = len(corrupt)
     if len(clean) != T:
@@ -219,7 +225,10 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     first = corrupt_logits[position].double()
     rows = State.stack([base] * (len(parts) + 1))
     for single, part in zip(rows.unbind_views()[1:], parts):
-        part.copy(single, clean_after)
+        if kind == "erase":
+            part.erase(single)
+        else:
+            part.copy(single, clean_after)
     K1 = len(parts) + 1
     log_p = [torch.log_softmax(first, -1).expand(K1, -1)]  # patching after position changes nothing at position
     if position + 1 < T:
@@ -544,8 +553,8 @@ def blend_task(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.7
                        kl_from_a=kl_a, kl_from_b=kl_b)
 
 
-def patch(runtime, tokenizer, clean, corrupt, position, parts, state=None) -> PatchResult:
-    return run_here(patch_task(runtime, tokenizer, clean, corrupt, position, parts, state))
+def patch(runtime, tokenizer, clean, corrupt, position, parts, state=None, kind="restore") -> PatchResult:
+    return run_here(patch_task(runtime, tokenizer, clean, corrupt, position, parts, state, kind))
 
 
 def restore_sweep(runtime, tokenizer, clean, corrupt, target=None, window=32, parts=None, state=None) -> RestoreSweep:
@@ -558,3 +567,68 @@ def remove_token_experiment(runtime, tokenizer, tokens, removed, at, layers=None
 
 def blend(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.75, 1.0), continuation=12) -> BlendResult:
     return run_here(blend_task(runtime, tokenizer, tokens_a, tokens_b, alphas, continuation))
+
+
+# ---- two models on one text ---------------------------------------------------------------------------
+
+@dataclass
+class ModelComparison:
+    """Two checkpoints on the same tokens: per-token surprisal and per-layer median half-life."""
+
+    names: list[str]
+    architectures: list[str]
+    token_texts: list[str]
+    surprisal: np.ndarray  # [2, T] -log p(token t | before); NaN at t = 0
+    half_life: list[list[float]]  # per model, per layer: median over channels (and tokens when data-dependent)
+
+    def to_json(self) -> str:
+        return json.dumps({"names": self.names, "architectures": self.architectures, "tokens": self.token_texts,
+                           "surprisal": _nan_to_none(self.surprisal), "median_half_life": self.half_life})
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["position", "token", f"surprisal_{self.names[0]}", f"surprisal_{self.names[1]}"])
+        for t, text in enumerate(self.token_texts):
+            writer.writerow([t, text, f"{self.surprisal[0, t]:.6g}", f"{self.surprisal[1, t]:.6g}"])
+        return out.getvalue()
+
+
+def _surprisal_and_half_lives(runtime, tokens):
+    decays: dict[int, torch.Tensor] = {}
+
+    def observe(layer, name, value):
+        if name == "w":
+            decays[layer] = value[0].detach().double()
+
+    logits, _ = runtime.forward(tokens, full_output=True, observe=observe)
+    lp = torch.log_softmax(logits.double(), -1)
+    surprisal = np.full(len(tokens), np.nan)
+    if len(tokens) > 1:
+        surprisal[1:] = (-lp[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]).numpy()
+    if decays:  # RWKV-5/6/7: the decay factor per token and channel
+        lives = [float(torch.median(-math.log(2) / torch.log(decays[i].clamp(1e-300, 1 - 1e-16))))
+                 for i in sorted(decays)]
+    else:  # RWKV-4: ln 2 / exp(time_decay), per channel
+        lives = [float(torch.median(math.log(2) / torch.exp(b.att.time_decay.detach().double())))
+                 for b in runtime.model.blocks]
+    return surprisal, lives
+
+
+def compare_models_task(runtime_a, runtime_b, tokenizer, tokens, names=("model A", "model B")):
+    """Both models read the same tokens (they must share a vocabulary); returns a ModelComparison."""
+    (tokens,) = _check(runtime_a, tokens)
+    if runtime_a.config.vocab_size != runtime_b.config.vocab_size:
+        raise GenerationError("The two models have different vocabularies: compare models that share a tokenizer.")
+    rows, lives = [], []
+    for i, runtime in enumerate((runtime_a, runtime_b)):
+        s, h = _surprisal_and_half_lives(runtime, tokens)
+        rows.append(s)
+        lives.append(h)
+        yield (i + 1) / 2, f"Read the text with {names[i]}"
+    return ModelComparison(names=list(names), architectures=[r.architecture.title for r in (runtime_a, runtime_b)],
+                           token_texts=_texts(tokenizer, tokens), surprisal=np.stack(rows), half_life=lives)
+
+
+def compare_models(runtime_a, runtime_b, tokenizer, tokens, names=("model A", "model B")) -> ModelComparison:
+    return run_here(compare_models_task(runtime_a, runtime_b, tokenizer, tokens, names))

@@ -279,3 +279,10 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     out = list(panel.on_run(session, patching_panel.ACTIONS[2], "", 5, patching_panel.PARTS[0], "all", "", "rows",
                             8, 2))[-1]
     assert "done" in out[0], out[0]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[4], "", 3, patching_panel.PARTS[1], "0", "", "rows",
+                            8, 0))[-1]
+    assert "done" in out[0] and "mean KL" in out[2], out[0]
+    other = [name for name in matrix_engine.list_models() if name.endswith(".pth")]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[0], "all", "", "rows",
+                            8, 0, other[0]))[-1]
+    assert ("done" in out[0] and "mean surprisal" in out[2]) or "different vocabularies" in out[0], out[0]

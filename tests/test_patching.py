@@ -206,3 +206,45 @@ def test_bad_requests_are_refused_in_one_sentence(case):
             patch(runtime, None, clean, corrupt, 2, [StatePart(0, head=0)])
     with pytest.raises(GenerationError, match="outside"):
         patch(runtime, None, clean, corrupt, T, [StatePart(0)])
+
+
+def test_erasing_a_head_or_rows_is_a_knock_out(case):
+    arch, config, weights, runtime, clean, _ = case
+    if arch == "rwkv4":
+        parts = [StatePart(0, channels=(0, 1, 2, 3))]
+    else:
+        parts = [StatePart(1, head=0), StatePart(0, channels=(0, 1), axis="rows"),
+                 StatePart(0, channels=(2,), axis="columns")]
+    result = patch(runtime, None, clean, clean, 8, parts, kind="erase")
+    assert np.all(result.kl[0] < 1e-9)  # the same text twice: the unedited row is the clean run
+    assert result.kl[1:, 1:].max() > 0
+    # by hand: the state after token 8 with the part emptied, then the rest
+    _, row = runtime.forward(clean[:9])
+    parts[0].erase(row)
+    logits, _ = runtime.forward(clean[9:], row, full_output=True)
+    top = torch.tensor(result.clean_top[1:])
+    lp = torch.log_softmax(logits.double(), -1)[torch.arange(len(top)), top].numpy()
+    assert close(result.log_prob[1, 1:], lp, 1e-6)
+    if arch != "rwkv4":
+        _, row = runtime.forward(clean[:9])
+        parts[0].erase(row)
+        assert row.wkv_state[1, 0].abs().max() == 0 and row.wkv_state[1, 1].abs().max() > 0
+
+
+def test_two_models_on_one_text(case, tmp_path):
+    from rwkv_playground import load_runtime
+    from rwkv_playground.patching import compare_models
+
+    arch, config, weights, runtime, clean, _ = case
+    other_weights = by_name(arch).random_weights(config, seed=12, dtype=torch.float32)
+    torch.save(other_weights, tmp_path / "other.pth")
+    other = load_runtime(tmp_path / "other.pth", dtype="fp32")
+    result = compare_models(runtime, other, None, clean, names=("a", "b"))
+    for row, rt in enumerate((runtime, other)):
+        logits, _ = rt.forward(clean, full_output=True)
+        lp = torch.log_softmax(logits.double(), -1)
+        want = -lp[torch.arange(T - 1), torch.tensor(clean[1:])].numpy()
+        assert close(result.surprisal[row, 1:], want, 1e-6) and np.isnan(result.surprisal[row, 0])
+    assert len(result.half_life[0]) == config.n_layer and all(h > 0 for h in result.half_life[0])
+    assert result.half_life[0] != result.half_life[1]
+    assert result.to_csv().count("\n") == T + 1

@@ -19,7 +19,9 @@ from . import matrix_figures
 from .common import ensure_session, friendly_error, with_notices
 from .experiments_panel import export_files, parse_ids
 
-ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text"]
+ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text",
+           "Knock out (erase) the parts", "Two models on the recorded text"]
+MAX_OTHER_MODEL_BYTES = 2 << 30  # the second model is loaded for the experiment and freed after
 PARTS = ["each layer", "each head of the chosen layers", "channels of the chosen layers"]
 DEFAULT_CORRUPT = ("Romeo: But soft, what light through yonder window breaks?\n"
                    "It is the east, and Romeo is the sun.\n\n"
@@ -63,6 +65,14 @@ def summary(action: str, result) -> str:
     if action == ACTIONS[2]:
         return (f"Removed token {result.removed} from layers {result.layers} at token {result.at - 1}: mean KL "
                 f"{result.kl.mean() if result.kl.size else 0:.4f}, max {result.kl.max() if result.kl.size else 0:.4f} nats.")
+    if action == ACTIONS[4]:
+        rows = [f"| {label} | {result.kl[k + 1].mean():.4f} | {result.kl[k + 1].max():.4f} |"
+                for k, label in enumerate(result.labels)]
+        return "| erased | mean KL | max KL |\n|---|---|---|\n" + "\n".join(rows)
+    if action == ACTIONS[5]:
+        lines = [f"| {name} ({arch}) | {np.nanmean(s):.3f} | {', '.join(f'{h:.3g}' for h in lives)} |"
+                 for name, arch, s, lives in zip(result.names, result.architectures, result.surprisal, result.half_life)]
+        return "| model | mean surprisal | median half-life per layer (tokens) |\n|---|---|---|\n" + "\n".join(lines)
     return "| alpha | most likely next | p | greedy continuation |\n|---|---|---|---|\n" + "\n".join(
         f"| {a:g} | {t[0]!r} | {p[0]:.3f} | {c!r} |" for a, t, p, c in
         zip(result.alphas, result.top_texts, result.top_probs, result.continuations))
@@ -95,12 +105,56 @@ def blend_figure(result):
     return fig
 
 
+def knockout_figure(result):
+    import plotly.graph_objects as go
+
+    from .figures import LAYOUT, _token_labels
+
+    labels = _token_labels([result.token_texts[p] for p in result.positions], result.position)
+    fig = go.Figure(go.Heatmap(z=result.kl[1:], x=labels, y=result.labels, colorscale="Reds", zmin=0,
+                               colorbar=dict(title="KL"),
+                               hovertemplate="erase %{y}<br>at %{x}: KL %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Parts erased after token {result.position}: KL from the unedited reading",
+                      **{**LAYOUT, "height": max(360, 26 * len(result.labels) + 200)})
+    fig.update_xaxes(type="category", tickangle=-60)
+    fig.update_yaxes(type="category", autorange="reversed")
+    return fig
+
+
+def models_figure(result):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .figures import LAYOUT, _token_labels
+
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.15,
+                        subplot_titles=("surprisal per token (nats)", "median half-life per layer (tokens, log)"))
+    labels = _token_labels(result.token_texts, 0)
+    for name, arch, s, lives in zip(result.names, result.architectures, result.surprisal, result.half_life):
+        fig.add_trace(go.Scatter(x=labels, y=s, mode="lines", name=f"{name} ({arch})"), row=1, col=1)
+        fig.add_trace(go.Bar(x=[f"L{i}" for i in range(len(lives))], y=lives, name=f"{name} half-life"), row=2, col=1)
+    fig.update_yaxes(type="log", row=2, col=1)
+    fig.update_xaxes(type="category", tickangle=-60, row=1, col=1)
+    fig.update_layout(title="Two models on one text", **{**LAYOUT, "height": 620})
+    return fig
+
+
 class PatchingPanel:
     def __init__(self, engine):
         self.engine = engine
 
+    def other_runtime(self, name: str):
+        from ..runtime import load_runtime
+
+        if not name:
+            raise GenerationError("Choose the other model first.")
+        path = self.engine.resolve_choice(name)
+        if path.stat().st_size > MAX_OTHER_MODEL_BYTES:
+            raise GenerationError("The other model is too large to load beside this one for an experiment (2 GB at most).")
+        return load_runtime(path, dtype="fp32")
+
     def on_run(self, session, action, corrupt_text, position, mode, layers, channels, axis, window, removed,
-               request: gr.Request = None):
+               other_model=None, request: gr.Request = None):
         """Outputs: status, figure, summary, export files."""
         session = ensure_session(self.engine, session, InspectorSession, request)
         unchanged = (gr.Plot(), gr.Markdown(), gr.File())
@@ -127,9 +181,19 @@ class PatchingPanel:
                 chosen = parse_ids(layers, empty.n_layer, "Layers")
                 task = lambda rt: patching.remove_token_task(rt, tokenizer, clean, int(removed), position, chosen)  # noqa: E731
                 draw = removal_figure
-            else:
+            elif action == ACTIONS[3]:
                 task = lambda rt: patching.blend_task(rt, tokenizer, clean, other)  # noqa: E731
                 draw = blend_figure
+            elif action == ACTIONS[4]:
+                parts = build_parts(empty, mode, layers, channels, axis)
+                task = lambda rt: patching.patch_task(rt, tokenizer, clean, clean, position, parts,  # noqa: E731
+                                                      kind="erase")
+                draw = knockout_figure
+            else:
+                second = self.other_runtime(other_model)
+                names = (loaded.name, str(other_model))
+                task = lambda rt: patching.compare_models_task(rt, second, tokenizer, clean, names)  # noqa: E731
+                draw = models_figure
             for event in session.run_experiment(self.engine, task, label="patching"):
                 if event.kind == "progress":
                     yield (f"{action}… {event.value[1]}", *unchanged)
@@ -139,7 +203,7 @@ class PatchingPanel:
             if result is None:
                 raise GenerationError("The experiment was stopped.")
             fig = draw(result)
-            name = ["restore", "restore-sweep", "remove-token", "blend"][ACTIONS.index(action)]
+            name = ["restore", "restore-sweep", "remove-token", "blend", "erase", "two-models"][ACTIONS.index(action)]
             yield (with_notices(session, f"{action}: done. Export: figure (HTML), data (CSV, JSON)."), fig,
                    summary(action, result), export_files(name, fig, result))
         except Exception as exc:
@@ -152,7 +216,9 @@ def build(engine, session, token_slider):
                 "tokens). *Restore*: just after the selected token, put a part of the clean run's state into the "
                 "corrupted reading and see how much of the clean prediction returns at every later token. "
                 "*Sweep*: every part restored after each of the positions before the selected token. *Remove*: "
-                "subtract one earlier token's exact contribution from the memory. *Blend*: mix the two texts' states.")
+                "subtract one earlier token's exact contribution from the memory. *Blend*: mix the two texts' states. *Knock out*: erase "
+                "parts (heads, matrix rows / columns). *Two models*: surprisal and half-lives of another checkpoint "
+                "on the recorded text.")
     corrupt = gr.Textbox(DEFAULT_CORRUPT, lines=3, label="Corrupted text (or the other text, for Blend)",
                          elem_id="patch-text")
     with gr.Row():
@@ -165,10 +231,13 @@ def build(engine, session, token_slider):
         axis = gr.Dropdown(["rows", "columns"], value="rows", label="Matrix axis", elem_id="patch-axis")
         window = gr.Slider(1, 128, value=24, step=1, label="Sweep: positions before the token", elem_id="patch-window")
         removed = gr.Number(0, precision=0, label="Remove: token index", elem_id="patch-removed")
+        other_model = gr.Dropdown(engine.list_models(), label="Two models: the other checkpoint",
+                                  elem_id="patch-other-model")
     status = gr.Markdown("", elem_id="patch-status")
     plot = gr.Plot(elem_id="patch-plot")
     table = gr.Markdown("", elem_id="patch-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
-    run_btn.click(panel.on_run, [session, action, corrupt, token_slider, mode, layers, channels, axis, window, removed],
+    run_btn.click(panel.on_run, [session, action, corrupt, token_slider, mode, layers, channels, axis, window, removed,
+                                 other_model],
                   [status, plot, table, files], api_name="patching", concurrency_id="model",
                   concurrency_limit=engine.event_concurrency())
