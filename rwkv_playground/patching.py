@@ -37,6 +37,7 @@ from .scheduler import run_here
 from .state import EMPTY_PP, State
 
 MATRIX = ("rwkv5", "rwkv6", "rwkv7")
+SCORE_BLOCK = 32  # positions scored at once from a batch's logits
 
 
 @dataclass(frozen=True)
@@ -230,19 +231,27 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
         else:
             part.copy(single, clean_after)
     K1 = len(parts) + 1
-    log_p = [torch.log_softmax(first, -1).expand(K1, -1)]  # patching after position changes nothing at position
+    clean_lp = torch.log_softmax(clean_logits.float(), -1)  # [P, V]
+    clean_p = clean_lp.exp()
+    top = clean_lp.argmax(-1)  # [P]
+    P = T - position
+    row_lp = np.zeros((K1, P))
+    kl = np.zeros((K1, P))
+
+    def score(log_p, cols):  # log_p [K1, n, V] float32: the columns' measures, nothing kept
+        top_cols = top[cols].expand(K1, -1)[..., None]
+        row_lp[:, cols] = log_p.gather(2, top_cols)[..., 0].double().numpy()
+        kl[:, cols] = (clean_p[cols][None] * (clean_lp[cols][None] - log_p)).sum(-1).clamp_min(0).double().numpy()
+
+    # patching after `position` changes nothing at `position` itself
+    score(torch.log_softmax(first.float(), -1).expand(K1, 1, -1), slice(0, 1))
     if position + 1 < T:
         logits, _ = runtime.forward(torch.tensor([corrupt[position + 1:]] * K1), rows, full_output=True, inplace=True)
-        log_p = [log_p[0][:, None]] + [torch.log_softmax(logits.double(), -1)]
-        log_p = torch.cat(log_p, dim=1)  # [K1, P, V]
-    else:
-        log_p = log_p[0][:, None]
+        for a in range(0, P - 1, SCORE_BLOCK):  # blocks of positions: the [K1, block, V] work stays in cache
+            b = min(P - 1, a + SCORE_BLOCK)
+            score(torch.log_softmax(logits[:, a:b], -1), slice(a + 1, b + 1))
     yield 0.9, "Read the corrupted text with each restore"
-    clean_lp = torch.log_softmax(clean_logits, -1)  # [P, V]
-    top = clean_lp.argmax(-1)  # [P]
-    row_lp = log_p.gather(2, top.expand(K1, -1)[..., None])[..., 0].numpy()
-    clean_top_lp = clean_lp.gather(1, top[:, None])[:, 0].numpy()
-    kl = (clean_lp.exp()[None] * (clean_lp[None] - log_p)).sum(-1).clamp_min(0).numpy()
+    clean_top_lp = clean_lp.gather(1, top[:, None])[:, 0].double().numpy()
     recovery = _recovery(row_lp[1:], row_lp[:1], clean_top_lp[None])
     return PatchResult(clean_tokens=clean, corrupt_tokens=corrupt, token_texts=_texts(tokenizer, corrupt),
                        position=position, labels=[p.label for p in parts], clean_top=top.tolist(),

@@ -216,7 +216,7 @@ def test_erasing_a_head_or_rows_is_a_knock_out(case):
         parts = [StatePart(1, head=0), StatePart(0, channels=(0, 1), axis="rows"),
                  StatePart(0, channels=(2,), axis="columns")]
     result = patch(runtime, None, clean, clean, 8, parts, kind="erase")
-    assert np.all(result.kl[0] < 1e-9)  # the same text twice: the unedited row is the clean run
+    assert np.all(result.kl[0] < 1e-5)  # the same text twice: the unedited row is the clean run (float32 KL)
     assert result.kl[1:, 1:].max() > 0
     # by hand: the state after token 8 with the part emptied, then the rest
     _, row = runtime.forward(clean[:9])
