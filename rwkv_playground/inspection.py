@@ -145,18 +145,12 @@ def require_inspector(runtime, what: str = "The State inspector") -> None:
             "(the Matrix state tab) and experiments (Patching, Remove a token, Blend).")
 
 
-def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
-    """The recording as a task for the scheduler: a generator reading one chunk per next()
-    (yielding (fraction, message)), whose return value is the Recording."""
-    require_inspector(runtime)
-    if not tokens:
-        raise GenerationError("There is no text to record: type some text first.")
-    L, C = runtime.config.n_layer, runtime.config.n_embd
+def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0):
+    """Read `tokens` chunk by chunk from `state` (default: empty) with `recorder` observing (its
+    `offset` set to each chunk's start); yields (fraction * progress_share, message). Returns the
+    starting state as numpy copies, its token count, and the surprisal of every token [T]
+    (NaN for the first). Shared by the RWKV-4 and the matrix-state recordings."""
     T = len(tokens)
-    if 7 * T * L * C > MAX_RECORD_FLOATS:
-        limit = MAX_RECORD_FLOATS // (7 * L * C)
-        raise GenerationError(f"That text is {T} tokens; this model can record at most {limit} tokens at a time.")
-    recorder = _Recorder(T, L, C)
     start_state = state.clone() if state is not None else runtime.new_state()
     # copies: the state is advanced in place below, and .numpy() would share its memory
     initial = {n: t.detach().float().cpu().numpy().copy() for n, t in start_state.tensors().items()}
@@ -176,7 +170,23 @@ def record_task(runtime, tokenizer, tokens: list[int], state: State | None = Non
         if len(chunk) > 1:
             surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
         previous_logits = logits[-1].float()
-        yield (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
+        yield progress_share * (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
+    return initial, initial_count, surprisal
+
+
+def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
+    """The recording as a task for the scheduler: a generator reading one chunk per next()
+    (yielding (fraction, message)), whose return value is the Recording."""
+    require_inspector(runtime)
+    if not tokens:
+        raise GenerationError("There is no text to record: type some text first.")
+    L, C = runtime.config.n_layer, runtime.config.n_embd
+    T = len(tokens)
+    if 7 * T * L * C > MAX_RECORD_FLOATS:
+        limit = MAX_RECORD_FLOATS // (7 * L * C)
+        raise GenerationError(f"That text is {T} tokens; this model can record at most {limit} tokens at a time.")
+    recorder = _Recorder(T, L, C)
+    initial, initial_count, surprisal = yield from read_observed(runtime, tokens, state, recorder)
 
     store = recorder.store
     td, tf = model_decay_parameters(runtime)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .inspection import read_observed
 from .scheduler import run_here
 from .state import State
 
@@ -240,24 +241,7 @@ def record_matrix_task(runtime, tokenizer, tokens: list[int], state: State | Non
         limit = MAX_RECORD_FLOATS // (per_token + L * H * N * N // CHECKPOINT_EVERY + 1)
         raise GenerationError(f"That text is {T} tokens; this model can record at most {limit} tokens at a time.")
     recorder = _MatrixRecorder(names, T, L, C)
-    start_state = state.clone() if state is not None else runtime.new_state()
-    initial = {n: t.detach().float().cpu().numpy().copy() for n, t in start_state.tensors().items()}
-    initial_count = start_state.token_count if isinstance(start_state.token_count, int) else 0
-    surprisal = np.full(T, np.nan, dtype=np.float32)
-    previous_logits = None
-    current = start_state
-    for start in range(0, T, runtime.chunk_len):
-        chunk = tokens[start:start + runtime.chunk_len]
-        recorder.offset = start
-        logits, current = runtime.forward(chunk, current, full_output=True, inplace=True, observe=recorder)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        ids = torch.tensor(chunk)
-        if previous_logits is not None:
-            surprisal[start] = float(-torch.log_softmax(previous_logits, -1)[chunk[0]])
-        if len(chunk) > 1:
-            surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
-        previous_logits = logits[-1].float()
-        yield 0.8 * (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
+    initial, initial_count, surprisal = yield from read_observed(runtime, tokens, state, recorder, progress_share=0.8)
     store = recorder.store
     checkpoints, norms, change = _replay_all(arch, store, initial["wkv_state"], H, N)
     yield 1.0, "Replayed the states"
