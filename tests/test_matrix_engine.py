@@ -1,8 +1,8 @@
 """RWKV-5/6/7 in every part of the engine: chat, blog, notebook, the scheduler's batching, state
 files and the memory caps, on small random models with the World vocabulary (what G1 uses).
 
-The State inspector's views and experiments read RWKV-4's vector state; for the other
-architectures they say so in one sentence (their matrix-state views are a separate piece of work).
+RWKV-4's vector views and knock-outs say in one sentence that they do not apply; the State
+inspector's Matrix state and Patching tabs run here through their handlers.
 """
 
 import numpy as np
