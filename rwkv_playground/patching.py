@@ -15,7 +15,10 @@ RWKV-5/6/7's matrix state alike; no Gradio, no plotting).
   its e^{k} v term and e^{k} weight) and read on.
 - **blend**: interpolate the states of two texts after a token (alpha from 0 to 1) and read the
   next-token distribution and a short greedy continuation from each blend.
-- **knock-outs of any part** (`patch(..., kind="erase")`): a head's matrix, matrix rows or columns.
+- **knock-outs of any part**: `patch(..., kind="erase")` empties a head's matrix, matrix rows or
+  columns; `kind="decay"` sets the decay factor of a layer, a head or key channels to `decay` for
+  every later token (1: the part keeps everything, 0: it forgets at once). The decay acts on the
+  key index of the matrix: RWKV-5/6's rows, RWKV-7's columns.
 - **two models on one text**: per-token surprisal and per-layer median half-life side by side.
 
 Positions are token indices; "after position t" means after reading token t.
@@ -99,6 +102,28 @@ class StatePart:
         """Set this part of `target` to `source`'s (both single-sequence states, same model)."""
         for t, s in zip(self.views(target), self.views(source)):
             t.copy_(s)
+
+    def decay_mask(self, state: State) -> torch.Tensor:
+        """Where this part's decay lives: [H, N] bool over (head, key channel) for RWKV-5/6/7, [C]
+        for RWKV-4. The value axis (RWKV-5/6's columns, RWKV-7's rows) has no decay of its own."""
+        if state.architecture not in MATRIX:
+            mask = torch.zeros(state.n_embd, dtype=torch.bool)
+            mask[list(self.channels) if self.channels is not None else slice(None)] = True
+            return mask
+        H, N = state.wkv_state.shape[-3], state.wkv_state.shape[-1]
+        mask = torch.zeros(H, N, dtype=torch.bool)
+        if self.head is not None:
+            mask[self.head] = True
+        elif self.channels is not None:
+            key_axis = "columns" if state.architecture == "rwkv7" else "rows"
+            if self.axis != key_axis:
+                raise GenerationError(f"The decay acts on the key channels, which are the matrix's {key_axis} in "
+                                      f"{state.architecture.upper().replace('RWKV', 'RWKV-')}: change the decay of "
+                                      f"{key_axis}, or erase {self.axis}.")
+            mask[:, list(self.channels)] = True
+        else:
+            mask[:] = True
+        return mask
 
     def erase(self, target: State) -> None:
         """Set this part to an empty memory (RWKV-4: aa = bb = 0, pp = empty; otherwise zeros)."""
@@ -195,14 +220,39 @@ def _clean_run(runtime, tokens, state):
     return torch.stack(logits_all), states
 
 
+def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float) -> dict:
+    """runtime.forward's keyword for rows 1..K with each part's decay factor set to `factor`:
+    {"decay": {layer: [K + 1, H, N]}} (NaN: the model's own) for RWKV-5/6/7, {"time_decay": {layer:
+    [K + 1, C]}} for RWKV-4 (decay per token e^{-e^{time_decay}} = factor)."""
+    K1 = len(parts) + 1
+    edits: dict[int, torch.Tensor] = {}
+    if state.architecture in MATRIX:
+        H, N = state.wkv_state.shape[-3], state.wkv_state.shape[-1]
+        for row, part in enumerate(parts, start=1):
+            layer = edits.setdefault(part.layer, torch.full((K1, H, N), float("nan")))
+            layer[row][part.decay_mask(state)] = factor
+        return {"decay": edits}
+    # RWKV-4: factor 1 / 0 are time_decay -inf / +inf; +-40 is the same in float32 and stays finite
+    time_decay = min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
+    for row, part in enumerate(parts, start=1):
+        layer = edits.setdefault(part.layer, runtime.model.blocks[part.layer].att.time_decay.detach()
+                                 .float().expand(K1, -1).clone())
+        layer[row][part.decay_mask(state)] = time_decay
+    return {"time_decay": edits}
+
+
 def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
-               state: State | None = None, kind: str = "restore"):
+               state: State | None = None, kind: str = "restore", decay: float | None = None):
     """Restore each part from the clean run just after `position` of the corrupted text (a
-    scheduler task; returns a PatchResult). All rows read the rest as one batch. kind "erase":
-    each part is emptied instead (a knock-out of a head, or of matrix rows / columns; pass the
-    same text twice to measure it against the unedited reading: the KL row of each part)."""
-    if kind not in ("restore", "erase"):
-        raise GenerationError("A patch restores or erases.")
+    scheduler task; returns a PatchResult). All rows read the rest as one batch. Knock-outs (pass
+    the same text twice to measure them against the unedited reading: the KL row of each part):
+    kind "erase" empties each part instead; kind "decay" sets each part's decay factor to `decay`
+    (0 to 1) for every token after `position`."""
+    if kind not in ("restore", "erase", "decay"):
+        raise GenerationError("A patch restores, erases or changes the decay.")
+    if kind == "decay" and (decay is None or not 0 <= float(decay) <= 1):
+        raise GenerationError("A decay knock-out needs the new decay factor, between 0 (forget at once) and 1 "
+                              "(keep everything).")
     clean, corrupt = _check(runtime, clean_tokens, corrupt_tokens)
     T = len(corrupt)
     if len(clean) != T:
@@ -215,6 +265,7 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     start = state.clone() if state is not None else runtime.new_state()
     for p in parts:
         p.validate(start)
+    edits = _decay_edits(runtime, parts, start, float(decay)) if kind == "decay" else {}
     clean_current = start.clone()
     clean_logits, _ = runtime.forward(clean[:position + 1], clean_current, full_output=True, inplace=True)
     clean_after = clean_current.clone()
@@ -228,7 +279,7 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     for single, part in zip(rows.unbind_views()[1:], parts):
         if kind == "erase":
             part.erase(single)
-        else:
+        elif kind == "restore":
             part.copy(single, clean_after)
     K1 = len(parts) + 1
     clean_lp = torch.log_softmax(clean_logits.float(), -1)  # [P, V]
@@ -246,7 +297,8 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     # patching after `position` changes nothing at `position` itself
     score(torch.log_softmax(first.float(), -1).expand(K1, 1, -1), slice(0, 1))
     if position + 1 < T:
-        logits, _ = runtime.forward(torch.tensor([corrupt[position + 1:]] * K1), rows, full_output=True, inplace=True)
+        logits, _ = runtime.forward(torch.tensor([corrupt[position + 1:]] * K1), rows, full_output=True, inplace=True,
+                                    **edits)
         for a in range(0, P - 1, SCORE_BLOCK):  # blocks of positions: the [K1, block, V] work stays in cache
             b = min(P - 1, a + SCORE_BLOCK)
             score(torch.log_softmax(logits[:, a:b], -1), slice(a + 1, b + 1))
@@ -562,8 +614,8 @@ def blend_task(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.7
                        kl_from_a=kl_a, kl_from_b=kl_b)
 
 
-def patch(runtime, tokenizer, clean, corrupt, position, parts, state=None, kind="restore") -> PatchResult:
-    return run_here(patch_task(runtime, tokenizer, clean, corrupt, position, parts, state, kind))
+def patch(runtime, tokenizer, clean, corrupt, position, parts, state=None, kind="restore", decay=None) -> PatchResult:
+    return run_here(patch_task(runtime, tokenizer, clean, corrupt, position, parts, state, kind, decay))
 
 
 def restore_sweep(runtime, tokenizer, clean, corrupt, target=None, window=32, parts=None, state=None) -> RestoreSweep:

@@ -231,7 +231,7 @@ class Runtime:
     @torch.no_grad()
     def forward(self, tokens, state: State | None = None, full_output: bool = False, chunk_len: int | None = None,
                 inplace: bool = False, observe: Observer | None = None,
-                time_decay: dict[int, torch.Tensor] | None = None):
+                time_decay: dict[int, torch.Tensor] | None = None, decay: dict[int, torch.Tensor] | None = None):
         """Run tokens through the model. Returns (logits, new_state).
 
         tokens: list of ids / 1-D tensor (one sequence) or 2-D [B, T] tensor (a batch).
@@ -239,7 +239,8 @@ class Runtime:
         The input state is left untouched unless inplace=True. observe(layer, name, tensor) sees
         the internals chunk by chunk (the fused step never runs then). time_decay {layer: [B, C]}
         replaces those layers' decay for this call (experiments.py; runs the reference WKV, which
-        takes a decay per row).
+        takes a decay per row). decay {layer: [B, H, N]}: RWKV-5/6/7's decay factor per token set
+        to these values where not NaN (patching.py's decay knock-outs).
         """
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         batched = tokens.dim() == 2
@@ -252,7 +253,9 @@ class Runtime:
             raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}).")
         state = self._prepare_state(state, B if batched else None, inplace)
 
-        if T == 1 and observe is None and not time_decay:
+        if decay and self.architecture.name not in ("rwkv5", "rwkv6", "rwkv7"):
+            raise ValueError("decay= edits a matrix state's decay; RWKV-4 takes time_decay=.")
+        if T == 1 and observe is None and not time_decay and not decay:
             rows = state.unbind_views() if batched else [state]
             logits = self.step(tokens[:, 0].tolist(), rows)
             logits = logits.unsqueeze(1) if full_output else logits
@@ -265,7 +268,7 @@ class Runtime:
         work = state if batched else state.as_batch()
         chunk_len = chunk_len or self.chunk_len
         wkv = reference_wkv if time_decay else self.backends.recurrence(self.architecture.recurrence)
-        edits = {"time_decay": time_decay} if time_decay else {}
+        edits = {"time_decay": time_decay} if time_decay else {"decay": decay} if decay else {}
         outputs = []
         for start in range(0, T, chunk_len):
             chunk = tokens[:, start:start + chunk_len]

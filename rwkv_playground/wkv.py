@@ -208,6 +208,20 @@ class MatrixWKV:
 reference_matrix_wkv = MatrixWKV("reference", wkv5_reference, wkv7_reference)
 
 
+def with_decay(wkv: MatrixWKV, factor: torch.Tensor) -> MatrixWKV:
+    """`wkv` with the decay w [B, T, H, N] replaced by `factor` [B, H, N] wherever it is not NaN, at
+    every token of the call (the patching knock-outs: a head's or key channels' decay set by hand;
+    the decay acts on the key index in every version)."""
+
+    def replace(w):
+        f = factor.to(device=w.device, dtype=w.dtype)[:, None]               # [B, 1, H, N]
+        return torch.where(torch.isnan(f), w, f)
+
+    return MatrixWKV(f"{wkv.name}, decay edited",
+                     lambda r, k, v, w, u, state: wkv.wkv5(r, k, v, replace(w), u, state),
+                     lambda r, w, k, v, kk, a, state: wkv.wkv7(r, replace(w), k, v, kk, a, state))
+
+
 # head sizes the CUDA kernels are compiled for (kernels/wkv_matrix_cuda.cu); the CPU ones take any
 CUDA_HEAD_SIZES = (16, 32, 64)
 

@@ -7,7 +7,8 @@ engine (tests/test_matrix_inspection.py).
 observations[name] is [T, L, C] for r, k, v, w (decay factor), wkv (the recurrence's output before
 the group norm), and kk, a for v7; "S" is [T, L, H, N, N] (the state after each token; v7 [value,
 key], v5/v6 [key, value]). state: {"att_x" [L, C], "S" [L, H, N, N], "ffn_x" [L, C]}.
-edit(t, state) may change the state in place just after token t is read (patching tests).
+edit(t, state) may change the state in place just after token t is read (patching tests);
+decay_edit(t, layer, w) may return another decay factor [C] for token t in that layer.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def empty_state(W, H):
     return {"att_x": np.zeros((L, C)), "S": np.zeros((L, H, C // H, C // H)), "ffn_x": np.zeros((L, C))}
 
 
-def forward(arch, weights, tokens, n_head, state=None, edit=None):
+def forward(arch, weights, tokens, n_head, state=None, edit=None, decay_edit=None):
     W = {k: v.double().numpy().squeeze() if v.dim() == 3 else v.double().numpy() for k, v in weights.items()}
     L, H = n_layers(W), n_head
     C = W["emb.weight"].shape[1]
@@ -65,12 +66,13 @@ def forward(arch, weights, tokens, n_head, state=None, edit=None):
             xa = layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"])
             prev = st["att_x"][i]
             S = st["S"][i]
+            fix = (lambda w, t=t, i=i: decay_edit(t, i, w)) if decay_edit else (lambda w: w)
             if arch == "rwkv7":
-                out, S, v_first, seen = _tmix_v7(W, p, xa, prev, S, H, N, v_first, i)
+                out, S, v_first, seen = _tmix_v7(W, p, xa, prev, S, H, N, v_first, i, fix)
             elif arch == "rwkv6":
-                out, S, seen = _tmix_v6(W, p, xa, prev, S, H, N)
+                out, S, seen = _tmix_v6(W, p, xa, prev, S, H, N, fix)
             else:
-                out, S, seen = _tmix_v5(W, p, xa, prev, S, H, N)
+                out, S, seen = _tmix_v5(W, p, xa, prev, S, H, N, fix)
             for n in names:
                 obs[n][t, i] = seen[n]
             st["att_x"][i], st["S"][i] = xa, S
@@ -111,11 +113,11 @@ def _read_decay_v5(S, r, k, v, w, u, H, N):
     return y, S
 
 
-def _tmix_v5(W, p, x, prev, S, H, N):
+def _tmix_v5(W, p, x, prev, S, H, N, fix):
     mix = lambda name: prev + W[p + f"att.time_mix_{name}"] * (x - prev)  # noqa: E731
     r, k, v = (W[p + f"att.{n}.weight"] @ mix(n[0]) for n in ("receptance", "key", "value"))
     w = np.exp(-np.exp(W[p + "att.time_decay"])).reshape(-1)
-    w = np.broadcast_to(w, (H * N,)) if w.size == H * N else np.repeat(w, N)
+    w = fix(np.broadcast_to(w, (H * N,)) if w.size == H * N else np.repeat(w, N))
     u = W[p + "att.time_faaaa"].reshape(H, N)
     y, S = _read_decay_v5(S, r, k, v, w, u, H, N)
     g = silu(W[p + "att.gate.weight"] @ mix("g"))
@@ -123,7 +125,7 @@ def _tmix_v5(W, p, x, prev, S, H, N):
     return out, S, {"r": r, "k": k, "v": v, "w": w, "wkv": y}
 
 
-def _tmix_v6(W, p, x, prev, S, H, N):
+def _tmix_v6(W, p, x, prev, S, H, N, fix):
     d = prev - x
     xxx = x + d * W[p + "att.time_maa_x"]
     lora = np.tanh(xxx @ W[p + "att.time_maa_w1"]).reshape(5, -1)
@@ -134,19 +136,20 @@ def _tmix_v6(W, p, x, prev, S, H, N):
     v = W[p + "att.value.weight"] @ xs["v"]
     w = np.exp(-np.exp(W[p + "att.time_decay"] + np.tanh(xs["w"] @ W[p + "att.time_decay_w1"])
                        @ W[p + "att.time_decay_w2"]))
+    w = fix(w)
     y, S = _read_decay_v5(S, r, k, v, w, W[p + "att.time_faaaa"].reshape(H, N), H, N)
     g = silu(W[p + "att.gate.weight"] @ xs["g"])
     out = W[p + "att.output.weight"] @ (group_norm(y, H, W[p + "att.ln_x.weight"], W[p + "att.ln_x.bias"]) * g)
     return out, S, {"r": r, "k": k, "v": v, "w": w, "wkv": y}
 
 
-def _tmix_v7(W, p, x, prev, S, H, N, v_first, layer):
+def _tmix_v7(W, p, x, prev, S, H, N, v_first, layer, fix):
     d = prev - x
     xs = {m: x + d * W[p + f"att.x_{m}"] for m in "rwkvag"}
     r = W[p + "att.receptance.weight"] @ xs["r"]
     k = W[p + "att.key.weight"] @ xs["k"]
     v = W[p + "att.value.weight"] @ xs["v"]
-    w = np.exp(-0.606531 * sigmoid(W[p + "att.w0"] + np.tanh(xs["w"] @ W[p + "att.w1"]) @ W[p + "att.w2"]))
+    w = fix(np.exp(-0.606531 * sigmoid(W[p + "att.w0"] + np.tanh(xs["w"] @ W[p + "att.w1"]) @ W[p + "att.w2"])))
     a = sigmoid(W[p + "att.a0"] + (xs["a"] @ W[p + "att.a1"]) @ W[p + "att.a2"])
     g = sigmoid(xs["g"] @ W[p + "att.g1"]) @ W[p + "att.g2"]
     kk = (k * W[p + "att.k_k"]).reshape(H, N)

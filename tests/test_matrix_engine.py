@@ -282,7 +282,15 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     out = list(panel.on_run(session, patching_panel.ACTIONS[4], "", 3, patching_panel.PARTS[1], "0", "", "rows",
                             8, 0))[-1]
     assert "done" in out[0] and "mean KL" in out[2], out[0]
+    key_axis = "columns" if rec.architecture == "rwkv7" else "rows"
+    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[2], "0", "0-3", key_axis,
+                            8, 0, None, 0.0))[-1]
+    assert "done" in out[0] and "decay set" in out[2] and out[1].data[0].z.max() > 0, out[0]
+    value_axis = "rows" if key_axis == "columns" else "columns"
+    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[2], "0", "0-3", value_axis,
+                            8, 0, None, 0.0))[-1]
+    assert f"which are the matrix's {key_axis}" in out[0] and "Traceback" not in out[0], out[0]
     other = [name for name in matrix_engine.list_models() if name.endswith(".pth")]
-    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[0], "all", "", "rows",
+    out = list(panel.on_run(session, patching_panel.ACTIONS[6], "", 3, patching_panel.PARTS[0], "all", "", "rows",
                             8, 0, other[0]))[-1]
     assert ("done" in out[0] and "mean surprisal" in out[2]) or "different vocabularies" in out[0], out[0]

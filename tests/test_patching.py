@@ -248,3 +248,63 @@ def test_two_models_on_one_text(case, tmp_path):
     assert len(result.half_life[0]) == config.n_layer and all(h > 0 for h in result.half_life[0])
     assert result.half_life[0] != result.half_life[1]
     assert result.to_csv().count("\n") == T + 1
+
+
+def _log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.9, 1.0])
+def test_a_decay_knock_out_is_the_forward_with_that_decay(case, factor):
+    from rwkv_playground.errors import GenerationError
+
+    arch, config, weights, runtime, clean, _ = case
+    position = 8
+    if arch == "rwkv4":  # held to the inspector's RWKV-4 decay knock-out (experiments.py), the same edit
+        import math
+
+        from rwkv_playground.experiments import Knockout, knockouts
+
+        parts = [StatePart(0, channels=(0, 1, 2, 3)), StatePart(config.n_layer - 1)]
+        result = patch(runtime, None, clean, clean, position, parts, kind="decay", decay=factor)
+        time_decay = min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
+        for k, part in enumerate(parts):
+            channels = part.channels or tuple(range(config.n_embd))
+            ref = knockouts(runtime, None, clean, [Knockout(layer=part.layer, channels=channels, position=position + 1,
+                                                            kind="decay", time_decay=time_decay)])
+            assert close(result.kl[k + 1, 1:], ref.kl[0], 1e-4), part.label
+        assert result.kl[1:, 1:].max() > 0
+        return
+    key_axis = "columns" if arch == "rwkv7" else "rows"
+    H, N = config.n_head, config.head_size
+    parts = [StatePart(1, head=0), StatePart(0, channels=(0, 1, 5), axis=key_axis), StatePart(config.n_layer - 1)]
+    result = patch(runtime, None, clean, clean, position, parts, kind="decay", decay=factor)
+    assert np.all(result.kl[0] < 1e-5) and result.kl[1:, 1:].max() > 0 and np.all(result.kl[1:, 0] < 1e-5)
+    top = np.array(result.clean_top)
+
+    def channels_of(part):
+        if part.head is not None:
+            return list(range(part.head * N, (part.head + 1) * N))
+        if part.channels is not None:
+            return [h * N + c for h in range(H) for c in part.channels]
+        return list(range(H * N))
+
+    for k, part in enumerate(parts):
+        picked = channels_of(part)
+
+        def decay_edit(t, layer, w, part=part, picked=picked):
+            if t > position and layer == part.layer:
+                w = np.array(w, dtype=np.float64)
+                w[picked] = factor
+            return w
+
+        logits, _, _ = numpy_rwkv.forward(arch, weights, clean, config.n_head, decay_edit=decay_edit)
+        want = _log_softmax(logits)[position:][np.arange(len(top)), top]
+        assert close(result.log_prob[k + 1], want, 1e-4), part.label
+    value_axis = "rows" if arch == "rwkv7" else "columns"
+    with pytest.raises(GenerationError, match=f"key channels, which are the matrix's {key_axis}"):
+        patch(runtime, None, clean, clean, position, [StatePart(0, channels=(0,), axis=value_axis)], kind="decay",
+              decay=factor)
+    with pytest.raises(GenerationError, match="between 0"):
+        patch(runtime, None, clean, clean, position, parts, kind="decay", decay=1.5)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..state import State, StateLayout
-from ..wkv import reference_matrix_wkv
+from ..wkv import reference_matrix_wkv, with_decay
 
 LN_EPS = 1e-5  # every LayerNorm (the fused C++ step receives it from here)
 GROUP_NORM_EPS = 64e-5  # ln_x of v5/v6/v7: one group per head (as the rwkv package, rwkv.cpp, llama.cpp)
@@ -119,8 +119,10 @@ class MatrixStateLM(nn.Module):
                                              c.head_size, LN_EPS, GROUP_NORM_EPS, isa)
 
     def forward(self, tokens: torch.Tensor, state=None, wkv=None, last_only: bool = False,
-                observe: Observer | None = None):
+                observe: Observer | None = None, decay: dict[int, torch.Tensor] | None = None):
         """tokens: [B, T] ids; state: a batched State (not modified) or None (training).
+        decay: {layer: [B, H, N]} decay factors used instead of the model's at every token of this
+        call where not NaN (patching's decay knock-outs).
         Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens)."""
         wkv = wkv or reference_matrix_wkv
         x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
@@ -128,7 +130,8 @@ class MatrixStateLM(nn.Module):
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else {n: t[:, i] for n, t in state.tensors().items()}
-            x, layer_state = block(x, layer_state, wkv, carry, observe=observe_layer(observe, i))
+            layer_wkv = with_decay(wkv, decay[i]) if decay and i in decay else wkv
+            x, layer_state = block(x, layer_state, layer_wkv, carry, observe=observe_layer(observe, i))
             new_layers.append(layer_state)
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2

@@ -20,7 +20,7 @@ from .common import ensure_session, friendly_error, with_notices
 from .experiments_panel import export_files, parse_ids
 
 ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text",
-           "Knock out (erase) the parts", "Two models on the recorded text"]
+           "Knock out (erase) the parts", "Knock out (set the decay of) the parts", "Two models on the recorded text"]
 MAX_OTHER_MODEL_BYTES = 2 << 30  # the second model is loaded for the experiment and freed after
 PARTS = ["each layer", "each head of the chosen layers", "channels of the chosen layers"]
 DEFAULT_CORRUPT = ("Romeo: But soft, what light through yonder window breaks?\n"
@@ -65,11 +65,12 @@ def summary(action: str, result) -> str:
     if action == ACTIONS[2]:
         return (f"Removed token {result.removed} from layers {result.layers} at token {result.at - 1}: mean KL "
                 f"{result.kl.mean() if result.kl.size else 0:.4f}, max {result.kl.max() if result.kl.size else 0:.4f} nats.")
-    if action == ACTIONS[4]:
+    if action in (ACTIONS[4], ACTIONS[5]):
         rows = [f"| {label} | {result.kl[k + 1].mean():.4f} | {result.kl[k + 1].max():.4f} |"
                 for k, label in enumerate(result.labels)]
-        return "| erased | mean KL | max KL |\n|---|---|---|\n" + "\n".join(rows)
-    if action == ACTIONS[5]:
+        edited = "erased" if action == ACTIONS[4] else "decay set"
+        return f"| {edited} | mean KL | max KL |\n|---|---|---|\n" + "\n".join(rows)
+    if action == ACTIONS[6]:
         lines = [f"| {name} ({arch}) | {np.nanmean(s):.3f} | {', '.join(f'{h:.3g}' for h in lives)} |"
                  for name, arch, s, lives in zip(result.names, result.architectures, result.surprisal, result.half_life)]
         return "| model | mean surprisal | median half-life per layer (tokens) |\n|---|---|---|\n" + "\n".join(lines)
@@ -105,7 +106,7 @@ def blend_figure(result):
     return fig
 
 
-def knockout_figure(result):
+def knockout_figure(result, edit: str = "erased"):
     import plotly.graph_objects as go
 
     from .figures import LAYOUT, _token_labels
@@ -113,8 +114,8 @@ def knockout_figure(result):
     labels = _token_labels([result.token_texts[p] for p in result.positions], result.position)
     fig = go.Figure(go.Heatmap(z=result.kl[1:], x=labels, y=result.labels, colorscale="Reds", zmin=0,
                                colorbar=dict(title="KL"),
-                               hovertemplate="erase %{y}<br>at %{x}: KL %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=f"Parts erased after token {result.position}: KL from the unedited reading",
+                               hovertemplate=f"{edit} %{{y}}<br>at %{{x}}: KL %{{z:.4f}}<extra></extra>"))
+    fig.update_layout(title=f"Parts {edit} after token {result.position}: KL from the unedited reading",
                       **{**LAYOUT, "height": max(360, 26 * len(result.labels) + 200)})
     fig.update_xaxes(type="category", tickangle=-60)
     fig.update_yaxes(type="category", autorange="reversed")
@@ -154,7 +155,7 @@ class PatchingPanel:
         return load_runtime(path, dtype="fp32")
 
     def on_run(self, session, action, corrupt_text, position, mode, layers, channels, axis, window, removed,
-               other_model=None, request: gr.Request = None):
+               other_model=None, decay=1.0, request: gr.Request = None):
         """Outputs: status, figure, summary, export files."""
         session = ensure_session(self.engine, session, InspectorSession, request)
         unchanged = (gr.Plot(), gr.Markdown(), gr.File())
@@ -189,6 +190,12 @@ class PatchingPanel:
                 task = lambda rt: patching.patch_task(rt, tokenizer, clean, clean, position, parts,  # noqa: E731
                                                       kind="erase")
                 draw = knockout_figure
+            elif action == ACTIONS[5]:
+                parts = build_parts(empty, mode, layers, channels, axis)
+                factor = float(1.0 if decay is None else decay)
+                task = lambda rt: patching.patch_task(rt, tokenizer, clean, clean, position, parts,  # noqa: E731
+                                                      kind="decay", decay=factor)
+                draw = lambda result: knockout_figure(result, f"decay set to {factor:g}")  # noqa: E731
             else:
                 second = self.other_runtime(other_model)
                 names = (loaded.name, str(other_model))
@@ -203,7 +210,7 @@ class PatchingPanel:
             if result is None:
                 raise GenerationError("The experiment was stopped.")
             fig = draw(result)
-            name = ["restore", "restore-sweep", "remove-token", "blend", "erase", "two-models"][ACTIONS.index(action)]
+            name = ["restore", "restore-sweep", "remove-token", "blend", "erase", "decay", "two-models"][ACTIONS.index(action)]
             yield (with_notices(session, f"{action}: done. Export: figure (HTML), data (CSV, JSON)."), fig,
                    summary(action, result), export_files(name, fig, result))
         except Exception as exc:
@@ -217,7 +224,9 @@ def build(engine, session, token_slider):
                 "corrupted reading and see how much of the clean prediction returns at every later token. "
                 "*Sweep*: every part restored after each of the positions before the selected token. *Remove*: "
                 "subtract one earlier token's exact contribution from the memory. *Blend*: mix the two texts' states. *Knock out*: erase "
-                "parts (heads, matrix rows / columns). *Two models*: surprisal and half-lives of another checkpoint "
+                "parts (heads, matrix rows / columns), or set their decay factor for every later token (1 keeps "
+                "everything, 0 forgets at once; the decay acts on the key channels: RWKV-5/6's rows, RWKV-7's "
+                "columns). *Two models*: surprisal and half-lives of another checkpoint "
                 "on the recorded text.")
     corrupt = gr.Textbox(DEFAULT_CORRUPT, lines=3, label="Corrupted text (or the other text, for Blend)",
                          elem_id="patch-text")
@@ -233,11 +242,12 @@ def build(engine, session, token_slider):
         removed = gr.Number(0, precision=0, label="Remove: token index", elem_id="patch-removed")
         other_model = gr.Dropdown(engine.list_models(), label="Two models: the other checkpoint",
                                   elem_id="patch-other-model")
+        decay = gr.Number(1.0, minimum=0, maximum=1, label="Knock out: decay factor (0 to 1)", elem_id="patch-decay")
     status = gr.Markdown("", elem_id="patch-status")
     plot = gr.Plot(elem_id="patch-plot")
     table = gr.Markdown("", elem_id="patch-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
     run_btn.click(panel.on_run, [session, action, corrupt, token_slider, mode, layers, channels, axis, window, removed,
-                                 other_model],
+                                 other_model, decay],
                   [status, plot, table, files], api_name="patching", concurrency_id="model",
                   concurrency_limit=engine.event_concurrency())
