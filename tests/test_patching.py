@@ -3,7 +3,9 @@ and RWKV-5/6/7 (rwkv_playground/patching.py), held to the independent float64 nu
 tests/numpy_rwkv.py where it exists (v5.2, v6, v7) and to exact identities everywhere:
 restoring every layer after the texts agree again gives the clean run; one restored layer is the
 numpy forward with that layer's state copied; the sweep's cells are the single patches; removing a
-token subtracts exactly the memory the recurrence would hold without its value."""
+token subtracts exactly the memory the recurrence would hold without its value, and is re-reading
+the text without the token where the math says it must be (one layer, no token shift, decay 1); a
+decay knock-out is the forward with that decay."""
 
 import numpy as np
 import pytest
@@ -308,3 +310,71 @@ def test_a_decay_knock_out_is_the_forward_with_that_decay(case, factor):
               decay=factor)
     with pytest.raises(GenerationError, match="between 0"):
         patch(runtime, None, clean, clean, position, parts, kind="decay", decay=1.5)
+
+
+# Where the math says removing a token must equal re-reading the text without it: one layer (no
+# layer above reads the token's output), no token shift (no later input mixes it in) and a decay of
+# 1 (dropping a token shifts no one's age; RWKV-7: no in-context removal either, a = 0). Then the
+# token lives only in its additive term of the state, and subtracting that term is the text without it.
+ONE_LAYER = {
+    "rwkv4": RWKVConfig(1, 64, 97, 224),
+    "rwkv5": RWKV5Config(1, 64, 97, 224, 4, 16),
+    "rwkv6": RWKV6Config(1, 64, 97, 224, 4, 16, mix_lora=8, decay_lora=16),
+    "rwkv7": RWKV7Config(1, 64, 97, 256, 2, 32, decay_lora=16, iclr_lora=16, value_lora=8, gate_lora=16),
+}
+NO_SHIFT = {"rwkv4": {"att.time_mix_k": 1, "att.time_mix_v": 1, "att.time_mix_r": 1, "ffn.time_mix_k": 1,
+                      "ffn.time_mix_r": 1},
+            "rwkv5": {"att.time_mix_k": 1, "att.time_mix_v": 1, "att.time_mix_r": 1, "att.time_mix_g": 1,
+                      "ffn.time_mix_k": 1, "ffn.time_mix_r": 1},
+            "rwkv6": {"att.time_maa_x": 0, "att.time_maa_w": 0, "att.time_maa_k": 0, "att.time_maa_v": 0,
+                      "att.time_maa_r": 0, "att.time_maa_g": 0, "att.time_maa_w1": 0, "ffn.time_maa_k": 0,
+                      "ffn.time_maa_r": 0},
+            "rwkv7": {f"att.x_{m}": 0 for m in "rwkvag"} | {"ffn.x_k": 0}}
+KEEP_ALL = {"rwkv4": {"att.time_decay": -50}, "rwkv5": {"att.time_decay": -50},
+            "rwkv6": {"att.time_decay": -50, "att.time_decay_w1": 0},
+            "rwkv7": {"att.w0": -50, "att.w1": 0, "att.a0": -50, "att.a1": 0}}
+
+
+@pytest.mark.parametrize("arch", list(ONE_LAYER))
+def test_removing_a_token_is_re_reading_without_it_where_the_math_says_so(arch, tmp_path):
+    from rwkv_playground import load_runtime
+    from rwkv_playground.patching import remove_token
+
+    config = ONE_LAYER[arch]
+    weights = by_name(arch).random_weights(config, seed=5, dtype=torch.float32)
+    for name, value in (NO_SHIFT[arch] | KEEP_ALL[arch]).items():
+        weights[f"blocks.0.{name}"].fill_(value)
+    torch.save(weights, tmp_path / "m.pth")
+    runtime = load_runtime(tmp_path / "m.pth", dtype="fp32")
+    tokens = torch.randint(0, config.vocab_size, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    removed, at = 5, 11
+    without = tokens[:removed] + tokens[removed + 1:]
+    reread, _ = runtime.forward(without, full_output=True)
+    _, state = runtime.forward(tokens[:at + 1])
+    edited = remove_token(runtime, state, token_contribution(runtime, tokens, removed, at, 0), 0)
+    logits, _ = runtime.forward(tokens[at + 1:], edited, full_output=True)
+    assert torch.allclose(logits, reread[at:], atol=1e-4, rtol=1e-4)
+    _, reread_state = runtime.forward(without[:at])
+    if arch == "rwkv4":  # the memory the state stands for: aa e^{pp}, bb e^{pp}
+        for name in ("aa", "bb"):
+            a = getattr(edited, name).double() * torch.exp(edited.pp.double())
+            b = getattr(reread_state, name).double() * torch.exp(reread_state.pp.double())
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())), name
+    else:
+        assert torch.allclose(edited.wkv_state, reread_state.wkv_state, atol=1e-4)
+    # the experiment reports exactly that: its KL is the KL of re-reading without the token
+    result = remove_token_experiment(runtime, None, tokens, removed, at)
+    original, _ = runtime.forward(tokens, full_output=True)
+    lp_o = torch.log_softmax(original[at + 1:].double(), -1)
+    lp_r = torch.log_softmax(reread[at:].double(), -1)
+    want = (lp_o.exp() * (lp_o - lp_r)).sum(-1).numpy()
+    assert np.abs(result.kl - want).max() <= 1e-3 * want.max() and want.max() > 1e-4
+    # and without those conditions it is not the same thing (the model's own decay ages every token)
+    own = by_name(arch).random_weights(config, seed=5, dtype=torch.float32)
+    torch.save(own, tmp_path / "own.pth")
+    runtime = load_runtime(tmp_path / "own.pth", dtype="fp32")
+    reread, _ = runtime.forward(without, full_output=True)
+    _, state = runtime.forward(tokens[:at + 1])
+    edited = remove_token(runtime, state, token_contribution(runtime, tokens, removed, at, 0), 0)
+    logits, _ = runtime.forward(tokens[at + 1:], edited, full_output=True)
+    assert (logits - reread[at:]).abs().max() > 1e-3
