@@ -263,6 +263,10 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     assert attention.data[1].z.shape == (rec.n_tokens, rec.n_tokens)
     assert len(over.data) == 3 and bonus.data[0].z.shape == (rec.n_layer, rec.n_embd)
     assert views[5].data[1].z.shape == (rec.n_layer, rec.n_tokens)  # per-token summary
+    if rec.architecture == "rwkv7":  # a of the layer, then the chosen head's removal key kk
+        assert np.allclose(fourth.data[0].z, rec.arrays["a"][:, 1].T) and len(fourth.data) == 2
+        assert np.allclose(fourth.data[1].z, rec.head("kk", 1, 1).T)
+        assert np.allclose(np.linalg.norm(fourth.data[1].z, axis=0), 1, atol=1e-5)
     again = inspector_tab.on_view(session, 0, 3, "0-31", 16, 0)
     assert np.allclose(again[12].data[0].z, rec.state_at(3, 0, 0), atol=1e-6)
     path, message = inspector_tab.on_export(session, 3)

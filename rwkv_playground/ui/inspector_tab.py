@@ -69,9 +69,9 @@ def draw_matrix_views(rec: MatrixRecording, layer: int, token: int, size: int, h
     distribution = matrix_figures.half_life_distribution(w, layer)
     bonus = matrix_figures.bonus_heatmap(rec.bonus, rec.architecture)
     if rec.architecture == "rwkv7":
-        fourth = matrix_figures.token_channel_heatmap(
-            rec.arrays["a"][start:end, layer], texts, start,
-            f"Layer {layer}: in-context learning rate a (how much of the old value at kk is replaced)", "a", token)
+        fourth = matrix_figures.rate_and_removal_key(rec.arrays["a"][start:end, layer],
+                                                     rec.head("kk", layer, head)[start:end], texts, start,
+                                                     layer, head, token)
     else:
         fourth = matrix_figures.token_channel_heatmap(
             np.log10(np.maximum(rec.half_life(layer)[start:end], 1e-6)), texts, start,
@@ -125,7 +125,7 @@ N_VIEWS = 7  # RWKV-4 figures returned by draw_views (then the token line, then 
 NO_VIEWS = [gr.Plot()] * N_VIEWS
 N_MATRIX_VIEWS = 7
 NO_MATRIX_VIEWS = [gr.Plot()] * N_MATRIX_VIEWS
-MATRIX_VIEW_NAMES = ["decay per token", "half-life distribution", "bonus", "in-context rate or half-life",
+MATRIX_VIEW_NAMES = ["decay per token", "half-life distribution", "bonus", "in-context rate and removal key, or half-life",
                      "state matrix", "state over the text", "effective attention"]
 
 

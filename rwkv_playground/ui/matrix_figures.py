@@ -30,6 +30,30 @@ def token_channel_heatmap(values: np.ndarray, token_texts, start: int, title: st
     return fig
 
 
+def rate_and_removal_key(a: np.ndarray, kk: np.ndarray, token_texts, start: int, layer: int, head: int,
+                         selected=None) -> go.Figure:
+    """RWKV-7 per token: the in-context learning rate a [n, C] of the layer and the removal key kk
+    [n, N] of one head (unit length: the direction whose old value the token replaces)."""
+    labels = _token_labels(token_texts, start)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4],
+                        subplot_titles=(f"in-context learning rate a, every channel of layer {layer}",
+                                        f"removal key kk of head {head} (unit vector per token)"))
+    fig.add_trace(go.Heatmap(z=a.T, x=labels, colorscale="Viridis", zmin=0, zmax=1,
+                             colorbar=dict(title="a", y=0.7, len=0.6),
+                             hovertemplate="%{x}<br>channel %{y}: a %{z:.4g}<extra></extra>"), row=1, col=1)
+    limit = float(np.abs(kk).max()) or 1.0
+    fig.add_trace(go.Heatmap(z=kk.T, x=labels, colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+                             colorbar=dict(title="kk", y=0.2, len=0.4),
+                             hovertemplate="%{x}<br>key channel %{y}: kk %{z:.4g}<extra></extra>"), row=2, col=1)
+    _mark(fig, selected, start, len(labels))
+    fig.update_layout(title=f"Layer {layer}: how much each token overwrites (a) and where (kk: S ← S(w − kk·(a kk)ᵀ) + v kᵀ)",
+                      **{**LAYOUT, "height": 620})
+    fig.update_xaxes(type="category", tickangle=-60, row=2, col=1)
+    fig.update_yaxes(title="channel", row=1, col=1)
+    fig.update_yaxes(title="key j", row=2, col=1)
+    return fig
+
+
 def half_life_distribution(w: np.ndarray, layer: int) -> go.Figure:
     """The layer's half-lives over every token and channel (log axis), with the median."""
     life = matrix_half_life(w).reshape(-1)
