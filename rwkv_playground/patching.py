@@ -19,7 +19,8 @@ RWKV-5/6/7's matrix state alike; no Gradio, no plotting).
   columns; `kind="decay"` sets the decay factor of a layer, a head or key channels to `decay` for
   every later token (1: the part keeps everything, 0: it forgets at once). The decay acts on the
   key index of the matrix: RWKV-5/6's rows, RWKV-7's columns.
-- **two models on one text**: per-token surprisal and per-layer median half-life side by side.
+- **two models on one text**: per-token surprisal, per-layer median half-life and every channel's
+  half-life side by side.
 
 Positions are token indices; "after position t" means after reading token t.
 """
@@ -634,17 +635,20 @@ def blend(runtime, tokenizer, tokens_a, tokens_b, alphas=(0, 0.25, 0.5, 0.75, 1.
 
 @dataclass
 class ModelComparison:
-    """Two checkpoints on the same tokens: per-token surprisal and per-layer median half-life."""
+    """Two checkpoints on the same tokens: per-token surprisal, per-layer median half-life and the
+    half-life of every channel (median over the text's tokens where the decay depends on the token)."""
 
     names: list[str]
     architectures: list[str]
     token_texts: list[str]
     surprisal: np.ndarray  # [2, T] -log p(token t | before); NaN at t = 0
     half_life: list[list[float]]  # per model, per layer: median over channels (and tokens when data-dependent)
+    channel_half_life: list[np.ndarray] = field(default_factory=list)  # per model [L, C] tokens
 
     def to_json(self) -> str:
         return json.dumps({"names": self.names, "architectures": self.architectures, "tokens": self.token_texts,
-                           "surprisal": _nan_to_none(self.surprisal), "median_half_life": self.half_life})
+                           "surprisal": _nan_to_none(self.surprisal), "median_half_life": self.half_life,
+                           "channel_half_life": [_nan_to_none(h) for h in self.channel_half_life]})
 
     def to_csv(self) -> str:
         out = io.StringIO()
@@ -668,12 +672,13 @@ def _surprisal_and_half_lives(runtime, tokens):
     if len(tokens) > 1:
         surprisal[1:] = (-lp[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]).numpy()
     if decays:  # RWKV-5/6/7: the decay factor per token and channel
-        lives = [float(torch.median(-math.log(2) / torch.log(decays[i].clamp(1e-300, 1 - 1e-16))))
-                 for i in sorted(decays)]
+        per_token = [-math.log(2) / torch.log(decays[i].clamp(1e-300, 1 - 1e-16)) for i in sorted(decays)]  # [T, C]
+        lives = [float(torch.median(h)) for h in per_token]
+        channels = torch.stack([torch.quantile(h, 0.5, dim=0) for h in per_token])
     else:  # RWKV-4: ln 2 / exp(time_decay), per channel
-        lives = [float(torch.median(math.log(2) / torch.exp(b.att.time_decay.detach().double())))
-                 for b in runtime.model.blocks]
-    return surprisal, lives
+        channels = torch.stack([math.log(2) / torch.exp(b.att.time_decay.detach().double()) for b in runtime.model.blocks])
+        lives = [float(torch.median(h)) for h in channels]
+    return surprisal, lives, channels.numpy()
 
 
 def compare_models_task(runtime_a, runtime_b, tokenizer, tokens, names=("model A", "model B")):
@@ -681,14 +686,16 @@ def compare_models_task(runtime_a, runtime_b, tokenizer, tokens, names=("model A
     (tokens,) = _check(runtime_a, tokens)
     if runtime_a.config.vocab_size != runtime_b.config.vocab_size:
         raise GenerationError("The two models have different vocabularies: compare models that share a tokenizer.")
-    rows, lives = [], []
+    rows, lives, channels = [], [], []
     for i, runtime in enumerate((runtime_a, runtime_b)):
-        s, h = _surprisal_and_half_lives(runtime, tokens)
+        s, h, c = _surprisal_and_half_lives(runtime, tokens)
         rows.append(s)
         lives.append(h)
+        channels.append(c)
         yield (i + 1) / 2, f"Read the text with {names[i]}"
     return ModelComparison(names=list(names), architectures=[r.architecture.title for r in (runtime_a, runtime_b)],
-                           token_texts=_texts(tokenizer, tokens), surprisal=np.stack(rows), half_life=lives)
+                           token_texts=_texts(tokenizer, tokens), surprisal=np.stack(rows), half_life=lives,
+                           channel_half_life=channels)
 
 
 def compare_models(runtime_a, runtime_b, tokenizer, tokens, names=("model A", "model B")) -> ModelComparison:

@@ -250,6 +250,23 @@ def test_two_models_on_one_text(case, tmp_path):
     assert len(result.half_life[0]) == config.n_layer and all(h > 0 for h in result.half_life[0])
     assert result.half_life[0] != result.half_life[1]
     assert result.to_csv().count("\n") == T + 1
+    # every channel's half-life side by side: RWKV-4's from its parameter, the others' the median over
+    # the text's tokens of -ln2 / ln w (the numpy forward's decay)
+    for h, w in zip(result.channel_half_life, (weights, other_weights)):
+        assert h.shape == (config.n_layer, config.n_embd)
+        if arch == "rwkv4":
+            want = np.stack([np.log(2) / np.exp(w[f"blocks.{i}.att.time_decay"].double().numpy())
+                             for i in range(config.n_layer)])
+        else:
+            _, obs, _ = numpy_rwkv.forward(arch, w, clean, config.n_head)
+            want = np.median(-np.log(2) / np.log(obs["w"]), axis=0)
+        assert close(h, want, 1e-4)
+    from rwkv_playground.ui.patching_panel import models_figure
+
+    fig = models_figure(result)
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 2 and heat[0].zmin == heat[1].zmin and heat[0].zmax == heat[1].zmax
+    assert np.allclose(heat[1].z, np.log10(result.channel_half_life[1]))
 
 
 def _log_softmax(x):

@@ -128,15 +128,31 @@ def models_figure(result):
 
     from .figures import LAYOUT, _token_labels
 
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.15,
-                        subplot_titles=("surprisal per token (nats)", "median half-life per layer (tokens, log)"))
+    names = [f"{n} ({a})" for n, a in zip(result.names, result.architectures)]
+    fig = make_subplots(rows=3, cols=2, vertical_spacing=0.1, horizontal_spacing=0.08,
+                        specs=[[{"colspan": 2}, None], [{"colspan": 2}, None], [{}, {}]],
+                        row_heights=[0.3, 0.25, 0.45],
+                        subplot_titles=("surprisal per token (nats)", "median half-life per layer (tokens, log)",
+                                        *(f"half-life per channel: {n}" for n in names)))
     labels = _token_labels(result.token_texts, 0)
-    for name, arch, s, lives in zip(result.names, result.architectures, result.surprisal, result.half_life):
-        fig.add_trace(go.Scatter(x=labels, y=s, mode="lines", name=f"{name} ({arch})"), row=1, col=1)
+    for name, s, lives in zip(names, result.surprisal, result.half_life):
+        fig.add_trace(go.Scatter(x=labels, y=s, mode="lines", name=name), row=1, col=1)
         fig.add_trace(go.Bar(x=[f"L{i}" for i in range(len(lives))], y=lives, name=f"{name} half-life"), row=2, col=1)
+    # one colour scale for both models (log10 tokens), so the same colour is the same memory length
+    logs = [np.log10(np.clip(h, 1e-3, 1e9)) for h in result.channel_half_life]
+    if logs:
+        low, high = min(float(x.min()) for x in logs), max(float(x.max()) for x in logs)
+        for col, (name, z) in enumerate(zip(names, logs), start=1):
+            fig.add_trace(go.Heatmap(z=z, zmin=low, zmax=high, colorscale="Viridis", showscale=col == 2,
+                                     colorbar=dict(title="log10 half-life", y=0.22, len=0.45),
+                                     hovertemplate=f"{name}<br>layer %{{y}}, channel %{{x}}: "
+                                                   "log10 half-life %{z:.3g}<extra></extra>"), row=3, col=col)
+            fig.update_xaxes(title="channel", row=3, col=col)
+            fig.update_yaxes(title="layer", dtick=1, row=3, col=col)
     fig.update_yaxes(type="log", row=2, col=1)
     fig.update_xaxes(type="category", tickangle=-60, row=1, col=1)
-    fig.update_layout(title="Two models on one text", **{**LAYOUT, "height": 620})
+    fig.update_layout(title="Two models on one text (half-lives: median over the text's tokens where the decay "
+                            "depends on the token)", **{**LAYOUT, "height": 900})
     return fig
 
 
