@@ -121,10 +121,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(engine):
+@contextlib.contextmanager
+def serving(engine):
     """The real app as app.py serves it (the UI and the OpenAI-compatible API on one port) on a
-    free loopback port for the session; `.url`, `.app` (the FastAPI app)."""
+    free loopback port; yields the server: `.url`, `.app` (the FastAPI app)."""
     import urllib.request
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -141,9 +141,33 @@ def app_server(engine):
             break
         except OSError:
             time.sleep(0.1)
-    yield server
-    server.close()
-    demo.close()
+    try:
+        yield server
+    finally:
+        server.close()
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(engine):
+    """The app on the demo model for the whole session (see serving)."""
+    with serving(engine) as server:
+        yield server
+
+
+# a text for the RWKV-7 demo's patching tests, and its corruption of the same token count
+MATRIX_CLEAN = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
+                "That I shall say good night till it be morrow.\n\nJULIET:")
+
+
+def same_length_corruption(tokenizer, clean: str) -> str:
+    """The clean text with the first speaker renamed to a name of the same token count."""
+    n = len(tokenizer.encode(clean))
+    for name in ("JULIET", "HAMLET", "BRUTUS", "OTHELLO", "PORTIA", "VIOLA", "MACBETH", "OLIVIA", "BANQUO"):
+        candidate = clean.replace("ROMEO", name, 1)
+        if len(tokenizer.encode(candidate)) == n:
+            return candidate
+    raise AssertionError("no same-length name found")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import free_port, paced
+from conftest import MATRIX_CLEAN, free_port, paced, same_length_corruption, serving
 
 SAMPLING = [1.0, 0.7, 0, 0.4, 0.4, 0.996]  # temperature, top_p, top_k, presence, count, decay
 
@@ -301,3 +301,59 @@ def test_the_inspector_and_patching_through_the_api(app_url, engine):
     assert status.startswith("⚠") and "same number of tokens" in status and "Traceback" not in status
     status, *_ = c.predict(ACTIONS[0], DEFAULT_CORRUPT, 3, PARTS[1], "all", "", "rows", 8, 0, api_name="/patching")
     assert "no heads" in status
+
+
+@pytest.fixture(scope="module")
+def v7_app():
+    """The app on the shipped RWKV-7 demo model (the RWKV-4 demo is its "other model")."""
+    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+
+    engine7 = Engine()
+    engine7.load(DEMO_CHECKPOINTS[1])
+    try:
+        with serving(engine7) as server:
+            yield server.url, engine7
+    finally:
+        engine7.scheduler.close()
+
+
+def test_the_matrix_inspector_and_patching_through_the_api_on_the_rwkv7_demo(v7_app):
+    """/inspect records the matrix state (head parameter), then /patching runs each experiment on
+    the RWKV-7 demo: restore per head, the sweep, remove a token, erase and decay knock-outs of key
+    channels, blend, two models (against the RWKV-4 demo); a wrong axis is one sentence."""
+    from gradio_client import Client
+
+    from rwkv_playground.engine import DEMO_CHECKPOINTS
+    from rwkv_playground.ui.patching_panel import ACTIONS, PARTS
+
+    url, engine7 = v7_app
+    tokenizer = engine7.require().tokenizer
+    corrupt = same_length_corruption(tokenizer, MATRIX_CLEAN)
+    n = len(tokenizer.encode(MATRIX_CLEAN))
+    c = Client(url, verbose=False)
+    out = c.predict("Text below", MATRIX_CLEAN, 2, "0-31", 96, 1, api_name="/inspect")
+    assert out[0].startswith("Recorded") and "heads of" in out[0], out[0]
+
+    def run(action, text, position, parts=PARTS[0], layers="all", channels="0-15", axis="rows", removed=0,
+            other=None, decay=1.0):
+        return c.predict(action, text, position, parts, layers, channels, axis, 8, removed, other, decay,
+                         api_name="/patching")
+
+    status, plot, table, files = run(ACTIONS[0], corrupt, 1, parts=PARTS[1], layers="0-1")
+    assert "done" in status and "mean recovery" in table and "head" in table, status
+    assert len(files) == 3 and plot is not None
+    status, _, table, _ = run(ACTIONS[1], corrupt, n - 1)
+    assert "done" in status and "Strongest restores" in table, status
+    status, _, table, _ = run(ACTIONS[2], "", n - 1, removed=1)
+    assert "done" in status and "Removed token 1" in table, status
+    status, _, table, _ = run(ACTIONS[4], "", 3, parts=PARTS[2], channels="0-7", axis="rows")
+    assert "done" in status and "erased" in table, status
+    status, _, table, _ = run(ACTIONS[5], "", 3, parts=PARTS[2], channels="0-7", axis="columns", decay=0.0)
+    assert "done" in status and "decay set" in table, status
+    status, *_ = run(ACTIONS[5], "", 3, parts=PARTS[2], channels="0-7", axis="rows", decay=0.0)
+    assert status.startswith("⚠") and "key channels, which are the matrix's columns" in status, status
+    status, _, table, _ = run(ACTIONS[3], corrupt, 0)
+    assert "done" in status and "greedy continuation" in table, status
+    other = next(name for name in engine7.list_models() if DEMO_CHECKPOINTS[0].name in name)
+    status, plot, table, _ = run(ACTIONS[6], "", 0, other=other)
+    assert "done" in status and "RWKV-4" in table and "RWKV-7" in table, status

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, paced, wait_until
+from conftest import MATRIX_CLEAN, free_port, paced, same_length_corruption, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -507,20 +507,6 @@ def test_a_server_killed_mid_reply_comes_back_in_the_browser(tmp_path, engine, a
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-
-
-MATRIX_CLEAN = ("ROMEO: Good night, good night! Parting is such sweet sorrow,\n"
-                "That I shall say good night till it be morrow.\n\nJULIET:")
-
-
-def same_length_corruption(tokenizer, clean: str) -> str:
-    """The clean text with the first speaker renamed to a name of the same token count."""
-    n = len(tokenizer.encode(clean))
-    for name in ("JULIET", "HAMLET", "BRUTUS", "OTHELLO", "PORTIA", "VIOLA", "MACBETH", "OLIVIA", "BANQUO"):
-        candidate = clean.replace("ROMEO", name, 1)
-        if len(tokenizer.encode(candidate)) == n:
-            return candidate
-    raise AssertionError("no same-length name found")
 
 
 def test_the_matrix_inspector_and_patching_on_the_rwkv7_demo(page):

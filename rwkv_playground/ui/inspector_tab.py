@@ -267,11 +267,16 @@ def build(engine, chat_state, blog_state):
         record_btn = gr.Button("Record", variant="primary", elem_id="insp-record")
     text = gr.Textbox(DEFAULT_TEXT, lines=4, label="Text", elem_id="insp-text")
     status = gr.Markdown("Type a text (or pick the current chat / blog post) and press Record.", elem_id="insp-status")
+    # the loaded model's layers and heads from the start, so an API call may pick any before its
+    # first Record (which sets the ranges of the model then loaded)
+    config = engine.current.runtime.config if engine.current is not None else None
+    last_layer = max(1, config.n_layer - 1) if config else 1
+    last_head = max(1, getattr(config, "n_head", 1) - 1) if config else 1
     with gr.Row():
-        layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="insp-layer")
+        layer = gr.Slider(0, last_layer, value=0, step=1, label="Layer", elem_id="insp-layer")
         token = gr.Slider(0, 1, value=0, step=1, label="Token", elem_id="insp-token")
         size = gr.Slider(16, 512, value=96, step=8, label="Window (tokens)", elem_id="insp-window")
-        head = gr.Slider(0, 1, value=0, step=1, label="Head (RWKV-5/6/7)", elem_id="insp-head")
+        head = gr.Slider(0, last_head, value=0, step=1, label="Head (RWKV-5/6/7)", elem_id="insp-head")
         channel_spec = gr.Textbox("0-31", label="Channels (e.g. 0-31 or 3,7,9)", elem_id="insp-channels")
     with gr.Row():
         spike = gr.Dropdown([], label="Jump to a surprising token", elem_id="insp-spike")
