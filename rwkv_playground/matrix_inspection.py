@@ -100,14 +100,18 @@ class MatrixRecording:
         states = replay_head(self, layer, head, start, t + 1, S)
         return states[-1]
 
-    def states_of_head(self, layer: int, head: int) -> np.ndarray:
-        """[T, N, N] float32: one head's state after every token (replayed from the start)."""
-        S = self.initial["wkv_state"][layer, head]
-        return replay_head(self, layer, head, 0, self.n_tokens, S).astype(np.float32)
+    def states_of_head(self, layer: int, head: int, start: int = 0, end: int | None = None) -> np.ndarray:
+        """[end - start, N, N] float32: one head's state after tokens start .. end-1 (default: every
+        token), replayed from the checkpoint before `start`."""
+        end = self.n_tokens if end is None else min(end, self.n_tokens)
+        S = self.initial["wkv_state"][layer, head] if start == 0 else self.state_at(start - 1, layer, head)
+        return replay_head(self, layer, head, start, end, S).astype(np.float32)
 
-    def effective_rank(self, layer: int, head: int) -> np.ndarray:
-        """[T]: exp(entropy of the normalised singular values) of the head's state after each token."""
-        s = np.linalg.svd(self.states_of_head(layer, head), compute_uv=False).astype(np.float64)  # [T, N]
+    def effective_rank(self, layer: int, head: int, start: int = 0, end: int | None = None) -> np.ndarray:
+        """[end - start]: exp(entropy of the normalised singular values) of the head's state after
+        each token of the window (default: every token)."""
+        states = self.states_of_head(layer, head, start, end)
+        s = np.linalg.svd(states, compute_uv=False).astype(np.float64)  # [n, N]
         p = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-30)
         entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
         return np.exp(entropy)
@@ -253,7 +257,8 @@ def record_matrix_task(runtime, tokenizer, tokens: list[int], state: State | Non
 
 def _replay_all(arch, store, S0, H, N):
     """Every layer's states after every token by the reference recurrence (layers as the batch,
-    float32 as the engine), summarised: checkpoints, norms and change per token."""
+    float32 as the engine), summarised as they pass: checkpoints, norms and change per token (the
+    states themselves, [L, T, H, N, N], are never all held)."""
     from .wkv import wkv5_reference, wkv7_reference
 
     T, L, _ = store["k"].shape
@@ -262,21 +267,25 @@ def _replay_all(arch, store, S0, H, N):
         return torch.from_numpy(np.ascontiguousarray(store[name].transpose(1, 0, 2))).reshape(L, T, H, N)
 
     S_init = torch.from_numpy(np.ascontiguousarray(S0)).float()
+    norms = torch.empty(T, L, H)
+    diff = torch.empty(T, L, H)
+    checkpoints = torch.empty(T // CHECKPOINT_EVERY, L, H, N, N)
+    previous = {"S": S_init, "norm": torch.linalg.matrix_norm(S_init)}
+
+    def summarise(t, S):
+        norms[t] = norm = torch.linalg.matrix_norm(S)
+        diff[t] = torch.linalg.matrix_norm(S - previous["S"]) / torch.maximum(norm, previous["norm"]).clamp_min(1e-12)
+        previous["S"], previous["norm"] = S, norm
+        if (t + 1) % CHECKPOINT_EVERY == 0:
+            checkpoints[t // CHECKPOINT_EVERY] = S
+
     if arch == "rwkv7":
-        _, _, states = wkv7_reference(heads("r"), heads("w"), heads("k"), heads("v"), heads("kk"), heads("a"),
-                                      S_init, return_states=True)
+        wkv7_reference(heads("r"), heads("w"), heads("k"), heads("v"), heads("kk"), heads("a"), S_init,
+                       each_state=summarise)
     else:
         zeros = torch.zeros(H, N)  # (the bonus does not enter the state)
-        _, _, states = wkv5_reference(heads("r"), heads("k"), heads("v"), heads("w"), zeros, S_init,
-                                      return_states=True)
-    # states [L, T, H, N, N]
-    norms = torch.linalg.matrix_norm(states).permute(1, 0, 2)  # [T, L, H]
-    previous = torch.cat([S_init[:, None], states[:, :-1]], dim=1)
-    diff = torch.linalg.matrix_norm(states - previous).permute(1, 0, 2)
-    scale = torch.maximum(norms, torch.linalg.matrix_norm(previous).permute(1, 0, 2)).clamp_min(1e-12)
-    picks = list(range(CHECKPOINT_EVERY - 1, T, CHECKPOINT_EVERY))
-    checkpoints = states[:, picks].permute(1, 0, 2, 3, 4).contiguous().numpy()
-    return checkpoints, norms.numpy(), (diff / scale).numpy()
+        wkv5_reference(heads("r"), heads("k"), heads("v"), heads("w"), zeros, S_init, each_state=summarise)
+    return checkpoints.numpy(), norms.numpy(), diff.numpy()
 
 
 def record_matrix(runtime, tokenizer, tokens: list[int], state: State | None = None) -> MatrixRecording:

@@ -148,14 +148,15 @@ def compiled_wkv(kernel_module, name: str) -> WKVOperator:
 #       y_t = S r_t                                                  use the old S; read after
 #
 # r, k, v, w, kk, a: [B, T, H, N]; u: [H, N]; state: [B, H, N, N] float32 (None: zeros, training).
-# y: [B, T, H, N] float32 (float64 kept for gradcheck). These loops are the references the
+# y: [B, T, H, N] float32 (float64 kept for gradcheck); each_state(t, S) sees the state after each
+# token (the inspector summarises states without keeping them all). These loops are the references the
 # compiled kernels (kernels/wkv_matrix_cpu.cpp, ...) are held to; autograd runs through them.
 
 def _matrix_acc(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def wkv5_reference(r, k, v, w, u, state, return_states: bool = False):
+def wkv5_reference(r, k, v, w, u, state, return_states: bool = False, each_state=None):
     B, T, H, N = k.shape
     acc = _matrix_acc(r, k, v, w)
     r, k, v, w, u = (t.to(acc) for t in (r, k, v, w, u))
@@ -167,13 +168,15 @@ def wkv5_reference(r, k, v, w, u, state, return_states: bool = False):
         S = kv + w[:, t, :, :, None] * S
         if return_states:
             states.append(S)
+        if each_state is not None:
+            each_state(t, S)
     y = torch.stack(ys, dim=1) if ys else k.new_zeros(B, 0, H, N, dtype=acc)
     if return_states:
         return y, S, torch.stack(states, dim=1)
     return y, S
 
 
-def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False):
+def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False, each_state=None):
     B, T, H, N = k.shape
     acc = _matrix_acc(r, w, k, v)
     r, w, k, v, kk, a = (t.to(acc) for t in (r, w, k, v, kk, a))
@@ -186,6 +189,8 @@ def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False):
         ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
         if return_states:
             states.append(S)
+        if each_state is not None:
+            each_state(t, S)
     y = torch.stack(ys, dim=1) if ys else k.new_zeros(B, 0, H, N, dtype=acc)
     if return_states:
         return y, S, torch.stack(states, dim=1)

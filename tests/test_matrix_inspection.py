@@ -78,6 +78,8 @@ def test_recording_holds_the_inputs_and_every_state(case):
     assert rel(rec.states_of_head(1, 1), obs["S"][:, 1, 1]) < 1e-5
     rank = rec.effective_rank(0, 0)
     assert rank.shape == (T,) and np.all((rank >= 1 - 1e-9) & (rank <= N + 1e-9))
+    assert np.allclose(rec.effective_rank(0, 0, 7, 15), rank[7:15], rtol=1e-5)  # a window replays from its checkpoint
+    assert rel(rec.states_of_head(1, 1, 17, 30), obs["S"][17:30, 1, 1]) < 1e-5
     assert rec.nbytes() > 0
 
 

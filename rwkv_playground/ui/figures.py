@@ -10,9 +10,11 @@ from plotly.subplots import make_subplots
 
 from ..inspection import decay_per_token, half_life
 
-# The template object is built once: naming it in every update_layout re-validates it (~80 ms).
-_TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
-LAYOUT = dict(template=_TEMPLATE, margin=dict(l=60, r=20, t=50, b=50), height=420)
+# Our figures' look is plotly_white, set as the process's default template: a figure takes the
+# default when it is built (~1 ms), while naming a template in update_layout validates a copy of
+# it every time (~20 ms a figure, about half of drawing the inspector's views).
+pio.templates.default = "plotly_white"
+LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), height=420)
 
 
 def _token_labels(texts: list[str], start: int) -> list[str]:

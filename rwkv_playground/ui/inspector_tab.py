@@ -78,7 +78,7 @@ def draw_matrix_views(rec: MatrixRecording, layer: int, token: int, size: int, h
             f"Layer {layer}: half-life per token and channel (log10 tokens)", "log10 half-life", token)
     S = rec.state_at(token, layer, head)
     matrix = matrix_figures.state_matrix(S, layer, head, token, rec.token_texts[token], rec.architecture)
-    rank = rec.effective_rank(layer, head)[start:end]
+    rank = rec.effective_rank(layer, head, start, end)
     over = matrix_figures.state_over_tokens(rec.state_norm[start:end, layer, head], rank,
                                             rec.state_change[start:end, layer, head], texts, start, layer, head, token)
     alpha, carried = rec.attention(layer, head, start, end)
