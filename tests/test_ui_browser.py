@@ -560,6 +560,18 @@ def test_the_matrix_inspector_and_patching_on_the_rwkv7_demo(page):
         wait_for_figure(pg, "patch-plot", "Causal trace by restoring", "heatmaplayer")
         pg.wait_for_timeout(600)
         pg.locator("#patch-plot").screenshot(path=str(SHOTS / "patching-sweep.png"))
+        # a decay knock-out of RWKV-7's key channels (the matrix's columns): forget at once
+        select_token(pg, 3)
+        pg.locator("#patch-action").get_by_label("Knock out (set the decay of) the parts", exact=True).check()
+        pg.locator("#patch-parts input").click()
+        pg.get_by_role("option", name="channels of the chosen layers").click()
+        pg.locator("#patch-axis input").click()
+        pg.get_by_role("option", name="columns").click()
+        pg.locator("#patch-decay input").fill("0")
+        pg.locator("#patch-run").click()
+        wait_for_status(pg, "patch-status", ["Knock out (set the decay of) the parts: done"], timeout=90)
+        wait_for_figure(pg, "patch-plot", "decay set to 0", "heatmaplayer")
+        assert "decay set" in pg.locator("#patch-summary").inner_text()
     finally:
         pg.close()
         demo.close()
