@@ -171,7 +171,8 @@ def _texts(tokenizer, ids) -> list[str]:
     return [tokenizer.token_text(int(t)) for t in ids] if tokenizer else [str(int(t)) for t in ids]
 
 
-def _chunk_len(runtime, rows: int) -> int:
+def logits_chunk_len(runtime, rows: int) -> int:
+    """Tokens per batched read of `rows` rows that keeps their logits within MAX_BATCH_LOGITS."""
     return max(1, min(runtime.chunk_len, MAX_BATCH_LOGITS // max(1, rows * runtime.config.vocab_size)))
 
 
@@ -200,7 +201,8 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
     top_probs = np.zeros((K + 1, P, top_k), dtype=np.float64)
     # segments between the positions where some row is edited; chunks within them
     cuts = sorted({k.position for k in knockouts} | {T})
-    step = _chunk_len(runtime, K + 1)
+    step = logits_chunk_len(runtime, K + 1)
+    first_layers = [0] + [k.layer for k in knockouts]  # a row reads as row 0 below the layer it edits
     done = 0
     for seg_start, seg_end in zip(cuts[:-1], cuts[1:]):
         for row, k in enumerate(knockouts, start=1):
@@ -215,8 +217,8 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
         for a in range(seg_start, seg_end, step):
             b = min(seg_end, a + step)
             batch = torch.tensor([tokens[a:b]] * (K + 1))
-            logits, _ = runtime.forward(batch, rows, full_output=True, inplace=True,
-                                        time_decay=decays or None)                 # [K+1, n, V]
+            logits, _ = runtime.forward(batch, rows, full_output=True, inplace=True, time_decay=decays or None,
+                                        first_layers=first_layers)                 # [K+1, n, V]
             log_p = torch.log_softmax(logits.double(), dim=-1)
             p0 = log_p[0].exp()
             cols = slice(a - start, b - start)
@@ -345,7 +347,7 @@ def logit_lens_task(runtime, tokenizer, tokens, state: State | None = None):
     next_probs = np.full((L, T), np.nan)
     model = runtime.model
     current = state.clone() if state is not None else runtime.new_state()
-    step = _chunk_len(runtime, L)
+    step = logits_chunk_len(runtime, L)
     for a in range(0, T, step):
         b = min(T, a + step)
         residuals = {}

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .experiments import logits_chunk_len
 from .scheduler import run_here
 from .state import EMPTY_PP, State
 
 MATRIX = ("rwkv5", "rwkv6", "rwkv7")
 SCORE_BLOCK = 32  # positions scored at once from a batch's logits
+MAX_COMPARE_FLOATS = 400_000_000  # decays kept to compare two models (as the inspector's recording: ~1.6 GB)
 
 
 @dataclass(frozen=True)
@@ -210,34 +212,40 @@ def _nan_to_none(a):
     return [[None if not math.isfinite(float(x)) else float(x) for x in row] for row in a]
 
 
-def _clean_run(runtime, tokens, state):
-    """Logits at every position and the state after every position of the clean run."""
-    current = state.clone() if state is not None else runtime.new_state()
-    logits_all, states = [], []
-    for t in tokens:
-        logits, current = runtime.forward([t], current)
-        logits_all.append(logits.double())
-        states.append(current.clone())
-    return torch.stack(logits_all), states
+def _read_rows(runtime, row_tokens: list[list[int]], rows: State, on_chunk, **options):
+    """Read each row's tokens (all the same length) from the batched `rows`, advanced in place,
+    a chunk of positions at a time: the logits held at once stay within MAX_BATCH_LOGITS however
+    many rows, tokens and vocabulary (a G1 model's 65536 x 129 rows x 1000 tokens would be 34 GB).
+    on_chunk(logits [B, n, V], offset) measures each chunk as it comes; yields the fraction read.
+    options: runtime.forward's edits (decay, time_decay) and first_layers."""
+    tokens = torch.tensor(row_tokens, dtype=torch.long)
+    T = tokens.shape[1]
+    step = logits_chunk_len(runtime, tokens.shape[0])
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        logits, _ = runtime.forward(tokens[:, a:b], rows, full_output=True, inplace=True, **options)
+        on_chunk(logits, a)
+        yield b / T
 
 
-def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float) -> dict:
-    """runtime.forward's keyword for rows 1..K with each part's decay factor set to `factor`:
-    {"decay": {layer: [K + 1, H, N]}} (NaN: the model's own) for RWKV-5/6/7, {"time_decay": {layer:
-    [K + 1, C]}} for RWKV-4 (decay per token e^{-e^{time_decay}} = factor)."""
-    K1 = len(parts) + 1
+def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float, first_row: int = 1) -> dict:
+    """runtime.forward's keyword for a batch whose rows first_row.. are the parts, each with its
+    decay factor set to `factor` (the rows before keep the model's own): {"decay": {layer: [B, H,
+    N]}} (NaN: the model's own) for RWKV-5/6/7, {"time_decay": {layer: [B, C]}} for RWKV-4 (decay
+    per token e^{-e^{time_decay}} = factor)."""
+    B = len(parts) + first_row
     edits: dict[int, torch.Tensor] = {}
     if state.architecture in MATRIX:
         H, N = state.wkv_state.shape[-3], state.wkv_state.shape[-1]
-        for row, part in enumerate(parts, start=1):
-            layer = edits.setdefault(part.layer, torch.full((K1, H, N), float("nan")))
+        for row, part in enumerate(parts, start=first_row):
+            layer = edits.setdefault(part.layer, torch.full((B, H, N), float("nan")))
             layer[row][part.decay_mask(state)] = factor
         return {"decay": edits}
     # RWKV-4: factor 1 / 0 are time_decay -inf / +inf; +-40 is the same in float32 and stays finite
     time_decay = min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
-    for row, part in enumerate(parts, start=1):
+    for row, part in enumerate(parts, start=first_row):
         layer = edits.setdefault(part.layer, runtime.model.blocks[part.layer].att.time_decay.detach()
-                                 .float().expand(K1, -1).clone())
+                                 .float().expand(B, -1).clone())
         layer[row][part.decay_mask(state)] = time_decay
     return {"time_decay": edits}
 
@@ -245,10 +253,11 @@ def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float) -
 def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
                state: State | None = None, kind: str = "restore", decay: float | None = None):
     """Restore each part from the clean run just after `position` of the corrupted text (a
-    scheduler task; returns a PatchResult). All rows read the rest as one batch. Knock-outs (pass
-    the same text twice to measure them against the unedited reading: the KL row of each part):
-    kind "erase" empties each part instead; kind "decay" sets each part's decay factor to `decay`
-    (0 to 1) for every token after `position`."""
+    scheduler task; returns a PatchResult). The clean reading, the corrupted one and every patched
+    row read the rest as one batch, scored chunk by chunk. Knock-outs (pass the same text twice
+    to measure them against the unedited reading: the KL row of each part): kind "erase" empties
+    each part instead; kind "decay" sets each part's decay factor to `decay` (0 to 1) for every
+    token after `position`."""
     if kind not in ("restore", "erase", "decay"):
         raise GenerationError("A patch restores, erases or changes the decay.")
     if kind == "decay" and (decay is None or not 0 <= float(decay) <= 1):
@@ -266,45 +275,51 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     start = state.clone() if state is not None else runtime.new_state()
     for p in parts:
         p.validate(start)
-    edits = _decay_edits(runtime, parts, start, float(decay)) if kind == "decay" else {}
-    clean_current = start.clone()
-    clean_logits, _ = runtime.forward(clean[:position + 1], clean_current, full_output=True, inplace=True)
-    clean_after = clean_current.clone()
-    rest_clean, _ = runtime.forward(clean[position + 1:], clean_current, full_output=True) if position + 1 < T else (None, None)
-    clean_logits = torch.cat([clean_logits[position:]] + ([rest_clean] if rest_clean is not None else [])).double()
-    yield 0.3, "Read the clean text"
+    K1 = len(parts) + 1
+    # batch rows: 0 the corrupted reading, 1 the clean one, 2.. the corrupted one with a part patched
+    # (which reads as row 0 below the part's layer: those layers are computed once)
+    edits = _decay_edits(runtime, parts, start, float(decay), first_row=2) if kind == "decay" else {}
+    clean_after = start.clone()
+    clean_last, _ = runtime.forward(clean[:position + 1], clean_after, inplace=True)
+    yield 0.1, "Read the clean text up to the patch"
     base = start.clone()
-    corrupt_logits, _ = runtime.forward(corrupt[:position + 1], base, full_output=True, inplace=True)
-    first = corrupt_logits[position].double()
-    rows = State.stack([base] * (len(parts) + 1))
-    for single, part in zip(rows.unbind_views()[1:], parts):
+    corrupt_last, _ = runtime.forward(corrupt[:position + 1], base, inplace=True)
+    yield 0.2, "Read the corrupted text up to the patch"
+    rows = State.stack([base, clean_after] + [base] * len(parts))
+    for single, part in zip(rows.unbind_views()[2:], parts):
         if kind == "erase":
             part.erase(single)
         elif kind == "restore":
             part.copy(single, clean_after)
-    K1 = len(parts) + 1
-    clean_lp = torch.log_softmax(clean_logits.float(), -1)  # [P, V]
-    clean_p = clean_lp.exp()
-    top = clean_lp.argmax(-1)  # [P]
     P = T - position
+    top = np.zeros(P, dtype=np.int64)  # the clean run's most likely next token
+    clean_top_lp = np.zeros(P)
     row_lp = np.zeros((K1, P))
     kl = np.zeros((K1, P))
 
-    def score(log_p, cols):  # log_p [K1, n, V] float32: the columns' measures, nothing kept
-        top_cols = top[cols].expand(K1, -1)[..., None]
-        row_lp[:, cols] = log_p.gather(2, top_cols)[..., 0].double().numpy()
-        kl[:, cols] = (clean_p[cols][None] * (clean_lp[cols][None] - log_p)).sum(-1).clamp_min(0).double().numpy()
+    measured = torch.tensor([0] + list(range(2, K1 + 1)))  # the corrupted rows: unpatched, then each part
+
+    def score(log_p, cols):  # log_p [K1 + 1, n, V] float32, row 1 clean: the columns' measures, nothing kept
+        clean_lp, log_p = log_p[1], log_p[measured]
+        best = clean_lp.argmax(-1)
+        top[cols] = best.numpy()
+        clean_top_lp[cols] = clean_lp.gather(1, best[:, None])[:, 0].double().numpy()
+        row_lp[:, cols] = log_p.gather(2, best.expand(K1, -1)[..., None])[..., 0].double().numpy()
+        kl[:, cols] = (clean_lp.exp()[None] * (clean_lp[None] - log_p)).sum(-1).clamp_min(0).double().numpy()
+
+    def score_chunk(logits, offset):  # blocks of positions: the [K1 + 1, block, V] work stays in cache
+        for a in range(0, logits.shape[1], SCORE_BLOCK):
+            b = min(logits.shape[1], a + SCORE_BLOCK)
+            score(torch.log_softmax(logits[:, a:b].float(), -1), slice(offset + a + 1, offset + b + 1))
 
     # patching after `position` changes nothing at `position` itself
-    score(torch.log_softmax(first.float(), -1).expand(K1, 1, -1), slice(0, 1))
+    first = torch.stack([corrupt_last, clean_last] + [corrupt_last] * len(parts))[:, None]
+    score(torch.log_softmax(first.float(), -1), slice(0, 1))
     if position + 1 < T:
-        logits, _ = runtime.forward(torch.tensor([corrupt[position + 1:]] * K1), rows, full_output=True, inplace=True,
-                                    **edits)
-        for a in range(0, P - 1, SCORE_BLOCK):  # blocks of positions: the [K1, block, V] work stays in cache
-            b = min(P - 1, a + SCORE_BLOCK)
-            score(torch.log_softmax(logits[:, a:b], -1), slice(a + 1, b + 1))
-    yield 0.9, "Read the corrupted text with each restore"
-    clean_top_lp = clean_lp.gather(1, top[:, None])[:, 0].double().numpy()
+        rest = [corrupt[position + 1:], clean[position + 1:]] + [corrupt[position + 1:]] * len(parts)
+        first_layers = [0, 0] + [p.layer for p in parts]
+        for done in _read_rows(runtime, rest, rows, score_chunk, first_layers=first_layers, **edits):
+            yield 0.2 + 0.75 * done, f"Read the rest of the text with each patch ({done:.0%})"
     recovery = _recovery(row_lp[1:], row_lp[:1], clean_top_lp[None])
     return PatchResult(clean_tokens=clean, corrupt_tokens=corrupt, token_texts=_texts(tokenizer, corrupt),
                        position=position, labels=[p.label for p in parts], clean_top=top.tolist(),
@@ -424,14 +439,15 @@ def token_contribution(runtime, tokens, token: int, upto: int, layer: int, state
     if not 0 <= token <= upto < len(tokens):
         raise GenerationError("The removed token must come at or before the position it is removed at.")
     arch = runtime.architecture.name
-    seen: dict[str, torch.Tensor] = {}
+    chunks: dict[str, list[torch.Tensor]] = {}
 
-    def observe(i, name, value):
+    def observe(i, name, value):  # called chunk by chunk of the reading
         if i == layer:
-            seen[name] = value[0].detach().double()
+            chunks.setdefault(name, []).append(value[0].detach().double())
 
     start = state.clone() if state is not None else runtime.new_state()
-    runtime.forward(tokens[:upto + 1], start, observe=observe, chunk_len=upto + 1)
+    runtime.forward(tokens[:upto + 1], start, observe=observe)
+    seen = {name: torch.cat(parts) for name, parts in chunks.items()}
     c = runtime.config
     if arch in MATRIX:
         H, N = c.n_head, c.head_size
@@ -509,20 +525,25 @@ def remove_token_task(runtime, tokenizer, tokens, removed: int, at: int, layers:
         edited = remove_token(runtime, edited, token_contribution(runtime, tokens, removed, at, layer, state), layer)
     yield 0.5, "Removed the token"
     rows = State.stack([original, edited])
-    pieces = []
-    if at + 1 < T:
-        logits, _ = runtime.forward(torch.tensor([tokens[at + 1:]] * 2), rows, full_output=True, inplace=True)
-        pieces.append(logits.double())
-    log_p = torch.log_softmax(torch.cat(pieces, dim=1), -1) if pieces else torch.zeros(2, 0, runtime.config.vocab_size)
-    kl = (log_p[0].exp() * (log_p[0] - log_p[1])).sum(-1).clamp_min(0).numpy()
-    P = log_p.shape[1]
-    surprisal = np.full((2, P), np.nan)
-    if P > 1:
-        nxt = torch.tensor(tokens[at + 2:])
-        surprisal[:, :P - 1] = (-log_p[:, :P - 1].gather(2, nxt.expand(2, -1)[..., None])[..., 0]).numpy()
-    top = log_p.argmax(-1).tolist() if P else [[], []]
+    P = T - at - 1
+    kl = np.zeros(P)
+    surprisal = np.full((2, P), np.nan)  # the last position has no next token to be surprised by
+    top = np.zeros((2, P), dtype=np.int64)
+    following = torch.tensor(tokens[at + 2:] + [0])
+
+    def score(logits, offset):
+        log_p = torch.log_softmax(logits.double(), -1)  # [2, n, V]
+        cols = slice(offset, offset + log_p.shape[1])
+        kl[cols] = (log_p[0].exp() * (log_p[0] - log_p[1])).sum(-1).clamp_min(0).numpy()
+        surprisal[:, cols] = (-log_p.gather(2, following[cols].expand(2, -1)[..., None])[..., 0]).numpy()
+        top[:, cols] = log_p.argmax(-1).numpy()
+
+    if P:
+        for done in _read_rows(runtime, [tokens[at + 1:]] * 2, rows, score):
+            yield 0.5 + 0.45 * done, f"Read the rest of the text with and without the token ({done:.0%})"
+        surprisal[:, -1] = np.nan
     return RemovalResult(token_texts=_texts(tokenizer, tokens), removed=removed, at=at + 1, layers=layers,
-                         kl=kl, surprisal=surprisal, top_texts=[_texts(tokenizer, row) for row in top])
+                         kl=kl, surprisal=surprisal, top_texts=[_texts(tokenizer, row.tolist()) for row in top])
 
 
 # ---- blend two states -------------------------------------------------------------------------------
@@ -660,21 +681,35 @@ class ModelComparison:
 
 
 def _surprisal_and_half_lives(runtime, tokens):
-    decays: dict[int, torch.Tensor] = {}
+    """-log p of each token given the ones before, every layer's median half-life and every
+    channel's (over the text's tokens where the decay depends on them), read chunk by chunk."""
+    decays: dict[int, list[torch.Tensor]] = {}  # RWKV-5/6/7: the decay factor per token and channel
 
     def observe(layer, name, value):
         if name == "w":
-            decays[layer] = value[0].detach().double()
+            decays.setdefault(layer, []).append(value[0].detach().float())
 
-    logits, _ = runtime.forward(tokens, full_output=True, observe=observe)
-    lp = torch.log_softmax(logits.double(), -1)
+    c = runtime.config
+    if runtime.architecture.name in MATRIX and c.n_layer * len(tokens) * c.n_embd > MAX_COMPARE_FLOATS:
+        most = MAX_COMPARE_FLOATS // (c.n_layer * c.n_embd)
+        raise GenerationError(f"The text is too long to compare the decays of this model over: at most {most} "
+                              f"tokens ({len(tokens)} given).")
     surprisal = np.full(len(tokens), np.nan)
-    if len(tokens) > 1:
-        surprisal[1:] = (-lp[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]).numpy()
-    if decays:  # RWKV-5/6/7: the decay factor per token and channel
-        per_token = [-math.log(2) / torch.log(decays[i].clamp(1e-300, 1 - 1e-16)) for i in sorted(decays)]  # [T, C]
-        lives = [float(torch.median(h)) for h in per_token]
-        channels = torch.stack([torch.quantile(h, 0.5, dim=0) for h in per_token])
+    state = runtime.new_state()
+    for a in range(0, len(tokens), runtime.chunk_len):
+        b = min(len(tokens), a + runtime.chunk_len)
+        logits, _ = runtime.forward(tokens[a:b], state, full_output=True, inplace=True, observe=observe)
+        lp = torch.log_softmax(logits.double(), -1)
+        following = torch.tensor(tokens[a + 1:b + 1])  # the token each position predicts
+        surprisal[a + 1:a + 1 + len(following)] = (-lp[:len(following)].gather(1, following[:, None])[:, 0]).numpy()
+    if decays:
+        lives, per_channel = [], []
+        for i in sorted(decays):  # one layer's [T, C] half-lives at a time
+            h = -math.log(2) / torch.log(torch.cat(decays.pop(i)).double().clamp(1e-300, 1 - 1e-16))
+            lives.append(float(torch.median(h)))
+            ordered = h.sort(dim=0).values  # the median over tokens as numpy takes it (torch.quantile caps its size)
+            per_channel.append((ordered[(len(h) - 1) // 2] + ordered[len(h) // 2]) / 2)
+        channels = torch.stack(per_channel)
     else:  # RWKV-4: ln 2 / exp(time_decay), per channel
         channels = torch.stack([math.log(2) / torch.exp(b.att.time_decay.detach().double()) for b in runtime.model.blocks])
         lives = [float(torch.median(h)) for h in channels]

@@ -231,7 +231,8 @@ class Runtime:
     @torch.no_grad()
     def forward(self, tokens, state: State | None = None, full_output: bool = False, chunk_len: int | None = None,
                 inplace: bool = False, observe: Observer | None = None,
-                time_decay: dict[int, torch.Tensor] | None = None, decay: dict[int, torch.Tensor] | None = None):
+                time_decay: dict[int, torch.Tensor] | None = None, decay: dict[int, torch.Tensor] | None = None,
+                first_layers: Sequence[int] | None = None):
         """Run tokens through the model. Returns (logits, new_state).
 
         tokens: list of ids / 1-D tensor (one sequence) or 2-D [B, T] tensor (a batch).
@@ -240,7 +241,10 @@ class Runtime:
         the internals chunk by chunk (the fused step never runs then). time_decay {layer: [B, C]}
         replaces those layers' decay for this call (experiments.py; runs the reference WKV, which
         takes a decay per row). decay {layer: [B, H, N]}: RWKV-5/6/7's decay factor per token set
-        to these values where not NaN (patching.py's decay knock-outs).
+        to these values where not NaN (patching.py's decay knock-outs). first_layers [B] (a batch):
+        row b reads exactly as row 0 below layer first_layers[b] (the same tokens, the same state
+        and decay there: checked), so those layers are computed once (an experiment's rows that
+        edit one layer; the results are the same).
         """
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         batched = tokens.dim() == 2
@@ -255,6 +259,8 @@ class Runtime:
 
         if decay and self.architecture.name not in ("rwkv5", "rwkv6", "rwkv7"):
             raise ValueError("decay= edits a matrix state's decay; RWKV-4 takes time_decay=.")
+        if first_layers is not None:
+            self._check_first_layers(first_layers, tokens, state, time_decay or decay or {}, batched, observe)
         if T == 1 and observe is None and not time_decay and not decay:
             rows = state.unbind_views() if batched else [state]
             logits = self.step(tokens[:, 0].tolist(), rows)
@@ -269,6 +275,8 @@ class Runtime:
         chunk_len = chunk_len or self.chunk_len
         wkv = reference_wkv if time_decay else self.backends.recurrence(self.architecture.recurrence)
         edits = {"time_decay": time_decay} if time_decay else {"decay": decay} if decay else {}
+        if first_layers is not None:
+            edits["first_layers"] = first_layers
         outputs = []
         for start in range(0, T, chunk_len):
             chunk = tokens[:, start:start + chunk_len]
@@ -281,6 +289,25 @@ class Runtime:
             logits = logits[0]  # (work is a view of state: state has the new values already)
         state.token_count = [c + T for c in state.token_count] if batched else state.token_count + T
         return logits, state
+
+    def _check_first_layers(self, first_layers, tokens, state: State, edits: dict, batched: bool, observe) -> None:
+        """What forward's first_layers promises: below its first layer a row is row 0."""
+        L = self.config.n_layer
+        if not batched or len(first_layers) != tokens.shape[0] or observe is not None:
+            raise ValueError("first_layers takes one layer per row of a batch, and no observer.")
+        if int(first_layers[0]) != 0 or not all(0 <= int(f) < L for f in first_layers):
+            raise ValueError(f"first_layers: row 0's is 0 and each is a layer (0 to {L - 1}).")
+        for b, first in enumerate(int(f) for f in first_layers):
+            if first == 0:
+                continue
+            if not torch.equal(tokens[b], tokens[0]):
+                raise ValueError(f"Row {b} reads other tokens than row 0: it cannot share row 0's layers.")
+            for name, t in state.tensors().items():
+                if not torch.equal(t[b, :first], t[0, :first]):
+                    raise ValueError(f"Row {b}'s {name} differs from row 0's below layer {first}.")
+            for layer, edit in edits.items():
+                if layer < first and not torch.equal(edit[b].nan_to_num(-1.0), edit[0].nan_to_num(-1.0)):
+                    raise ValueError(f"Row {b}'s decay at layer {layer} differs from row 0's.")
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int], states: Sequence[State]) -> torch.Tensor:

@@ -395,3 +395,107 @@ def test_removing_a_token_is_re_reading_without_it_where_the_math_says_so(arch, 
     edited = remove_token(runtime, state, token_contribution(runtime, tokens, removed, at, 0), 0)
     logits, _ = runtime.forward(tokens[at + 1:], edited, full_output=True)
     assert (logits - reread[at:]).abs().max() > 1e-3
+
+
+def test_long_readings_go_chunk_by_chunk_with_the_same_results(case, monkeypatch, tmp_path):
+    """Patching, removal and the two-model comparison read the rest of a text a chunk of positions
+    at a time, so the logits held at once stay bounded (rows x tokens x vocabulary, however long the
+    text or many the parts): squeezed to a few tokens per read, every number is the same."""
+    from rwkv_playground import experiments
+    from rwkv_playground.patching import compare_models
+
+    arch, config, _, runtime, clean, corrupt = case
+    parts = [StatePart(layer) for layer in range(config.n_layer)] + [StatePart(0, channels=(1, 2))]
+    decay_parts = [StatePart(config.n_layer - 1), StatePart(0, channels=(0, 1), axis="columns" if arch == "rwkv7" else "rows")]
+
+    def run_all():
+        return (patch(runtime, None, clean, corrupt, 2, parts),
+                patch(runtime, None, clean, clean, 3, decay_parts, kind="decay", decay=0.5),
+                remove_token_experiment(runtime, None, clean, 1, 5),
+                compare_models(runtime, runtime, None, clean))
+
+    whole = run_all()
+    rows = len(parts) + 2  # the clean reading, the corrupted one, one per part
+    limit = 3 * rows * config.vocab_size
+    monkeypatch.setattr(experiments, "MAX_BATCH_LOGITS", limit)
+    monkeypatch.setattr(runtime, "chunk_len", 4)
+    held = []
+    forward = runtime.forward
+
+    def counting_forward(tokens, *args, **kwargs):
+        logits, state = forward(tokens, *args, **kwargs)
+        held.append(logits.numel())
+        return logits, state
+
+    monkeypatch.setattr(runtime, "forward", counting_forward)
+    chunked = run_all()
+    assert max(held) <= limit and len(held) > 3 * T // 4
+    for a, b in zip(whole[:2], chunked[:2]):
+        assert a.clean_top == b.clean_top
+        assert close(a.log_prob, b.log_prob, 1e-5) and close(a.kl, b.kl, 1e-5)
+        assert np.array_equal(np.isnan(a.recovery), np.isnan(b.recovery))
+    a, b = whole[2], chunked[2]
+    assert a.kl.shape == b.kl.shape == (T - 6,) and close(a.kl, b.kl, 1e-5) and a.top_texts == b.top_texts
+    assert close(a.surprisal[:, :-1], b.surprisal[:, :-1], 1e-5) and np.isnan(b.surprisal[:, -1]).all()
+    a, b = whole[3], chunked[3]
+    assert close(a.surprisal[:, 1:], b.surprisal[:, 1:], 1e-5) and np.isnan(b.surprisal[:, 0]).all()
+    # the decays of every chunk count, not the last chunk's only
+    assert close(a.half_life, b.half_life, 1e-5)
+    assert all(close(x, y, 1e-5) for x, y in zip(a.channel_half_life, b.channel_half_life))
+
+
+def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
+    """Runtime.forward(first_layers=...): a row that reads as row 0 below its layer is computed
+    from that layer on only (row 0's residual stream copied in), with the same logits and state
+    as reading every row in full; what the promise needs is checked."""
+    arch, config, _, runtime, clean, corrupt = case
+    L = config.n_layer
+    start = runtime.new_state()
+    runtime.forward(clean[:6], start, inplace=True)
+    from rwkv_playground.state import State
+
+    firsts = [0, 0, L - 1, 1, 0, L - 1]
+    rows = State.stack([start] * len(firsts))
+    singles = rows.unbind_views()
+    g = torch.Generator().manual_seed(5)
+    for b, first in enumerate(firsts[1:], start=1):  # each row edits its own layer (row 1 also its tokens)
+        for t in singles[b].tensors().values():
+            t[first].add_(torch.randn(t[first].shape, generator=g, dtype=t.dtype))
+    tokens = torch.tensor([corrupt[6:]] * len(firsts))
+    tokens[1] = torch.tensor(clean[6:])
+    decay = None
+    if arch != "rwkv4":
+        decay = {L - 1: torch.full((len(firsts), config.n_head, config.head_size), float("nan"))}
+        decay[L - 1][2, 1] = 0.5
+    edits = {"decay": decay} if decay else {"time_decay": {1: runtime.model.blocks[1].att.time_decay.detach().float()
+                                                          .expand(len(firsts), -1).clone()}}
+    if arch == "rwkv4":
+        edits["time_decay"][1][3, :5] = 2.0
+    want, want_state = runtime.forward(tokens, rows, full_output=True, **edits)
+    seen = []
+    for i, block in enumerate(runtime.model.blocks):
+        original = block.forward
+        monkeypatch.setattr(block, "forward", lambda x, *a, i=i, f=original, **k: (seen.append((i, x.shape[0])), f(x, *a, **k))[1])
+    got, got_state = runtime.forward(tokens, rows, full_output=True, first_layers=firsts, **edits)
+    assert seen == [(i, sum(f <= i for f in firsts)) for i in range(L)]  # only the rows joined by each layer
+    assert torch.allclose(got, want, atol=1e-5)
+    for name, t in got_state.tensors().items():
+        assert torch.allclose(t, want_state.tensors()[name], atol=1e-5), name
+    bad_tokens = tokens.clone()
+    bad_tokens[2, 3] = (bad_tokens[2, 3] + 1) % config.vocab_size
+    with pytest.raises(ValueError, match="other tokens"):
+        runtime.forward(bad_tokens, rows, first_layers=firsts)
+    with pytest.raises(ValueError, match="Row 4's att_x differs from row 0's below layer 1"):
+        runtime.forward(tokens, rows, first_layers=firsts[:4] + [1] + firsts[5:])  # row 4 edited layer 0
+    if arch == "rwkv4":
+        bad = {0: runtime.model.blocks[0].att.time_decay.detach().float().expand(len(firsts), -1).clone()}
+        bad[0][2, :3] = 1.0
+        bad_edit = {"time_decay": bad}
+    else:
+        bad = {0: torch.full((len(firsts), config.n_head, config.head_size), float("nan"))}
+        bad[0][2, 0] = 0.1
+        bad_edit = {"decay": bad}
+    with pytest.raises(ValueError, match="decay at layer 0 differs"):
+        runtime.forward(tokens, rows, first_layers=firsts, **bad_edit)
+    with pytest.raises(ValueError, match="row 0's is 0"):
+        runtime.forward(tokens, rows, first_layers=[1] + firsts[1:])

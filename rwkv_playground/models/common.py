@@ -3,7 +3,8 @@ the squared-ReLU feed-forward, and the observer signature."""
 
 from __future__ import annotations
 
-from typing import Callable
+import bisect
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,49 @@ def observe_layer(observe: Observer | None, layer: int) -> LayerObserver | None:
 def stack_layers(layer_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """[{name: [B, ...]} per layer] -> {name: [B, L, ...]}."""
     return {name: torch.stack([s[name] for s in layer_states], dim=1) for name in layer_states[0]}
+
+
+class BatchRows:
+    """A batch whose rows read exactly as row 0 below a layer of their own, computed once.
+
+    An experiment that edits one layer's state (patching, knock-outs) leaves every layer below it
+    as the unedited row 0 reads it: the same tokens into the same states. first_layers[b] is the
+    first layer at which row b may differ (row 0's is 0); a layer computes only the rows that have
+    joined by then, and a row joining takes row 0's residual stream (and carry) as it stands. The
+    computed rows are kept sorted by their first layer, so at every layer they are a prefix of
+    that order. BatchRows(None): every row at every layer (each method returns its input)."""
+
+    def __init__(self, first_layers: Sequence[int] | None):
+        self.first_layers = None if first_layers is None else torch.tensor([int(f) for f in first_layers])
+        if self.first_layers is None:
+            return
+        self.order = torch.argsort(self.first_layers, stable=True)  # row 0 stays first (its first layer is 0)
+        self.rank = torch.empty_like(self.order)
+        self.rank[self.order] = torch.arange(len(self.order))
+        self.sorted_first = self.first_layers[self.order].tolist()
+
+    def count(self, layer: int) -> int:
+        return bisect.bisect_right(self.sorted_first, layer)
+
+    def take(self, t: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, ...] in batch order -> the rows `layer` computes, in their order."""
+        return t if self.first_layers is None else t[self.order[:self.count(layer)]]
+
+    def widen(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rows computed below `layer` -> those computed at it: the rows joining copy row 0's."""
+        if self.first_layers is None or x.shape[0] == self.count(layer):
+            return x
+        return torch.cat([x, x[:1].expand(self.count(layer) - x.shape[0], *x.shape[1:])])
+
+    def put(self, t: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rows `layer` computed -> [B, ...] in batch order (the rows not joined yet: row 0's)."""
+        if self.first_layers is None:
+            return t
+        return t[torch.where(self.first_layers <= layer, self.rank, 0)]
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row, computed in their order -> batch order."""
+        return x if self.first_layers is None else x[self.rank]
 
 
 # ---- the skeleton of RWKV-5/6/7 (models/__init__.py: the protocol) --------------------------------
@@ -119,22 +163,28 @@ class MatrixStateLM(nn.Module):
                                              c.head_size, LN_EPS, GROUP_NORM_EPS, isa)
 
     def forward(self, tokens: torch.Tensor, state=None, wkv=None, last_only: bool = False,
-                observe: Observer | None = None, decay: dict[int, torch.Tensor] | None = None):
+                observe: Observer | None = None, decay: dict[int, torch.Tensor] | None = None,
+                first_layers: Sequence[int] | None = None):
         """tokens: [B, T] ids; state: a batched State (not modified) or None (training).
         decay: {layer: [B, H, N]} decay factors used instead of the model's at every token of this
-        call where not NaN (patching's decay knock-outs).
+        call where not NaN (patching's decay knock-outs). first_layers: see BatchRows (the caller
+        guarantees what it says: Runtime.forward checks it).
         Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens)."""
         wkv = wkv or reference_matrix_wkv
-        x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
+        rows = BatchRows(first_layers)
+        x = self.blocks[0].ln0(self.emb(rows.take(tokens, 0)).float())      # [B, T, C]
         carry: dict = {}
         new_layers = []
         for i, block in enumerate(self.blocks):
-            layer_state = None if state is None else {n: t[:, i] for n, t in state.tensors().items()}
-            layer_wkv = with_decay(wkv, decay[i]) if decay and i in decay else wkv
+            x = rows.widen(x, i)
+            carry = {name: rows.widen(t, i) for name, t in carry.items()}
+            layer_state = None if state is None else {n: rows.take(t[:, i], i) for n, t in state.tensors().items()}
+            layer_wkv = with_decay(wkv, rows.take(decay[i], i)) if decay and i in decay else wkv
             x, layer_state = block(x, layer_state, layer_wkv, carry, observe=observe_layer(observe, i))
-            new_layers.append(layer_state)
+            new_layers.append(None if layer_state is None else {n: rows.put(t, i) for n, t in layer_state.items()})
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
+        x = rows.unsort(x)
         if last_only:
             x = x[:, -1]                                                      # [B, C]
         logits = self.head(self.ln_out(x))                                    # [B, (T,) V]

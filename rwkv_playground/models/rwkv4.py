@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..state import State, StateLayout
 from ..wkv import WKVOperator, reference_wkv
 from . import Architecture, embedding_shape, n_layer_of, require
-from .common import LN_EPS, Observer, squared_relu_ffn, token_shift
+from .common import LN_EPS, BatchRows, Observer, squared_relu_ffn, token_shift
 
 
 @dataclass(frozen=True)
@@ -175,22 +175,27 @@ class RWKV4(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, wkv: WKVOperator = reference_wkv,
                 last_only: bool = False, observe: Observer | None = None,
-                time_decay: dict[int, torch.Tensor] | None = None):
+                time_decay: dict[int, torch.Tensor] | None = None, first_layers: Sequence[int] | None = None):
         """tokens: [B, T] ids. state: a batched State ([B, L, C] tensors, not modified) to start
         from, or None to train from an empty state. time_decay: {layer: [B, C]} replacing those
         layers' decay for this call only (an experiment's edit; the parameters stay as they are).
+        first_layers: rows computed from their own layer on (common.BatchRows).
         Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens
         (None when training))."""
-        x = self.blocks[0].ln0(self.emb(tokens).float())                      # [B, T, C]
+        rows = BatchRows(first_layers)
+        x = self.blocks[0].ln0(self.emb(rows.take(tokens, 0)).float())      # [B, T, C]
         new_layers = []
         for i, block in enumerate(self.blocks):
-            layer_state = None if state is None else LayerState(*(t[:, i] for t in state.tensors().values()))
+            x = rows.widen(x, i)
+            layer_state = None if state is None else LayerState(*(rows.take(t[:, i], i) for t in state.tensors().values()))
             observe_layer = None if observe is None else (lambda name, value, i=i: observe(i, name, value))
+            layer_decay = None if time_decay is None or i not in time_decay else rows.take(time_decay[i], i)
             x, layer_state = block(x, layer_state, wkv, last_only=last_only and i == len(self.blocks) - 1,
-                                   observe=observe_layer, time_decay=(time_decay or {}).get(i))
-            new_layers.append(layer_state)
+                                   observe=observe_layer, time_decay=layer_decay)
+            new_layers.append(None if layer_state is None else LayerState(*(rows.put(t, i) for t in layer_state)))
             if self.rescale_every and (i + 1) % self.rescale_every == 0:
                 x = x / 2
+        x = rows.unsort(x)
         if last_only:
             x = x[:, -1]                                                      # [B, C]
         logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
