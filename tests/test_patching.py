@@ -499,3 +499,17 @@ def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
         runtime.forward(tokens, rows, first_layers=firsts, **bad_edit)
     with pytest.raises(ValueError, match="row 0's is 0"):
         runtime.forward(tokens, rows, first_layers=[1] + firsts[1:])
+
+
+def test_a_comparison_too_long_to_keep_its_decays_is_refused_in_one_sentence(case, monkeypatch):
+    from rwkv_playground import patching
+    from rwkv_playground.errors import GenerationError
+
+    arch, config, _, runtime, clean, _ = case
+    monkeypatch.setattr(patching, "MAX_COMPARE_FLOATS", config.n_layer * config.n_embd * 10)
+    if arch == "rwkv4":  # its half-lives come from the parameters: nothing per token is kept
+        assert patching.compare_models(runtime, runtime, None, clean).surprisal.shape == (2, T)
+        return
+    with pytest.raises(GenerationError, match=f"at most 10 tokens \\({T} given\\)"):
+        patching.compare_models(runtime, runtime, None, clean)
+    assert patching.compare_models(runtime, runtime, None, clean[:10]).surprisal.shape == (2, 10)
