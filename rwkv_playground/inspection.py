@@ -145,9 +145,11 @@ def require_inspector(runtime, what: str = "The State inspector") -> None:
             "(the Matrix state tab) and experiments (Patching, Remove a token, Blend).")
 
 
-def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0):
+def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0,
+                  progress_start: float = 0.0):
     """Read `tokens` chunk by chunk from `state` (default: empty) with `recorder` observing (its
-    `offset` set to each chunk's start); yields (fraction * progress_share, message). Returns the
+    `offset` set to each chunk's start); yields (progress_start + fraction * progress_share,
+    message). Returns the
     starting state as numpy copies, its token count, and the surprisal of every token [T]
     (NaN for the first). Shared by the RWKV-4 and the matrix-state recordings."""
     T = len(tokens)
@@ -170,7 +172,7 @@ def read_observed(runtime, tokens: list[int], state: State | None, recorder, pro
         if len(chunk) > 1:
             surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
         previous_logits = logits[-1].float()
-        yield progress_share * (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
+        yield progress_start + progress_share * (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
     return initial, initial_count, surprisal
 
 

@@ -38,6 +38,7 @@ import torch
 
 from .errors import GenerationError
 from .experiments import logits_chunk_len
+from .inspection import read_observed
 from .scheduler import run_here
 from .state import EMPTY_PP, State
 
@@ -680,9 +681,10 @@ class ModelComparison:
         return out.getvalue()
 
 
-def _surprisal_and_half_lives(runtime, tokens):
+def _surprisal_and_half_lives(runtime, tokens, progress_start: float, progress_share: float):
     """-log p of each token given the ones before, every layer's median half-life and every
-    channel's (over the text's tokens where the decay depends on them), read chunk by chunk."""
+    channel's (over the text's tokens where the decay depends on them), read chunk by chunk (a
+    generator yielding progress, as inspection.read_observed)."""
     decays: dict[int, list[torch.Tensor]] = {}  # RWKV-5/6/7: the decay factor per token and channel
 
     def observe(layer, name, value):
@@ -694,14 +696,7 @@ def _surprisal_and_half_lives(runtime, tokens):
         most = MAX_COMPARE_FLOATS // (c.n_layer * c.n_embd)
         raise GenerationError(f"The text is too long to compare the decays of this model over: at most {most} "
                               f"tokens ({len(tokens)} given).")
-    surprisal = np.full(len(tokens), np.nan)
-    state = runtime.new_state()
-    for a in range(0, len(tokens), runtime.chunk_len):
-        b = min(len(tokens), a + runtime.chunk_len)
-        logits, _ = runtime.forward(tokens[a:b], state, full_output=True, inplace=True, observe=observe)
-        lp = torch.log_softmax(logits.double(), -1)
-        following = torch.tensor(tokens[a + 1:b + 1])  # the token each position predicts
-        surprisal[a + 1:a + 1 + len(following)] = (-lp[:len(following)].gather(1, following[:, None])[:, 0]).numpy()
+    _, _, surprisal = yield from read_observed(runtime, tokens, None, observe, progress_share, progress_start)
     if decays:
         lives, per_channel = [], []
         for i in sorted(decays):  # one layer's [T, C] half-lives at a time
@@ -723,7 +718,7 @@ def compare_models_task(runtime_a, runtime_b, tokenizer, tokens, names=("model A
         raise GenerationError("The two models have different vocabularies: compare models that share a tokenizer.")
     rows, lives, channels = [], [], []
     for i, runtime in enumerate((runtime_a, runtime_b)):
-        s, h, c = _surprisal_and_half_lives(runtime, tokens)
+        s, h, c = yield from _surprisal_and_half_lives(runtime, tokens, i / 2, 1 / 2)
         rows.append(s)
         lives.append(h)
         channels.append(c)
