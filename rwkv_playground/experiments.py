@@ -157,7 +157,7 @@ def _nan_to_none(a: np.ndarray):
 
 
 def _check_tokens(runtime, tokens) -> list[int]:
-    require_inspector(runtime, "Experiments on the state")
+    require_inspector(runtime, "The Experiments tab's knock-outs, causal trace and logit lens")
     tokens = [int(t) for t in tokens]
     if not tokens:
         raise GenerationError("There is no text to experiment on: type some text first.")

@@ -17,12 +17,13 @@ sum(weight * v) = wkv_t.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .errors import GenerationError
+from .models import by_name, vector_state_name
 from .scheduler import run_here
 from .sessions import Session, run_task
 from .state import State
@@ -48,10 +49,16 @@ class Recording:
     surprisal: np.ndarray  # [T]: -log p(token_t | tokens before it); NaN for the first token
     fingerprint: str
     initial_count: int = 0  # tokens the starting state had already read
+    architecture: str = field(default_factory=vector_state_name)
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def arch(self):
+        """The architecture (models.Architecture) whose model made the recording."""
+        return by_name(self.architecture)
 
     @property
     def n_layer(self) -> int:
@@ -136,13 +143,18 @@ class _Recorder:
             self.store[name][self.offset:self.offset + chunk.shape[0], layer] = chunk
 
 
-def require_inspector(runtime, what: str = "The State inspector") -> None:
-    """The views and experiments read RWKV-4's vector state; say so plainly for other architectures."""
-    arch = runtime.architecture
-    if not arch.inspector:
+def require_vector_views(arch, what: str = "The State inspector's vector views", verb: str = "read") -> None:
+    """These views and experiments read RWKV-4's vector state; say so plainly for other
+    architectures, in one sentence (`what` + `verb`: "The decay and bonus views" "read")."""
+    if arch.inspector_views != "vector":
         raise GenerationError(
-            f"{what} reads RWKV-4's vector state (aa, bb, pp); {arch.title}'s matrix state has its own views "
-            "(the Matrix state tab) and experiments (Patching, Remove a token, Blend).")
+            f"{what} {verb} RWKV-4's vector state (aa, bb, pp); {arch.title}'s matrix state has its own views "
+            "in the Matrix state tab and its own experiments in the Patching tab (restore, knock-outs, "
+            "token removal, blend).")
+
+
+def require_inspector(runtime, what: str = "The State inspector's vector views", verb: str = "read") -> None:
+    require_vector_views(runtime.architecture, what, verb)
 
 
 def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0,
@@ -197,7 +209,8 @@ def record_task(runtime, tokenizer, tokens: list[int], state: State | None = Non
     return Recording(tokens=list(tokens), token_texts=[tokenizer.token_text(t) for t in tokens],
                      time_decay=td, time_first=tf, k=store["k"], v=store["v"], wkv=store["wkv"],
                      aa=aa, bb=bb, pp=pp, att_x=store["att_x"], ffn_x=store["ffn_x"], initial=initial,
-                     surprisal=surprisal, fingerprint=runtime.fingerprint, initial_count=initial_count)
+                     surprisal=surprisal, fingerprint=runtime.fingerprint, initial_count=initial_count,
+                     architecture=runtime.architecture.name)
 
 
 def record(runtime, tokenizer, tokens: list[int], state: State | None = None) -> Recording:
@@ -314,7 +327,7 @@ class InspectorSession(Session):
         self.recording = None
 
         def task(runtime):
-            if runtime.architecture.recurrence == "matrix":  # RWKV-5/6/7: matrix_inspection.py
+            if runtime.architecture.inspector_views == "matrix":  # RWKV-5/6/7: matrix_inspection.py
                 from .matrix_inspection import record_matrix_task
 
                 return record_matrix_task(runtime, tokenizer, tokens, state)

@@ -141,11 +141,6 @@ def load_kernel(kind: str, progress: Callable[[str], None] | None = None):
         return module
 
 
-def loaded_kernel(kind: str):
-    """The module for `kind` if it is already loaded in this process, else None (never builds)."""
-    return _loaded.get(kind)
-
-
 def kernel_cache_dir(kind: str) -> Path:
     """The folder of the compiled `kind` kernels for these sources, this torch and this CPU/GPU
     (one-time measurements of the machine are cached here too)."""

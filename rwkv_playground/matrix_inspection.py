@@ -30,19 +30,20 @@ import torch
 
 from .errors import GenerationError
 from .inspection import read_observed
+from .models import by_name
 from .scheduler import run_here
 from .state import State
+from .wkv import effective_attention
 
 MAX_RECORD_FLOATS = 400_000_000  # as inspection.py: ~1.6 GB of float32 across the recorded arrays
 CHECKPOINT_EVERY = 16
-V7_DECAY_SCALE = 0.606531
-TOKEN_NAMES = ("r", "k", "v", "w", "wkv", "att_x", "ffn_x")
-V7_NAMES = ("kk", "a")
+# recorded besides the recurrence's own inputs (the architecture's `wkv.inputs`)
+TOKEN_NAMES = ("wkv", "att_x", "ffn_x")
 
 
 @dataclass
 class MatrixRecording:
-    architecture: str  # "rwkv5" | "rwkv6" | "rwkv7"
+    architecture: str  # the name of a matrix-state architecture (models.by_name)
     tokens: list[int]
     token_texts: list[str]
     n_head: int
@@ -60,6 +61,11 @@ class MatrixRecording:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def arch(self):
+        """The architecture (models.Architecture) whose model made the recording."""
+        return by_name(self.architecture)
 
     @property
     def n_layer(self) -> int:
@@ -136,16 +142,19 @@ class MatrixRecording:
             raise GenerationError("The attention window is empty.")
         S0 = (self.initial["wkv_state"][layer, head] if t_from == 0
               else self.state_at(t_from - 1, layer, head))
-        sl = slice(t_from, t_to)
-        get = lambda name: self.head(name, layer, head)[sl].astype(np.float64)  # noqa: E731
-        if self.architecture == "rwkv7":
-            return attention_v7(get("r"), get("w"), get("k"), get("kk"), get("a"), S0)
-        return attention_v5(get("r"), get("w"), get("k"), self.bonus[layer, head].astype(np.float64), S0)
+        recurrence = self.arch.wkv
+        x = self.inputs_of_head(layer, head, t_from, t_to)
+        return effective_attention(recurrence, x, S0, self.bonus[layer, head].astype(np.float64))
 
     def bonus_term(self, layer: int, head: int) -> np.ndarray:
-        """[T]: RWKV-7's per-token bonus weight sum_j r_t k_t r_k (added after the group norm, times v_t)."""
-        return (self.head("r", layer, head) * self.head("k", layer, head)
-                * self.bonus[layer, head][None]).sum(axis=1)
+        """[T]: the per-token weight of the token's own value (RWKV-5/6: sum_j r_t u k_t, inside the
+        recurrence; RWKV-7: sum_j r_t k_t r_k, added after the group norm)."""
+        return self.arch.wkv.bonus_weight(self.head("r", layer, head), self.head("k", layer, head),
+                                          self.bonus[layer, head][None])
+
+    def inputs_of_head(self, layer: int, head: int, start: int, end: int) -> dict:
+        """The recurrence's inputs of one head over tokens start .. end-1: {name: [n, N] float64}."""
+        return {name: self.head(name, layer, head)[start:end].astype(np.float64) for name in self.arch.wkv.inputs}
 
 
 def matrix_half_life(w: np.ndarray) -> np.ndarray:
@@ -155,62 +164,23 @@ def matrix_half_life(w: np.ndarray) -> np.ndarray:
         return -math.log(2) / np.log(np.clip(w, 1e-300, 1.0))
 
 
-def attention_v7(r, w, k, kk, a, S0):
-    """alpha[t, i] = k_i^T M_{i+1} ... M_t r_t and carried[t] = S0 M_0 ... M_t r_t for one head
-    ([n, N] inputs, S0 [value, key]); all targets at once, walking i down: O(n^2 N)."""
-    n, N = k.shape
-    alpha = np.zeros((n, n))
-    Q = np.zeros((n, N))  # Q[t] = M_{i+1} ... M_t r_t for the targets t >= i
-    b = kk * a
-    for i in range(n - 1, -1, -1):
-        Q[i] = r[i]
-        q = Q[i:]
-        alpha[i:, i] = q @ k[i]
-        Q[i:] = q * w[i] - np.outer(q @ b[i], kk[i])
-    return alpha, Q @ np.asarray(S0, dtype=np.float64).T
-
-
-def attention_v5(r, w, k, u, S0):
-    """RWKV-5/6: alpha[t, t] = sum r_t u k_t; alpha[t, i < t] = sum r_t k_i prod_{i<m<t} w_m;
-    carried[t] = (r_t * prod_{m<t} w_m) S0 (S0 [key, value])."""
-    n, N = k.shape
-    alpha = np.zeros((n, n))
-    alpha[np.arange(n), np.arange(n)] = (r * u[None] * k).sum(axis=1)
-    Q = r.copy()  # Q[t] = r_t * prod_{m=i+1}^{t-1} w_m for the targets t > i
-    for i in range(n - 2, -1, -1):
-        alpha[i + 1:, i] = Q[i + 1:] @ k[i]
-        Q[i + 1:] *= w[i]
-    return alpha, Q @ np.asarray(S0, dtype=np.float64)
-
-
 def replay_head(rec: MatrixRecording, layer: int, head: int, start: int, end: int, S) -> np.ndarray:
     """[end - start, N, N] float64: one head's states after tokens start .. end-1 from S (the state
     before `start`), by the recurrence of the recording's architecture."""
-    sl = slice(start, end)
-    get = lambda name: rec.head(name, layer, head)[sl].astype(np.float64)  # noqa: E731
-    r, k, v, w = get("r"), get("k"), get("v"), get("w")
+    recurrence = rec.arch.wkv
+    x = rec.inputs_of_head(layer, head, start, end)
     S = np.array(S, dtype=np.float64)
     out = np.empty((end - start, *S.shape))
-    if rec.architecture == "rwkv7":
-        kk, a = get("kk"), get("a")
-        for i in range(end - start):
-            S = S * w[i][None] - np.outer(S @ kk[i], kk[i] * a[i]) + np.outer(v[i], k[i])
-            out[i] = S
-    else:
-        for i in range(end - start):
-            S = np.outer(k[i], v[i]) + w[i][:, None] * S
-            out[i] = S
+    for i in range(end - start):
+        S = recurrence.transition(S, {name: values[i] for name, values in x.items()})
+        out[i] = S
     return out
 
 
 def model_matrix_parameters(runtime) -> np.ndarray:
     """[L, H, N]: the bonus of every layer and head (u of v5/v6, r_k of v7)."""
-    arch, c = runtime.architecture.name, runtime.config
-    rows = []
-    for block in runtime.model.blocks:
-        att = block.att
-        bonus = att.r_k if arch == "rwkv7" else att.time_faaaa if arch == "rwkv6" else att.bonus()
-        rows.append(bonus.detach().float().reshape(c.n_head, c.head_size))
+    arch, c = runtime.architecture, runtime.config
+    rows = [arch.bonus_of(block.att).detach().float().reshape(c.n_head, c.head_size) for block in runtime.model.blocks]
     return torch.stack(rows).cpu().numpy()
 
 
@@ -231,15 +201,15 @@ class _MatrixRecorder:
 
 def record_matrix_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
     """The recording as a scheduler task (yields (fraction, message), returns a MatrixRecording)."""
-    arch = runtime.architecture.name
-    if arch not in ("rwkv5", "rwkv6", "rwkv7"):
-        raise GenerationError("This recording reads RWKV-5/6/7's matrix state; RWKV-4 has its own.")
+    arch = runtime.architecture
+    if not arch.matrix_state:
+        raise GenerationError(f"This recording reads a matrix state; {arch.title} has its own recording.")
     if not tokens:
         raise GenerationError("There is no text to record: type some text first.")
     c = runtime.config
     L, C, H, N = c.n_layer, c.n_embd, c.n_head, c.head_size
     T = len(tokens)
-    names = TOKEN_NAMES + (V7_NAMES if arch == "rwkv7" else ())
+    names = arch.wkv.inputs + TOKEN_NAMES
     per_token = len(names) * L * C + 2 * L * H
     if T * per_token + (T // CHECKPOINT_EVERY + 1) * L * H * N * N > MAX_RECORD_FLOATS:
         limit = MAX_RECORD_FLOATS // (per_token + L * H * N * N // CHECKPOINT_EVERY + 1)
@@ -247,20 +217,18 @@ def record_matrix_task(runtime, tokenizer, tokens: list[int], state: State | Non
     recorder = _MatrixRecorder(names, T, L, C)
     initial, initial_count, surprisal = yield from read_observed(runtime, tokens, state, recorder, progress_share=0.8)
     store = recorder.store
-    checkpoints, norms, change = _replay_all(arch, store, initial["wkv_state"], H, N)
+    checkpoints, norms, change = _replay_all(arch.wkv, store, initial["wkv_state"], H, N)
     yield 1.0, "Replayed the states"
-    return MatrixRecording(architecture=arch, tokens=list(tokens), token_texts=[tokenizer.token_text(t) for t in tokens],
+    return MatrixRecording(architecture=arch.name, tokens=list(tokens), token_texts=[tokenizer.token_text(t) for t in tokens],
                            n_head=H, head_size=N, arrays=store, bonus=model_matrix_parameters(runtime),
                            checkpoints=checkpoints, initial=initial, state_norm=norms, state_change=change,
                            surprisal=surprisal, fingerprint=runtime.fingerprint, initial_count=initial_count)
 
 
-def _replay_all(arch, store, S0, H, N):
+def _replay_all(recurrence, store, S0, H, N):
     """Every layer's states after every token by the reference recurrence (layers as the batch,
     float32 as the engine), summarised as they pass: checkpoints, norms and change per token (the
     states themselves, [L, T, H, N, N], are never all held)."""
-    from .wkv import wkv5_reference, wkv7_reference
-
     T, L, _ = store["k"].shape
 
     def heads(name):  # [T, L, C] -> [L, T, H, N]
@@ -279,12 +247,7 @@ def _replay_all(arch, store, S0, H, N):
         if (t + 1) % CHECKPOINT_EVERY == 0:
             checkpoints[t // CHECKPOINT_EVERY] = S
 
-    if arch == "rwkv7":
-        wkv7_reference(heads("r"), heads("w"), heads("k"), heads("v"), heads("kk"), heads("a"), S_init,
-                       each_state=summarise)
-    else:
-        zeros = torch.zeros(H, N)  # (the bonus does not enter the state)
-        wkv5_reference(heads("r"), heads("k"), heads("v"), heads("w"), zeros, S_init, each_state=summarise)
+    recurrence.run({name: heads(name) for name in recurrence.inputs}, S_init, each_state=summarise)
     return checkpoints.numpy(), norms.numpy(), diff.numpy()
 
 

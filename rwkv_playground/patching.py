@@ -42,7 +42,6 @@ from .inspection import read_observed
 from .scheduler import run_here
 from .state import EMPTY_PP, State
 
-MATRIX = ("rwkv5", "rwkv6", "rwkv7")
 SCORE_BLOCK = 32  # positions scored at once from a batch's logits
 MAX_COMPARE_FLOATS = 400_000_000  # decays kept to compare two models (as the inspector's recording: ~1.6 GB)
 
@@ -72,10 +71,10 @@ class StatePart:
         L = state.n_layer
         if not 0 <= self.layer < L:
             raise GenerationError(f"Layer {self.layer} does not exist: this model has layers 0 to {L - 1}.")
-        matrix = state.architecture in MATRIX
+        matrix = state.matrix_state
         if self.head is not None:
             if not matrix:
-                raise GenerationError("RWKV-4 has no heads: choose a layer or channels.")
+                raise GenerationError(f"{state.arch.title} has no heads: choose a layer or channels.")
             H = state.wkv_state.shape[-3]
             if not 0 <= self.head < H:
                 raise GenerationError(f"Head {self.head} does not exist: this model has heads 0 to {H - 1}.")
@@ -89,7 +88,7 @@ class StatePart:
     def views(self, state: State) -> list[torch.Tensor]:
         """The tensors (views into a single-sequence state) this part covers."""
         i = self.layer
-        if state.architecture not in MATRIX:
+        if not state.matrix_state:
             if self.channels is None:
                 return [getattr(state, n)[i] for n in ("att_x", "aa", "bb", "pp", "ffn_x")]
             ch = torch.tensor(self.channels)
@@ -110,7 +109,7 @@ class StatePart:
     def decay_mask(self, state: State) -> torch.Tensor:
         """Where this part's decay lives: [H, N] bool over (head, key channel) for RWKV-5/6/7, [C]
         for RWKV-4. The value axis (RWKV-5/6's columns, RWKV-7's rows) has no decay of its own."""
-        if state.architecture not in MATRIX:
+        if not state.matrix_state:
             mask = torch.zeros(state.n_embd, dtype=torch.bool)
             mask[list(self.channels) if self.channels is not None else slice(None)] = True
             return mask
@@ -119,11 +118,10 @@ class StatePart:
         if self.head is not None:
             mask[self.head] = True
         elif self.channels is not None:
-            key_axis = "columns" if state.architecture == "rwkv7" else "rows"
+            key_axis = state.arch.wkv.key_axis
             if self.axis != key_axis:
                 raise GenerationError(f"The decay acts on the key channels, which are the matrix's {key_axis} in "
-                                      f"{state.architecture.upper().replace('RWKV', 'RWKV-')}: change the decay of "
-                                      f"{key_axis}, or erase {self.axis}.")
+                                      f"{state.arch.title}: change the decay of {key_axis}, or erase {self.axis}.")
             mask[:, list(self.channels)] = True
         else:
             mask[:] = True
@@ -132,7 +130,7 @@ class StatePart:
     def erase(self, target: State) -> None:
         """Set this part to an empty memory (RWKV-4: aa = bb = 0, pp = empty; otherwise zeros)."""
         for n, t in zip(("att_x", "aa", "bb", "pp", "ffn_x"), self.views(target)):
-            t.fill_(EMPTY_PP if target.architecture not in MATRIX and n == "pp" else 0.0)
+            t.fill_(EMPTY_PP if not target.matrix_state and n == "pp" else 0.0)
 
 
 class _IndexView:
@@ -236,19 +234,19 @@ def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float, f
     per token e^{-e^{time_decay}} = factor)."""
     B = len(parts) + first_row
     edits: dict[int, torch.Tensor] = {}
-    if state.architecture in MATRIX:
+    if state.matrix_state:
         H, N = state.wkv_state.shape[-3], state.wkv_state.shape[-1]
         for row, part in enumerate(parts, start=first_row):
             layer = edits.setdefault(part.layer, torch.full((B, H, N), float("nan")))
             layer[row][part.decay_mask(state)] = factor
-        return {"decay": edits}
+        return runtime.architecture.decay_edit(edits)
     # RWKV-4: factor 1 / 0 are time_decay -inf / +inf; +-40 is the same in float32 and stays finite
     time_decay = min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
     for row, part in enumerate(parts, start=first_row):
         layer = edits.setdefault(part.layer, runtime.model.blocks[part.layer].att.time_decay.detach()
                                  .float().expand(B, -1).clone())
         layer[row][part.decay_mask(state)] = time_decay
-    return {"time_decay": edits}
+    return runtime.architecture.decay_edit(edits)
 
 
 def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
@@ -439,7 +437,7 @@ def token_contribution(runtime, tokens, token: int, upto: int, layer: int, state
     shaped like the layer's part of the state: {"wkv_state"} or {"aa", "bb"} (with "pp")."""
     if not 0 <= token <= upto < len(tokens):
         raise GenerationError("The removed token must come at or before the position it is removed at.")
-    arch = runtime.architecture.name
+    arch = runtime.architecture
     chunks: dict[str, list[torch.Tensor]] = {}
 
     def observe(i, name, value):  # called chunk by chunk of the reading
@@ -450,19 +448,12 @@ def token_contribution(runtime, tokens, token: int, upto: int, layer: int, state
     runtime.forward(tokens[:upto + 1], start, observe=observe)
     seen = {name: torch.cat(parts) for name, parts in chunks.items()}
     c = runtime.config
-    if arch in MATRIX:
-        H, N = c.n_head, c.head_size
-        get = lambda n: seen[n].reshape(-1, H, N)  # noqa: E731  [T, H, N]
-        k, v, w = get("k")[token], get("v")[token], get("w")
-        if arch == "rwkv7":
-            kk, a = get("kk"), get("a")
-            contrib = v[:, :, None] * k[:, None, :]  # [H, value, key]
-            for m in range(token + 1, upto + 1):
-                removed = torch.einsum("hij,hj->hi", contrib, kk[m])
-                contrib = contrib * w[m][:, None, :] - removed[..., None] * (kk[m] * a[m])[:, None, :]
-        else:
-            decay = torch.prod(w[token + 1:upto + 1], dim=0) if upto > token else torch.ones_like(k)
-            contrib = (decay * k)[:, :, None] * v[:, None, :]  # [H, key, value]
+    if arch.matrix_state:
+        recurrence = arch.wkv
+        x = {n: seen[n].reshape(-1, c.n_head, c.head_size) for n in recurrence.inputs}  # [T, H, N]
+        contrib = recurrence.write({n: x[n][token] for n in x})  # the token's own term, [H, N, N]
+        for m in range(token + 1, upto + 1):  # carried through every later token's decay
+            contrib = recurrence.decay_state(contrib, {n: x[n][m] for n in x})
         return {"wkv_state": contrib}
     # RWKV-4: the state holds (aa, bb) scaled by e^{-pp}; the token's term is e^{k + (upto - token) w}
     time_decay = -torch.exp(runtime.model.blocks[layer].att.time_decay.detach().double())
@@ -555,7 +546,7 @@ def blend_states(a: State, b: State, alpha: float) -> State:
     if a.architecture != b.architecture or a.shapes() != b.shapes():
         raise GenerationError("These states come from different models.")
     out = a.clone()
-    if a.architecture in MATRIX:
+    if a.matrix_state:
         for name, t in out.tensors().items():
             t.copy_((1 - alpha) * a.tensors()[name] + alpha * b.tensors()[name])
         return out
@@ -692,7 +683,7 @@ def _surprisal_and_half_lives(runtime, tokens, progress_start: float, progress_s
             decays.setdefault(layer, []).append(value[0].detach().float())
 
     c = runtime.config
-    if runtime.architecture.name in MATRIX and c.n_layer * len(tokens) * c.n_embd > MAX_COMPARE_FLOATS:
+    if runtime.architecture.matrix_state and c.n_layer * len(tokens) * c.n_embd > MAX_COMPARE_FLOATS:
         most = MAX_COMPARE_FLOATS // (c.n_layer * c.n_embd)
         raise GenerationError(f"The text is too long to compare the decays of this model over: at most {most} "
                               f"tokens ({len(tokens)} given).")

@@ -162,10 +162,10 @@ class Runtime:
     """A model ready for inference. Build it with `load_runtime`."""
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: str, backends: backends_mod.Backends,
-                 chunk_len: int, fingerprint: str, source_path: str | None, architecture: str = "rwkv4"):
+                 chunk_len: int, fingerprint: str, source_path: str | None, architecture: str | None = None):
         self.model = model
-        self.architecture = by_name(architecture)
         self.layout = model.state_layout()
+        self.architecture = by_name(architecture or self.layout.architecture)
         self.device = device
         self.dtype = dtype
         self.backends = backends
@@ -257,8 +257,8 @@ class Runtime:
             raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}).")
         state = self._prepare_state(state, B if batched else None, inplace)
 
-        if decay and self.architecture.name not in ("rwkv5", "rwkv6", "rwkv7"):
-            raise ValueError("decay= edits a matrix state's decay; RWKV-4 takes time_decay=.")
+        if decay and not self.architecture.matrix_state:
+            raise ValueError(f"decay= edits a matrix state's decay; {self.architecture.title} takes time_decay=.")
         if first_layers is not None:
             self._check_first_layers(first_layers, tokens, state, time_decay or decay or {}, batched, observe)
         if T == 1 and observe is None and not time_decay and not decay:

@@ -26,7 +26,7 @@ import torch
 from .backends import resolve
 from .errors import PlaygroundError
 from .kernels import load_kernel
-from .models import by_name
+from .models import rwkv4, rwkv5, rwkv6, rwkv7
 from .models.rwkv4 import RWKVConfig
 from .models.rwkv5 import RWKV5Config
 from .models.rwkv6 import RWKV6Config
@@ -42,13 +42,13 @@ STEP_TOL = {("cpu", "fp32"): 1e-5, ("cpu", "bf16"): 1e-5, ("cpu", "fp16"): 2e-2,
             ("cuda", "fp32"): 1e-4, ("cuda", "bf16"): 3e-2, ("cuda", "fp16"): 2e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # one small model per architecture (head size 64, as every released model)
-STEP_MODELS = {
-    "rwkv4": RWKVConfig(n_layer=4, n_embd=256, vocab_size=1000, ffn_dim=1024),
-    "rwkv5": RWKV5Config(3, 256, 1000, 896, 4, 64),
-    "rwkv6": RWKV6Config(3, 256, 1000, 896, 4, 64, mix_lora=32, decay_lora=64),
-    "rwkv7": RWKV7Config(3, 256, 1000, 1024, 4, 64, decay_lora=32, iclr_lora=32, value_lora=16, gate_lora=64),
-}
-STEP_MODEL = STEP_MODELS["rwkv4"]
+STEP_MODELS = [
+    (rwkv4.ARCHITECTURE, RWKVConfig(n_layer=4, n_embd=256, vocab_size=1000, ffn_dim=1024)),
+    (rwkv5.ARCHITECTURE, RWKV5Config(3, 256, 1000, 896, 4, 64)),
+    (rwkv6.ARCHITECTURE, RWKV6Config(3, 256, 1000, 896, 4, 64, mix_lora=32, decay_lora=64)),
+    (rwkv7.ARCHITECTURE, RWKV7Config(3, 256, 1000, 1024, 4, 64, decay_lora=32, iclr_lora=32, value_lora=16,
+                                     gate_lora=64)),
+]
 
 
 @dataclass
@@ -182,15 +182,15 @@ def _run_steps(runtime, tokens: list[int]) -> tuple[list[torch.Tensor], float]:
 
 def check_step(devices: list[str]) -> list[Row]:
     rows = []
-    for arch_name, config in STEP_MODELS.items():
-        rows += _check_step_of(arch_name, config, devices)
+    for arch, config in STEP_MODELS:
+        rows += _check_step_of(arch, config, devices)
     return rows
 
 
-def _check_step_of(arch_name: str, config, devices: list[str]) -> list[Row]:
-    weights = by_name(arch_name).random_weights(config, seed=11)
+def _check_step_of(arch, config, devices: list[str]) -> list[Row]:
+    weights = arch.random_weights(config, seed=11)
     tokens = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    title = by_name(arch_name).title
+    title = arch.title
     rows = []
     for device in devices:
         for name in ("fp32", "bf16", "fp16"):

@@ -27,6 +27,13 @@ EMPTY_PP = -1e30
 FORMAT_NAME = "rwkv-playground-state"
 # RWKV-4's layout (files written before other architectures existed carry no architecture name)
 RWKV4_COMPONENTS = ("att_x", "aa", "bb", "pp", "ffn_x")
+MATRIX_COMPONENTS = ("att_x", "wkv_state", "ffn_x")
+
+
+def _vector_state_name() -> str:
+    from .models import vector_state_name
+
+    return vector_state_name()
 
 
 def _package_version() -> str:
@@ -38,20 +45,19 @@ def _package_version() -> str:
 @dataclass(frozen=True)
 class StateLayout:
     """What a model's state holds: per component, its shape per layer and its empty value."""
-    architecture: str  # "rwkv4", "rwkv5", "rwkv6", "rwkv7"
+    architecture: str  # the name of the architecture (models.by_name)
     n_layer: int
     parts: tuple[tuple[str, tuple[int, ...], float], ...]  # (name, per-layer shape, fill)
 
     @classmethod
     def rwkv4(cls, n_layer: int, n_embd: int) -> "StateLayout":
         fills = {"pp": EMPTY_PP}
-        return cls("rwkv4", n_layer, tuple((n, (n_embd,), fills.get(n, 0.0)) for n in RWKV4_COMPONENTS))
+        return cls(_vector_state_name(), n_layer, tuple((n, (n_embd,), fills.get(n, 0.0)) for n in RWKV4_COMPONENTS))
 
     @classmethod
     def matrix(cls, architecture: str, n_layer: int, n_embd: int, n_head: int, head_size: int) -> "StateLayout":
-        return cls(architecture, n_layer, (("att_x", (n_embd,), 0.0),
-                                           ("wkv_state", (n_head, head_size, head_size), 0.0),
-                                           ("ffn_x", (n_embd,), 0.0)))
+        shapes = {"att_x": (n_embd,), "wkv_state": (n_head, head_size, head_size), "ffn_x": (n_embd,)}
+        return cls(architecture, n_layer, tuple((n, shapes[n], 0.0) for n in MATRIX_COMPONENTS))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -85,7 +91,7 @@ class State:
         # Fingerprint of the model that produced this state ("" if unknown).
         self.fingerprint = fingerprint
         self.metadata = dict(metadata or {})
-        self.architecture = architecture or ("rwkv4" if tuple(parts) == RWKV4_COMPONENTS else "")
+        self.architecture = architecture or (_vector_state_name() if tuple(parts) == RWKV4_COMPONENTS else "")
 
     def __getattr__(self, name: str):
         parts = self.__dict__.get("_parts")
@@ -119,6 +125,18 @@ class State:
         return cls.empty(StateLayout.rwkv4(n_layer, n_embd), batch, device, fingerprint)
 
     # ---- shape --------------------------------------------------------------------------------
+    @property
+    def matrix_state(self) -> bool:
+        """One N x N matrix per head (RWKV-5/6/7's wkv_state) rather than RWKV-4's aa / bb / pp."""
+        return "wkv_state" in self._parts
+
+    @property
+    def arch(self):
+        """The architecture (models.Architecture) whose model made this state."""
+        from .models import by_name
+
+        return by_name(self.architecture)
+
     @property
     def is_batched(self) -> bool:
         return self.att_x.dim() == 3
@@ -284,8 +302,14 @@ class State:
     @classmethod
     def _from_parts(cls, tensors: dict, meta: dict, name: str, runtime=None, device="cpu") -> "State":
         """A state from a state file's tensors and metadata, every shape checked first."""
-        architecture = meta.get("architecture") or "rwkv4"
-        expected = RWKV4_COMPONENTS if architecture == "rwkv4" else ("att_x", "wkv_state", "ffn_x")
+        from .models import by_name
+
+        architecture = meta.get("architecture") or _vector_state_name()  # files from before RWKV-5
+        try:
+            matrix = by_name(architecture).matrix_state
+        except LoadError:
+            raise LoadError(f"{name} is a state of an unknown architecture ('{architecture}').") from None
+        expected = MATRIX_COMPONENTS if matrix else RWKV4_COMPONENTS
         if meta.get("format") != FORMAT_NAME or set(tensors) != set(expected):
             raise LoadError(f"{name} is not an RWKV Playground state file.")
         if any(t.dtype != torch.float32 for t in tensors.values()):
@@ -294,7 +318,7 @@ class State:
         widths = {tensors[n].shape for n in expected if n != "wkv_state"}
         if len(leads) != 1 or len(widths) != 1 or tensors["att_x"].dim() != 2:
             raise LoadError(f"{name} is corrupt: its components have different shapes.")
-        if architecture != "rwkv4":
+        if matrix:
             L, C = tensors["att_x"].shape
             S = tensors["wkv_state"]
             if S.dim() != 4 or S.shape[2] != S.shape[3] or S.shape[1] * S.shape[2] != C:

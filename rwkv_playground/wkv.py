@@ -1,4 +1,7 @@
-"""The WKV operator of RWKV-4: one signature, three implementations (PyTorch, C++, CUDA).
+"""The recurrences of every architecture: PyTorch references, compiled kernels wrapped to the same
+signatures, and each matrix recurrence's one-token transition written once.
+
+- RWKV-4's WKV operator (`WKVOperator`: the reference, C++ and CUDA behind one signature):
 
     wkv_forward(w, u, k, v, aa, bb, pp) -> (y, aa, bb, pp)
 
@@ -15,10 +18,15 @@ For each channel, with the numerically stable running maximum `pp`:
 `wkv_reference` is the plain PyTorch loop everything else is tested against. The compiled C++ and
 CUDA kernels (kernels/, loaded by `kernels.py`) implement the same signature; `wkv_train` is the
 state-less training form (empty state in, gradients for w, u, k, v out).
+
+- RWKV-5/6's and RWKV-7's matrix recurrences (`MatrixWKV`: `wkv5_reference`, `wkv7_reference` and the
+  compiled kernels), see below; `WKV5` / `WKV7` hold one token's transition, which the references,
+  the inspector's replay and exact attention (`effective_attention`) and patching all call.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .state import EMPTY_PP
@@ -163,9 +171,9 @@ def wkv5_reference(r, k, v, w, u, state, return_states: bool = False, each_state
     S = torch.zeros(B, H, N, N, dtype=acc, device=k.device) if state is None else state.to(acc)
     ys, states = [], []
     for t in range(T):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]                        # [B, H, N(key), N(value)]
-        ys.append(torch.einsum("bhj,bhji->bhi", r[:, t], u[:, :, None] * kv + S))
-        S = kv + w[:, t, :, :, None] * S
+        x = {"k": k[:, t], "v": v[:, t], "w": w[:, t]}
+        ys.append(WKV5.read(S, r[:, t], x, u))
+        S = WKV5.transition(S, x)
         if return_states:
             states.append(S)
         if each_state is not None:
@@ -183,10 +191,8 @@ def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False, each_s
     S = torch.zeros(B, H, N, N, dtype=acc, device=k.device) if state is None else state.to(acc)
     ys, states = [], []
     for t in range(T):
-        removed = torch.einsum("bhij,bhj->bhi", S, kk[:, t])                  # S kk: [B, H, N(value)]
-        S = (S * w[:, t, :, None, :] - removed[..., None] * (kk[:, t] * a[:, t])[:, :, None, :]
-             + v[:, t, :, :, None] * k[:, t, :, None, :])                     # [B, H, N(value), N(key)]
-        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+        S = WKV7.transition(S, {"w": w[:, t], "k": k[:, t], "v": v[:, t], "kk": kk[:, t], "a": a[:, t]})
+        ys.append(WKV7.read(S, r[:, t]))
         if return_states:
             states.append(S)
         if each_state is not None:
@@ -195,6 +201,136 @@ def wkv7_reference(r, w, k, v, kk, a, state, return_states: bool = False, each_s
     if return_states:
         return y, S, torch.stack(states, dim=1)
     return y, S
+
+
+# ---- one token of each recurrence, written once ---------------------------------------------------
+#
+# The references above, the inspector's replay and exact attention (inspector: matrix recordings)
+# and patching's token removal all step a head's state through these functions. They take numpy
+# arrays or torch tensors alike, with any leading (batch, head) axes: S [..., N, N], and a mapping x
+# of one token's inputs, each [..., N]. `decay_keys(P, x)` is the part of the transition that acts on
+# the key index: P [..., M, N] holds M key-space row vectors (what the state remembers of each
+# value channel, or one earlier token's key carried forward), and the decay maps each of them to
+# what is left of it after this token.
+
+def _swap(S):
+    return S.swapaxes(-1, -2)
+
+
+class _MatrixRecurrence:
+    @classmethod
+    def transition(cls, S, x):
+        """The state after one token: what decays of the state, plus the token's own term."""
+        return cls.decay_state(S, x) + cls.write(x)
+
+
+class WKV5(_MatrixRecurrence):
+    """RWKV-5.x and RWKV-6: S [key j, value i]; y_t = r_t^T (diag(u) k_t v_t^T + S) reads the state
+    before the token, then S <- k_t v_t^T + diag(w_t) S."""
+
+    name = "wkv5"
+    inputs = ("r", "k", "v", "w")        # the per-token inputs the inspector records
+    state_axes = ("key j", "value i")    # what a head's matrix indexes: (rows, columns)
+    key_axis = "rows"                    # where the decay acts
+    reads_before_update = True
+
+    @staticmethod
+    def decay_keys(P, x):
+        return P * x["w"][..., None, :]
+
+    @staticmethod
+    def write(x):
+        """The token's own term, k v^T."""
+        return x["k"][..., :, None] * x["v"][..., None, :]
+
+    @classmethod
+    def decay_state(cls, S, x):
+        return _swap(cls.decay_keys(_swap(S), x))  # the key index is S's rows
+
+    @staticmethod
+    def read(S, r, x, u):
+        """The output of the token: r^T (diag(u) k v^T + S), S the state before it."""
+        return ((r * u * x["k"]).sum(-1)[..., None] * x["v"]) + (r[..., None, :] @ S)[..., 0, :]
+
+    @staticmethod
+    def bonus_weight(r, k, u):
+        """The weight of the token's own value in its output (the diagonal of the attention)."""
+        return (r * u * k).sum(-1)
+
+    @staticmethod
+    def run(inputs: dict, S, each_state=None):
+        """Every token of [B, T, H, N] inputs from S [B, H, N, N] (the bonus does not enter the state)."""
+        zeros = inputs["k"].new_zeros(inputs["k"].shape[-2:])
+        return wkv5_reference(inputs["r"], inputs["k"], inputs["v"], inputs["w"], zeros, S, each_state=each_state)
+
+
+class WKV7(_MatrixRecurrence):
+    """RWKV-7: S [value i, key j]; S <- S diag(w_t) - (S kk_t)(kk_t * a_t)^T + v_t k_t^T, then
+    y_t = S r_t (the bonus r_k is added after the group norm, outside the recurrence)."""
+
+    name = "wkv7"
+    inputs = ("r", "k", "v", "w", "kk", "a")
+    state_axes = ("value i", "key j")
+    key_axis = "columns"
+    reads_before_update = False
+
+    @staticmethod
+    def decay_keys(P, x):
+        kk = x["kk"]
+        return P * x["w"][..., None, :] - (P @ kk[..., :, None]) * (kk * x["a"])[..., None, :]
+
+    @staticmethod
+    def write(x):
+        """The token's own term, v k^T."""
+        return x["v"][..., :, None] * x["k"][..., None, :]
+
+    @classmethod
+    def decay_state(cls, S, x):
+        return cls.decay_keys(S, x)  # the key index is S's columns
+
+    @staticmethod
+    def read(S, r, x=None, u=None):
+        return (S @ r[..., :, None])[..., 0]
+
+    @staticmethod
+    def bonus_weight(r, k, r_k):
+        """RWKV-7's bonus weight sum_j r k r_k (added after the group norm, times v)."""
+        return (r * k * r_k).sum(-1)
+
+    @staticmethod
+    def run(inputs: dict, S, each_state=None):
+        return wkv7_reference(*(inputs[n] for n in ("r", "w", "k", "v", "kk", "a")), S, each_state=each_state)
+
+
+def effective_attention(recurrence, x: dict, S0, bonus=None):
+    """Exact effective attention of one head over n tokens: (alpha [n, n], carried [n, N]) with
+    sum_i alpha[t, i] v_i + carried[t] the head's output at t (before the group norm), alpha zero
+    above the diagonal. x: each input [n, N] float64; S0 the state before the first token.
+
+    The state is linear in the values: token i's value enters through its key, k_i, carried forward
+    by the decay of every later token (`decay_keys`), and is read by r_t; the memory from before the
+    window, S0, is carried forward the same way. RWKV-5/6 read before updating and add the bonus
+    u on the diagonal; RWKV-7 updates first. O(n^2 N)."""
+    r, k = x["r"], x["k"]
+    n, N = k.shape
+    alpha = np.zeros((n, n))
+    carried = np.zeros((n, N))
+    keys = np.zeros((n, N))  # keys[i]: token i's key as the state holds it now
+    memory = np.asarray(S0, dtype=np.float64)
+    memory = _swap(memory) if recurrence.reads_before_update else memory  # rows in key space
+    for t in range(n):
+        token = {name: x[name][t] for name in x}
+        if recurrence.reads_before_update:
+            alpha[t, :t] = keys[:t] @ r[t]
+            alpha[t, t] = recurrence.bonus_weight(r[t], k[t], bonus)
+            carried[t] = memory @ r[t]
+        keys[:t] = recurrence.decay_keys(keys[:t], token)
+        keys[t] = k[t]
+        memory = recurrence.decay_keys(memory, token)
+        if not recurrence.reads_before_update:
+            alpha[t, :t + 1] = keys[:t + 1] @ r[t]
+            carried[t] = memory @ r[t]
+    return alpha, carried
 
 
 class MatrixWKV:

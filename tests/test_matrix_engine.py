@@ -150,7 +150,7 @@ def test_the_inspector_says_plainly_what_does_not_apply(matrix_engine):
     title = loaded.runtime.architecture.title
     with pytest.raises(GenerationError, match=rf"vector state \(aa, bb, pp\); {title}'s matrix state has its own"):
         record(loaded.runtime, loaded.tokenizer, [1, 2, 3])
-    with pytest.raises(GenerationError, match="Experiments on the state"):
+    with pytest.raises(GenerationError, match="knock-outs, causal trace and logit lens read RWKV-4.s vector state"):
         knockouts(loaded.runtime, loaded.tokenizer, [1, 2, 3], [Knockout(layer=0, channels=(0,), position=1)])
     assert loaded.describe()["architecture"].startswith(title)
 
@@ -298,3 +298,24 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     out = list(panel.on_run(session, patching_panel.ACTIONS[6], "", 3, patching_panel.PARTS[0], "all", "", "rows",
                             8, 0, other[0]))[-1]
     assert ("done" in out[0] and "mean surprisal" in out[2]) or "different vocabularies" in out[0], out[0]
+
+
+def test_the_experiments_tab_refuses_a_matrix_recording_in_one_sentence(matrix_engine):
+    """Every experiment of the Experiments tab (the default knock-out on the longest half-lives,
+    the memory probe, ...) on an RWKV-5/6/7 recording ends in one sentence naming where its
+    experiments are, never an AttributeError (the tab once read rec.time_decay of a matrix recording)."""
+    from rwkv_playground.inspection import InspectorSession
+    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, EXPERIMENTS, ExperimentsPanel
+
+    loaded = matrix_engine.require()
+    session = matrix_engine.add_session(InspectorSession())
+    session.recording = record_matrix(loaded.runtime, loaded.tokenizer, loaded.tokenizer.encode("Hello there, friend."))
+    title = loaded.runtime.architecture.title
+    for experiment in EXPERIMENTS:
+        outputs = list(ExperimentsPanel(matrix_engine).on_run(session, experiment, 2, "erase", "all", CHANNEL_MODES[1],
+                                                              "0-3", 4, -8.0, 4, 8))
+        status = outputs[-1][0]
+        assert "went wrong" not in status and "Error" not in status, status
+        assert f"read RWKV-4's vector state (aa, bb, pp); {title}'s matrix state has its own views" in status
+        assert "Patching tab" in status and status.count(". ") == 0, status

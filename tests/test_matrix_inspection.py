@@ -88,7 +88,8 @@ def test_effective_attention_is_exact_in_float64(case, t_from):
     """From the numpy forward's float64 internals: for every layer, head and target token,
     sum_i alpha[t, i] v_i + carried[t] == the head's output before the group norm (1e-10), also
     from a non-empty state (a window that starts at token 9, and a recording that starts from a state)."""
-    from rwkv_playground.matrix_inspection import attention_v5, attention_v7
+    from rwkv_playground.models import by_name
+    from rwkv_playground.wkv import effective_attention
 
     arch, config, weights, _, tokens, _ = case
     H, N = config.n_head, config.head_size
@@ -100,10 +101,9 @@ def test_effective_attention_is_exact_in_float64(case, t_from):
             sl = slice(h * N, (h + 1) * N)
             get = lambda n: obs[n][t_from:, layer, sl]  # noqa: E731
             S0 = start["S"][layer, h] if t_from == 0 else obs["S"][t_from - 1, layer, h]
-            if arch == "rwkv7":
-                alpha, carried = attention_v7(get("r"), get("w"), get("k"), get("kk"), get("a"), S0)
-            else:
-                alpha, carried = attention_v5(get("r"), get("w"), get("k"), bonus.reshape(H, N)[h], S0)
+            recurrence = by_name(arch).wkv
+            x = {name: get(name) for name in recurrence.inputs}
+            alpha, carried = effective_attention(recurrence, x, S0, bonus.reshape(H, N)[h])
             assert np.allclose(np.triu(alpha, 1), 0)
             out = alpha @ get("v") + carried
             assert rel(out, get("wkv")) < 1e-10, (layer, h)

@@ -42,13 +42,31 @@ class Architecture(ABC):
     # the C++ one-token step over its weights (kernels/rnn_cpu.cpp), whose .step(tokens, *state
     # components as lists of [L, ...] tensors, in layout order) advances the states in place
     fp16_rescale = False  # stores output projections pre-divided for fp16 (see FP16_RESCALE_EVERY)
-    inspector = False    # the State inspector's views and experiments read this architecture
     world_releases_only = False  # every released model uses the World vocabulary and User/Assistant
     # per-layer keys (after "blocks.N.") hashed into the model fingerprint
     fingerprint_keys: tuple[str, ...] = ()
     # LoRA matrices used as `x @ W` ([in, out]): the runtime stores them transposed in memory
     # (the same values, a transposed view), so the fused step streams their rows like any matvec
     lora_suffixes: tuple[str, ...] = ()
+    # What the state and the inspector make of this architecture (the inspector, patching, the
+    # notebook and the UI ask these instead of testing the architecture's name):
+    matrix_state = False  # one N x N matrix per head (State.wkv_state) instead of RWKV-4's aa / bb / pp
+    wkv = None           # the matrix recurrence, one token at a time (wkv.WKV5 / wkv.WKV7), for the
+    #                      inspector's replay and exact attention and patching's token removal
+    decay_per_token = True  # the decay depends on the token (False: RWKV-5's fixed decay)
+    bonus_label = ""     # what the inspector calls the bonus
+    # the inspector's views: "vector" (RWKV-4's accumulators, attention in closed form and the
+    # Experiments tab) or "matrix" (the Matrix state tab); patching runs on every architecture
+    inspector_views = "vector"
+
+    def bonus_of(self, attention_module) -> torch.Tensor:
+        """The bonus of one layer's time mix as the inspector shows it, [H, N] (matrix models)."""
+        raise NotImplementedError(f"{self.title} has no per-head bonus.")
+
+    def decay_edit(self, edits: dict) -> dict:
+        """Runtime.forward's keyword arguments for per-row decay edits {layer: tensor} (patching,
+        knock-outs): RWKV-4 replaces time_decay [B, C], the matrix models the decay factor [B, H, N]."""
+        return {"decay": edits} if self.matrix_state else {"time_decay": edits}
 
     @abstractmethod
     def recognises(self, keys: set[str]) -> bool:
@@ -95,6 +113,13 @@ def registry() -> list[Architecture]:
     from . import rwkv4, rwkv5, rwkv6, rwkv7  # noqa: F401  (each module registers itself below)
 
     return [rwkv7.ARCHITECTURE, rwkv6.ARCHITECTURE, rwkv5.ARCHITECTURE, rwkv4.ARCHITECTURE]
+
+
+def vector_state_name() -> str:
+    """The architecture of state files written before there were others (they carry no name)."""
+    from . import rwkv4
+
+    return rwkv4.ARCHITECTURE.name
 
 
 def by_name(name: str) -> Architecture:
@@ -189,6 +214,9 @@ class MatrixArchitecture(Architecture):
     """What RWKV-5, 6 and 7 share of the protocol."""
     recurrence = "matrix"
     world_releases_only = True
+    matrix_state = True
+    inspector_views = "matrix"
+    bonus_label = "bonus u (the current token's weight)"
 
     def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
         from .random_init import random_weights

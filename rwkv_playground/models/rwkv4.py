@@ -272,7 +272,6 @@ def iter_random_weights(config: RWKVConfig, seed: int = 0, dtype=torch.float32):
 class RWKV4Architecture(Architecture):
     name, title, recurrence = "rwkv4", "RWKV-4", "wkv4"
     fp16_rescale = True
-    inspector = True
     fingerprint_keys = ("att.time_decay", "att.time_first")
 
     def recognises(self, keys: set[str]) -> bool:

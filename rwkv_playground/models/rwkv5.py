@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
+from ..wkv import WKV5
 from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, token_shift
 from .rwkv4 import ChannelMix
@@ -151,6 +152,11 @@ class RWKV5Architecture(MatrixArchitecture):
     name, title = "rwkv5", "RWKV-5"
     fp16_rescale = True
     fingerprint_keys = ("att.time_decay", "att.ln_x.weight")
+    wkv = WKV5
+    decay_per_token = False
+
+    def bonus_of(self, attention_module) -> torch.Tensor:
+        return attention_module.bonus()
 
     def recognises(self, keys: set[str]) -> bool:
         return any(k.endswith(("att.ln_x.weight", "att.time_faaaa")) for k in keys) and not any(

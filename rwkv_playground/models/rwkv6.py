@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 from ..errors import LoadError
+from ..wkv import WKV5
 
 MIXES = ("w", "k", "v", "r", "g")  # the order of the five ddlerp outputs in time_maa_w2
 
@@ -144,6 +145,10 @@ class RWKV6Architecture(MatrixArchitecture):
     fp16_rescale = True
     fingerprint_keys = ("att.time_decay", "att.time_faaaa")
     lora_suffixes = ("att.time_maa_w1", "att.time_maa_w2", "att.time_decay_w1", "att.time_decay_w2")
+    wkv = WKV5
+
+    def bonus_of(self, attention_module) -> torch.Tensor:
+        return attention_module.time_faaaa.reshape(attention_module.n_head, -1)
 
     def recognises(self, keys: set[str]) -> bool:
         return any(k.endswith("att.time_maa_x") for k in keys)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..wkv import WKV7
 from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 
@@ -157,6 +158,11 @@ class RWKV7Architecture(MatrixArchitecture):
     name, title = "rwkv7", "RWKV-7"
     fingerprint_keys = ("att.w0", "att.r_k")
     lora_suffixes = tuple(f"att.{n}{i}" for n in "wavg" for i in (1, 2))
+    wkv = WKV7
+    bonus_label = "r_k (RWKV-7's bonus: (Σ r·k·r_k) v)"
+
+    def bonus_of(self, attention_module) -> torch.Tensor:
+        return attention_module.r_k.reshape(attention_module.n_head, -1)
 
     def recognises(self, keys: set[str]) -> bool:
         return any(k.endswith("att.r_k") for k in keys)

@@ -15,7 +15,7 @@ import gradio as gr
 
 from .. import experiments
 from ..errors import GenerationError
-from ..inspection import InspectorSession, half_life
+from ..inspection import InspectorSession, half_life, require_vector_views
 from . import figures
 from .common import ensure_session, friendly_error, parse_id_list, with_notices
 
@@ -110,6 +110,8 @@ class ExperimentsPanel:
             rec = session.recording
             if rec is None:
                 raise GenerationError("Press Record first: experiments run on the recorded text.")
+            require_vector_views(rec.arch, "The Experiments tab's knock-outs, causal trace, logit lens and memory "
+                                 "probe")
             position = int(min(max(int(position or 0), 0), rec.n_tokens - 1))
             tokenizer = self.engine.require().tokenizer
             if experiment == "Memory probe":  # the recording has everything: no model run

@@ -65,10 +65,10 @@ def draw_matrix_views(rec: MatrixRecording, layer: int, token: int, size: int, h
     w = rec.decay(layer)
     decay = matrix_figures.token_channel_heatmap(
         w[start:end], texts, start, f"Layer {layer}: decay w per token and channel"
-        + (" (fixed in RWKV-5)" if rec.architecture == "rwkv5" else ""), "w", token)
+        + ("" if rec.arch.decay_per_token else f" (fixed in {rec.arch.title})"), "w", token)
     distribution = matrix_figures.half_life_distribution(w, layer)
-    bonus = matrix_figures.bonus_heatmap(rec.bonus, rec.architecture)
-    if rec.architecture == "rwkv7":
+    bonus = matrix_figures.bonus_heatmap(rec.bonus, rec.arch.bonus_label)
+    if "a" in rec.arch.wkv.inputs:  # RWKV-7's in-context learning rate and removal key
         fourth = matrix_figures.rate_and_removal_key(rec.arrays["a"][start:end, layer],
                                                      rec.head("kk", layer, head)[start:end], texts, start,
                                                      layer, head, token)
@@ -77,7 +77,7 @@ def draw_matrix_views(rec: MatrixRecording, layer: int, token: int, size: int, h
             np.log10(np.maximum(rec.half_life(layer)[start:end], 1e-6)), texts, start,
             f"Layer {layer}: half-life per token and channel (log10 tokens)", "log10 half-life", token)
     S = rec.state_at(token, layer, head)
-    matrix = matrix_figures.state_matrix(S, layer, head, token, rec.token_texts[token], rec.architecture)
+    matrix = matrix_figures.state_matrix(S, layer, head, token, rec.token_texts[token], rec.arch.wkv.state_axes)
     rank = rec.effective_rank(layer, head, start, end)
     over = matrix_figures.state_over_tokens(rec.state_norm[start:end, layer, head], rank,
                                             rec.state_change[start:end, layer, head], texts, start, layer, head, token)
@@ -130,7 +130,7 @@ MATRIX_VIEW_NAMES = ["decay per token", "half-life distribution", "bonus", "in-c
 
 
 def model_figures(runtime) -> tuple:
-    if not runtime.architecture.inspector:  # (said by Record; the figures stay empty)
+    if runtime.architecture.inspector_views != "vector":  # (said by Record; the figures stay empty)
         return (gr.Plot(),) * 4
     td, tf = model_decay_parameters(runtime)
     return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),

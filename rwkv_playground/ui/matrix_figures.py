@@ -68,10 +68,9 @@ def half_life_distribution(w: np.ndarray, layer: int) -> go.Figure:
     return fig
 
 
-def bonus_heatmap(bonus: np.ndarray, architecture: str) -> go.Figure:
-    """[L, H, N]: u (v5/v6) or r_k (v7) per layer, channels grouped by head."""
+def bonus_heatmap(bonus: np.ndarray, name: str) -> go.Figure:
+    """[L, H, N]: u (v5/v6) or r_k (v7) per layer, channels grouped by head; `name` says which."""
     L, H, N = bonus.shape
-    name = "r_k (RWKV-7's bonus: (Σ r·k·r_k) v)" if architecture == "rwkv7" else "bonus u (the current token's weight)"
     fig = go.Figure(go.Heatmap(z=bonus.reshape(L, H * N), colorscale="RdBu", zmid=0, colorbar=dict(title="value"),
                                hovertemplate="layer %{y}<br>channel %{x}<br>%{z:.4f}<extra></extra>"))
     for h in range(1, H):
@@ -82,8 +81,10 @@ def bonus_heatmap(bonus: np.ndarray, architecture: str) -> go.Figure:
     return fig
 
 
-def state_matrix(S: np.ndarray, layer: int, head: int, token: int, token_text: str, architecture: str) -> go.Figure:
-    rows, cols = ("value i", "key j") if architecture == "rwkv7" else ("key j", "value i")
+def state_matrix(S: np.ndarray, layer: int, head: int, token: int, token_text: str,
+                 axes: tuple[str, str]) -> go.Figure:
+    """A head's N x N state; axes names its (rows, columns): ("key j", "value i") in v5/v6."""
+    rows, cols = axes
     limit = float(np.abs(S).max()) or 1.0
     fig = go.Figure(go.Heatmap(z=S, colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, colorbar=dict(title="S"),
                                hovertemplate=f"{rows} %{{y}}<br>{cols} %{{x}}<br>%{{z:.4g}}<extra></extra>"))

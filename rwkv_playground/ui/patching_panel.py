@@ -32,12 +32,12 @@ def build_parts(state, mode: str, layers: str, channels: str, axis: str) -> list
     L = state.n_layer
     chosen = parse_ids(layers, L, "Layers")
     if mode == PARTS[1]:
-        if state.architecture not in patching.MATRIX:
-            raise GenerationError("RWKV-4 has no heads: restore layers or channels.")
+        if not state.matrix_state:
+            raise GenerationError(f"{state.arch.title} has no heads: restore layers or channels.")
         H = state.wkv_state.shape[-3]
         parts = [patching.StatePart(layer, head=h) for layer in chosen for h in range(H)]
     elif mode == PARTS[2]:
-        limit = state.wkv_state.shape[-1] if state.architecture in patching.MATRIX else state.n_embd
+        limit = state.wkv_state.shape[-1] if state.matrix_state else state.n_embd
         picked = tuple(parse_ids(channels, limit, "Channels"))
         parts = [patching.StatePart(layer, channels=picked, axis=axis) for layer in chosen]
     else:
