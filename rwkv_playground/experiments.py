@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .models.common import Edits
 from .inspection import half_life, require_inspector
 from .scheduler import run_here
 from .state import EMPTY_PP, State
@@ -209,16 +210,15 @@ def knockout_task(runtime, tokenizer, tokens, knockouts: list[Knockout], state: 
             if k.position != seg_start:
                 continue
             if k.kind == "decay":
-                layer = decays.setdefault(k.layer, runtime.model.blocks[k.layer].att.time_decay.detach()
-                                          .float().expand(K + 1, -1).clone())
+                layer = decays.setdefault(k.layer, runtime.architecture.decay_rows(runtime.model, k.layer, K + 1))
                 layer[row, list(k.channels)] = float(k.time_decay)
             else:
                 apply_state_edit(single_rows[row], k)
         for a in range(seg_start, seg_end, step):
             b = min(seg_end, a + step)
             batch = torch.tensor([tokens[a:b]] * (K + 1))
-            logits, _ = runtime.forward(batch, rows, full_output=True, inplace=True, time_decay=decays or None,
-                                        first_layers=first_layers)                 # [K+1, n, V]
+            logits, _ = runtime.forward(batch, rows, full_output=True, inplace=True,
+                                        edits=Edits(decays, first_layers))           # [K+1, n, V]
             log_p = torch.log_softmax(logits.double(), dim=-1)
             p0 = log_p[0].exp()
             cols = slice(a - start, b - start)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .models.common import Edits
 from .experiments import logits_chunk_len
 from .inspection import read_observed
 from .scheduler import run_here
@@ -216,7 +217,7 @@ def _read_rows(runtime, row_tokens: list[list[int]], rows: State, on_chunk, **op
     a chunk of positions at a time: the logits held at once stay within MAX_BATCH_LOGITS however
     many rows, tokens and vocabulary (a G1 model's 65536 x 129 rows x 1000 tokens would be 34 GB).
     on_chunk(logits [B, n, V], offset) measures each chunk as it comes; yields the fraction read.
-    options: runtime.forward's edits (decay, time_decay) and first_layers."""
+    options: runtime.forward's options (edits=Edits(...))."""
     tokens = torch.tensor(row_tokens, dtype=torch.long)
     T = tokens.shape[1]
     step = logits_chunk_len(runtime, tokens.shape[0])
@@ -228,25 +229,15 @@ def _read_rows(runtime, row_tokens: list[list[int]], rows: State, on_chunk, **op
 
 
 def _decay_edits(runtime, parts: list[StatePart], state: State, factor: float, first_row: int = 1) -> dict:
-    """runtime.forward's keyword for a batch whose rows first_row.. are the parts, each with its
-    decay factor set to `factor` (the rows before keep the model's own): {"decay": {layer: [B, H,
-    N]}} (NaN: the model's own) for RWKV-5/6/7, {"time_decay": {layer: [B, C]}} for RWKV-4 (decay
-    per token e^{-e^{time_decay}} = factor)."""
+    """{layer: decay rows} (models.common.Edits.decay) for a batch whose rows first_row.. are the
+    parts, each with its decay factor set to `factor` (the rows before keep the model's own)."""
+    arch = runtime.architecture
     B = len(parts) + first_row
     edits: dict[int, torch.Tensor] = {}
-    if state.matrix_state:
-        H, N = state.wkv_state.shape[-3], state.wkv_state.shape[-1]
-        for row, part in enumerate(parts, start=first_row):
-            layer = edits.setdefault(part.layer, torch.full((B, H, N), float("nan")))
-            layer[row][part.decay_mask(state)] = factor
-        return runtime.architecture.decay_edit(edits)
-    # RWKV-4: factor 1 / 0 are time_decay -inf / +inf; +-40 is the same in float32 and stays finite
-    time_decay = min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
     for row, part in enumerate(parts, start=first_row):
-        layer = edits.setdefault(part.layer, runtime.model.blocks[part.layer].att.time_decay.detach()
-                                 .float().expand(B, -1).clone())
-        layer[row][part.decay_mask(state)] = time_decay
-    return runtime.architecture.decay_edit(edits)
+        layer = edits.setdefault(part.layer, arch.decay_rows(runtime.model, part.layer, B))
+        layer[row][part.decay_mask(state)] = arch.decay_value(factor)
+    return edits
 
 
 def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, parts: list[StatePart],
@@ -277,7 +268,7 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     K1 = len(parts) + 1
     # batch rows: 0 the corrupted reading, 1 the clean one, 2.. the corrupted one with a part patched
     # (which reads as row 0 below the part's layer: those layers are computed once)
-    edits = _decay_edits(runtime, parts, start, float(decay), first_row=2) if kind == "decay" else {}
+    decays = _decay_edits(runtime, parts, start, float(decay), first_row=2) if kind == "decay" else {}
     clean_after = start.clone()
     clean_last, _ = runtime.forward(clean[:position + 1], clean_after, inplace=True)
     yield 0.1, "Read the clean text up to the patch"
@@ -317,7 +308,7 @@ def patch_task(runtime, tokenizer, clean_tokens, corrupt_tokens, position: int, 
     if position + 1 < T:
         rest = [corrupt[position + 1:], clean[position + 1:]] + [corrupt[position + 1:]] * len(parts)
         first_layers = [0, 0] + [p.layer for p in parts]
-        for done in _read_rows(runtime, rest, rows, score_chunk, first_layers=first_layers, **edits):
+        for done in _read_rows(runtime, rest, rows, score_chunk, edits=Edits(decays, first_layers)):
             yield 0.2 + 0.75 * done, f"Read the rest of the text with each patch ({done:.0%})"
     recovery = _recovery(row_lp[1:], row_lp[:1], clean_top_lp[None])
     return PatchResult(clean_tokens=clean, corrupt_tokens=corrupt, token_texts=_texts(tokenizer, corrupt),

@@ -27,10 +27,9 @@ from . import backends as backends_mod
 from .errors import LoadError, StateError
 from .models import MissingKey, by_name, identify
 from .models.checkpoint import read_checkpoint, release_file_pages
-from .models.common import FP16_RESCALE_EVERY
+from .models.common import FP16_RESCALE_EVERY, NO_EDITS, Edits
 from .quantization import quantize_rows
 from .state import State
-from .wkv import reference_wkv
 
 # storage of the matrices; int8 keeps the embedding in bf16 (one row is read per token)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
@@ -230,18 +229,15 @@ class Runtime:
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, tokens, state: State | None = None, full_output: bool = False, chunk_len: int | None = None,
-                inplace: bool = False, observe: Observer | None = None,
-                time_decay: dict[int, torch.Tensor] | None = None, decay: dict[int, torch.Tensor] | None = None,
-                first_layers: Sequence[int] | None = None):
+                inplace: bool = False, observe: Observer | None = None, edits: Edits | None = None):
         """Run tokens through the model. Returns (logits, new_state).
 
         tokens: list of ids / 1-D tensor (one sequence) or 2-D [B, T] tensor (a batch).
         logits: float32 [V] for the last token ([T, V] with full_output); [B, V] / [B, T, V] batched.
         The input state is left untouched unless inplace=True. observe(layer, name, tensor) sees
-        the internals chunk by chunk (the fused step never runs then). time_decay {layer: [B, C]}
-        replaces those layers' decay for this call (experiments.py; runs the reference WKV, which
-        takes a decay per row). decay {layer: [B, H, N]}: RWKV-5/6/7's decay factor per token set
-        to these values where not NaN (patching.py's decay knock-outs). first_layers [B] (a batch):
+        the internals chunk by chunk (the fused step never runs then). edits (models.common.Edits,
+        decays built from `architecture.decay_rows` and `decay_value`): an experiment's changes for this call, the
+        model's parameters untouched: per-row decays of some layers, and first_layers [B] (a batch):
         row b reads exactly as row 0 below layer first_layers[b] (the same tokens, the same state
         and decay there: checked), so those layers are computed once (an experiment's rows that
         edit one layer; the results are the same).
@@ -257,11 +253,10 @@ class Runtime:
             raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}).")
         state = self._prepare_state(state, B if batched else None, inplace)
 
-        if decay and not self.architecture.matrix_state:
-            raise ValueError(f"decay= edits a matrix state's decay; {self.architecture.title} takes time_decay=.")
-        if first_layers is not None:
-            self._check_first_layers(first_layers, tokens, state, time_decay or decay or {}, batched, observe)
-        if T == 1 and observe is None and not time_decay and not decay:
+        edits = edits or NO_EDITS
+        if edits.first_layers is not None:
+            self._check_first_layers(edits.first_layers, tokens, state, edits.decay, batched, observe)
+        if T == 1 and observe is None and not edits.decay:
             rows = state.unbind_views() if batched else [state]
             logits = self.step(tokens[:, 0].tolist(), rows)
             logits = logits.unsqueeze(1) if full_output else logits
@@ -273,15 +268,12 @@ class Runtime:
 
         work = state if batched else state.as_batch()
         chunk_len = chunk_len or self.chunk_len
-        wkv = reference_wkv if time_decay else self.backends.recurrence(self.architecture.recurrence)
-        edits = {"time_decay": time_decay} if time_decay else {"decay": decay} if decay else {}
-        if first_layers is not None:
-            edits["first_layers"] = first_layers
+        wkv = self.backends.recurrence(self.architecture.recurrence)
         outputs = []
         for start in range(0, T, chunk_len):
             chunk = tokens[:, start:start + chunk_len]
             logits, new = self.model(chunk, work, wkv=wkv, last_only=not full_output and observe is None,
-                                     observe=observe, **edits)
+                                     observe=observe, edits=edits)
             work.assign(new)
             outputs.append(logits)
         logits = torch.cat(outputs, dim=1) if full_output else outputs[-1]

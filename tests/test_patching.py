@@ -13,6 +13,7 @@ import torch
 
 import numpy_rwkv
 from rwkv_playground.models import by_name
+from rwkv_playground.models.common import Edits
 from rwkv_playground.models.rwkv4 import RWKVConfig
 from rwkv_playground.models.rwkv5 import RWKV5Config
 from rwkv_playground.models.rwkv6 import RWKV6Config
@@ -445,7 +446,7 @@ def test_long_readings_go_chunk_by_chunk_with_the_same_results(case, monkeypatch
 
 
 def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
-    """Runtime.forward(first_layers=...): a row that reads as row 0 below its layer is computed
+    """Runtime.forward(edits=Edits(first_layers=...)): a row that reads as row 0 below its layer is computed
     from that layer on only (row 0's residual stream copied in), with the same logits and state
     as reading every row in full; what the promise needs is checked."""
     arch, config, _, runtime, clean, corrupt = case
@@ -467,16 +468,15 @@ def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
     if arch != "rwkv4":
         decay = {L - 1: torch.full((len(firsts), config.n_head, config.head_size), float("nan"))}
         decay[L - 1][2, 1] = 0.5
-    edits = {"decay": decay} if decay else {"time_decay": {1: runtime.model.blocks[1].att.time_decay.detach().float()
-                                                          .expand(len(firsts), -1).clone()}}
     if arch == "rwkv4":
-        edits["time_decay"][1][3, :5] = 2.0
-    want, want_state = runtime.forward(tokens, rows, full_output=True, **edits)
+        decay = {1: runtime.architecture.decay_rows(runtime.model, 1, len(firsts))}
+        decay[1][3, :5] = 2.0
+    want, want_state = runtime.forward(tokens, rows, full_output=True, edits=Edits(decay))
     seen = []
     for i, block in enumerate(runtime.model.blocks):
         original = block.forward
         monkeypatch.setattr(block, "forward", lambda x, *a, i=i, f=original, **k: (seen.append((i, x.shape[0])), f(x, *a, **k))[1])
-    got, got_state = runtime.forward(tokens, rows, full_output=True, first_layers=firsts, **edits)
+    got, got_state = runtime.forward(tokens, rows, full_output=True, edits=Edits(decay, firsts))
     assert seen == [(i, sum(f <= i for f in firsts)) for i in range(L)]  # only the rows joined by each layer
     assert torch.allclose(got, want, atol=1e-5)
     for name, t in got_state.tensors().items():
@@ -484,21 +484,19 @@ def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
     bad_tokens = tokens.clone()
     bad_tokens[2, 3] = (bad_tokens[2, 3] + 1) % config.vocab_size
     with pytest.raises(ValueError, match="other tokens"):
-        runtime.forward(bad_tokens, rows, first_layers=firsts)
+        runtime.forward(bad_tokens, rows, edits=Edits(first_layers=firsts))
     with pytest.raises(ValueError, match="Row 4's att_x differs from row 0's below layer 1"):
-        runtime.forward(tokens, rows, first_layers=firsts[:4] + [1] + firsts[5:])  # row 4 edited layer 0
+        runtime.forward(tokens, rows, edits=Edits(first_layers=firsts[:4] + [1] + firsts[5:]))  # row 4 edited layer 0
     if arch == "rwkv4":
         bad = {0: runtime.model.blocks[0].att.time_decay.detach().float().expand(len(firsts), -1).clone()}
         bad[0][2, :3] = 1.0
-        bad_edit = {"time_decay": bad}
     else:
         bad = {0: torch.full((len(firsts), config.n_head, config.head_size), float("nan"))}
         bad[0][2, 0] = 0.1
-        bad_edit = {"decay": bad}
     with pytest.raises(ValueError, match="decay at layer 0 differs"):
-        runtime.forward(tokens, rows, first_layers=firsts, **bad_edit)
+        runtime.forward(tokens, rows, edits=Edits(bad, firsts))
     with pytest.raises(ValueError, match="row 0's is 0"):
-        runtime.forward(tokens, rows, first_layers=[1] + firsts[1:])
+        runtime.forward(tokens, rows, edits=Edits(first_layers=[1] + firsts[1:]))
 
 
 def test_a_comparison_too_long_to_keep_its_decays_is_refused_in_one_sentence(case, monkeypatch):

@@ -63,10 +63,15 @@ class Architecture(ABC):
         """The bonus of one layer's time mix as the inspector shows it, [H, N] (matrix models)."""
         raise NotImplementedError(f"{self.title} has no per-head bonus.")
 
-    def decay_edit(self, edits: dict) -> dict:
-        """Runtime.forward's keyword arguments for per-row decay edits {layer: tensor} (patching,
-        knock-outs): RWKV-4 replaces time_decay [B, C], the matrix models the decay factor [B, H, N]."""
-        return {"decay": edits} if self.matrix_state else {"time_decay": edits}
+    @abstractmethod
+    def decay_rows(self, model, layer: int, batch: int) -> torch.Tensor:
+        """One layer's decay as an edit holds it (models.common.Edits.decay), [batch, ...], every row
+        the model's own: an experiment then sets the parts it changes (RWKV-4: time_decay [B, C];
+        RWKV-5/6/7: the decay factor [B, H, N], NaN meaning the model's own)."""
+
+    @abstractmethod
+    def decay_value(self, factor: float) -> float:
+        """The value an edit holds for a decay factor in [0, 1] (the memory kept per token)."""
 
     @abstractmethod
     def recognises(self, keys: set[str]) -> bool:
@@ -217,6 +222,13 @@ class MatrixArchitecture(Architecture):
     matrix_state = True
     inspector_views = "matrix"
     bonus_label = "bonus u (the current token's weight)"
+
+    def decay_rows(self, model, layer: int, batch: int) -> torch.Tensor:
+        c = model.config
+        return torch.full((batch, c.n_head, c.head_size), float("nan"))
+
+    def decay_value(self, factor: float) -> float:
+        return float(factor)
 
     def random_weights(self, config, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
         from .random_init import random_weights

@@ -1,10 +1,12 @@
 """Pieces every RWKV generation shares: LayerNorm eps, the token shift, the per-head GroupNorm,
-the squared-ReLU feed-forward, and the observer signature."""
+the squared-ReLU feed-forward, the observer signature, an experiment's edits of one forward call,
+and the one layer loop (`RecurrentLM.forward`) every architecture's model runs."""
 
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,30 @@ def squared_relu_ffn(key, value, kx: torch.Tensor) -> torch.Tensor:
 
 def observe_layer(observe: Observer | None, layer: int) -> LayerObserver | None:
     return None if observe is None else (lambda name, value: observe(layer, name, value))
+
+
+@dataclass(frozen=True)
+class Edits:
+    """What an experiment changes in one forward call (`Runtime.forward(..., edits=Edits(...))`),
+    applied by the architecture's block; the model's parameters are never touched.
+
+      decay        {layer: [B, ...]}: that layer's decay, per row, at every token of the call. Its
+                   unit is the architecture's own (`Architecture.decay_rows` / `decay_value`): RWKV-4's
+                   time_decay [B, C] (the factor is e^{-e^{time_decay}}); RWKV-5/6/7's decay factor
+                   [B, H, N], NaN where the model's own stays.
+      first_layers [B]: row b reads exactly as row 0 below layer first_layers[b] (the same tokens,
+                   state and decay there), so those layers are computed once (`BatchRows`).
+
+    Erasing or restoring parts of a state between calls are edits of the `State` itself
+    (patching.StatePart: erase, copy)."""
+    decay: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    first_layers: Sequence[int] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.decay) or self.first_layers is not None
+
+
+NO_EDITS = Edits()
 
 
 def stack_layers(layer_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -92,14 +118,69 @@ class BatchRows:
         return x if self.first_layers is None else x[self.rank]
 
 
-# ---- the skeleton of RWKV-5/6/7 (models/__init__.py: the protocol) --------------------------------
+# ---- the skeleton every generation shares (models/__init__.py: the protocol) ----------------------
 #
 #   x = LN0(emb[token])
 #   for each layer:  x = x + TimeMix(LN1(x));  x = x + ChannelMix(LN2(x))
 #   logits = head(LN_out(x))
 #
-# The per-architecture math lives in each module's TimeMix / ChannelMix; `carry` passes what one
-# layer hands the next within a token (RWKV-7's value residual `v_first`).
+# The per-architecture math lives in each module's Block / TimeMix / ChannelMix. A block is called
+# as block(x, layer_state, wkv, v_first, decay=..., last_only=..., observe=...) and returns
+# (x, new layer_state, v_first): v_first is what RWKV-7's layer 0 hands every later layer (its
+# values, for the value residual), passed explicitly as flash-linear-attention's RWKV-7 layers do;
+# the other generations pass it through untouched.
+
+class RecurrentLM(nn.Module):
+    """A language model over a recurrent State: the embedding, the blocks, the head, and the one
+    layer loop (`forward`). Each architecture's module builds `self.blocks` from its own math."""
+
+    architecture = ""  # the state's architecture name (models.by_name)
+    reference_wkv = None  # the operator used when the caller gives none (wkv.py's reference)
+
+    def __init__(self, config, blocks: list[nn.Module]):
+        super().__init__()
+        self.config = config
+        # (parameters left uninitialised: weights come from a checkpoint or an init recipe; building
+        # the model on the meta device stays free)
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rescale_every = 0  # set by a runtime storing fp16 weights pre-scaled (FP16_RESCALE_EVERY)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, wkv=None, last_only: bool = False,
+                observe: Observer | None = None, edits: Edits = NO_EDITS):
+        """tokens: [B, T] ids; state: a batched State (not modified) or None (training from an
+        empty state). wkv: the recurrence operator (default: the reference). edits: an
+        experiment's changes for this call (Edits; the caller guarantees what first_layers says:
+        Runtime.forward checks it).
+        Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens
+        (None when training))."""
+        wkv = wkv or self.reference_wkv
+        rows = BatchRows(edits.first_layers)
+        x = self.blocks[0].ln0(self.emb(rows.take(tokens, 0)).float())      # [B, T, C]
+        v_first = None
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x = rows.widen(x, i)
+            v_first = None if v_first is None else rows.widen(v_first, i)
+            layer_state = None if state is None else {n: rows.take(t[:, i], i) for n, t in state.tensors().items()}
+            decay = edits.decay.get(i)
+            x, layer_state, v_first = block(x, layer_state, wkv, v_first,
+                                            decay=None if decay is None else rows.take(decay, i),
+                                            last_only=last_only and i == len(self.blocks) - 1,
+                                            observe=observe_layer(observe, i))
+            new_layers.append(None if layer_state is None else {n: rows.put(t, i) for n, t in layer_state.items()})
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+        x = rows.unsort(x)
+        if last_only:
+            x = x[:, -1]                                                      # [B, C]
+        logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
+        if state is None:
+            return logits, None
+        return logits, State(stack_layers(new_layers), architecture=self.architecture)
+
 
 class MatrixBlock(nn.Module):
     def __init__(self, layer_id: int, n_embd: int, att: nn.Module, ffn: nn.Module):
@@ -111,17 +192,22 @@ class MatrixBlock(nn.Module):
         self.att = att
         self.ffn = ffn
 
-    def forward(self, x, layer_state: dict | None, wkv, carry: dict, observe: LayerObserver | None = None):
+    def forward(self, x, layer_state: dict | None, wkv, v_first, decay: torch.Tensor | None = None,
+                last_only: bool = False, observe: LayerObserver | None = None):
         """x: [B, T, C]. layer_state: {att_x [B, C], wkv_state [B, H, N, N], ffn_x [B, C]} or None
-        (training: an empty state). Returns x after the block and the layer's new state."""
+        (training: an empty state). decay [B, H, N]: the decay factor where not NaN (Edits).
+        Returns x after the block, the layer's new state and v_first. (last_only: every position
+        is computed; the caller keeps the last.)"""
         B, T, C = x.shape
         if layer_state is None:
             previous_att = previous_ffn = x.new_zeros(B, C)
             wkv_state = None
         else:
             previous_att, wkv_state, previous_ffn = (layer_state[n] for n in ("att_x", "wkv_state", "ffn_x"))
+        if decay is not None:
+            wkv = with_decay(wkv, decay)
         xa = self.ln1(x)                                                      # [B, T, C]
-        att, wkv_state = self.att(xa, previous_att, wkv_state, wkv, carry, observe=observe)
+        att, wkv_state, v_first = self.att(xa, previous_att, wkv_state, wkv, v_first, observe=observe)
         x = x + att
         xf = self.ln2(x)
         if observe is not None:
@@ -129,23 +215,13 @@ class MatrixBlock(nn.Module):
         x = x + self.ffn(xf, previous_ffn)
         if observe is not None:
             observe("residual", x)
-        return x, {"att_x": xa[:, -1], "wkv_state": wkv_state, "ffn_x": xf[:, -1]}
+        return x, {"att_x": xa[:, -1], "wkv_state": wkv_state, "ffn_x": xf[:, -1]}, v_first
 
 
-class MatrixStateLM(nn.Module):
+class MatrixStateLM(RecurrentLM):
     """An RWKV-5/6/7 language model; subclasses build `self.blocks` from their TimeMix / ChannelMix."""
 
-    architecture = ""  # the state's architecture name
-
-    def __init__(self, config, blocks: list[nn.Module]):
-        super().__init__()
-        self.config = config
-        # (parameters left uninitialised: weights come from a checkpoint; building on meta is free)
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
-        self.blocks = nn.ModuleList(blocks)
-        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.rescale_every = 0  # set by a runtime storing fp16 weights pre-scaled
+    reference_wkv = reference_matrix_wkv
 
     def state_layout(self) -> StateLayout:
         c = self.config
@@ -161,33 +237,3 @@ class MatrixStateLM(nn.Module):
         c = self.config
         return cpu_kernels.MatrixStepWeights(self.step_weights(), self.architecture, c.n_layer, c.n_head,
                                              c.head_size, LN_EPS, GROUP_NORM_EPS, isa)
-
-    def forward(self, tokens: torch.Tensor, state=None, wkv=None, last_only: bool = False,
-                observe: Observer | None = None, decay: dict[int, torch.Tensor] | None = None,
-                first_layers: Sequence[int] | None = None):
-        """tokens: [B, T] ids; state: a batched State (not modified) or None (training).
-        decay: {layer: [B, H, N]} decay factors used instead of the model's at every token of this
-        call where not NaN (patching's decay knock-outs). first_layers: see BatchRows (the caller
-        guarantees what it says: Runtime.forward checks it).
-        Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens)."""
-        wkv = wkv or reference_matrix_wkv
-        rows = BatchRows(first_layers)
-        x = self.blocks[0].ln0(self.emb(rows.take(tokens, 0)).float())      # [B, T, C]
-        carry: dict = {}
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            x = rows.widen(x, i)
-            carry = {name: rows.widen(t, i) for name, t in carry.items()}
-            layer_state = None if state is None else {n: rows.take(t[:, i], i) for n, t in state.tensors().items()}
-            layer_wkv = with_decay(wkv, rows.take(decay[i], i)) if decay and i in decay else wkv
-            x, layer_state = block(x, layer_state, layer_wkv, carry, observe=observe_layer(observe, i))
-            new_layers.append(None if layer_state is None else {n: rows.put(t, i) for n, t in layer_state.items()})
-            if self.rescale_every and (i + 1) % self.rescale_every == 0:
-                x = x / 2
-        x = rows.unsort(x)
-        if last_only:
-            x = x[:, -1]                                                      # [B, C]
-        logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
-        if state is None:
-            return logits, None
-        return logits, State(stack_layers(new_layers), architecture=self.architecture)

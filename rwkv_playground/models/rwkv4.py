@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..state import State, StateLayout
+from ..state import StateLayout
 from ..wkv import WKVOperator, reference_wkv
 from . import Architecture, embedding_shape, n_layer_of, require
-from .common import LN_EPS, BatchRows, Observer, squared_relu_ffn, token_shift
+from .common import LN_EPS, RecurrentLM, squared_relu_ffn, token_shift
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,12 @@ class RWKVConfig:
         return sum(math.prod(shape) for shape in expected_shapes(self).values())
 
 
-class LayerState(NamedTuple):
-    """One layer's slice of the recurrent state, each [B, C] float32."""
-    att_x: torch.Tensor  # LN1 output of the previous token (time-mix token shift)
-    aa: torch.Tensor  # WKV numerator, scaled by exp(-pp)
-    bb: torch.Tensor  # WKV denominator, scaled by exp(-pp)
-    pp: torch.Tensor  # the running maximum exponent
-    ffn_x: torch.Tensor  # LN2 output of the previous token (channel-mix token shift)
+# One layer's slice of the recurrent state, each [B, C] float32 (the State's layout, in this order):
+#   att_x  LN1 output of the previous token (time-mix token shift)
+#   aa     WKV numerator, scaled by exp(-pp)
+#   bb     WKV denominator, scaled by exp(-pp)
+#   pp     the running maximum exponent
+#   ffn_x  LN2 output of the previous token (channel-mix token shift)
 
 
 class TimeMix(nn.Module):
@@ -122,21 +121,26 @@ class Block(nn.Module):
         self.att = TimeMix(n_embd)
         self.ffn = ChannelMix(n_embd, ffn_dim)
 
-    def forward(self, x, state: LayerState | None, wkv: WKVOperator, last_only: bool = False,
-                observe: Callable[[str, torch.Tensor], None] | None = None, time_decay: torch.Tensor | None = None):
-        """x: [B, T, C] the residual stream. Returns it after this block ([B, 1, C] with
-        last_only) and the layer's new state (None when training from an empty state)."""
+    def forward(self, x, state: dict | None, wkv: WKVOperator, v_first=None, decay: torch.Tensor | None = None,
+                last_only: bool = False, observe: Callable[[str, torch.Tensor], None] | None = None):
+        """x: [B, T, C] the residual stream; state: {att_x, aa, bb, pp, ffn_x} [B, C] each, or None
+        (training: an empty state). decay: time_decay [B, C] for this call (Edits; only the
+        reference WKV takes a decay per row, so it runs then). v_first: passed through (RWKV-7's).
+        Returns x after this block ([B, 1, C] with last_only), the layer's new state (None when
+        training) and v_first."""
         B, T, C = x.shape
         if state is None:
             empty = x.new_zeros(B, C)
             previous_att, previous_ffn, wkv_state = empty, empty, None
         else:
-            previous_att, previous_ffn, wkv_state = state.att_x, state.ffn_x, (state.aa, state.bb, state.pp)
+            previous_att, previous_ffn, wkv_state = state["att_x"], state["ffn_x"], (state["aa"], state["bb"], state["pp"])
+        if decay is not None:
+            wkv = reference_wkv
         # last_only: the attention's output is needed at the last 2 positions only (the channel
         # mix's token shift reads the one before the last), the channel mix's at the last one.
         xa = self.ln1(x)                                                      # [B, T, C]
         att, wkv_state = self.att(xa, previous_att, wkv_state, wkv, keep=2 if last_only else None,
-                                  observe=observe, time_decay=time_decay)
+                                  observe=observe, time_decay=decay)
         x = x[:, T - att.shape[1]:] + att
         xf = self.ln2(x)
         ffn = self.ffn(xf, previous_ffn, keep=1 if last_only else None, observe=observe)
@@ -144,26 +148,21 @@ class Block(nn.Module):
         if observe is not None:
             observe("residual", x)
         if state is None:
-            return x, None
-        return x, LayerState(xa[:, -1], *wkv_state, xf[:, -1])
+            return x, None, v_first
+        aa, bb, pp = wkv_state
+        return x, {"att_x": xa[:, -1], "aa": aa, "bb": bb, "pp": pp, "ffn_x": xf[:, -1]}, v_first
 
 
-class RWKV4(nn.Module):
-    """An RWKV-4 language model. Its parameters start uninitialised: for inference load a
-    checkpoint with `rwkv_playground.load_runtime`; to train, load initial weights."""
+class RWKV4(RecurrentLM):
+    """An RWKV-4 language model (the layer loop: common.RecurrentLM.forward). Its parameters start
+    uninitialised: for inference load a checkpoint with `rwkv_playground.load_runtime`; to train,
+    load initial weights."""
+
+    architecture = "rwkv4"
+    reference_wkv = reference_wkv
 
     def __init__(self, config: RWKVConfig):
-        super().__init__()
-        self.config = config
-        # (like every parameter here, left uninitialised: weights come from a checkpoint or an
-        # init recipe; also keeps building the model on the meta device free)
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd,
-                                _weight=torch.empty(config.vocab_size, config.n_embd))
-        self.blocks = nn.ModuleList(Block(i, config.n_embd, config.ffn_dim) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Set by a runtime that stores weights pre-scaled for fp16 (see FP16_RESCALE_EVERY).
-        self.rescale_every = 0
+        super().__init__(config, [Block(i, config.n_embd, config.ffn_dim) for i in range(config.n_layer)])
 
     def state_layout(self) -> StateLayout:
         return StateLayout.rwkv4(self.config.n_layer, self.config.n_embd)
@@ -172,38 +171,6 @@ class RWKV4(nn.Module):
         """The C++ one-token step over these weights, read by their checkpoint names."""
         named = {name: t.detach() for name, t in self.state_dict().items()}
         return cpu_kernels.StepWeights(named, self.config.n_layer, LN_EPS, isa)
-
-    def forward(self, tokens: torch.Tensor, state: State | None = None, wkv: WKVOperator = reference_wkv,
-                last_only: bool = False, observe: Observer | None = None,
-                time_decay: dict[int, torch.Tensor] | None = None, first_layers: Sequence[int] | None = None):
-        """tokens: [B, T] ids. state: a batched State ([B, L, C] tensors, not modified) to start
-        from, or None to train from an empty state. time_decay: {layer: [B, C]} replacing those
-        layers' decay for this call only (an experiment's edit; the parameters stay as they are).
-        first_layers: rows computed from their own layer on (common.BatchRows).
-        Returns (logits [B, T, V] float32 ([B, V] with last_only), the State after the tokens
-        (None when training))."""
-        rows = BatchRows(first_layers)
-        x = self.blocks[0].ln0(self.emb(rows.take(tokens, 0)).float())      # [B, T, C]
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            x = rows.widen(x, i)
-            layer_state = None if state is None else LayerState(*(rows.take(t[:, i], i) for t in state.tensors().values()))
-            observe_layer = None if observe is None else (lambda name, value, i=i: observe(i, name, value))
-            layer_decay = None if time_decay is None or i not in time_decay else rows.take(time_decay[i], i)
-            x, layer_state = block(x, layer_state, wkv, last_only=last_only and i == len(self.blocks) - 1,
-                                   observe=observe_layer, time_decay=layer_decay)
-            new_layers.append(None if layer_state is None else LayerState(*(rows.put(t, i) for t in layer_state)))
-            if self.rescale_every and (i + 1) % self.rescale_every == 0:
-                x = x / 2
-        x = rows.unsort(x)
-        if last_only:
-            x = x[:, -1]                                                      # [B, C]
-        logits = self.head(self.ln_out(x))                                    # [B, (T,) V]
-        if state is None:
-            return logits, None
-        new_state = State({name: torch.stack(parts, dim=1) for name, parts in zip(LayerState._fields, zip(*new_layers))},
-                          architecture="rwkv4")
-        return logits, new_state
 
 
 # ---- the checkpoint layout --------------------------------------------------------------------
@@ -290,6 +257,14 @@ class RWKV4Architecture(Architecture):
 
     def random_weights(self, config: RWKVConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
         return init_random_weights(config, seed, dtype)
+
+    def decay_rows(self, model, layer: int, batch: int) -> torch.Tensor:
+        return model.blocks[layer].att.time_decay.detach().float().expand(batch, -1).clone()
+
+    def decay_value(self, factor: float) -> float:
+        # the factor per token is e^{-e^{time_decay}}: 1 and 0 are time_decay -inf and +inf; +-40
+        # give the same factors in float32 and stay finite
+        return min(40.0, max(-40.0, math.log(-math.log(min(max(factor, 1e-300), 1 - 1e-16)))))
 
 
 ARCHITECTURE = RWKV4Architecture()

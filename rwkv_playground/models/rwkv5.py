@@ -79,7 +79,7 @@ class TimeMix(nn.Module):
         u = torch.exp(u) if self.bonus_is_log else u
         return u.reshape(self.n_head, -1).expand(self.n_head, self.head_size)
 
-    def forward(self, x, previous_x, wkv_state, wkv, carry, observe=None):
+    def forward(self, x, previous_x, wkv_state, wkv, v_first, observe=None):
         """x: [B, T, C] the LN1 output; previous_x [B, C]; wkv_state [B, H, N, N] or None."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
@@ -97,7 +97,7 @@ class TimeMix(nn.Module):
         y = head_group_norm(y, H, self.ln_x.weight, self.ln_x.bias)
         if self.gated:
             y = y * F.silu(self.gate(torch.lerp(xx, x, self.time_mix_g)))
-        return self.output(y), wkv_state
+        return self.output(y), wkv_state, v_first  # (v_first: RWKV-7 only, passed through)
 
 
 class RWKV5(MatrixStateLM):

@@ -71,7 +71,7 @@ class TimeMix(nn.Module):
         """w_t: the memory's factor per token and channel, [B, T, C] in (0, 1)."""
         return torch.exp(-torch.exp(self.time_decay.float() + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2))
 
-    def forward(self, x, previous_x, wkv_state, wkv, carry, observe=None):
+    def forward(self, x, previous_x, wkv_state, wkv, v_first, observe=None):
         """x: [B, T, C] the LN1 output; previous_x [B, C]; wkv_state [B, H, N, N] or None."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
@@ -86,7 +86,7 @@ class TimeMix(nn.Module):
             for name, value in (("att_x", x), ("r", r), ("k", k), ("v", v), ("w", w), ("wkv", y)):
                 observe(name, value)
         y = head_group_norm(y, H, self.ln_x.weight, self.ln_x.bias) * F.silu(self.gate(xg))
-        return self.output(y), wkv_state
+        return self.output(y), wkv_state, v_first  # (v_first: RWKV-7 only, passed through)
 
 
 class ChannelMix(nn.Module):

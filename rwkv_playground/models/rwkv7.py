@@ -78,9 +78,10 @@ class TimeMix(nn.Module):
         """w_t: the memory's factor per token and channel, [B, T, C] in (0.545, 1)."""
         return torch.exp(-DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float()))
 
-    def forward(self, x, previous_x, wkv_state, wkv, carry, observe=None):
+    def forward(self, x, previous_x, wkv_state, wkv, v_first, observe=None):
         """x: [B, T, C] the LN1 output; previous_x [B, C]; wkv_state [B, H, N, N] or None.
-        carry["v_first"]: layer 0's values [B, T, C], set here by layer 0 for the layers above."""
+        v_first: layer 0's values [B, T, C] (None at layer 0, which returns its own for the layers
+        above). Returns (out [B, T, C], the new wkv_state, v_first)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         d = token_shift(x, previous_x) - x                                    # [B, T, C]
@@ -92,9 +93,9 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)      # [B, T, H, N]
         k = k * (1 + (a - 1) * self.k_a)
         if self.layer_id == 0:
-            carry["v_first"] = v
+            v_first = v
         else:
-            v = v + (carry["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         y, wkv_state = wkv.wkv7(r.view(B, T, H, N), w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
                                 kk, a.view(B, T, H, N), wkv_state)            # [B, T, H, N]
         y = y.reshape(B, T, C)
@@ -105,7 +106,7 @@ class TimeMix(nn.Module):
         y = head_group_norm(y, H, self.ln_x.weight, self.ln_x.bias)
         bonus = (r * k * self.r_k.view(C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)
         y = y + bonus.view(B, T, C)
-        return self.output(y * g), wkv_state
+        return self.output(y * g), wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
