@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def parse_args(argv=None):
-    from rwkv_playground.engine import DEMO_CHECKPOINT, ServingSettings
-    from rwkv_playground.scheduler import SchedulerSettings
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINT, ServingSettings
+    from rwkv_playground.serving.scheduler import SchedulerSettings
 
     serving, scheduling = ServingSettings(), SchedulerSettings()
     p = argparse.ArgumentParser(description="RWKV Playground (RWKV-4, 5, 6 and 7)")
@@ -94,8 +94,8 @@ def is_public(host: str, share: bool) -> bool:
 
 
 def serving_settings(args):
-    from rwkv_playground.engine import ServingSettings
-    from rwkv_playground.scheduler import SchedulerSettings
+    from rwkv_playground.serving.engine import ServingSettings
+    from rwkv_playground.serving.scheduler import SchedulerSettings
 
     lock = args.lock_models if args.lock_models is not None else is_public(args.host, args.share)
     return ServingSettings(scheduler=SchedulerSettings(max_active=args.max_active, max_queue=args.max_queue),
@@ -105,7 +105,7 @@ def serving_settings(args):
 
 def api_settings(args):
     """The API's settings from the flags: off with --no-api, off on a public host without a key."""
-    from rwkv_playground.api import API_KEY_ENV, ApiSettings, settings_from_env
+    from rwkv_playground.serving.api import API_KEY_ENV, ApiSettings, settings_from_env
 
     settings = settings_from_env(ApiSettings(enabled=args.api, api_key=args.api_key or None,
                                              max_tokens=args.api_max_tokens,
@@ -121,7 +121,7 @@ def api_settings(args):
 
 def open_store(args):
     """The session store the flags name (None with --no-store); raises StoreError with a sentence."""
-    from rwkv_playground.store import SessionStore
+    from rwkv_playground.serving.store import SessionStore
 
     if not args.use_store:
         return None
@@ -132,7 +132,7 @@ def open_store(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rwkv_playground import PlaygroundError
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.engine import Engine
 
     try:
         store = open_store(args)
@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         print("The model panel is locked (public deployment): no switching or downloads from the browser.",
               file=sys.stderr)
 
-    from rwkv_playground.ui import create_app, launch, serve
+    from rwkv_playground.server import serve
+    from rwkv_playground.ui import create_app, launch
 
     api = api_settings(args)
     if args.share:  # Gradio's share link needs its own server: the UI only

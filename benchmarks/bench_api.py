@@ -145,7 +145,7 @@ def main(model_name: str, tokens: int, counts: list[int]) -> None:
     try:
         served = httpx.get(server.url + "health").json()["model"]
         from rwkv_playground.tokenizer import load_tokenizer
-        from rwkv_playground.engine import WORLD_VOCAB
+        from rwkv_playground.serving.engine import WORLD_VOCAB
 
         bias = {"0": -100}
         if model_name != "demo":  # every reply the same length: no turn separator either

@@ -15,8 +15,8 @@ from common import ROOT, machine, write_results
 
 
 def main() -> None:
-    from rwkv_playground.engine import DEMO_CHECKPOINT, Engine
-    from rwkv_playground.inspection import record
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINT, Engine
+    from rwkv_playground.inspector import record
     from rwkv_playground.ui import figures
     from rwkv_playground.ui.inspector_tab import draw_views
 
@@ -69,9 +69,9 @@ def main() -> None:
 
 
 def matrix_times(text: str) -> dict:
-    from rwkv_playground import patching
-    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
-    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.inspector import patching
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.inspector.matrix import record_matrix
     from rwkv_playground.ui.inspector_tab import draw_views
 
     loaded = Engine().load(DEMO_CHECKPOINTS[1])
@@ -108,7 +108,7 @@ def matrix_times(text: str) -> dict:
 
 
 def experiment_times(loaded, rec, tokens) -> dict:
-    from rwkv_playground import experiments
+    from rwkv_playground.inspector import knockouts as experiments
     from rwkv_playground.ui import figures
 
     runtime, tokenizer = loaded.runtime, loaded.tokenizer

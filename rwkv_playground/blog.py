@@ -18,9 +18,9 @@ import torch
 from .errors import GenerationError
 from .generation import Generation
 from .sampling import SamplingSettings
-from .sessions import Session, follow_generation
+from .serving.sessions import Session, follow_generation
 from .state import State
-from .store import Document, StoreError, tokens_digest
+from .serving.store import Document, StoreError, tokens_digest
 
 DEFAULT_TEMPLATE = (
     "Bob: Can you help to write a blog-post about {topic}?{details}\n\n"

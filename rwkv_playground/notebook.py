@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from .errors import GenerationError, LoadError
 from .generation import Generation, Stream
 from .sampling import SamplingSettings
-from .sessions import Session, follow_generation, run_task
+from .serving.sessions import Session, follow_generation, run_task
 from .state import State
-from .store import Document, RunningDigest, StoreError
+from .serving.store import Document, RunningDigest, StoreError
 
 FORMAT = "rwkv-playground-notebook"
 VERSION = 1

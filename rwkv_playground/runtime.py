@@ -212,6 +212,8 @@ class Runtime:
         return State.empty(self.layout, batch, self.device, self.fingerprint)
 
     def check_state(self, state: State) -> None:
+        """Refuse a state of another architecture, shape or model (one sentence); a state whose
+        architecture is not named (a file from before RWKV-5) takes this model's once it fits."""
         c = self.config
         if state.architecture and state.architecture != self.layout.architecture:
             theirs = by_name(state.architecture).title if state.architecture.startswith("rwkv") else "another model"
@@ -225,6 +227,8 @@ class Runtime:
             )
         if state.fingerprint and self.fingerprint and state.fingerprint != self.fingerprint:
             raise StateError("This state was produced by a different model (fingerprints differ).")
+        if not state.architecture:
+            state.architecture = self.layout.architecture
 
     # ---- inference ---------------------------------------------------------------------------------
     @torch.no_grad()

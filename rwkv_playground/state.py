@@ -30,14 +30,8 @@ RWKV4_COMPONENTS = ("att_x", "aa", "bb", "pp", "ffn_x")
 MATRIX_COMPONENTS = ("att_x", "wkv_state", "ffn_x")
 
 
-def _vector_state_name() -> str:
-    from .models import vector_state_name
-
-    return vector_state_name()
-
-
 def _package_version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 
@@ -50,9 +44,10 @@ class StateLayout:
     parts: tuple[tuple[str, tuple[int, ...], float], ...]  # (name, per-layer shape, fill)
 
     @classmethod
-    def rwkv4(cls, n_layer: int, n_embd: int) -> "StateLayout":
+    def vector(cls, architecture: str, n_layer: int, n_embd: int) -> "StateLayout":
+        """RWKV-4's layout: att_x, aa, bb, pp, ffn_x, each [C] per layer (pp starts at EMPTY_PP)."""
         fills = {"pp": EMPTY_PP}
-        return cls(_vector_state_name(), n_layer, tuple((n, (n_embd,), fills.get(n, 0.0)) for n in RWKV4_COMPONENTS))
+        return cls(architecture, n_layer, tuple((n, (n_embd,), fills.get(n, 0.0)) for n in RWKV4_COMPONENTS))
 
     @classmethod
     def matrix(cls, architecture: str, n_layer: int, n_embd: int, n_head: int, head_size: int) -> "StateLayout":
@@ -91,7 +86,9 @@ class State:
         # Fingerprint of the model that produced this state ("" if unknown).
         self.fingerprint = fingerprint
         self.metadata = dict(metadata or {})
-        self.architecture = architecture or (_vector_state_name() if tuple(parts) == RWKV4_COMPONENTS else "")
+        # the name of the architecture that made it (models.by_name); "" when unknown (a state file
+        # from before RWKV-5 carries none): a runtime whose layout it fits adopts it (check_state)
+        self.architecture = architecture or ""
 
     def __getattr__(self, name: str):
         parts = self.__dict__.get("_parts")
@@ -121,21 +118,15 @@ class State:
 
     @classmethod
     def zeros(cls, n_layer: int, n_embd: int, batch: int | None = None, device="cpu", fingerprint: str = ""):
-        """An empty RWKV-4 state (other architectures: `State.empty(layout)`)."""
-        return cls.empty(StateLayout.rwkv4(n_layer, n_embd), batch, device, fingerprint)
+        """An empty vector state of RWKV-4's layout, its architecture left to the runtime that
+        reads it (other architectures: `State.empty(model.state_layout())`)."""
+        return cls.empty(StateLayout.vector("", n_layer, n_embd), batch, device, fingerprint)
 
     # ---- shape --------------------------------------------------------------------------------
     @property
     def matrix_state(self) -> bool:
         """One N x N matrix per head (RWKV-5/6/7's wkv_state) rather than RWKV-4's aa / bb / pp."""
         return "wkv_state" in self._parts
-
-    @property
-    def arch(self):
-        """The architecture (models.Architecture) whose model made this state."""
-        from .models import by_name
-
-        return by_name(self.architecture)
 
     @property
     def is_batched(self) -> bool:
@@ -302,13 +293,8 @@ class State:
     @classmethod
     def _from_parts(cls, tensors: dict, meta: dict, name: str, runtime=None, device="cpu") -> "State":
         """A state from a state file's tensors and metadata, every shape checked first."""
-        from .models import by_name
-
-        architecture = meta.get("architecture") or _vector_state_name()  # files from before RWKV-5
-        try:
-            matrix = by_name(architecture).matrix_state
-        except LoadError:
-            raise LoadError(f"{name} is a state of an unknown architecture ('{architecture}').") from None
+        architecture = meta.get("architecture", "")  # (none in files from before RWKV-5)
+        matrix = "wkv_state" in tensors
         expected = MATRIX_COMPONENTS if matrix else RWKV4_COMPONENTS
         if meta.get("format") != FORMAT_NAME or set(tensors) != set(expected):
             raise LoadError(f"{name} is not an RWKV Playground state file.")

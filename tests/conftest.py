@@ -86,8 +86,8 @@ def app_model_path(ckpt_dir):
 
 @pytest.fixture(scope="session")
 def engine(app_model_path, tmp_path_factory):
-    from rwkv_playground.engine import Engine
-    from rwkv_playground.store import SessionStore
+    from rwkv_playground.serving.engine import Engine
+    from rwkv_playground.serving.store import SessionStore
 
     models_dir = tmp_path_factory.mktemp("models")
     write_checkpoint(models_dir / "other-tiny.pth", WORLD_TINY, seed=21)
@@ -129,7 +129,8 @@ def serving(engine):
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    from rwkv_playground.ui import Server, build_server_app, create_app
+    from rwkv_playground.server import Server, build_server_app
+    from rwkv_playground.ui import create_app
 
     demo = create_app(engine)
     app = build_server_app(demo, engine)

@@ -50,8 +50,8 @@ def test_health_models_and_the_ui_share_the_port(app_url, client):
 def test_health_is_503_until_a_model_is_loaded():
     from starlette.testclient import TestClient
 
-    from rwkv_playground.api import create_api_app
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.api import create_api_app
+    from rwkv_playground.serving.engine import Engine
 
     engine = Engine()
     try:
@@ -225,7 +225,7 @@ def test_a_reply_not_re_read_yet_is_read_by_the_next_turn_with_the_same_result(c
 def test_the_chat_template_is_the_chat_tabs(loaded):
     """A system message is the scenario; each turn is what the Chat tab reads for it."""
     from rwkv_playground.chat import ChatFormat, model_chat_format
-    from rwkv_playground.completions import chat_segments
+    from rwkv_playground.serving.completions import chat_segments
 
     fmt = model_chat_format(loaded)
     segments = chat_segments(fmt, [("system", "In Verona."), ("user", "Hello"), ("assistant", "Good day."),
@@ -407,10 +407,11 @@ def test_a_model_that_yields_nan_mid_generation_is_a_clear_server_error(client, 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
     """One generation at a time and one waiting (a tiny World-vocabulary model), with an API key."""
-    from rwkv_playground.api import ApiSettings
-    from rwkv_playground.engine import Engine, ServingSettings
-    from rwkv_playground.scheduler import SchedulerSettings
-    from rwkv_playground.ui import Server, build_server_app, create_app
+    from rwkv_playground.serving.api import ApiSettings
+    from rwkv_playground.serving.engine import Engine, ServingSettings
+    from rwkv_playground.serving.scheduler import SchedulerSettings
+    from rwkv_playground.server import Server, build_server_app
+    from rwkv_playground.ui import create_app
 
     path = write_checkpoint(tmp_path_factory.mktemp("api") / "tiny-world.pth", WORLD_TINY, seed=5)
     engine = Engine(settings=ServingSettings(scheduler=SchedulerSettings(max_active=1, max_queue=1)))
@@ -465,7 +466,7 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
 
 def test_beyond_loopback_the_api_is_off_unless_a_key_is_set(monkeypatch):
     import app as app_module
-    from rwkv_playground.api import API_KEY_ENV
+    from rwkv_playground.serving.api import API_KEY_ENV
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     public = app_module.api_settings(app_module.parse_args(["--host", "0.0.0.0"]))
@@ -479,8 +480,8 @@ def test_beyond_loopback_the_api_is_off_unless_a_key_is_set(monkeypatch):
 
     from starlette.testclient import TestClient
 
-    from rwkv_playground.api import create_api_app
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.api import create_api_app
+    from rwkv_playground.serving.engine import Engine
 
     engine = Engine()
     try:

@@ -100,7 +100,7 @@ def test_engine_errors_are_readable_messages_not_tracebacks():
     """An app whose engine has no model: every endpoint answers with one readable line."""
     from gradio_client import Client
 
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.engine import Engine
     from rwkv_playground.ui import create_app, launch
 
     port = free_port()
@@ -306,7 +306,7 @@ def test_the_inspector_and_patching_through_the_api(app_url, engine):
 @pytest.fixture(scope="module")
 def v7_app():
     """The app on the shipped RWKV-7 demo model (the RWKV-4 demo is its "other model")."""
-    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINTS, Engine
 
     engine7 = Engine()
     engine7.load(DEMO_CHECKPOINTS[1])
@@ -323,7 +323,7 @@ def test_the_matrix_inspector_and_patching_through_the_api_on_the_rwkv7_demo(v7_
     channels, blend, two models (against the RWKV-4 demo); a wrong axis is one sentence."""
     from gradio_client import Client
 
-    from rwkv_playground.engine import DEMO_CHECKPOINTS
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINTS
     from rwkv_playground.ui.patching_panel import ACTIONS, PARTS
 
     url, engine7 = v7_app

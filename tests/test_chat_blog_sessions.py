@@ -161,7 +161,7 @@ def test_download_offline_gives_a_clear_message(engine, monkeypatch):
 
 def test_event_functions_in_process(engine):
     """The Gradio handlers themselves, called directly (no server)."""
-    from rwkv_playground.inspection import InspectorSession
+    from rwkv_playground.inspector import InspectorSession
     from rwkv_playground.ui import create_app
 
     demo = create_app(engine)

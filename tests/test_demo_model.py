@@ -18,7 +18,7 @@ DEMOS = {  # arch: (checkpoint, card, a key only that architecture has)
 
 @pytest.fixture(scope="module", params=list(DEMOS))
 def demo(request):
-    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINTS, Engine
 
     path = ASSETS / DEMOS[request.param][0]
     assert path.exists() and path in DEMO_CHECKPOINTS, f"assets/ must ship {path.name}"

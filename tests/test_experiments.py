@@ -19,9 +19,9 @@ import torch
 
 from conftest import TINY, write_checkpoint
 from rwkv_playground import GenerationError, load_runtime
-from rwkv_playground.experiments import (Knockout, causal_trace, channel_groups, channels_by,
+from rwkv_playground.inspector.knockouts import (Knockout, causal_trace, channel_groups, channels_by,
                                          knockouts, logit_lens, memory_probe)
-from rwkv_playground.inspection import effective_attention, half_life, record
+from rwkv_playground.inspector import effective_attention, half_life, record
 
 
 class Ids:  # a tokenizer stand-in for random-weight models: token ids as text
@@ -243,7 +243,7 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
     a figure and exports HTML + CSV + JSON; without a recording it says what to do."""
     import plotly.graph_objects as go
 
-    from rwkv_playground.inspection import InspectorSession
+    from rwkv_playground.inspector import InspectorSession
     from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, ExperimentsPanel
 
     panel = ExperimentsPanel(engine)

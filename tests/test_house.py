@@ -5,6 +5,8 @@ one-token transition is written once (wkv.WKV5 / wkv.WKV7) and called by every c
 import re
 from pathlib import Path
 
+from import_graph import cycles, import_graph
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "rwkv_playground"
 
@@ -42,9 +44,62 @@ def test_the_matrix_transition_is_written_once():
             continue
         text = path.read_text(encoding="utf-8")
         assert not pattern.search(text), f"{path.relative_to(ROOT)} writes RWKV-7's transition again"
-    consumers = {"matrix_inspection.py": ("transition", "effective_attention"), "patching.py": ("decay_state", "write")}
+    consumers = {"inspector/matrix.py": ("transition", "effective_attention"),
+                 "inspector/patching.py": ("decay_state", "write")}
     for name, calls in consumers.items():
         text = (PACKAGE / name).read_text(encoding="utf-8")
         for call in calls:
             assert call in text, (name, call)
-    assert "0.606531" not in (PACKAGE / "matrix_inspection.py").read_text(encoding="utf-8")
+    assert "0.606531" not in (PACKAGE / "inspector" / "matrix.py").read_text(encoding="utf-8")
+
+
+# The layers, bottom up: a module imports only from its own layer or those below it.
+LAYERS = [
+    ("core", r"rwkv_playground(\.(errors|version|state|models(\..*)?|wkv|kernels|backends|quantization|runtime"
+             r"|tokenizer|sampling|generation|chat_format|selftest))?"),
+    ("serving", r"rwkv_playground\.serving(\..*)?"),
+    ("documents and inspector", r"rwkv_playground\.(chat|blog|notebook|inspector(\..*)?)"),
+    ("ui", r"rwkv_playground\.ui(\..*)?"),
+    ("server", r"rwkv_playground\.server"),
+]
+
+
+def layer_of(module: str) -> int:
+    for rank, (_, pattern) in enumerate(LAYERS):
+        if re.fullmatch(pattern, module):
+            return rank
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def test_no_import_circle_and_no_import_from_a_layer_above():
+    graph = import_graph(ROOT)
+    assert not cycles(graph), cycles(graph)
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+              for m, deps in sorted(graph.items()) for d in sorted(deps) if layer_of(d) > layer_of(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_graph_sees_what_it_checks(tmp_path):
+    pkg = tmp_path / "rwkv_playground"
+    (pkg / "ui").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ui" / "__init__.py").write_text("")
+    (pkg / "state.py").write_text("def f():\n    from .ui import x\n")  # an upward import, inside a function
+    (pkg / "ui" / "x.py").write_text("from ..state import f\n")
+    graph = import_graph(tmp_path)
+    assert graph["rwkv_playground.state"] == {"rwkv_playground.ui.x"}
+    assert cycles(graph) == [["rwkv_playground.state", "rwkv_playground.ui.x"]]
+    assert layer_of("rwkv_playground.ui.x") > layer_of("rwkv_playground.state")
+
+
+def test_the_old_module_names_are_the_new_modules():
+    """Scripts written against the flat layout keep working (docs and README use these names)."""
+    import importlib
+
+    import rwkv_playground
+
+    for old, new in rwkv_playground.MOVED_MODULES.items():
+        assert importlib.import_module(f"rwkv_playground.{old}") is importlib.import_module(f"rwkv_playground.{new}")
+    from rwkv_playground.inspection import InspectorSession, read_observed, record  # noqa: F401
+    from rwkv_playground.matrix_inspection import record_matrix  # noqa: F401
+    from rwkv_playground.patching import StatePart  # noqa: F401

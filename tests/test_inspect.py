@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_playground.inspection import (compare_states, decay_per_token, effective_attention, half_life,
+from rwkv_playground.inspector import (compare_states, decay_per_token, effective_attention, half_life,
                                      model_decay_parameters, record)
 
 

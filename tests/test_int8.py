@@ -158,7 +158,7 @@ def held_out_loss(runtime, tokenizer, n_tokens=4096) -> float:
 
 
 def test_int8_demo_model_held_out_loss_within_one_percent_of_bf16(app_model_path):
-    from rwkv_playground.engine import find_tokenizer
+    from rwkv_playground.serving.engine import find_tokenizer
     from rwkv_playground.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(find_tokenizer(app_model_path, 4096, [app_model_path.parent]))
@@ -195,9 +195,9 @@ def test_int8_serves_every_tab_and_batches_bit_for_bit(app_model_path):
     share the batched int8 step equal their solo runs."""
     from rwkv_playground.blog import BlogSession
     from rwkv_playground.chat import ChatSession
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.engine import Engine
     from rwkv_playground.generation import Generation
-    from rwkv_playground.inspection import record_task
+    from rwkv_playground.inspector import record_task
     from rwkv_playground.sampling import SamplingSettings
 
     engine = Engine(dtype="int8")

@@ -12,7 +12,7 @@ import torch
 from rwkv_playground import GenerationError, LoadError, StateError
 from rwkv_playground.blog import BlogSession
 from rwkv_playground.chat import ChatSession, PRESETS, default_preset
-from rwkv_playground.engine import Engine
+from rwkv_playground.serving.engine import Engine
 from rwkv_playground.models import by_name
 from rwkv_playground.models.rwkv5 import RWKV5Config
 from rwkv_playground.models.rwkv6 import RWKV6Config
@@ -143,8 +143,8 @@ def test_state_files_round_trip_and_other_architectures_are_refused(matrix_engin
 
 
 def test_the_inspector_says_plainly_what_does_not_apply(matrix_engine):
-    from rwkv_playground.experiments import Knockout, knockouts
-    from rwkv_playground.inspection import record
+    from rwkv_playground.inspector.knockouts import Knockout, knockouts
+    from rwkv_playground.inspector import record
 
     loaded = matrix_engine.require()
     title = loaded.runtime.architecture.title
@@ -243,8 +243,8 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     """Through the tab's handlers (in-process): Record gives a MatrixRecording, every matrix figure
     is drawn and consistent with it, the head slider moves the views, the state exports, and the
     Patching tab restores from the clean run."""
-    from rwkv_playground.inspection import InspectorSession
-    from rwkv_playground.matrix_inspection import MatrixRecording
+    from rwkv_playground.inspector import InspectorSession
+    from rwkv_playground.inspector.matrix import MatrixRecording
     from rwkv_playground.ui import inspector_tab, patching_panel
 
     tab = inspector_tab.InspectorTab(matrix_engine)
@@ -304,8 +304,8 @@ def test_the_experiments_tab_refuses_a_matrix_recording_in_one_sentence(matrix_e
     """Every experiment of the Experiments tab (the default knock-out on the longest half-lives,
     the memory probe, ...) on an RWKV-5/6/7 recording ends in one sentence naming where its
     experiments are, never an AttributeError (the tab once read rec.time_decay of a matrix recording)."""
-    from rwkv_playground.inspection import InspectorSession
-    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.inspector import InspectorSession
+    from rwkv_playground.inspector.matrix import record_matrix
     from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, EXPERIMENTS, ExperimentsPanel
 
     loaded = matrix_engine.require()

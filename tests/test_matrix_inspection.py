@@ -1,4 +1,4 @@
-"""The State inspector on RWKV-5/6/7 (rwkv_playground/matrix_inspection.py) against an independent
+"""The State inspector on RWKV-5/6/7 (rwkv_playground/inspector/matrix.py) against an independent
 float64 numpy forward written in the tests (tests/numpy_rwkv.py), itself checked here against the
 engine: the recorded inputs, the states after every token, their norms, and the exact effective
 attention per head (sum of weights x values + carried-in memory == the head's output before the
@@ -56,7 +56,7 @@ def test_the_numpy_forward_is_the_engine(case):
 
 
 def test_recording_holds_the_inputs_and_every_state(case):
-    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.inspector.matrix import record_matrix
 
     arch, config, _, runtime, tokens, (_, obs, _) = case
     rec = record_matrix(runtime, Tok(), tokens)
@@ -110,7 +110,7 @@ def test_effective_attention_is_exact_in_float64(case, t_from):
 
 
 def test_recording_attention_reproduces_the_engine_output(case):
-    from rwkv_playground.matrix_inspection import record_matrix
+    from rwkv_playground.inspector.matrix import record_matrix
 
     arch, config, _, runtime, tokens, _ = case
     rec = record_matrix(runtime, Tok(), tokens)

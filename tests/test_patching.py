@@ -1,5 +1,5 @@
 """Patching from a clean run, the restore sweep, removing a token and blending states, on RWKV-4
-and RWKV-5/6/7 (rwkv_playground/patching.py), held to the independent float64 numpy forward of
+and RWKV-5/6/7 (rwkv_playground/inspector/patching.py), held to the independent float64 numpy forward of
 tests/numpy_rwkv.py where it exists (v5.2, v6, v7) and to exact identities everywhere:
 restoring every layer after the texts agree again gives the clean run; one restored layer is the
 numpy forward with that layer's state copied; the sweep's cells are the single patches; removing a
@@ -18,7 +18,7 @@ from rwkv_playground.models.rwkv4 import RWKVConfig
 from rwkv_playground.models.rwkv5 import RWKV5Config
 from rwkv_playground.models.rwkv6 import RWKV6Config
 from rwkv_playground.models.rwkv7 import RWKV7Config
-from rwkv_playground.patching import (StatePart, blend, blend_states, patch, remove_token_experiment, restore_sweep,
+from rwkv_playground.inspector.patching import (StatePart, blend, blend_states, patch, remove_token_experiment, restore_sweep,
                                       token_contribution)
 
 CONFIGS = {
@@ -143,7 +143,7 @@ def test_removing_a_token_subtracts_exactly_its_memory(case):
     contribution = token_contribution(runtime, clean, removed, at, layer)
     if arch == "rwkv4":
         # the state without the token's term: read the text with that token's weight in this layer zero
-        from rwkv_playground.patching import remove_token
+        from rwkv_playground.inspector.patching import remove_token
 
         _, state = runtime.forward(clean[:at + 1])
         edited = remove_token(runtime, state, contribution, layer)
@@ -236,7 +236,7 @@ def test_erasing_a_head_or_rows_is_a_knock_out(case):
 
 def test_two_models_on_one_text(case, tmp_path):
     from rwkv_playground import load_runtime
-    from rwkv_playground.patching import compare_models
+    from rwkv_playground.inspector.patching import compare_models
 
     arch, config, weights, runtime, clean, _ = case
     other_weights = by_name(arch).random_weights(config, seed=12, dtype=torch.float32)
@@ -284,7 +284,7 @@ def test_a_decay_knock_out_is_the_forward_with_that_decay(case, factor):
     if arch == "rwkv4":  # held to the inspector's RWKV-4 decay knock-out (experiments.py), the same edit
         import math
 
-        from rwkv_playground.experiments import Knockout, knockouts
+        from rwkv_playground.inspector.knockouts import Knockout, knockouts
 
         parts = [StatePart(0, channels=(0, 1, 2, 3)), StatePart(config.n_layer - 1)]
         result = patch(runtime, None, clean, clean, position, parts, kind="decay", decay=factor)
@@ -356,7 +356,7 @@ KEEP_ALL = {"rwkv4": {"att.time_decay": -50}, "rwkv5": {"att.time_decay": -50},
 @pytest.mark.parametrize("arch", list(ONE_LAYER))
 def test_removing_a_token_is_re_reading_without_it_where_the_math_says_so(arch, tmp_path):
     from rwkv_playground import load_runtime
-    from rwkv_playground.patching import remove_token
+    from rwkv_playground.inspector.patching import remove_token
 
     config = ONE_LAYER[arch]
     weights = by_name(arch).random_weights(config, seed=5, dtype=torch.float32)
@@ -402,8 +402,8 @@ def test_long_readings_go_chunk_by_chunk_with_the_same_results(case, monkeypatch
     """Patching, removal and the two-model comparison read the rest of a text a chunk of positions
     at a time, so the logits held at once stay bounded (rows x tokens x vocabulary, however long the
     text or many the parts): squeezed to a few tokens per read, every number is the same."""
-    from rwkv_playground import experiments
-    from rwkv_playground.patching import compare_models
+    from rwkv_playground.inspector import knockouts as experiments
+    from rwkv_playground.inspector.patching import compare_models
 
     arch, config, _, runtime, clean, corrupt = case
     parts = [StatePart(layer) for layer in range(config.n_layer)] + [StatePart(0, channels=(1, 2))]
@@ -500,7 +500,7 @@ def test_rows_that_edit_one_layer_share_the_layers_below(case, monkeypatch):
 
 
 def test_a_comparison_too_long_to_keep_its_decays_is_refused_in_one_sentence(case, monkeypatch):
-    from rwkv_playground import patching
+    from rwkv_playground.inspector import patching
     from rwkv_playground.errors import GenerationError
 
     arch, config, _, runtime, clean, _ = case

@@ -17,10 +17,10 @@ import torch
 
 from conftest import TINY, write_checkpoint
 from rwkv_playground import GenerationError, LoadError
-from rwkv_playground.engine import Engine, ServingSettings
+from rwkv_playground.serving.engine import Engine, ServingSettings
 from rwkv_playground.generation import Generation, generate
 from rwkv_playground.sampling import SamplingSettings
-from rwkv_playground.scheduler import SchedulerSettings
+from rwkv_playground.serving.scheduler import SchedulerSettings
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_the_queue_has_a_limit_and_says_the_place(app_model_path):
 
 
 def test_recordings_interleave_with_generations(engine):
-    from rwkv_playground.inspection import record, record_task
+    from rwkv_playground.inspector import record, record_task
 
     loaded = engine.require()
     tokens = loaded.tokenizer.encode("Romeo: But soft, what light through yonder window breaks? " * 40)
@@ -210,7 +210,7 @@ def test_recordings_interleave_with_generations(engine):
 
 def test_a_model_switch_ends_generations_with_a_sentence_and_frees_the_old_model_first(app_model_path, tmp_path,
                                                                                          monkeypatch):
-    import rwkv_playground.engine as engine_module
+    import rwkv_playground.serving.engine as engine_module
 
     write_checkpoint(tmp_path / "other-tiny.pth", TINY, seed=5)  # vocab 500: no tokenizer fits it
     eng = Engine(models_dir=tmp_path)
@@ -246,7 +246,7 @@ def test_a_model_switch_ends_generations_with_a_sentence_and_frees_the_old_model
 
 def test_memory_budget_drops_the_largest_objects_of_idle_sessions_and_says_so(app_model_path):
     from rwkv_playground.chat import ChatSession
-    from rwkv_playground.inspection import InspectorSession
+    from rwkv_playground.inspector import InspectorSession
 
     eng = Engine(settings=ServingSettings(memory_budget_bytes=600_000, undo_depth=3))
     try:
@@ -312,7 +312,7 @@ def test_many_streams_share_the_update_rate_and_the_count_follows_the_streams(en
     while a session follows a generation and back down when it ends."""
     from rwkv_playground.chat import ChatSession
     from rwkv_playground.sampling import SamplingSettings
-    from rwkv_playground.sessions import TOTAL_UPDATES_PER_SECOND, streams_followed, update_interval
+    from rwkv_playground.serving.sessions import TOTAL_UPDATES_PER_SECOND, streams_followed, update_interval
 
     assert update_interval(0.05, 1) == 0.05 and update_interval(0.05, 4) == 0.05
     assert update_interval(0.05, 16) == pytest.approx(16 / TOTAL_UPDATES_PER_SECOND) == pytest.approx(0.2)

@@ -14,7 +14,7 @@ import torch
 from rwkv_playground.blog import BlogSession
 from rwkv_playground.chat import ChatSession
 from rwkv_playground.notebook import EngineDriver, NotebookSession
-from rwkv_playground.store import SCHEMA_VERSION, SessionStore, StoreError, new_key
+from rwkv_playground.serving.store import SCHEMA_VERSION, SessionStore, StoreError, new_key
 
 from test_chat_blog_sessions import run, settings
 
@@ -103,7 +103,7 @@ def snapshot(store, tmp_path):
 
 
 def test_a_reply_cut_by_a_crash_comes_back_as_shown_and_interrupted(engine, loaded, store, tmp_path, monkeypatch):
-    monkeypatch.setattr("rwkv_playground.sessions.CHECKPOINT_INTERVAL_S", 0.0)
+    monkeypatch.setattr("rwkv_playground.serving.sessions.CHECKPOINT_INTERVAL_S", 0.0)
     key, visitor = store.new_visitor()
     chat = chat_with(engine, visitor, ["Hark, who goes there?"])
     stream = chat.send(engine, "Tell me a long tale.", settings(5), 60)
@@ -285,7 +285,7 @@ def test_a_conversation_of_another_model_keeps_its_text_and_rereads(engine, load
 
 def test_schema_migrations_run_once_in_order(tmp_path, monkeypatch):
     """A store of an older schema is brought up to this one at open, step by step, once."""
-    import rwkv_playground.store as store_module
+    import rwkv_playground.serving.store as store_module
 
     folder = tmp_path / "old"
     SessionStore.open(folder).close()  # schema 1
@@ -307,7 +307,7 @@ def test_schema_migrations_run_once_in_order(tmp_path, monkeypatch):
 def test_no_store_keeps_nothing_beyond_the_tab(engine):
     """--no-store: no store, no key in the browser, no resume endpoint; the page works as before."""
     import app
-    from rwkv_playground.engine import Engine
+    from rwkv_playground.serving.engine import Engine
     from rwkv_playground.ui import create_app
 
     assert app.open_store(app.parse_args(["--no-store"])) is None
@@ -325,7 +325,7 @@ def test_no_store_keeps_nothing_beyond_the_tab(engine):
 
 
 def test_a_visitor_past_the_list_limit_is_told_and_loses_nothing(engine, store, monkeypatch):
-    monkeypatch.setattr("rwkv_playground.store.MAX_DOCUMENTS_PER_KIND", 2)
+    monkeypatch.setattr("rwkv_playground.serving.store.MAX_DOCUMENTS_PER_KIND", 2)
     _, visitor = store.new_visitor()
     kept = [chat_with(engine, visitor, [f"Matter {i}."], max_tokens=3) for i in range(2)]
     refused = chat_with(engine, visitor, ["A third matter."], max_tokens=3)

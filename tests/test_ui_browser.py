@@ -513,7 +513,7 @@ def test_the_matrix_inspector_and_patching_on_the_rwkv7_demo(page):
     """The RWKV-7 demo model in its own app: Record draws the Matrix state tab (exact attention per
     head, the state matrix), the head slider moves it, and the Patching tab restores from the
     clean run and sweeps layers x positions; screenshots for the README."""
-    from rwkv_playground.engine import DEMO_CHECKPOINTS, Engine
+    from rwkv_playground.serving.engine import DEMO_CHECKPOINTS, Engine
     from rwkv_playground.ui import create_app, launch
 
     engine7 = Engine()

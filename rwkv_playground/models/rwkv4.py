@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..state import StateLayout
 from ..wkv import WKVOperator, reference_wkv
-from . import Architecture, embedding_shape, n_layer_of, require
+from .base import Architecture, embedding_shape, n_layer_of, require
 from .common import LN_EPS, RecurrentLM, squared_relu_ffn, token_shift
 
 
@@ -165,7 +165,7 @@ class RWKV4(RecurrentLM):
         super().__init__(config, [Block(i, config.n_embd, config.ffn_dim) for i in range(config.n_layer)])
 
     def state_layout(self) -> StateLayout:
-        return StateLayout.rwkv4(self.config.n_layer, self.config.n_embd)
+        return StateLayout.vector(self.architecture, self.config.n_layer, self.config.n_embd)
 
     def fused_step(self, cpu_kernels, isa: str = "auto"):
         """The C++ one-token step over these weights, read by their checkpoint names."""

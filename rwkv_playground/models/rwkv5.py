@@ -26,16 +26,18 @@ import torch.nn.functional as F
 
 from ..errors import LoadError
 from ..wkv import WKV5
-from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
+from .base import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, token_shift
 from .rwkv4 import ChannelMix
 
 
 @dataclass(frozen=True)
 class RWKV5Config(MatrixConfig):
-    architecture_name = "rwkv5"
     subversion: str = "5.2"  # "5.0" | "5.1" | "5.2"
     bonus_key: str = "time_faaaa"  # "time_faaaa" (u as stored) or "time_first" (log u)
+
+    def expected_shapes(self) -> dict[str, tuple]:
+        return expected_shapes(self)
 
     @property
     def gated(self) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
+from .base import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 from ..errors import LoadError
 from ..wkv import WKV5
@@ -33,9 +33,11 @@ MIXES = ("w", "k", "v", "r", "g")  # the order of the five ddlerp outputs in tim
 
 @dataclass(frozen=True)
 class RWKV6Config(MatrixConfig):
-    architecture_name = "rwkv6"
     mix_lora: int = 32     # D_mix: time_maa_w1 [C, 5 D_mix], time_maa_w2 [5, D_mix, C]
     decay_lora: int = 64   # D_decay: time_decay_w1 [C, D_decay], time_decay_w2 [D_decay, C]
+
+    def expected_shapes(self) -> dict[str, tuple]:
+        return expected_shapes(self)
 
 
 class TimeMix(nn.Module):

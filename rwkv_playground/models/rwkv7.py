@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..wkv import WKV7
-from . import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
+from .base import MatrixArchitecture, MatrixConfig, embedding_shape, head_shape, n_layer_of, require
 from .common import MatrixBlock, MatrixStateLM, head_group_norm, squared_relu_ffn, token_shift
 
 DECAY_SCALE = 0.606531  # exp(-0.5), as the rwkv package writes it: the decay is >= exp(-0.606531)
@@ -40,11 +40,13 @@ LERPS = ("r", "w", "k", "v", "a", "g")
 
 @dataclass(frozen=True)
 class RWKV7Config(MatrixConfig):
-    architecture_name = "rwkv7"
     decay_lora: int = 64   # w1 [C, Dw], w2 [Dw, C]
     iclr_lora: int = 64    # a1 [C, Da], a2 [Da, C]
     value_lora: int = 32   # v1 [C, Dv], v2 [Dv, C]
     gate_lora: int = 128   # g1 [C, Dg], g2 [Dg, C]
+
+    def expected_shapes(self) -> dict[str, tuple]:
+        return expected_shapes(self)
 
 
 def lora_shapes(config: RWKV7Config) -> dict[str, tuple]:

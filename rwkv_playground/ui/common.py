@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..errors import GenerationError, PlaygroundError
 from ..sampling import SamplingSettings
-from ..sessions import Session, forget_session
+from ..serving.sessions import Session, forget_session
 
 log = logging.getLogger("rwkv_playground.ui")
 MAX_TOKENS_CAP = 8192  # per request from the browser; the engine's own limit is higher

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..sessions import Session
+from ..serving.sessions import Session
 
 NEW = "new"  # the list's value for a document not saved yet
 

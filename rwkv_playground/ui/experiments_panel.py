@@ -13,9 +13,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import experiments
+from ..inspector import knockouts as experiments
 from ..errors import GenerationError
-from ..inspection import InspectorSession, half_life, require_vector_views
+from ..inspector.session import InspectorSession
+from ..inspector.vector import half_life, require_vector_views
 from . import figures
 from .common import ensure_session, friendly_error, parse_id_list, with_notices
 

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from ..inspection import decay_per_token, half_life
+from ..inspector.vector import decay_per_token, half_life
 
 # Our figures' look is plotly_white, set as the process's default template: a figure takes the
 # default when it is built (~1 ms), while naming a template in update_layout validates a copy of

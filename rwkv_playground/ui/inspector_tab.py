@@ -13,8 +13,9 @@ import gradio as gr
 import numpy as np
 
 from ..errors import GenerationError
-from ..inspection import InspectorSession, compare_states, effective_attention, model_decay_parameters
-from ..matrix_inspection import MatrixRecording
+from ..inspector.session import InspectorSession
+from ..inspector.vector import compare_states, effective_attention, model_decay_parameters
+from ..inspector.matrix import MatrixRecording
 from ..state import State
 from . import experiments_panel, figures, matrix_figures, patching_panel
 from .common import ensure_session, friendly_error, parse_id_list, session_state, with_notices

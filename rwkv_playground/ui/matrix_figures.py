@@ -7,7 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..matrix_inspection import matrix_half_life
+from ..inspector.matrix import matrix_half_life
 from .figures import LAYOUT, _token_labels
 
 

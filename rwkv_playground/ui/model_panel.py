@@ -7,7 +7,7 @@ from functools import partial
 
 import gradio as gr
 
-from ..engine import KNOWN_CHECKPOINTS
+from ..serving.engine import KNOWN_CHECKPOINTS
 from .common import friendly_error
 
 BACKEND_NAMES = {"cpu": "C++", "cuda": "CUDA", "reference": "PyTorch reference"}

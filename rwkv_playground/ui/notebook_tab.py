@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..errors import GenerationError
-from ..inspection import InspectorSession
+from ..inspector.session import InspectorSession
 from ..notebook import EngineDriver, Notebook, NotebookSession, RunReport
 from ..sampling import SamplingSettings
-from ..sessions import Session
+from ..serving.sessions import Session
 from . import documents
 from .common import ensure_session, friendly_error, session_state, with_notices
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from .. import patching
+from ..inspector import patching
 from ..errors import GenerationError
-from ..inspection import InspectorSession
+from ..inspector.session import InspectorSession
 from . import matrix_figures
 from .common import ensure_session, friendly_error, with_notices
 from .experiments_panel import export_files, parse_ids
@@ -33,7 +33,7 @@ def build_parts(state, mode: str, layers: str, channels: str, axis: str) -> list
     chosen = parse_ids(layers, L, "Layers")
     if mode == PARTS[1]:
         if not state.matrix_state:
-            raise GenerationError(f"{state.arch.title} has no heads: restore layers or channels.")
+            raise GenerationError("This model's vector state has no heads: restore layers or channels.")
         H = state.wkv_state.shape[-3]
         parts = [patching.StatePart(layer, head=h) for layer in chosen for h in range(H)]
     elif mode == PARTS[2]:

@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import GenerationError
-from .models.common import Edits
-from .experiments import logits_chunk_len
-from .inspection import read_observed
-from .scheduler import run_here
-from .state import EMPTY_PP, State
+from ..errors import GenerationError
+from ..models import by_name
+from ..models.common import Edits
+from .knockouts import logits_chunk_len
+from .recording import read_observed
+from ..serving.scheduler import run_here
+from ..state import EMPTY_PP, State
 
 SCORE_BLOCK = 32  # positions scored at once from a batch's logits
 MAX_COMPARE_FLOATS = 400_000_000  # decays kept to compare two models (as the inspector's recording: ~1.6 GB)
@@ -75,7 +76,7 @@ class StatePart:
         matrix = state.matrix_state
         if self.head is not None:
             if not matrix:
-                raise GenerationError(f"{state.arch.title} has no heads: choose a layer or channels.")
+                raise GenerationError("This model's vector state has no heads: choose a layer or channels.")
             H = state.wkv_state.shape[-3]
             if not 0 <= self.head < H:
                 raise GenerationError(f"Head {self.head} does not exist: this model has heads 0 to {H - 1}.")
@@ -119,10 +120,11 @@ class StatePart:
         if self.head is not None:
             mask[self.head] = True
         elif self.channels is not None:
-            key_axis = state.arch.wkv.key_axis
+            arch = by_name(state.architecture)
+            key_axis = arch.wkv.key_axis
             if self.axis != key_axis:
                 raise GenerationError(f"The decay acts on the key channels, which are the matrix's {key_axis} in "
-                                      f"{state.arch.title}: change the decay of {key_axis}, or erase {self.axis}.")
+                                      f"{arch.title}: change the decay of {key_axis}, or erase {self.axis}.")
             mask[:, list(self.channels)] = True
         else:
             mask[:] = True

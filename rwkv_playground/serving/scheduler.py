@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import GenerationError, PlaygroundError
-from .generation import Generation
+from ..errors import GenerationError, PlaygroundError
+from ..generation import Generation
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,13 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from .chat import REPLY_END, ChatFormat, fold_message, model_chat_format, reply_logits_hook, reply_stops
-from .errors import GenerationError
-from .generation import Generation
-from .sampling import SamplingSettings
+from ..chat_format import REPLY_END, ChatFormat, fold_message, model_chat_format, reply_logits_hook, reply_stops
+from ..errors import GenerationError
+from ..generation import Generation
+from ..sampling import SamplingSettings
 from .scheduler import Ticket
 from .sessions import Session, followed_stream, streams_followed, update_interval
-from .state import State
+from ..state import State
 
 
 class ServerBusy(GenerationError):

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .models.checkpoint import read_checkpoint
-from .errors import LoadError
-from .runtime import Runtime, check_tensors, infer_config, load_runtime
+from ..models.checkpoint import read_checkpoint
+from ..errors import LoadError
+from ..runtime import Runtime, check_tensors, infer_config, load_runtime
 from .scheduler import Scheduler, SchedulerSettings
 from .sessions import MemoryBudget, Session, forget_session
-from .tokenizer import Tokenizer, load_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_CHECKPOINT = ASSETS / "rwkv4-demo-shakespeare.pth"  # the default model

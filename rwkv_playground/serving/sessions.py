@@ -17,8 +17,8 @@ import uuid
 import weakref
 from typing import Iterator
 
-from .errors import GenerationError, PlaygroundError
-from .generation import Generation
+from ..errors import GenerationError, PlaygroundError
+from ..generation import Generation
 from .scheduler import Event, Ticket
 
 log = logging.getLogger("rwkv_playground.sessions")

@@ -36,8 +36,8 @@ from typing import Callable
 import sqlalchemy as sa
 import torch
 
-from .errors import PlaygroundError
-from .state import State
+from ..errors import PlaygroundError
+from ..state import State
 
 log = logging.getLogger("rwkv_playground.store")
 

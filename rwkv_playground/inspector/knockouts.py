@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .errors import GenerationError
-from .models.common import Edits
-from .inspection import half_life, require_inspector
-from .scheduler import run_here
-from .state import EMPTY_PP, State
+from ..errors import GenerationError
+from ..models.common import Edits
+from .vector import half_life, require_inspector
+from ..serving.scheduler import run_here
+from ..state import EMPTY_PP, State
 
 KINDS = ("erase", "shift", "decay")
 MAX_BATCH_LOGITS = 16 << 20  # logits held at once (rows x tokens x vocab): 64 MB in float32

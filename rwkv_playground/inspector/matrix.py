@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GenerationError
-from .inspection import read_observed
-from .models import by_name
-from .scheduler import run_here
-from .state import State
-from .wkv import effective_attention
+from ..errors import GenerationError
+from .recording import read_observed
+from ..models import by_name
+from ..serving.scheduler import run_here
+from ..state import State
+from ..wkv import effective_attention
 
 MAX_RECORD_FLOATS = 400_000_000  # as inspection.py: ~1.6 GB of float32 across the recorded arrays
 CHECKPOINT_EVERY = 16

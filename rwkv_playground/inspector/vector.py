@@ -1,4 +1,4 @@
-"""Looking inside the recurrent state: recordings per token, decays, half-lives, effective attention.
+"""RWKV-4's vector state seen from inside: recordings per token, decays, half-lives, effective attention.
 
 `record(runtime, tokenizer, tokens)` runs the text once and keeps, for every token and layer, the
 WKV inputs (k, v), the WKV output, the token-shift vectors and the state (aa, bb, pp) *after*
@@ -17,16 +17,16 @@ sum(weight * v) = wkv_t.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import GenerationError
-from .models import by_name, vector_state_name
-from .scheduler import run_here
-from .sessions import Session, run_task
-from .state import State
+from ..errors import GenerationError
+from ..models import by_name
+from ..serving.scheduler import run_here
+from ..state import State
+from .recording import read_observed
 
 MAX_RECORD_FLOATS = 400_000_000  # ~1.6 GB of float32 across all recorded arrays
 
@@ -49,7 +49,7 @@ class Recording:
     surprisal: np.ndarray  # [T]: -log p(token_t | tokens before it); NaN for the first token
     fingerprint: str
     initial_count: int = 0  # tokens the starting state had already read
-    architecture: str = field(default_factory=vector_state_name)
+    architecture: str = ""  # the architecture that made it (models.by_name), set by record_task
 
     @property
     def n_tokens(self) -> int:
@@ -157,37 +157,6 @@ def require_inspector(runtime, what: str = "The State inspector's vector views",
     require_vector_views(runtime.architecture, what, verb)
 
 
-def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0,
-                  progress_start: float = 0.0):
-    """Read `tokens` chunk by chunk from `state` (default: empty) with `recorder` observing (its
-    `offset` set to each chunk's start); yields (progress_start + fraction * progress_share,
-    message). Returns the
-    starting state as numpy copies, its token count, and the surprisal of every token [T]
-    (NaN for the first). Shared by the RWKV-4 and the matrix-state recordings."""
-    T = len(tokens)
-    start_state = state.clone() if state is not None else runtime.new_state()
-    # copies: the state is advanced in place below, and .numpy() would share its memory
-    initial = {n: t.detach().float().cpu().numpy().copy() for n, t in start_state.tensors().items()}
-    initial_count = start_state.token_count if isinstance(start_state.token_count, int) else 0
-    surprisal = np.full(T, np.nan, dtype=np.float32)
-    previous_logits = None
-    current = start_state
-    for start in range(0, T, runtime.chunk_len):
-        chunk = tokens[start:start + runtime.chunk_len]
-        recorder.offset = start
-        logits, current = runtime.forward(chunk, current, full_output=True, inplace=True, observe=recorder)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        ids = torch.tensor(chunk)
-        # -log p(token_t | before): row t-1 of this chunk's logits, or the previous chunk's last
-        if previous_logits is not None:
-            surprisal[start] = float(-torch.log_softmax(previous_logits, -1)[chunk[0]])
-        if len(chunk) > 1:
-            surprisal[start + 1:start + len(chunk)] = (-log_probs[:-1].gather(1, ids[1:, None])[:, 0]).numpy()
-        previous_logits = logits[-1].float()
-        yield progress_start + progress_share * (start + len(chunk)) / T, f"Recorded {start + len(chunk)} of {T} tokens"
-    return initial, initial_count, surprisal
-
-
 def record_task(runtime, tokenizer, tokens: list[int], state: State | None = None):
     """The recording as a task for the scheduler: a generator reading one chunk per next()
     (yielding (fraction, message)), whose return value is the Recording."""
@@ -222,7 +191,7 @@ def record(runtime, tokenizer, tokens: list[int], state: State | None = None) ->
 def _replay_wkv(w, u, k, v, aa0, bb0, pp0):
     """The state after each token from the captured k, v [T, L, C]: the reference WKV with the
     layers as its batch (float32, the engine's RNN-step arithmetic). Returns aa, bb, pp [T, L, C]."""
-    from .wkv import wkv_reference
+    from ..wkv import wkv_reference
 
     def batch_first(a):
         return torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2)))
@@ -292,76 +261,3 @@ def compare_states(a: State, b: State) -> dict:
                 top.append({"component": name, "layer": layer, "channel": c, "abs_diff": float(diff[c])})
     top.sort(key=lambda r: -r["abs_diff"])
     return {"per_layer": rows, "top_channels": top[:20]}
-
-
-def approximate_nbytes(value) -> int:
-    """Memory an experiment's result holds: its arrays, and its lists of token texts (a sweep of
-    32 knock-outs keeps 33 x 512 x 5 top-token strings, more than its arrays)."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, str):
-        return 49 + len(value)  # CPython's str header + one byte per ASCII character
-    if isinstance(value, (list, tuple)):
-        return 56 + 8 * len(value) + sum(approximate_nbytes(v) for v in value)
-    if hasattr(value, "__dict__"):
-        return sum(approximate_nbytes(v) for v in vars(value).values())
-    return 32
-
-
-class InspectorSession(Session):
-    """One visitor's State inspector: the current recording and the last experiment's result (both
-    accounted in the memory budget)."""
-
-    kind = "inspector"
-
-    def __init__(self):
-        super().__init__()
-        self.recording: Recording | None = None
-        self.experiment = None  # the last result of experiments.py
-        self.experiment_bytes = 0
-
-    def record(self, engine, tokens: list[int], state: State | None = None):
-        """Record `tokens` through the engine's scheduler; yields its events (progress, then done).
-        The recording is kept in `self.recording`."""
-        tokenizer = engine.require().tokenizer
-        self.recording = None
-
-        def task(runtime):
-            if runtime.architecture.inspector_views == "matrix":  # RWKV-5/6/7: matrix_inspection.py
-                from .matrix_inspection import record_matrix_task
-
-                return record_matrix_task(runtime, tokenizer, tokens, state)
-            return record_task(runtime, tokenizer, tokens, state)
-
-        for event in run_task(self, engine, task, label="recording"):
-            if event.kind == "done":
-                self.recording = event.value
-                self.touch(engine)
-            yield event
-
-    def run_experiment(self, engine, task, label: str):
-        """Run an experiment task (runtime -> generator, experiments.py) through the scheduler;
-        yields its events. The result is kept in `self.experiment`."""
-        self.experiment, self.experiment_bytes = None, 0
-        for event in run_task(self, engine, task, label=label):
-            if event.kind == "done":
-                self.keep_experiment(engine, event.value)
-            yield event
-
-    def keep_experiment(self, engine, result) -> None:
-        """Keep an experiment's result, accounted once (results do not change afterwards)."""
-        self.experiment, self.experiment_bytes = result, approximate_nbytes(result)
-        self.touch(engine)
-
-    def memory_items(self) -> list[tuple[str, int]]:
-        items = [("recording", self.recording.nbytes())] if self.recording is not None else []
-        if self.experiment is not None:
-            items.append(("experiment", self.experiment_bytes))
-        return items
-
-    def drop(self, key: str) -> str:
-        if key == "experiment":
-            self.experiment, self.experiment_bytes = None, 0
-            return "your last State inspector experiment (run it again to see it)"
-        self.recording = None
-        return "your State inspector recording (press Record again to make a new one)"

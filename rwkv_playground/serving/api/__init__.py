@@ -33,11 +33,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .completions import (CompletionOptions, CompletionPlan, CompletionRun, PrefixCache, ServerBusy, chat_plan,
+from ..completions import (CompletionOptions, CompletionPlan, CompletionRun, PrefixCache, ServerBusy, chat_plan,
                           new_request_id, text_plan)
-from .errors import GenerationError, PlaygroundError
-from .metrics import CONTENT_TYPE, Metrics
-from .sampling import SamplingSettings
+from ...errors import GenerationError, PlaygroundError
+from ..metrics import CONTENT_TYPE, Metrics
+from ...sampling import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def settings_from_env(settings: ApiSettings) -> ApiSettings:
 
 
 def create_api_app(engine, settings: ApiSettings | None = None) -> FastAPI:
-    """The FastAPI app with the API routes (the UI is mounted on it by ui.serve)."""
+    """The FastAPI app with the API routes (rwkv_playground.server mounts the UI beside it)."""
     settings = settings_from_env(settings or ApiSettings())
     app = FastAPI(title="RWKV Playground API", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
                   redoc_url=None)
