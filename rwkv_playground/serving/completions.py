@@ -5,7 +5,7 @@ extends an earlier one starts from the state kept after it.
     plan = chat_plan(loaded, messages=[("user", "Hello")], options=CompletionOptions(max_tokens=50))
     run = CompletionRun(engine, cache, plan)
     await run.start()                   # ServerBusy when the scheduler's queue is full
-    async for event in run.events():    # ("text", choice, piece, logprobs) ... ("done", choice, ...)
+    async for event in run.events():    # RunEvent("text", choice, piece, logprobs=...) ... RunEvent("done", ...)
         ...
     run.usage                           # prompt / completion / cached token counts
 
@@ -303,6 +303,16 @@ class _Wakeup:
         await self.event.wait()
 
 
+@dataclass(frozen=True)
+class RunEvent:
+    """What a run's consumer receives: released text of a choice, or its end."""
+    kind: str  # "text" | "done"
+    index: int  # the choice
+    text: str = ""  # "text": the piece released
+    finish_reason: str | None = None  # "done": "stop" | "length" | ...
+    logprobs: list = field(default_factory=list)  # (token, logprob, top) entries new with this event
+
+
 class CompletionRun:
     """One API request on the scheduler: its cache lookup, its n choices, its usage."""
 
@@ -415,9 +425,10 @@ class CompletionRun:
         return ticket.result
 
     # ---- following
-    async def events(self) -> AsyncIterator[tuple]:
-        """("text", index, piece, new logprob entries) as text is released, ("done", index,
-        finish_reason, logprob entries) per choice; raises GenerationError if a choice fails.
+    async def events(self) -> AsyncIterator["RunEvent"]:
+        """RunEvent("text", index, piece, logprobs=new entries) as text is released,
+        RunEvent("done", index, finish_reason=..., logprobs=...) per choice; raises
+        GenerationError if a choice fails.
         Text that arrives together comes as one piece, and pieces come at most every
         `update_interval` (shared with the browser's streams), so sixteen streams do not cost the
         web server and its clients a message per token each on the cores the model runs on."""
@@ -456,7 +467,7 @@ class CompletionRun:
                             released = choice.generation.released_logprobs(len(choice.text))
                             entries = released[sent_logprobs[index]:]
                             sent_logprobs[index] = len(released)
-                        yield ("text", index, piece, entries)
+                        yield RunEvent("text", index, text=piece, logprobs=entries)
                     for index in ended:
                         del tickets[index]
                         choice = self.choices[index]
@@ -464,7 +475,8 @@ class CompletionRun:
                         choice.text = gen.text
                         choice.finish_reason = FINISH_REASONS.get(gen.stats.stop_reason, "stop")
                         choice.logprobs = gen.released_logprobs()
-                        yield ("done", index, choice.finish_reason, choice.logprobs[sent_logprobs[index]:])
+                        yield RunEvent("done", index, finish_reason=choice.finish_reason,
+                                       logprobs=choice.logprobs[sent_logprobs[index]:])
                     if pieces or ended:
                         last = loop.time()
                     elif tickets:

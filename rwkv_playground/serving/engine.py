@@ -28,7 +28,7 @@ from .scheduler import Scheduler, SchedulerSettings
 from .sessions import MemoryBudget, Session, forget_session
 from ..tokenizer import Tokenizer, load_tokenizer
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEMO_CHECKPOINT = ASSETS / "rwkv4-demo-shakespeare.pth"  # the default model
 # every model the project trained and ships (tools/demo_model/train.py): the model panel offers each
 DEMO_CHECKPOINTS = (DEMO_CHECKPOINT, ASSETS / "rwkv7-demo-shakespeare.pth")
