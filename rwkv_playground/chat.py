@@ -75,6 +75,9 @@ class ChatSession(Session):
         self.undo_depth = max(1, int(undo_depth))
         self.controls: dict = {}  # the sampling controls' values last used (kept with the conversation)
 
+    def configure(self, settings) -> None:
+        self.undo_depth = max(1, int(settings.undo_depth))
+
     @property
     def state(self) -> State | None:
         return self.turns[-1].state_after if self.turns else None

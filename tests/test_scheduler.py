@@ -277,6 +277,41 @@ def test_memory_budget_drops_the_largest_objects_of_idle_sessions_and_says_so(ap
         eng.scheduler.close()
 
 
+def test_the_budget_accounts_any_object_that_says_what_it_keeps():
+    """memory.Accounted is a protocol, not a base class: the API's cache of conversation states is
+    no Session, and a plain object of five members is accounted, dropped and told like a session."""
+    from rwkv_playground.serving.completions import PrefixCache
+    from rwkv_playground.serving.memory import MemoryBudget
+    from rwkv_playground.serving.sessions import Session
+
+    class Kept:
+        busy, budget = False, None
+
+        def __init__(self, sizes):
+            self.sizes, self.told, self.last_active = dict(sizes), [], time.monotonic() - 3600
+
+        def memory_items(self):
+            return list(self.sizes.items())
+
+        def drop(self, key):
+            del self.sizes[key]
+            return f"object {key}"
+
+        def tell(self, sentence):
+            self.told.append(sentence)
+
+    assert not isinstance(PrefixCache(), Session)
+    budget = MemoryBudget(limit_bytes=100)
+    small, large = budget.add(Kept({"a": 30})), budget.add(Kept({"b": 60, "c": 50}))
+    assert budget.used_bytes() == 140
+    assert budget.enforce() == 80  # the largest object of the idle ones went first
+    assert large.sizes == {"c": 50} and small.sizes == {"a": 30}
+    assert large.told == ["To free memory for other visitors, the server dropped object b."]
+    large.busy = True  # nothing of an owner that is generating is dropped
+    budget.limit_bytes = 10
+    assert budget.enforce() == 50 and small.sizes == {} and large.sizes == {"c": 50}
+
+
 def test_undo_depth_caps_the_states_a_chat_keeps(engine):
     from rwkv_playground.chat import ChatSession
 

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
@@ -39,7 +40,7 @@ from ..errors import GenerationError
 from ..generation import Generation
 from ..sampling import SamplingSettings
 from .scheduler import Ticket
-from .sessions import Session, followed_stream, streams_followed, update_interval
+from .sessions import followed_stream, streams_followed, update_interval
 from ..state import State
 
 
@@ -167,17 +168,18 @@ class _Entry:
         return self.state.nbytes() + self.logits.numel() * self.logits.element_size()
 
 
-class PrefixCache(Session):
+class PrefixCache:
     """States after exact token prefixes, least recently used first out; at most `max_entries`,
-    and accounted in the server's memory budget like a visitor's session (which drops its largest
-    entries when memory runs short)."""
+    and accounted in the server's memory budget (memory.Accounted: it drops the largest entries
+    when memory runs short)."""
 
     kind = "api-cache"
+    busy = False  # (entries are never in use: a run copies the state it starts from)
 
     def __init__(self, max_entries: int = 64):
-        super().__init__()
         self.max_entries = max(0, int(max_entries))
-        self.notices = collections.deque(maxlen=1)  # nobody reads them: keep none
+        self.last_active = time.monotonic()
+        self.budget = None
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.fingerprint = ""
@@ -229,7 +231,9 @@ class PrefixCache(Session):
             self._entries.move_to_end(entry.key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-        self.touch(engine)
+        self.last_active = time.monotonic()
+        if engine is not None:
+            engine.memory.enforce(keep=self)
 
     def deferred(self, key: bytes) -> _Entry | None:
         with self._lock:
@@ -243,7 +247,7 @@ class PrefixCache(Session):
     def __len__(self) -> int:
         return len(self._entries)
 
-    # ---- sessions.Session: the memory budget
+    # ---- memory.Accounted
     def memory_items(self) -> list[tuple[str, int]]:
         with self._lock:
             return [(key.hex(), e.nbytes()) for key, e in self._entries.items()]
@@ -252,6 +256,12 @@ class PrefixCache(Session):
         with self._lock:
             self._entries.pop(bytes.fromhex(key), None)
         return "a kept API conversation state"
+
+    def tell(self, sentence: str) -> None:
+        pass  # (nobody reads the cache's notices)
+
+    def release(self) -> None:
+        self.clear()
 
 
 # ---- a run --------------------------------------------------------------------------------------

@@ -153,9 +153,8 @@ class Engine:
 
     # ---- sessions ------------------------------------------------------------------------------
     def add_session(self, session: Session) -> Session:
-        """Account a visitor's session object in the memory budget."""
-        if hasattr(session, "undo_depth"):
-            session.undo_depth = self.settings.undo_depth
+        """A visitor's session, given the serving settings and accounted in the memory budget."""
+        session.configure(self.settings)
         return self.memory.add(session)
 
     def forget(self, session: Session | None) -> None:

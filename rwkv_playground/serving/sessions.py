@@ -1,11 +1,12 @@
-"""What every visitor's session object shares: its account in the server's memory budget, the
-notices the visitor should read, and following a generation through the scheduler.
+"""What every visitor's session object shares: the notices the visitor should read, following a
+generation through the scheduler, Stop, and the document it keeps in the session store.
 
-Many visitors share one server, so nothing a session keeps may grow without bound: every session
-reports what it holds (`memory_items`), and `MemoryBudget` drops the largest objects of idle
-sessions first once the total passes the limit. The session keeps a sentence saying what was
-dropped, shown to the visitor when they come back; what was dropped is rebuilt by re-reading
-tokens where that is possible (chat, blog), or asked for again (a recording).
+Many visitors share one server, so nothing a session keeps may grow without bound: a session is
+an `Accounted` object of the memory budget (memory.py): it reports what it holds
+(`memory_items`), and the budget drops the largest objects of idle sessions first once the total
+passes the limit. The session keeps a sentence saying what was dropped, shown to the visitor when
+they come back; what was dropped is rebuilt by re-reading tokens where that is possible (chat,
+blog), or asked for again (a recording).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterator
 
 from ..errors import GenerationError, PlaygroundError
 from ..generation import Generation
+from .memory import MemoryBudget  # noqa: F401  (re-exported: its home was this module)
 from .scheduler import Event, Ticket
 
 log = logging.getLogger("rwkv_playground.sessions")
@@ -175,6 +177,14 @@ class Session:
         if engine is not None:
             engine.memory.enforce(keep=self)
 
+    def tell(self, sentence: str) -> None:
+        """A sentence for the visitor, shown with their next update (what the budget dropped, ...)."""
+        self.notices.append(sentence)
+
+    def configure(self, settings) -> None:
+        """Take the server's serving settings (engine.ServingSettings) when the engine adds the
+        session; sessions that keep per-turn states read their limits here."""
+
     def take_notices(self) -> list[str]:
         notices, self.notices = self.notices, []
         return notices
@@ -263,58 +273,3 @@ def run_task(session: Session, engine, task, label: str = "") -> Iterator[Event]
         yield from session.follow(engine.scheduler.submit_task(task, label=label or session.kind))
     finally:
         session.busy = False
-
-
-class MemoryBudget:
-    """Accounts the objects every session keeps; past `limit_bytes`, drops the largest objects of
-    idle sessions first (then of other sessions that are not generating), and tells each visitor."""
-
-    def __init__(self, limit_bytes: int, idle_after_s: float = 60.0):
-        self.limit_bytes = int(limit_bytes)
-        self.idle_after_s = idle_after_s
-        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self.dropped = 0  # objects dropped so far (tests, the status line)
-
-    def add(self, session: Session) -> Session:
-        with self._lock:
-            self._sessions.add(session)
-        session.budget = weakref.ref(self)
-        return session
-
-    def remove(self, session: Session) -> None:
-        with self._lock:
-            self._sessions.discard(session)
-
-    def sessions(self) -> list[Session]:
-        with self._lock:
-            return list(self._sessions)
-
-    def used_bytes(self) -> int:
-        return sum(s.memory_bytes() for s in self.sessions())
-
-    def enforce(self, keep: Session | None = None) -> int:
-        """Drop objects until the total is within the limit; returns the bytes in use after."""
-        with self._lock:
-            sessions = list(self._sessions)
-            items = [(n, s, key) for s in sessions for key, n in s.memory_items()]
-            total = sum(n for n, _, _ in items)
-            if total <= self.limit_bytes:
-                return total
-            now = time.monotonic()
-
-            def order(item):
-                n, s, _ = item
-                idle = not s.busy and now - s.last_active >= self.idle_after_s
-                return (0 if idle else 1, -n)
-
-            for n, s, key in sorted(items, key=order):
-                if total <= self.limit_bytes:
-                    break
-                if s is keep or s.busy:
-                    continue
-                what = s.drop(key)
-                s.notices.append(f"To free memory for other visitors, the server dropped {what}.")
-                total -= n
-                self.dropped += 1
-            return total

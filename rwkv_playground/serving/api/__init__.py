@@ -90,7 +90,7 @@ def create_api_app(engine, settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="RWKV Playground API", docs_url="/v1/docs", openapi_url="/v1/openapi.json",
                   redoc_url=None)
     metrics = Metrics(engine)
-    cache = engine.add_session(PrefixCache(settings.cache_entries))
+    cache = engine.memory.add(PrefixCache(settings.cache_entries))
     app.state.engine, app.state.metrics, app.state.cache, app.state.api_settings = engine, metrics, cache, settings
     install_error_mapper(app)
     app.add_middleware(CountRequests, metrics=metrics)
