@@ -137,9 +137,9 @@ def test_every_reply_shows_its_reading_and_writing_speed():
 def chat_alone(engine, message, seed, max_tokens):
     """The reply the same request gets with the model to itself (in-process, same sampling)."""
     from rwkv_playground.chat import ChatFormat, ChatSession
-    from rwkv_playground.ui.common import settings_from
+    from rwkv_playground.ui.common import Sampling
 
-    settings, max_tokens = settings_from(*SAMPLING, max_tokens, seed)
+    settings, max_tokens = Sampling(*SAMPLING, max_tokens, seed).settings()
     session = ChatSession(ChatFormat("Bob", "Alice"))
     reply = ""
     for reply in session.send(engine, message, settings, max_tokens):

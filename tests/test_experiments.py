@@ -244,11 +244,12 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
     import plotly.graph_objects as go
 
     from rwkv_playground.inspector import InspectorSession
-    from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, ExperimentsPanel
+    from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, ExperimentsPanel, KnockoutChoice, TraceChoice
 
     panel = ExperimentsPanel(engine)
     session = engine.add_session(InspectorSession())
-    *_, last = panel.on_run(session, "Knock-out", 5, "erase", "all", CHANNEL_MODES[1], "", 8, None, 4, 8)
+    *_, last = panel.on_run(session, "Knock-out", 5, KnockoutChoice("erase", "all", CHANNEL_MODES[1], "", 8, None),
+                            TraceChoice(4, 8))
     assert "Press Record first" in last[0]
     loaded = engine.require()
     for _ in session.record(engine, loaded.tokenizer.encode("ROMEO: Good night, good night!\n\nJULIET: Parting is "
@@ -258,8 +259,9 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
     runs = {"Knock-out": ("erase", "0-2", CHANNEL_MODES[1]), "Causal trace": ("erase", "all", CHANNEL_MODES[0]),
             "Logit lens": ("erase", "all", CHANNEL_MODES[0]), "Memory probe": ("erase", "all", CHANNEL_MODES[0])}
     for experiment, (kind, layers, mode) in runs.items():
-        *_, (status, fig, summary, files) = panel.on_run(session, experiment, n // 2, kind, layers, mode, "0-15", 8,
-                                                         -8.0, 2, 6)
+        *_, (status, fig, summary, files) = panel.on_run(session, experiment, n // 2,
+                                                         KnockoutChoice(kind, layers, mode, "0-15", 8, -8.0),
+                                                         TraceChoice(2, 6))
         assert status.endswith("CSV, JSON)."), (experiment, status)
         if experiment == "Knock-out":  # the top next token where each knock-out mattered most
             assert "before → after" in summary and summary.count(" → ") >= 4
@@ -273,6 +275,7 @@ def test_the_experiments_tab_runs_each_experiment_and_exports(engine):
         assert "plotly" in Path(files[0]).read_text() and json.loads(Path(files[2]).read_text())
         assert dict(session.memory_items())["experiment"] > 0
     assert session.experiment.position == n // 2
-    *_, last = panel.on_run(session, "Knock-out", 3, "erase", "7-9", CHANNEL_MODES[0], "0-3", 8, None, 4, 8)
+    *_, last = panel.on_run(session, "Knock-out", 3, KnockoutChoice("erase", "7-9", CHANNEL_MODES[0], "0-3", 8, None),
+                            TraceChoice(4, 8))
     assert last[0].startswith("⚠") and "Layers" in last[0]
     engine.forget(session)

@@ -103,3 +103,31 @@ def test_the_old_module_names_are_the_new_modules():
     from rwkv_playground.inspection import InspectorSession, read_observed, record  # noqa: F401
     from rwkv_playground.matrix_inspection import record_matrix  # noqa: F401
     from rwkv_playground.patching import StatePart  # noqa: F401
+
+
+def test_no_ui_handler_takes_more_than_eight_parameters():
+    """The sampling controls are one component (ui.common.SamplingControls -> Sampling), and other
+    groups of controls come as one object too (ControlGroup): no handler lists them one by one."""
+    import importlib
+    import inspect as inspect_module
+
+    too_many = []
+    for path in sorted((PACKAGE / "ui").glob("*.py")):
+        module = importlib.import_module(f"rwkv_playground.ui.{path.stem}" if path.stem != "__init__" else
+                                         "rwkv_playground.ui")
+        functions = [f for _, f in inspect_module.getmembers(module, inspect_module.isfunction)
+                     if f.__module__ == module.__name__]
+        for _, cls in inspect_module.getmembers(module, inspect_module.isclass):
+            if cls.__module__ == module.__name__:
+                functions += [f for name, f in vars(cls).items() if inspect_module.isfunction(f)]
+        for f in functions:
+            if f.__name__.startswith(("on_", "api_")):
+                names = [n for n in inspect_module.signature(f).parameters if n != "self"]
+                if len(names) > 8:
+                    too_many.append(f"{module.__name__}.{f.__qualname__}: {len(names)}")
+    assert not too_many, too_many
+    from rwkv_playground.ui.common import SAMPLING_NAMES, Sampling
+
+    settings, max_tokens = Sampling(0.5, 0.9, 5, 0.1, 0.2, 0.99, 10 ** 9, 7).settings()
+    assert (settings.temperature, settings.top_k, settings.seed, max_tokens) == (0.5, 5, 7, 8192)
+    assert len(SAMPLING_NAMES) == 8 and Sampling(seed=-1).settings()[0].seed is None

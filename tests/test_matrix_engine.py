@@ -250,7 +250,7 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     tab = inspector_tab.InspectorTab(matrix_engine)
     session = InspectorSession()
     text = "User: Hello there, how are you today?\n\nAssistant: Fine."
-    *_, last = tab.on_record("Text below", text, None, None, session, 1, "0-31", 96, 1)
+    *_, last = tab.on_record("Text below", text, None, None, session, inspector_tab.ViewChoice(1, "0-31", 96, 1))
     status, layer, token, head, spike, *rest = last
     assert "Recorded" in status and "heads of" in status, status
     rec = session.recording
@@ -276,27 +276,28 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     panel = patching_panel.PatchingPanel(matrix_engine)
     corrupt = text.replace("today", "now")
     same_length = len(matrix_engine.require().tokenizer.encode(corrupt)) == rec.n_tokens
+    Options = patching_panel.PatchOptions
     out = list(panel.on_run(session, patching_panel.ACTIONS[0], corrupt if same_length else text, 2,
-                            patching_panel.PARTS[1], "0", "0-3", "rows", 8, 0))[-1]
+                            Options(patching_panel.PARTS[1], "0", "0-3", "rows", 8, 0)))[-1]
     assert "done" in out[0], out[0]
     assert out[1].data[0].z.shape[0] == rec.n_head and len(out[3]) == 3
-    out = list(panel.on_run(session, patching_panel.ACTIONS[2], "", 5, patching_panel.PARTS[0], "all", "", "rows",
-                            8, 2))[-1]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[2], "", 5,
+                            Options(patching_panel.PARTS[0], "all", "", "rows", 8, 2)))[-1]
     assert "done" in out[0], out[0]
-    out = list(panel.on_run(session, patching_panel.ACTIONS[4], "", 3, patching_panel.PARTS[1], "0", "", "rows",
-                            8, 0))[-1]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[4], "", 3,
+                            Options(patching_panel.PARTS[1], "0", "", "rows", 8, 0)))[-1]
     assert "done" in out[0] and "mean KL" in out[2], out[0]
     key_axis = "columns" if rec.architecture == "rwkv7" else "rows"
-    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[2], "0", "0-3", key_axis,
-                            8, 0, None, 0.0))[-1]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3,
+                            Options(patching_panel.PARTS[2], "0", "0-3", key_axis, 8, 0, None, 0.0)))[-1]
     assert "done" in out[0] and "decay set" in out[2] and out[1].data[0].z.max() > 0, out[0]
     value_axis = "rows" if key_axis == "columns" else "columns"
-    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3, patching_panel.PARTS[2], "0", "0-3", value_axis,
-                            8, 0, None, 0.0))[-1]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[5], "", 3,
+                            Options(patching_panel.PARTS[2], "0", "0-3", value_axis, 8, 0, None, 0.0)))[-1]
     assert f"which are the matrix's {key_axis}" in out[0] and "Traceback" not in out[0], out[0]
     other = [name for name in matrix_engine.list_models() if name.endswith(".pth")]
-    out = list(panel.on_run(session, patching_panel.ACTIONS[6], "", 3, patching_panel.PARTS[0], "all", "", "rows",
-                            8, 0, other[0]))[-1]
+    out = list(panel.on_run(session, patching_panel.ACTIONS[6], "", 3,
+                            Options(patching_panel.PARTS[0], "all", "", "rows", 8, 0, other[0])))[-1]
     assert ("done" in out[0] and "mean surprisal" in out[2]) or "different vocabularies" in out[0], out[0]
 
 
@@ -306,15 +307,16 @@ def test_the_experiments_tab_refuses_a_matrix_recording_in_one_sentence(matrix_e
     experiments are, never an AttributeError (the tab once read rec.time_decay of a matrix recording)."""
     from rwkv_playground.inspector import InspectorSession
     from rwkv_playground.inspector.matrix import record_matrix
-    from rwkv_playground.ui.experiments_panel import CHANNEL_MODES, EXPERIMENTS, ExperimentsPanel
+    from rwkv_playground.ui.experiments_panel import (CHANNEL_MODES, EXPERIMENTS, ExperimentsPanel, KnockoutChoice,
+                                                      TraceChoice)
 
     loaded = matrix_engine.require()
     session = matrix_engine.add_session(InspectorSession())
     session.recording = record_matrix(loaded.runtime, loaded.tokenizer, loaded.tokenizer.encode("Hello there, friend."))
     title = loaded.runtime.architecture.title
     for experiment in EXPERIMENTS:
-        outputs = list(ExperimentsPanel(matrix_engine).on_run(session, experiment, 2, "erase", "all", CHANNEL_MODES[1],
-                                                              "0-3", 4, -8.0, 4, 8))
+        outputs = list(ExperimentsPanel(matrix_engine).on_run(
+            session, experiment, 2, KnockoutChoice("erase", "all", CHANNEL_MODES[1], "0-3", 4, -8.0), TraceChoice(4, 8)))
         status = outputs[-1][0]
         assert "went wrong" not in status and "Error" not in status, status
         assert f"read RWKV-4's vector state (aa, bb, pp); {title}'s matrix state has its own views" in status

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from types import SimpleNamespace
@@ -15,11 +16,29 @@ import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
 from . import documents
-from .common import (controls_of, controls_update, ensure_session, friendly_error, sampling_controls, session_state, settings_from, stats_line,
+from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, event, friendly_error, session_state, stats_line,
                      stream, with_notices)
 
 
 FORM = ("audience", "tone", "key_points", "outline_first", "template")  # kept with a post, besides its topic
+
+
+@dataclass(frozen=True)
+class Brief:
+    """What the post is to be: the form above the Write button (handed to on_write as one object)."""
+    audience: str = ""
+    tone: str = ""
+    key_points: str = ""
+    outline_first: bool = False
+    template: str = DEFAULT_TEMPLATE
+
+    def prompt(self, topic: str) -> str:
+        return build_prompt(OUTLINE_TEMPLATE if self.outline_first else self.template, topic, self.audience,
+                            self.tone, self.key_points)
+
+    def values(self) -> dict:
+        return {"audience": self.audience, "tone": self.tone, "key_points": self.key_points,
+                "outline_first": bool(self.outline_first), "template": self.template}
 
 
 def markdown_file(text: str, topic: str) -> str:
@@ -47,23 +66,17 @@ class BlogTab:
     def __init__(self, engine):
         self.engine = engine
 
-    def on_write(self, session, topic, audience, tone, key_points, outline_first, template, temperature, top_p,
-                 top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed, key=None,
-                 request: gr.Request = None):
+    def on_write(self, session, topic, brief: Brief, sampling: Sampling, key=None, request: gr.Request = None):
         """Write a new post (or an outline, then each section from a fork of its state)."""
         session = ensure_session(self.engine, session, BlogSession, request, key)
         try:
-            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                                 penalty_decay, max_tokens, seed)
-            prompt = build_prompt(OUTLINE_TEMPLATE if outline_first else template, topic, audience, tone, key_points)
+            settings, max_tokens = sampling.settings()
+            prompt = brief.prompt(topic)
         except Exception as exc:
             yield view(session, friendly_error(exc), topic)
             return
-        session.controls = {"audience": audience, "tone": tone, "key_points": key_points,
-                            "outline_first": bool(outline_first), "template": template,
-                            **controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                                          max_tokens, seed)}
-        if outline_first:
+        session.controls = {**brief.values(), **sampling.values()}
+        if brief.outline_first:
             per_section = max(50, max_tokens // 6)
             make = lambda: session.write_with_outline(self.engine, prompt, settings, per_section,  # noqa: E731
                                                       title=topic)
@@ -71,13 +84,11 @@ class BlogTab:
             make = lambda: session.write(self.engine, prompt, settings, max_tokens, title=topic)  # noqa: E731
         yield from _run(session, make, topic)
 
-    def on_continue(self, session, topic, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                    max_tokens, seed, key=None, request: gr.Request = None):
+    def on_continue(self, session, topic, sampling: Sampling, key=None, request: gr.Request = None):
         """Keep writing from the saved state."""
         session = ensure_session(self.engine, session, BlogSession, request, key)
         try:
-            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                                 penalty_decay, max_tokens, seed)
+            settings, max_tokens = sampling.settings()
         except Exception as exc:
             yield view(session, friendly_error(exc), topic)
             return
@@ -98,7 +109,7 @@ class BlogTab:
                       "reads it once and goes on.")
         form = [session.controls.get(name, gr.skip()) for name in FORM]
         return (*view(session, with_notices(session, status), session.title, final=True), self.posts(session),
-                session.title, *form, *controls_update(session.controls))
+                session.title, *form, *SamplingControls.update(session.controls))
 
     def visit(self, session: BlogSession, notice: str = ""):
         if session.visitor is not None and not session.text:
@@ -156,8 +167,9 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
             with gr.Accordion("Prompt template", open=False):
                 template = gr.Textbox(DEFAULT_TEMPLATE, lines=4, label="Template ({topic}, {details})",
                                       elem_id="blog-template")
-            sampling = sampling_controls("blog", temperature=1.0, top_p=0.7, presence=0.4, count=0.4,
-                                         decay=0.996, max_tokens=1500)
+            sampling = SamplingControls("blog", temperature=1.0, top_p=0.7, presence=0.4, count=0.4,
+                                        decay=0.996, max_tokens=1500)
+            brief = ControlGroup([audience, tone, key_points, outline_first, template], Brief)
         with gr.Column(scale=2):
             with gr.Row():
                 write = gr.Button("Write", variant="primary", elem_id="blog-write")
@@ -170,12 +182,10 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     outputs = [output, status, session, download]
-    write_ev = write.click(tab.on_write,
-                           [session, topic, audience, tone, key_points, outline_first, template, *sampling,
-                            *key_input],
-                           outputs, api_name="blog", **model_events)
-    cont_ev = cont.click(tab.on_continue, [session, topic, *sampling, *key_input], outputs, api_name="blog_continue",
-                         **model_events)
+    write_ev = write.click(*event(tab.on_write, session, topic, brief, sampling, *key_input), outputs, api_name="blog",
+                           **model_events)
+    cont_ev = cont.click(*event(tab.on_continue, session, topic, sampling, *key_input), outputs,
+                         api_name="blog_continue", **model_events)
     stop_ev = stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
                                                                             api_visibility="private")
     for event in (write_ev, cont_ev, stop_ev):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
 from . import documents
-from .common import (controls_of, controls_update, ensure_session, friendly_error, sampling_controls, session_state,
-                     settings_from, stats_line, stream, with_notices)
+from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, event, friendly_error, session_state,
+                     stats_line, stream, with_notices)
 
 INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
 
@@ -45,6 +46,11 @@ def view(session: ChatSession, status: str):
     return messages_of(session), status, stats_table(session), session
 
 
+def format_from(user_name: str, bot_name: str, scenario: str) -> ChatFormat:
+    """The chat format the format controls describe (empty names: User / Assistant)."""
+    return ChatFormat((user_name or "").strip() or "User", (bot_name or "").strip() or "Assistant", scenario or "")
+
+
 def choose_preset(name):
     if name in PRESETS:
         return PRESETS[name].user, PRESETS[name].bot, PRESETS[name].reply_start
@@ -57,41 +63,36 @@ class ChatTab:
     def __init__(self, engine):
         self.engine = engine
 
-    def on_send(self, message, session, user_name, bot_name, scenario, temperature, top_p, top_k,
-                presence_penalty, count_penalty, penalty_decay, max_tokens, seed, reply_start="", key=None,
+    def on_send(self, message, session, fmt: ChatFormat, sampling: Sampling, reply_start: str = "", key=None,
                 request: gr.Request = None):
         """Send a message and stream the reply; the message box is emptied once it is taken.
-        `key`: the visitor's (the browser's storage), for a process that never saw their page."""
+        `fmt`: the format controls' chat format (format_from), whose reply starts with
+        `reply_start` (its own input: API clients send it after the sampling values); `key`: the
+        visitor's (the browser's storage), for a process that never saw their page."""
         session = ensure_session(self.engine, session, ChatSession, request, key)
         if not message or not message.strip():
             yield *view(session, "Type a message first, then press Enter or Send."), message
             return
         try:
-            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                                 penalty_decay, max_tokens, seed)
+            settings, max_tokens = sampling.settings()
         except Exception as exc:
             yield *view(session, friendly_error(exc)), message
             return
-        session.fmt = ChatFormat(user_name.strip() or "User", bot_name.strip() or "Assistant", scenario or "",
-                                 reply_start=reply_start or "")
-        session.controls = controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                                       max_tokens, seed)
+        session.fmt = replace(fmt, reply_start=reply_start or "")
+        session.controls = sampling.values()
         for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
                               lambda status, final: view(session, status), lambda: last_stats(session)):
             yield *outputs, ""
 
-    def on_regenerate(self, session, temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                      max_tokens, seed, key=None, request: gr.Request = None):
+    def on_regenerate(self, session, sampling: Sampling, key=None, request: gr.Request = None):
         """A new reply to the last message, from the state kept after reading it."""
         session = ensure_session(self.engine, session, ChatSession, request, key)
         try:
-            settings, max_tokens = settings_from(temperature, top_p, top_k, presence_penalty, count_penalty,
-                                                 penalty_decay, max_tokens, seed)
+            settings, max_tokens = sampling.settings()
         except Exception as exc:
             yield view(session, friendly_error(exc))
             return
-        session.controls = controls_of(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay,
-                                       max_tokens, seed)
+        session.controls = sampling.values()
         yield from stream(session, lambda: session.regenerate(self.engine, settings, max_tokens),
                           lambda status, final: view(session, status), lambda: last_stats(session))
 
@@ -135,7 +136,7 @@ class ChatTab:
         """Outputs after another conversation is held: the view, its format, the list, its name."""
         fmt = session.fmt
         return (*view(session, with_notices(session, status)), fmt.user, fmt.bot, fmt.scenario, fmt.reply_start,
-                self.conversations(session), session.title, *controls_update(session.controls))
+                self.conversations(session), session.title, *SamplingControls.update(session.controls))
 
     def visit(self, session: ChatSession, notice: str = ""):
         """A page opened: hold the visitor's newest conversation (the outputs of `opened`)."""
@@ -244,19 +245,19 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
     status = gr.Markdown("", elem_id="chat-status")
     with gr.Accordion("Statistics per turn", open=False):
         table = gr.JSON([], elem_id="chat-stats")
-    sampling = sampling_controls("chat", temperature=1.0, top_p=0.5, presence=0.4, count=0.4, decay=0.996,
-                                 max_tokens=200)
+    sampling = SamplingControls("chat", temperature=1.0, top_p=0.5, presence=0.4, count=0.4, decay=0.996,
+                                max_tokens=200)
+    chat_format = ControlGroup([user_name, bot_name, scenario], format_from)
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     shown = [chatbot, status, table, session]
-    inputs = [message, session, user_name, bot_name, scenario, *sampling, reply_start, *key_input]
+    send_fn = event(tab.on_send, message, session, chat_format, sampling, reply_start, *key_input)
     preset.change(choose_preset, [preset], [user_name, bot_name, reply_start], queue=False,
                   api_visibility="private")
-    send_ev = send.click(tab.on_send, inputs, [*shown, message], api_name="chat", **model_events)
-    submit_ev = message.submit(tab.on_send, inputs, [*shown, message], api_visibility="private",
-                               **model_events)
-    regen_ev = regenerate.click(tab.on_regenerate, [session, *sampling, *key_input], shown, api_name="regenerate",
-                                **model_events)
+    send_ev = send.click(*send_fn, [*shown, message], api_name="chat", **model_events)
+    submit_ev = message.submit(*send_fn, [*shown, message], api_visibility="private", **model_events)
+    regen_ev = regenerate.click(*event(tab.on_regenerate, session, sampling, *key_input), shown,
+                                api_name="regenerate", **model_events)
     stop_ev = stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
         tab.on_stop, [session], shown, api_visibility="private")
     undo_ev = undo.click(tab.on_undo, [session], shown, api_name="undo", queue=False)

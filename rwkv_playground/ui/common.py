@@ -1,11 +1,14 @@
-"""What the tabs share: sampling controls, per-visitor session state, the one streaming helper,
-readable errors and statistics lines."""
+"""What the tabs share: the sampling controls as one component (`SamplingControls` -> `Sampling`),
+control groups handed to handlers as one object (`event`), per-visitor session state, the one
+streaming helper, readable errors and statistics lines."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -62,50 +65,112 @@ def ensure_session(engine, session: Session | None, factory: Callable[[], Sessio
     return session
 
 
-def sampling_controls(prefix: str, temperature=1.0, top_p=0.7, presence=0.4, count=0.4, decay=0.996,
-                      max_tokens=300, max_tokens_cap=MAX_TOKENS_CAP) -> list:
-    """The sampling controls of a tab, in the order of `settings_from`'s parameters."""
-    with gr.Accordion("Sampling", open=False, elem_id=f"{prefix}-sampling"):
-        with gr.Row():
-            t = gr.Slider(0.0, 3.0, value=temperature, step=0.05, label="Temperature",
-                          info="0 = always the most likely token", elem_id=f"{prefix}-temperature")
-            p = gr.Slider(0.0, 1.0, value=top_p, step=0.01, label="Top-p", elem_id=f"{prefix}-top-p")
-            k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id=f"{prefix}-top-k")
-        with gr.Row():
-            pres = gr.Slider(0.0, 2.0, value=presence, step=0.05, label="Presence penalty",
-                             elem_id=f"{prefix}-presence")
-            cnt = gr.Slider(0.0, 2.0, value=count, step=0.05, label="Count penalty", elem_id=f"{prefix}-count")
-            dec = gr.Slider(0.9, 1.0, value=decay, step=0.001, label="Penalty decay", elem_id=f"{prefix}-decay")
-        with gr.Row():
-            mx = gr.Number(value=max_tokens, precision=0, minimum=1, maximum=max_tokens_cap, label="Max tokens",
-                           elem_id=f"{prefix}-max-tokens")
-            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
-    return [t, p, k, pres, cnt, dec, mx, seed]
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling controls' values, as one object a handler receives (`SamplingControls`)."""
+    temperature: float = 1.0
+    top_p: float = 0.7
+    top_k: int = 0
+    presence_penalty: float = 0.4
+    count_penalty: float = 0.4
+    penalty_decay: float = 0.996
+    max_tokens: int = 300
+    seed: int = -1
+
+    def settings(self) -> tuple[SamplingSettings, int]:
+        """(SamplingSettings, max_tokens capped for the browser); GenerationError if out of range."""
+        settings = SamplingSettings(temperature=float(self.temperature), top_p=float(self.top_p),
+                                    top_k=int(self.top_k), presence_penalty=float(self.presence_penalty),
+                                    count_penalty=float(self.count_penalty), penalty_decay=float(self.penalty_decay),
+                                    seed=None if self.seed is None or int(self.seed) < 0 else int(self.seed))
+        settings.validate()
+        max_tokens = max(1, min(int(self.max_tokens or 1), MAX_TOKENS_CAP))  # the browser's value is only a wish
+        return settings, max_tokens
+
+    def values(self) -> dict:
+        """By name (kept with a document, shown again when it opens)."""
+        return {name: getattr(self, name) for name in SAMPLING_NAMES}
 
 
-SAMPLING_NAMES = ("temperature", "top_p", "top_k", "presence_penalty", "count_penalty", "penalty_decay",
-                  "max_tokens", "seed")
+SAMPLING_NAMES = tuple(f.name for f in fields(Sampling))
 
 
-def controls_of(*values) -> dict:
-    """The sampling controls' values by name (kept with a document, shown again when it opens)."""
-    return dict(zip(SAMPLING_NAMES, values))
+class ControlGroup:
+    """Several components a handler receives as one object: `read(values)` builds it from the
+    components' values in order (Gradio hands an event one value per component)."""
+
+    def __init__(self, components: list, read: Callable):
+        self.components, self.read = list(components), read
+
+    def __iter__(self):
+        return iter(self.components)
+
+    def __len__(self) -> int:
+        return len(self.components)
 
 
-def controls_update(controls: dict) -> list:
-    """Updates of the sampling controls to a document's kept values (unchanged where it has none)."""
-    return [controls[name] if name in controls else gr.skip() for name in SAMPLING_NAMES]
+class SamplingControls(ControlGroup):
+    """A tab's sampling controls as one component: their Gradio components (in an accordion) and
+    the `Sampling` their values make."""
+
+    def __init__(self, prefix: str, temperature=1.0, top_p=0.7, presence=0.4, count=0.4, decay=0.996,
+                 max_tokens=300, max_tokens_cap=MAX_TOKENS_CAP):
+        with gr.Accordion("Sampling", open=False, elem_id=f"{prefix}-sampling"):
+            with gr.Row():
+                t = gr.Slider(0.0, 3.0, value=temperature, step=0.05, label="Temperature",
+                              info="0 = always the most likely token", elem_id=f"{prefix}-temperature")
+                p = gr.Slider(0.0, 1.0, value=top_p, step=0.01, label="Top-p", elem_id=f"{prefix}-top-p")
+                k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id=f"{prefix}-top-k")
+            with gr.Row():
+                pres = gr.Slider(0.0, 2.0, value=presence, step=0.05, label="Presence penalty",
+                                 elem_id=f"{prefix}-presence")
+                cnt = gr.Slider(0.0, 2.0, value=count, step=0.05, label="Count penalty", elem_id=f"{prefix}-count")
+                dec = gr.Slider(0.9, 1.0, value=decay, step=0.001, label="Penalty decay", elem_id=f"{prefix}-decay")
+            with gr.Row():
+                mx = gr.Number(value=max_tokens, precision=0, minimum=1, maximum=max_tokens_cap, label="Max tokens",
+                               elem_id=f"{prefix}-max-tokens")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
+        super().__init__([t, p, k, pres, cnt, dec, mx, seed], lambda *values: Sampling(*values))
+
+    @staticmethod
+    def update(controls: dict) -> list:
+        """Updates of the controls to a document's kept values (unchanged where it has none)."""
+        return [controls[name] if name in controls else gr.skip() for name in SAMPLING_NAMES]
 
 
-def settings_from(temperature, top_p, top_k, presence_penalty, count_penalty, penalty_decay, max_tokens, seed):
-    """The sampling controls' values -> (SamplingSettings, max_tokens capped for the browser)."""
-    settings = SamplingSettings(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                                presence_penalty=float(presence_penalty), count_penalty=float(count_penalty),
-                                penalty_decay=float(penalty_decay),
-                                seed=None if seed is None or int(seed) < 0 else int(seed))
-    settings.validate()
-    max_tokens = max(1, min(int(max_tokens or 1), MAX_TOKENS_CAP))  # the browser's value is only a wish
-    return settings, max_tokens
+def event(handler: Callable, *inputs) -> tuple[Callable, list]:
+    """(fn, components) for a Gradio event: `inputs` are components (one value each) or
+    ControlGroups, each handed to `handler` as one object; a `request: gr.Request` parameter of the
+    handler is given as Gradio gives it. Usage: `button.click(*event(tab.on_send, message, sampling), outputs)`."""
+    components, spans = [], []
+    for item in inputs:
+        if isinstance(item, ControlGroup):
+            spans.append((len(components), len(item), item.read))
+            components.extend(item.components)
+        else:
+            spans.append((len(components), 1, None))
+            components.append(item)
+    wants_request = "request" in inspect.signature(handler).parameters
+
+    def pack(values):
+        return [read(*values[i:i + n]) if read else values[i] for i, n, read in spans]
+
+    if inspect.isgeneratorfunction(handler):
+        def fn(*values):
+            *values, request = values
+            yield from handler(*pack(values), **({"request": request} if wants_request else {}))
+    else:
+        def fn(*values):
+            *values, request = values
+            return handler(*pack(values), **({"request": request} if wants_request else {}))
+    # Gradio reads the signature: one positional parameter per component, then the request
+    params = [inspect.Parameter(f"input_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(len(components))]
+    params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                    annotation=gr.Request))
+    fn.__signature__ = inspect.Signature(params)
+    fn.__annotations__ = {"request": gr.Request}
+    fn.__name__ = getattr(handler, "__name__", "handler")
+    return fn, components
 
 
 def friendly_error(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ token a causal trace explains, the token a memory probe marks.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +19,7 @@ from ..errors import GenerationError
 from ..inspector.session import InspectorSession
 from ..inspector.vector import half_life, require_vector_views
 from . import figures
-from .common import ensure_session, friendly_error, parse_id_list, with_notices
+from .common import ControlGroup, ensure_session, event, friendly_error, parse_id_list, with_notices
 
 EXPERIMENTS = ["Knock-out", "Causal trace", "Logit lens", "Memory probe"]
 CHANNEL_MODES = ["Channels listed", "Longest half-life (top k)", "Shortest half-life (top k)"]
@@ -98,13 +99,33 @@ def summary_markdown(experiment: str, result) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class KnockoutChoice:
+    """The knock-out controls: what to do to which layers and channels."""
+    kind: str = "erase"
+    layers: str = "all"
+    channel_mode: str = CHANNEL_MODES[1]
+    channels: str = "0-31"
+    top_k: int = 16
+    new_decay: float | None = -8.0
+
+
+@dataclass(frozen=True)
+class TraceChoice:
+    """The causal trace's controls: channel groups per layer, tokens back from the traced one."""
+    groups: int = 4
+    window: int = 8
+
+
 class ExperimentsPanel:
     def __init__(self, engine):
         self.engine = engine
 
-    def on_run(self, session, experiment, position, kind, layers, channel_mode, channels, top_k, new_decay,
-               groups, trace_window, request: gr.Request = None):
+    def on_run(self, session, experiment, position, knockout: "KnockoutChoice", trace: "TraceChoice",
+               request: gr.Request = None):
         """Outputs: status, figure, summary, export files."""
+        kind, layers, channel_mode, channels = knockout.kind, knockout.layers, knockout.channel_mode, knockout.channels
+        top_k, new_decay, groups, trace_window = knockout.top_k, knockout.new_decay, trace.groups, trace.window
         session = ensure_session(self.engine, session, InspectorSession, request)
         unchanged = (gr.Plot(), gr.Markdown(), gr.File())
         try:
@@ -170,6 +191,7 @@ def build(engine, session, token_slider):
     plot = gr.Plot(elem_id="exp-plot")
     summary = gr.Markdown("", elem_id="exp-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="exp-files")
-    run_btn.click(panel.on_run, [session, experiment, token_slider, kind, layers, channel_mode, channels, top_k,
-                                 new_decay, groups, trace_window], [status, plot, summary, files],
-                  api_name="experiment", concurrency_id="model", concurrency_limit=engine.event_concurrency())
+    knockout = ControlGroup([kind, layers, channel_mode, channels, top_k, new_decay], KnockoutChoice)
+    trace = ControlGroup([groups, trace_window], TraceChoice)
+    run_btn.click(*event(panel.on_run, session, experiment, token_slider, knockout, trace),
+                  [status, plot, summary, files], api_name="experiment", concurrency_id="model", concurrency_limit=engine.event_concurrency())

@@ -7,6 +7,7 @@ the recording and redraws. Handlers are module-level functions; `build` lays out
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +19,7 @@ from ..inspector.vector import compare_states, effective_attention, model_decay_
 from ..inspector.matrix import MatrixRecording
 from ..state import State
 from . import experiments_panel, figures, matrix_figures, patching_panel
-from .common import ensure_session, friendly_error, parse_id_list, session_state, with_notices
+from .common import ControlGroup, ensure_session, event, friendly_error, parse_id_list, session_state, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
                 "It is the east, and Juliet is the sun.\n\n"
@@ -198,17 +199,27 @@ def on_html(session, layer, token, channels, window_size, head=0):
     return str(path)
 
 
+@dataclass(frozen=True)
+class ViewChoice:
+    """Where the views look: a layer, RWKV-4's channels, the window of tokens, a head (v5-7)."""
+    layer: int = 0
+    channels: str = "0-31"
+    window_size: int = 96
+    head: int = 0
+
+
 class InspectorTab:
     """The State inspector's handlers that use the model or the visitor's session (one method per event)."""
 
     def __init__(self, engine):
         self.engine = engine
 
-    def on_record(self, source, text, chat_session, blog_session, session, layer, channels, window_size, head=0,
+    def on_record(self, source, text, chat_session, blog_session, session, view: "ViewChoice",
                   request: gr.Request = None):
         """Record the chosen text (progress while it runs), then draw every view at its last token.
         Outputs: status, layer slider, token slider, spike list, the views, the token line, the four
         model figures, session."""
+        layer, channels, window_size, head = view.layer, view.channels, view.window_size, view.head
         session = ensure_session(self.engine, session, InspectorSession, request)
         unchanged = (gr.Slider(), gr.Slider(), gr.Slider(), gr.Dropdown(), *NO_VIEWS, gr.Markdown(), *NO_MATRIX_VIEWS,
                      *[gr.Plot()] * 4, session)
@@ -327,8 +338,8 @@ def build(engine, chat_state, blog_state):
     view_outputs = [value_plot, mass_plot, pp_plot, lines_plot, attention_plot, summary_plot, at_token_plot,
                     token_info, m_decay, m_distribution, m_bonus, m_fourth, m_matrix, m_over, m_attention]
     model_plots = [decay_plot, life_plot, bonus_plot, bonus_scatter]
-    record_btn.click(tab.on_record, [source, text, chat_state, blog_state, session, layer, channel_spec,
-                                     size, head],
+    view_choice = ControlGroup([layer, channel_spec, size, head], ViewChoice)
+    record_btn.click(*event(tab.on_record, source, text, chat_state, blog_state, session, view_choice),
                      [status, layer, token, head, spike, *view_outputs, *model_plots, session], api_name="inspect",
                      concurrency_id="model", concurrency_limit=engine.event_concurrency())
     view_inputs = [session, layer, token, channel_spec, size, head]

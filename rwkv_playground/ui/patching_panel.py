@@ -9,6 +9,8 @@ happens, or the token whose prediction the sweep explains, or where a token is r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 import numpy as np
 
@@ -16,7 +18,7 @@ from ..inspector import patching
 from ..errors import GenerationError
 from ..inspector.session import InspectorSession
 from . import matrix_figures
-from .common import ensure_session, friendly_error, with_notices
+from .common import ControlGroup, ensure_session, event, friendly_error, with_notices
 from .experiments_panel import export_files, parse_ids
 
 ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text",
@@ -156,6 +158,20 @@ def models_figure(result):
     return fig
 
 
+@dataclass(frozen=True)
+class PatchOptions:
+    """The Patching tab's controls under the experiment's name: which parts (of which layers,
+    channels and matrix axis), the sweep's window, the removed token, the other model, the decay."""
+    parts: str = PARTS[0]
+    layers: str = "all"
+    channels: str = "0-15"
+    axis: str = "rows"
+    window: int = 24
+    removed: int = 0
+    other_model: str | None = None
+    decay: float | None = 1.0
+
+
 class PatchingPanel:
     def __init__(self, engine):
         self.engine = engine
@@ -170,9 +186,10 @@ class PatchingPanel:
             raise GenerationError("The other model is too large to load beside this one for an experiment (2 GB at most).")
         return load_runtime(path, dtype="fp32")
 
-    def on_run(self, session, action, corrupt_text, position, mode, layers, channels, axis, window, removed,
-               other_model=None, decay=1.0, request: gr.Request = None):
+    def on_run(self, session, action, corrupt_text, position, options: "PatchOptions", request: gr.Request = None):
         """Outputs: status, figure, summary, export files."""
+        mode, layers, channels, axis = options.parts, options.layers, options.channels, options.axis
+        window, removed, other_model, decay = options.window, options.removed, options.other_model, options.decay
         session = ensure_session(self.engine, session, InspectorSession, request)
         unchanged = (gr.Plot(), gr.Markdown(), gr.File())
         try:
@@ -263,7 +280,7 @@ def build(engine, session, token_slider):
     plot = gr.Plot(elem_id="patch-plot")
     table = gr.Markdown("", elem_id="patch-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
-    run_btn.click(panel.on_run, [session, action, corrupt, token_slider, mode, layers, channels, axis, window, removed,
-                                 other_model, decay],
+    options = ControlGroup([mode, layers, channels, axis, window, removed, other_model, decay], PatchOptions)
+    run_btn.click(*event(panel.on_run, session, action, corrupt, token_slider, options),
                   [status, plot, table, files], api_name="patching", concurrency_id="model",
                   concurrency_limit=engine.event_concurrency())
