@@ -16,8 +16,8 @@ import gradio as gr
 
 from ..blog import DEFAULT_TEMPLATE, OUTLINE_TEMPLATE, BlogSession, build_prompt
 from . import documents
-from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, event, friendly_error, session_state, stats_line,
-                     stream, with_notices)
+from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, friendly_error, session_state,
+                     stats_line, stream, wire, with_notices)
 
 
 FORM = ("audience", "tone", "key_points", "outline_first", "template")  # kept with a post, besides its topic
@@ -182,9 +182,9 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     outputs = [output, status, session, download]
-    write_ev = write.click(*event(tab.on_write, session, topic, brief, sampling, *key_input), outputs, api_name="blog",
+    write_ev = write.click(*wire(tab.on_write, session, topic, brief, sampling, *key_input), outputs, api_name="blog",
                            **model_events)
-    cont_ev = cont.click(*event(tab.on_continue, session, topic, sampling, *key_input), outputs,
+    cont_ev = cont.click(*wire(tab.on_continue, session, topic, sampling, *key_input), outputs,
                          api_name="blog_continue", **model_events)
     stop_ev = stop.click(None, None, None, cancels=[write_ev, cont_ev]).then(tab.on_stop, [session, topic], outputs,
                                                                             api_visibility="private")

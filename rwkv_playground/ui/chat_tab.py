@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
 from . import documents
-from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, event, friendly_error, session_state,
-                     stats_line, stream, with_notices)
+from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, friendly_error, session_state,
+                     stats_line, stream, wire, with_notices)
 
 INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
 
@@ -251,12 +251,12 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
 
     model_events = dict(concurrency_id="model", concurrency_limit=engine.event_concurrency())
     shown = [chatbot, status, table, session]
-    send_fn = event(tab.on_send, message, session, chat_format, sampling, reply_start, *key_input)
+    send_fn = wire(tab.on_send, message, session, chat_format, sampling, reply_start, *key_input)
     preset.change(choose_preset, [preset], [user_name, bot_name, reply_start], queue=False,
                   api_visibility="private")
     send_ev = send.click(*send_fn, [*shown, message], api_name="chat", **model_events)
     submit_ev = message.submit(*send_fn, [*shown, message], api_visibility="private", **model_events)
-    regen_ev = regenerate.click(*event(tab.on_regenerate, session, sampling, *key_input), shown,
+    regen_ev = regenerate.click(*wire(tab.on_regenerate, session, sampling, *key_input), shown,
                                 api_name="regenerate", **model_events)
     stop_ev = stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
         tab.on_stop, [session], shown, api_visibility="private")

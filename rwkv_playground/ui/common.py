@@ -1,5 +1,5 @@
 """What the tabs share: the sampling controls as one component (`SamplingControls` -> `Sampling`),
-control groups handed to handlers as one object (`event`), per-visitor session state, the one
+control groups handed to handlers as one object (`wire`), per-visitor session state, the one
 streaming helper, readable errors and statistics lines."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import inspect
 import logging
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -101,6 +101,11 @@ class ControlGroup:
 
     def __init__(self, components: list, read: Callable):
         self.components, self.read = list(components), read
+        # the names the API gives the components' values (gradio_client's parameter names)
+        if is_dataclass(read):
+            self.names = [f.name for f in fields(read)][:len(self.components)]
+        else:
+            self.names = list(inspect.signature(read).parameters)[:len(self.components)]
 
     def __iter__(self):
         return iter(self.components)
@@ -130,7 +135,7 @@ class SamplingControls(ControlGroup):
                 mx = gr.Number(value=max_tokens, precision=0, minimum=1, maximum=max_tokens_cap, label="Max tokens",
                                elem_id=f"{prefix}-max-tokens")
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
-        super().__init__([t, p, k, pres, cnt, dec, mx, seed], lambda *values: Sampling(*values))
+        super().__init__([t, p, k, pres, cnt, dec, mx, seed], Sampling)
 
     @staticmethod
     def update(controls: dict) -> list:
@@ -138,18 +143,21 @@ class SamplingControls(ControlGroup):
         return [controls[name] if name in controls else gr.skip() for name in SAMPLING_NAMES]
 
 
-def event(handler: Callable, *inputs) -> tuple[Callable, list]:
+def wire(handler: Callable, *inputs) -> tuple[Callable, list]:
     """(fn, components) for a Gradio event: `inputs` are components (one value each) or
     ControlGroups, each handed to `handler` as one object; a `request: gr.Request` parameter of the
-    handler is given as Gradio gives it. Usage: `button.click(*event(tab.on_send, message, sampling), outputs)`."""
-    components, spans = [], []
-    for item in inputs:
+    handler is given as Gradio gives it. Usage: `button.click(*wire(tab.on_send, message, sampling), outputs)`."""
+    handler_params = [p for name, p in inspect.signature(handler).parameters.items() if name != "request"]
+    components, spans, params = [], [], []
+    for item, own in zip(inputs, handler_params):
         if isinstance(item, ControlGroup):
             spans.append((len(components), len(item), item.read))
             components.extend(item.components)
+            params += [(name, inspect.Parameter.empty) for name in item.names]
         else:
             spans.append((len(components), 1, None))
             components.append(item)
+            params.append((own.name, own.default))
     wants_request = "request" in inspect.signature(handler).parameters
 
     def pack(values):
@@ -163,11 +171,18 @@ def event(handler: Callable, *inputs) -> tuple[Callable, list]:
         def fn(*values):
             *values, request = values
             return handler(*pack(values), **({"request": request} if wants_request else {}))
-    # Gradio reads the signature: one positional parameter per component, then the request
-    params = [inspect.Parameter(f"input_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(len(components))]
-    params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                    annotation=gr.Request))
-    fn.__signature__ = inspect.Signature(params)
+    # Gradio reads the signature: one positional parameter per component (its name and default are
+    # the API's), then the request
+    last_required = max((i for i, (_, d) in enumerate(params) if d is inspect.Parameter.empty), default=-1)
+    params = [(n, inspect.Parameter.empty if i < last_required else d) for i, (n, d) in enumerate(params)]
+    signature, seen = [], set()
+    for name, default in params:
+        name = name if name not in seen else f"{name}_{len(seen)}"
+        seen.add(name)
+        signature.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    signature.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                       annotation=gr.Request))
+    fn.__signature__ = inspect.Signature(signature)
     fn.__annotations__ = {"request": gr.Request}
     fn.__name__ = getattr(handler, "__name__", "handler")
     return fn, components

@@ -19,7 +19,7 @@ from ..errors import GenerationError
 from ..inspector.session import InspectorSession
 from ..inspector.vector import half_life, require_vector_views
 from . import figures
-from .common import ControlGroup, ensure_session, event, friendly_error, parse_id_list, with_notices
+from .common import ControlGroup, ensure_session, friendly_error, parse_id_list, wire, with_notices
 
 EXPERIMENTS = ["Knock-out", "Causal trace", "Logit lens", "Memory probe"]
 CHANNEL_MODES = ["Channels listed", "Longest half-life (top k)", "Shortest half-life (top k)"]
@@ -193,5 +193,5 @@ def build(engine, session, token_slider):
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="exp-files")
     knockout = ControlGroup([kind, layers, channel_mode, channels, top_k, new_decay], KnockoutChoice)
     trace = ControlGroup([groups, trace_window], TraceChoice)
-    run_btn.click(*event(panel.on_run, session, experiment, token_slider, knockout, trace),
+    run_btn.click(*wire(panel.on_run, session, experiment, token_slider, knockout, trace),
                   [status, plot, summary, files], api_name="experiment", concurrency_id="model", concurrency_limit=engine.event_concurrency())

@@ -19,7 +19,7 @@ from ..inspector.vector import compare_states, effective_attention, model_decay_
 from ..inspector.matrix import MatrixRecording
 from ..state import State
 from . import experiments_panel, figures, matrix_figures, patching_panel
-from .common import ControlGroup, ensure_session, event, friendly_error, parse_id_list, session_state, with_notices
+from .common import ControlGroup, ensure_session, friendly_error, parse_id_list, session_state, wire, with_notices
 
 DEFAULT_TEXT = ("Romeo: But soft, what light through yonder window breaks?\n"
                 "It is the east, and Juliet is the sun.\n\n"
@@ -339,7 +339,7 @@ def build(engine, chat_state, blog_state):
                     token_info, m_decay, m_distribution, m_bonus, m_fourth, m_matrix, m_over, m_attention]
     model_plots = [decay_plot, life_plot, bonus_plot, bonus_scatter]
     view_choice = ControlGroup([layer, channel_spec, size, head], ViewChoice)
-    record_btn.click(*event(tab.on_record, source, text, chat_state, blog_state, session, view_choice),
+    record_btn.click(*wire(tab.on_record, source, text, chat_state, blog_state, session, view_choice),
                      [status, layer, token, head, spike, *view_outputs, *model_plots, session], api_name="inspect",
                      concurrency_id="model", concurrency_limit=engine.event_concurrency())
     view_inputs = [session, layer, token, channel_spec, size, head]

@@ -18,7 +18,7 @@ from ..inspector import patching
 from ..errors import GenerationError
 from ..inspector.session import InspectorSession
 from . import matrix_figures
-from .common import ControlGroup, ensure_session, event, friendly_error, with_notices
+from .common import ControlGroup, ensure_session, friendly_error, wire, with_notices
 from .experiments_panel import export_files, parse_ids
 
 ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text",
@@ -281,6 +281,6 @@ def build(engine, session, token_slider):
     table = gr.Markdown("", elem_id="patch-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
     options = ControlGroup([mode, layers, channels, axis, window, removed, other_model, decay], PatchOptions)
-    run_btn.click(*event(panel.on_run, session, action, corrupt, token_slider, options),
+    run_btn.click(*wire(panel.on_run, session, action, corrupt, token_slider, options),
                   [status, plot, table, files], api_name="patching", concurrency_id="model",
                   concurrency_limit=engine.event_concurrency())
