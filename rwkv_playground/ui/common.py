@@ -8,7 +8,7 @@ import inspect
 import logging
 import re
 import time
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Callable, Iterator
 
 import gradio as gr
@@ -101,11 +101,12 @@ class ControlGroup:
 
     def __init__(self, components: list, read: Callable):
         self.components, self.read = list(components), read
-        # the names the API gives the components' values (gradio_client's parameter names)
+        # the names (and defaults) the API gives the components' values (gradio_client's parameters)
         if is_dataclass(read):
-            self.names = [f.name for f in fields(read)][:len(self.components)]
+            own = [(f.name, inspect.Parameter.empty if f.default is MISSING else f.default) for f in fields(read)]
         else:
-            self.names = list(inspect.signature(read).parameters)[:len(self.components)]
+            own = [(p.name, p.default) for p in inspect.signature(read).parameters.values()]
+        self.parameters = own[:len(self.components)]
 
     def __iter__(self):
         return iter(self.components)
@@ -153,36 +154,42 @@ def wire(handler: Callable, *inputs) -> tuple[Callable, list]:
         if isinstance(item, ControlGroup):
             spans.append((len(components), len(item), item.read))
             components.extend(item.components)
-            params += [(name, inspect.Parameter.empty) for name in item.names]
+            params += item.parameters
         else:
             spans.append((len(components), 1, None))
             components.append(item)
             params.append((own.name, own.default))
     wants_request = "request" in inspect.signature(handler).parameters
 
-    def pack(values):
-        return [read(*values[i:i + n]) if read else values[i] for i, n, read in spans]
+    def pack(args, kwargs):
+        """The handler's arguments from the flat values (defaults where a caller gave none)."""
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = list(bound.arguments.values())
+        packed = [read(*values[i:i + n]) if read else values[i] for i, n, read in spans]
+        return packed, ({"request": bound.arguments["request"]} if wants_request else {})
 
     if inspect.isgeneratorfunction(handler):
-        def fn(*values):
-            *values, request = values
-            yield from handler(*pack(values), **({"request": request} if wants_request else {}))
+        def fn(*args, **kwargs):
+            packed, extra = pack(args, kwargs)
+            yield from handler(*packed, **extra)
     else:
-        def fn(*values):
-            *values, request = values
-            return handler(*pack(values), **({"request": request} if wants_request else {}))
+        def fn(*args, **kwargs):
+            packed, extra = pack(args, kwargs)
+            return handler(*packed, **extra)
     # Gradio reads the signature: one positional parameter per component (its name and default are
     # the API's), then the request
     last_required = max((i for i, (_, d) in enumerate(params) if d is inspect.Parameter.empty), default=-1)
     params = [(n, inspect.Parameter.empty if i < last_required else d) for i, (n, d) in enumerate(params)]
-    signature, seen = [], set()
+    parameters, seen = [], set()
     for name, default in params:
         name = name if name not in seen else f"{name}_{len(seen)}"
         seen.add(name)
-        signature.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
-    signature.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                       annotation=gr.Request))
-    fn.__signature__ = inspect.Signature(signature)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    parameters.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                        annotation=gr.Request))
+    signature = inspect.Signature(parameters)
+    fn.__signature__ = signature
     fn.__annotations__ = {"request": gr.Request}
     fn.__name__ = getattr(handler, "__name__", "handler")
     return fn, components
