@@ -1,7 +1,9 @@
-// The Python module of the CPU kernels: the WKV operator (kernels/wkv_cpu.cpp), the one-token
-// RNN step and its matvecs (kernels/rnn_cpu.cpp), and the top-p sampler (kernels/sampling_cpu.cpp).
+// The Python module of the CPU kernels: the WKV operator (kernels/wkv_cpu.cpp), the matvecs
+// (kernels/matvec_cpu.cpp), each architecture's one-token step (kernels/step_rwkv4.cpp ...
+// step_rwkv7.cpp), and the top-p sampler (kernels/sampling_cpu.cpp).
 #include <torch/extension.h>
 
+#include "matrix_step.h"
 #include "rnn_cpu.h"
 
 // kernels/wkv_cpu.cpp
@@ -25,6 +27,23 @@ int64_t sample_top_p(const at::Tensor& logits, double temperature, double top_p,
                      const std::string& isa);
 
 namespace py = pybind11;
+
+// An RWKV-5/6/7 step class: the same constructor, properties and step for each architecture.
+template <typename Step>
+void bind_matrix_step(py::module& m, const char* name, const char* title) {
+  const std::string doc = std::string(title) + " weights for the one-token step, by checkpoint name (LoRAs transposed)";
+  py::class_<Step>(m, name, doc.c_str())
+      .def(py::init<const std::map<std::string, at::Tensor>&, int64_t, int64_t, int64_t, double, double,
+                    const std::string&>(),
+           py::arg("weights"), py::arg("n_layer"), py::arg("n_head"), py::arg("head_size"), py::arg("layer_norm_eps"),
+           py::arg("group_norm_eps"), py::arg("isa") = "auto")
+      .def_property_readonly("isa", &Step::isa)
+      .def_property_readonly("storage", &Step::storage)
+      .def("step", &Step::step, py::arg("tokens"), py::arg("att_x"), py::arg("wkv_state"), py::arg("ffn_x"),
+           py::call_guard<py::gil_scoped_release>(),
+           "one token for each of B sequences through every layer and the head; the states advance in place; "
+           "returns the logits [B, V]");
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "RWKV Playground CPU kernels: WKV operators, one-token RNN step, top-p sampler";
@@ -62,19 +81,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("pp"), py::arg("ffn_x"), py::call_guard<py::gil_scoped_release>(),
            "one token for each of B sequences through every layer and the head; the states ([L, C] "
            "float32 tensors, one per sequence) advance in place; returns the logits [B, V]");
-  using rwkv_cpu::MatrixStepWeights;
-  py::class_<MatrixStepWeights>(m, "MatrixStepWeights",
-                                "RWKV-5/6/7 weights for the one-token step, by checkpoint name (LoRAs transposed)")
-      .def(py::init<const std::map<std::string, at::Tensor>&, const std::string&, int64_t, int64_t, int64_t, double,
-                    double, const std::string&>(),
-           py::arg("weights"), py::arg("architecture"), py::arg("n_layer"), py::arg("n_head"), py::arg("head_size"),
-           py::arg("layer_norm_eps"), py::arg("group_norm_eps"), py::arg("isa") = "auto")
-      .def_property_readonly("isa", &MatrixStepWeights::isa)
-      .def_property_readonly("storage", &MatrixStepWeights::storage)
-      .def("step", &MatrixStepWeights::step, py::arg("tokens"), py::arg("att_x"), py::arg("wkv_state"),
-           py::arg("ffn_x"), py::call_guard<py::gil_scoped_release>(),
-           "one token for each of B sequences through every layer and the head; the states advance in place; "
-           "returns the logits [B, V]");
+  bind_matrix_step<rwkv_cpu::RWKV5Step>(m, "RWKV5Step", "RWKV-5.x");
+  bind_matrix_step<rwkv_cpu::RWKV6Step>(m, "RWKV6Step", "RWKV-6");
+  bind_matrix_step<rwkv_cpu::RWKV7Step>(m, "RWKV7Step", "RWKV-7");
   m.def("matvec", &rwkv_cpu::matvec, py::arg("weight"), py::arg("x"), py::arg("scale") = py::none(),
         py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
         "y = x W^T for x [K] or [B, K] (W float32, bfloat16, or int8 with a scale per row)");

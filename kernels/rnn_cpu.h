@@ -1,7 +1,10 @@
 // The one-token RNN step on the CPU (kernels/rnn_cpu.cpp): named weights, matvecs, the step.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <map>
@@ -69,40 +72,7 @@ class StepWeights {
   Isa isa_ = Isa::kScalar;
 };
 
-// ---- RWKV-5 / 6 / 7: the same one-token step for the matrix-state architectures ------------------
-//
-// Weights by checkpoint name, as for StepWeights; the LoRA matrices (used as `x @ W`, stored
-// [in, out]) are passed transposed, [out, in], so every product is a row-streaming matvec:
-// v6 "att.time_maa_w1" [5 D, C], "att.time_maa_w2" [5, C, D], "att.time_decay_w1" [D, C],
-// "att.time_decay_w2" [C, D]; v7 "att.w1" [Dw, C], "att.w2" [C, Dw], and likewise a, v, g.
-// The state per sequence: att_x [L, C], wkv_state [L, H, N, N] (v5/v6 [key, value], v7
-// [value, key]), ffn_x [L, C], all float32, advanced in place.
-enum class MatrixArch { kV5, kV6, kV7 };
-
-struct MatrixLayerWeights;
-
-class MatrixStepWeights {
- public:
-  // architecture: "rwkv5" | "rwkv6" | "rwkv7"
-  MatrixStepWeights(const std::map<std::string, at::Tensor>& named, const std::string& architecture, int64_t n_layer,
-                    int64_t n_head, int64_t head_size, double layer_norm_eps, double group_norm_eps,
-                    const std::string& isa);
-  ~MatrixStepWeights();
-  std::string isa() const { return isa_name(isa_); }
-  std::string storage() const;
-  at::Tensor step(const at::Tensor& tokens, const std::vector<at::Tensor>& att_x,
-                  const std::vector<at::Tensor>& wkv_state, const std::vector<at::Tensor>& ffn_x) const;
-
- private:
-  MatrixArch arch_;
-  std::vector<at::Tensor> keep_alive_;
-  std::vector<MatrixLayerWeights*> layers_;
-  const float *ln0_weight_, *ln0_bias_, *ln_out_weight_, *ln_out_bias_;
-  Matrix emb_, head_;
-  int64_t n_embd_ = 0, ffn_dim_ = 0, vocab_ = 0, n_head_ = 0, head_size_ = 0;
-  float ln_eps_ = 1e-5f, gn_eps_ = 64e-5f;
-  Isa isa_ = Isa::kScalar;
-};
+// RWKV-5 / 6 / 7's one-token steps: matrix_step.h (RWKV5Step, RWKV6Step, RWKV7Step).
 
 // y[b] = W x[b] (x: [K] or [B, K] float32; W: [N, K] float32 / bfloat16 / int8 with scale [N]).
 at::Tensor matvec(const at::Tensor& W, const at::Tensor& x, const c10::optional<at::Tensor>& scale,

@@ -1,4 +1,4 @@
-"""The fused one-token step for RWKV-5/6/7 (kernels/rnn_cpu.cpp, MatrixStepWeights) held to the
+"""The fused one-token step for RWKV-5/6/7 (kernels/step_rwkv5.cpp ... step_rwkv7.cpp) held to the
 models' PyTorch forward (models/rwkv5.py, rwkv6.py, rwkv7.py): logits and states within 1e-5 on
 every instruction set this CPU can run, fp32 / bf16 / int8, shapes that hit every SIMD tail, more
 than one head, extreme decays; a batched step gives each row exactly the bits of the one-sequence
@@ -112,8 +112,8 @@ def test_weights_cross_by_name_and_a_swap_is_caught(tmp_path):
     named = runtime.model.step_weights()
 
     def step_with(weights):
-        runtime._step_weights = kernels.MatrixStepWeights(weights, "rwkv7", config.n_layer, config.n_head,
-                                                          config.head_size, 1e-5, 64e-5)
+        runtime._step_weights = kernels.RWKV7Step(weights, config.n_layer, config.n_head, config.head_size, 1e-5,
+                                                  64e-5)
         return runtime.step([4], [state.clone()])[0]
 
     assert rel(step_with(named), expected) <= 1e-5
@@ -124,5 +124,5 @@ def test_weights_cross_by_name_and_a_swap_is_caught(tmp_path):
     del missing["blocks.2.att.k_a"]
     with pytest.raises(RuntimeError, match="missing 'blocks.2.att.k_a'"):
         step_with(missing)
-    with pytest.raises(RuntimeError, match="architecture must be rwkv5, rwkv6 or rwkv7"):
-        kernels.MatrixStepWeights(named, "rwkv8", config.n_layer, config.n_head, config.head_size, 1e-5, 64e-5)
+    with pytest.raises(RuntimeError, match="RWKV6Step: missing 'blocks.0.att.time_maa_x'"):  # another version's
+        kernels.RWKV6Step(named, config.n_layer, config.n_head, config.head_size, 1e-5, 64e-5)

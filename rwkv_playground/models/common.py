@@ -222,6 +222,7 @@ class MatrixStateLM(RecurrentLM):
     """An RWKV-5/6/7 language model; subclasses build `self.blocks` from their TimeMix / ChannelMix."""
 
     reference_wkv = reference_matrix_wkv
+    fused_step_class = ""  # its architecture's C++ step (kernels/step_rwkv5.cpp ...): "RWKV5Step", ...
 
     def state_layout(self) -> StateLayout:
         c = self.config
@@ -235,5 +236,5 @@ class MatrixStateLM(RecurrentLM):
 
     def fused_step(self, cpu_kernels, isa: str = "auto"):
         c = self.config
-        return cpu_kernels.MatrixStepWeights(self.step_weights(), self.architecture, c.n_layer, c.n_head,
-                                             c.head_size, LN_EPS, GROUP_NORM_EPS, isa)
+        step_class = getattr(cpu_kernels, self.fused_step_class)
+        return step_class(self.step_weights(), c.n_layer, c.n_head, c.head_size, LN_EPS, GROUP_NORM_EPS, isa)

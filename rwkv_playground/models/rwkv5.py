@@ -104,6 +104,7 @@ class TimeMix(nn.Module):
 
 class RWKV5(MatrixStateLM):
     architecture = "rwkv5"
+    fused_step_class = "RWKV5Step"
 
     def __init__(self, config: RWKV5Config):
         blocks = [MatrixBlock(i, config.n_embd, TimeMix(config), ChannelMix(config.n_embd, config.ffn_dim))

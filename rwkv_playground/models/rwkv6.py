@@ -109,6 +109,7 @@ class ChannelMix(nn.Module):
 
 class RWKV6(MatrixStateLM):
     architecture = "rwkv6"
+    fused_step_class = "RWKV6Step"
 
     def __init__(self, config: RWKV6Config):
         blocks = [MatrixBlock(i, config.n_embd, TimeMix(config), ChannelMix(config.n_embd, config.ffn_dim))

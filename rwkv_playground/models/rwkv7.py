@@ -125,6 +125,7 @@ class ChannelMix(nn.Module):
 
 class RWKV7(MatrixStateLM):
     architecture = "rwkv7"
+    fused_step_class = "RWKV7Step"
 
     def __init__(self, config: RWKV7Config):
         blocks = [MatrixBlock(i, config.n_embd, TimeMix(config, i), ChannelMix(config.n_embd, config.ffn_dim))
