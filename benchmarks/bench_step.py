@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py
 
-1. matvec: the streaming kernel (kernels/rnn_cpu.cpp, every instruction set this CPU runs) vs
+1. matvec: the streaming kernel (kernels/matvec_cpu.cpp, every instruction set this CPU runs) vs
    torch.mv on the 169M matrices, fp32 and bf16, as GB/s of weights read (cold: each matrix is
    read once per pass, as in generation), next to a plain streaming read of the same bytes.
 2. the one-token step: the fused whole-model C++ step vs the model's PyTorch forward, tokens/s
@@ -109,7 +109,7 @@ def main() -> None:
     md = ["# Where the CPU speed comes from (169M shape)", "",
           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.", "",
           "## Matrix-vector product (generation reads every weight once per token)", "",
-          "| matrix | dtype | rnn_cpu.cpp matvec (per instruction set) | torch.mv | plain streaming read (torch sum) |",
+          "| matrix | dtype | matvec_cpu.cpp matvec (per instruction set) | torch.mv | plain streaming read (torch sum) |",
           "|---|---|---|---|---|"]
     for r in data["matvec"]:
         ours = ", ".join(f"{key[5:-5]} {value:.1f}" for key, value in r.items() if key.startswith("ours_"))

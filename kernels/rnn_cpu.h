@@ -1,4 +1,5 @@
-// The one-token RNN step on the CPU (kernels/rnn_cpu.cpp): named weights, matvecs, the step.
+// The one-token RNN steps on the CPU: the instruction sets, the matrices as the steps read them, the
+// matvec (matvec_cpu.cpp) and RWKV-4's step (step_rwkv4.cpp); RWKV-5/6/7's steps: matrix_step.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 // The WKV step of RWKV-4, written once for every kernel: the C++ CPU kernels (wkv_cpu.cpp,
-// rnn_cpu.cpp) and the CUDA kernels (wkv_cuda.cu, compiled by nvcc, or as host C++ by the tests'
+// step_rwkv4.cpp) and the CUDA kernels (wkv_cuda.cu, compiled by nvcc, or as host C++ by the tests'
 // CPU emulation). Only exponents <= 0 are ever exponentiated (the running-maximum trick), so
 // nothing overflows for any finite w, k.
 #pragma once

@@ -4,7 +4,7 @@ Four choices, each "auto" by default:
   wkv      the WKV recurrence in prompts (and in steps the model's PyTorch forward runs):
            "reference" (PyTorch, wkv.py), "cpu" (kernels/wkv_cpu.cpp), "cuda" (kernels/wkv_cuda.cu)
   step     the one-token step of generation: "reference" (the model's PyTorch forward, with the
-           chosen WKV) or "cpu" (kernels/rnn_cpu.cpp: every layer and the head in one call)
+           chosen WKV) or "cpu" (kernels/step_rwkv*.cpp: every layer and the head in one call)
   sampler  top-p sampling: "reference" (numpy, sampling.py) or "cpu" (kernels/sampling_cpu.cpp)
   gemm     prompt products of bf16 / int8 weights on the CPU (runtime.StoredLinear): "upcast"
            (to float32, exact) or "native" (PyTorch's bf16 GEMM: AMX / AVX512-BF16 via oneDNN)

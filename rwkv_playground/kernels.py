@@ -29,12 +29,13 @@ KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 ENV_CACHE = "RWKV_PLAYGROUND_CACHE"
 
 _SOURCES = {
-    "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "wkv_matrix_cpu.cpp", "matvec_cpu.cpp", "step_rwkv4.cpp",
-            "matrix_step.cpp", "step_rwkv5.cpp", "step_rwkv6.cpp", "step_rwkv7.cpp", "sampling_cpu.cpp"],
+    "cpu": ["cpu_bindings.cpp", "wkv_cpu.cpp", "wkv_matrix_cpu.cpp", "matvec_cpu.cpp", "steps_cpu.cpp",
+            "sampling_cpu.cpp"],
     "cuda": ["wkv_cuda.cpp", "wkv_cuda.cu", "wkv_matrix_cuda.cu"],
 }
 # included by the sources: part of the cache key
-_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "step_common.h", "matrix_step.h", "matvec_block.inc"], "cuda": ["wkv_step.h", "cuda_launch.h", "cuda_dtype.h"]}
+_HEADERS = {"cpu": ["wkv_step.h", "rnn_cpu.h", "step_common.h", "matrix_step.h", "matvec_block.inc",
+                    "step_rwkv4.cpp", "matrix_step.cpp", "step_rwkv5.cpp", "step_rwkv6.cpp", "step_rwkv7.cpp"], "cuda": ["wkv_step.h", "cuda_launch.h", "cuda_dtype.h"]}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""The fused one-token step (kernels/rnn_cpu.cpp) and its matvecs, held to the model's math.
+"""The fused one-token step (kernels/step_rwkv4.cpp, matvecs in matvec_cpu.cpp) and its matvecs, held to the model's math.
 
 The model's PyTorch forward (model.py) is the reference: the C++ step must give the same logits
 and states (1e-5) on every instruction set this CPU can run (the AVX2 path is exercised on

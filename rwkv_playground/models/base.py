@@ -20,7 +20,7 @@ class Architecture(ABC):
     title = ""           # "RWKV-4": shown to users
     recurrence = ""      # which operator family its forward takes ("wkv4" | "matrix")
     # the built model also answers: state_layout() -> StateLayout, and fused_step(cpu_kernels) ->
-    # the C++ one-token step over its weights (kernels/rnn_cpu.cpp), whose .step(tokens, *state
+    # the C++ one-token step over its weights (kernels/step_rwkv4.cpp ... step_rwkv7.cpp), whose .step(tokens, *state
     # components as lists of [L, ...] tensors, in layout order) advances the states in place
     fp16_rescale = False  # stores output projections pre-divided for fp16 (see FP16_RESCALE_EVERY)
     world_releases_only = False  # every released model uses the World vocabulary and User/Assistant
