@@ -99,3 +99,23 @@ def test_figures_have_expected_traces_axes_and_shapes(rec):
     assert parse_channels("3, 1-2, 999", rec.n_embd) == [3, 1, 2]
     html = figures.figures_to_html({"spectrum": spectrum, "value": value})
     assert html.count("plotly.js") >= 1 and "<h2>spectrum</h2>" in html
+
+
+def test_the_vector_recording_refuses_an_index_outside_it(rec):
+    """RWKV-4's recording as the matrix one (tests/test_matrix_inspection.py): one sentence naming
+    the range, never numpy's negative indexing or an IndexError."""
+    from rwkv_playground.errors import GenerationError
+
+    L, T, C = rec.n_layer, rec.n_tokens, rec.n_embd
+    calls = {f"Layer {L} does not exist: this recording has layers 0 to {L - 1}.": [
+                 lambda: rec.value_estimate(L), lambda: effective_attention(rec, L, [0])],
+             "Layer -1 does not exist": [lambda: rec.log_mass(-1)],
+             f"Token {T} does not exist: this recording has tokens 0 to {T - 1}.": [lambda: rec.state_at(T)],
+             "Token -1 does not exist": [lambda: rec.state_at(-1)],
+             f"Channels must be between 0 and {C - 1}": [lambda: effective_attention(rec, 0, [C])],
+             "The window starts at token -2": [lambda: effective_attention(rec, 0, [0], t_from=-2)]}
+    for sentence, functions in calls.items():
+        for f in functions:
+            with pytest.raises(GenerationError) as caught:
+                f()
+            assert sentence in str(caught.value), (sentence, str(caught.value))

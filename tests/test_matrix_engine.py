@@ -321,3 +321,19 @@ def test_the_experiments_tab_refuses_a_matrix_recording_in_one_sentence(matrix_e
         assert "went wrong" not in status and "Error" not in status, status
         assert f"read RWKV-4's vector state (aa, bb, pp); {title}'s matrix state has its own views" in status
         assert "Patching tab" in status and status.count(". ") == 0, status
+
+
+def test_a_new_conversation_takes_the_loaded_models_chat_format(matrix_engine):
+    """+ New (and a page opened on an empty conversation) follows the model loaded now: a World /
+    G1 model's User / Assistant, not the Bob / Alice a session starts with (the format default was
+    fixed when the page was built)."""
+    from rwkv_playground.chat import ChatSession
+    from rwkv_playground.ui.chat_tab import ChatTab
+
+    tab = ChatTab(matrix_engine)
+    session = matrix_engine.add_session(ChatSession())
+    assert session.fmt.user == "Bob"
+    new = tab.on_new(session)
+    assert new[4:6] == ("User", "Assistant") and session.fmt.user == "User", new[4:6]
+    fresh = matrix_engine.add_session(ChatSession())
+    assert tab.visit(fresh)[4:6] == ("User", "Assistant")

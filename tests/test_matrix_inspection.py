@@ -125,3 +125,34 @@ def test_recording_attention_reproduces_the_engine_output(case):
         r, k = rec.head("r", 0, 0), rec.head("k", 0, 0)
         assert np.allclose(rec.bonus_term(0, 0), (r * k * rec.bonus[0, 0]).sum(1))
     assert rec.bonus.shape == (config.n_layer, config.n_head, N)
+
+
+def test_every_recording_method_refuses_an_index_outside_the_recording(case):
+    """Out-of-range or negative layers, heads and tokens are refused with one sentence naming the
+    range (numpy used to read another layer for a negative index, or fail with an IndexError or a
+    shape error; tests/test_inspect.py holds RWKV-4's recording to the same)."""
+    from rwkv_playground.errors import GenerationError
+    from rwkv_playground.inspector.matrix import record_matrix
+
+    _, _, _, runtime, tokens, _ = case
+    rec = record_matrix(runtime, Tok(), tokens)
+    L, H, T = rec.n_layer, rec.n_head, rec.n_tokens
+    calls = {f"Layer {L} does not exist: this recording has layers 0 to {L - 1}.": [
+                 lambda: rec.attention(L, 0), lambda: rec.decay(L), lambda: rec.half_life(L),
+                 lambda: rec.effective_rank(L, 0), lambda: rec.bonus_term(L, 0)],
+             "Layer -1 does not exist": [lambda: rec.state_at(3, -1, 0), lambda: rec.states_of_head(-1, 0)],
+             f"Head {H} does not exist: this recording has heads 0 to {H - 1}.": [
+                 lambda: rec.attention(0, H), lambda: rec.head("k", 0, H)],
+             "Head -1 does not exist": [lambda: rec.attention(0, -1), lambda: rec.state_at(3, 0, -1)],
+             f"Token {T} does not exist: this recording has tokens 0 to {T - 1}.": [
+                 lambda: rec.state_at(T, 0, 0), lambda: rec.full_state_at(T)],
+             "Token -1 does not exist": [lambda: rec.state_at(-1, 0, 0)],
+             "The window starts at token -2, outside the recording": [lambda: rec.attention(0, 0, t_from=-2)],
+             "The window ends at token 3: it must end after its start (5)": [
+                 lambda: rec.attention(0, 0, t_from=5, t_to=3)]}
+    for sentence, functions in calls.items():
+        for f in functions:
+            with pytest.raises(GenerationError) as caught:
+                f()
+            assert sentence in str(caught.value), (sentence, str(caught.value))
+    assert rec.attention(L - 1, H - 1)[0].shape == (T, T)  # the last layer and head are fine

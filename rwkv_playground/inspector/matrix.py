@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError
-from .recording import read_observed
+from .recording import check_index, check_window, read_observed
 from ..models import by_name
 from ..serving.scheduler import run_here
 from ..state import State
@@ -81,12 +81,19 @@ class MatrixRecording:
 
     def head(self, name: str, layer: int, head: int) -> np.ndarray:
         """[T, N]: one head's slice of a recorded per-token array."""
+        layer, head = self._check(layer, head)
         N = self.head_size
         return self.arrays[name][:, layer, head * N:(head + 1) * N]
+
+    def _check(self, layer: int, head: int | None = None) -> tuple:
+        """The layer (and head) as indices, or one sentence naming the range."""
+        layer = check_index("Layer", layer, self.n_layer)
+        return (layer,) if head is None else (layer, check_index("Head", head, self.n_head))
 
     # ---- decay -------------------------------------------------------------------------------
     def decay(self, layer: int) -> np.ndarray:
         """[T, C]: the factor each channel's memory is multiplied by at each token (v5: the same at every token)."""
+        (layer,) = self._check(layer)
         return self.arrays["w"][:, layer]
 
     def half_life(self, layer: int) -> np.ndarray:
@@ -96,8 +103,8 @@ class MatrixRecording:
     # ---- the state matrices ------------------------------------------------------------------
     def state_at(self, t: int, layer: int, head: int) -> np.ndarray:
         """The N x N state of one head after token t (v7: [value, key]; v5/v6: [key, value])."""
-        if not 0 <= t < self.n_tokens:
-            raise GenerationError(f"Token {t} is outside the recording (0 to {self.n_tokens - 1}).")
+        t = check_index("Token", t, self.n_tokens)
+        layer, head = self._check(layer, head)
         c = t // CHECKPOINT_EVERY
         start = c * CHECKPOINT_EVERY
         if t == start + CHECKPOINT_EVERY - 1:
@@ -109,7 +116,8 @@ class MatrixRecording:
     def states_of_head(self, layer: int, head: int, start: int = 0, end: int | None = None) -> np.ndarray:
         """[end - start, N, N] float32: one head's state after tokens start .. end-1 (default: every
         token), replayed from the checkpoint before `start`."""
-        end = self.n_tokens if end is None else min(end, self.n_tokens)
+        layer, head = self._check(layer, head)
+        start, end = check_window(start, end, self.n_tokens)
         S = self.initial["wkv_state"][layer, head] if start == 0 else self.state_at(start - 1, layer, head)
         return replay_head(self, layer, head, start, end, S).astype(np.float32)
 
@@ -124,6 +132,7 @@ class MatrixRecording:
 
     def full_state_at(self, t: int) -> State:
         """The engine State after token t (all layers), e.g. to export it."""
+        t = check_index("Token", t, self.n_tokens)
         L, H = self.n_layer, self.n_head
         matrices = np.stack([np.stack([self.state_at(t, layer, h) for h in range(H)]) for layer in range(L)])
         return State({"att_x": torch.from_numpy(np.ascontiguousarray(self.arrays["att_x"][t])),
@@ -137,9 +146,8 @@ class MatrixRecording:
         """Exact effective attention of one head over tokens [t_from, t_to): (alpha [n, n], carried
         [n, N]) - alpha[j, i] the weight of token t_from + i's value in the output at t_from + j
         (zero above the diagonal), carried[j] the output part from the memory before t_from."""
-        t_to = self.n_tokens if t_to is None else min(t_to, self.n_tokens)
-        if not 0 <= t_from < t_to:
-            raise GenerationError("The attention window is empty.")
+        layer, head = self._check(layer, head)
+        t_from, t_to = check_window(t_from, t_to, self.n_tokens)
         S0 = (self.initial["wkv_state"][layer, head] if t_from == 0
               else self.state_at(t_from - 1, layer, head))
         recurrence = self.arch.wkv
@@ -149,6 +157,7 @@ class MatrixRecording:
     def bonus_term(self, layer: int, head: int) -> np.ndarray:
         """[T]: the per-token weight of the token's own value (RWKV-5/6: sum_j r_t u k_t, inside the
         recurrence; RWKV-7: sum_j r_t k_t r_k, added after the group norm)."""
+        layer, head = self._check(layer, head)
         return self.arch.wkv.bonus_weight(self.head("r", layer, head), self.head("k", layer, head),
                                           self.bonus[layer, head][None])
 

@@ -7,7 +7,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import GenerationError
 from ..state import State
+
+
+def check_index(what: str, value, count: int, plural: str | None = None) -> int:
+    """`value` as an index of `count` things (layers, heads, tokens), or one sentence naming the
+    range: recordings refuse a negative or past-the-end index instead of reading another layer
+    (numpy's negative indices) or failing deep inside numpy."""
+    plural = plural or what.lower() + "s"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GenerationError(f"{what} must be a whole number (got {value!r}).")
+    if not 0 <= int(value) < count:
+        raise GenerationError(f"{what} {value} does not exist: this recording has {plural} 0 to {count - 1}.")
+    return int(value)
+
+
+def check_window(start, end, count: int) -> tuple[int, int]:
+    """[start, end) as a window of `count` tokens (end None: to the last), or one sentence."""
+    end = count if end is None else end
+    for name, value in (("The window's start", start), ("The window's end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise GenerationError(f"{name} must be a whole number (got {value!r}).")
+    if not 0 <= start < count:
+        raise GenerationError(f"The window starts at token {start}, outside the recording (tokens 0 to {count - 1}).")
+    if not start < end <= count:
+        raise GenerationError(f"The window ends at token {end}: it must end after its start ({start}) and at most "
+                              f"at {count}, the recording's length.")
+    return int(start), int(end)
 
 
 def read_observed(runtime, tokens: list[int], state: State | None, recorder, progress_share: float = 1.0,

@@ -26,7 +26,7 @@ from ..errors import GenerationError
 from ..models import by_name
 from ..serving.scheduler import run_here
 from ..state import State
-from .recording import read_observed
+from .recording import check_index, check_window, read_observed
 
 MAX_RECORD_FLOATS = 400_000_000  # ~1.6 GB of float32 across all recorded arrays
 
@@ -71,14 +71,18 @@ class Recording:
     # ---- derived views (cheap slices) ----------------------------------------------------------
     def value_estimate(self, layer: int) -> np.ndarray:
         """aa / bb per token: [T, C]."""
+        layer = check_index("Layer", layer, self.n_layer)
         return self.aa[:, layer] / np.maximum(self.bb[:, layer], 1e-38)
 
     def log_mass(self, layer: int) -> np.ndarray:
         """pp + log bb per token: [T, C]."""
+        layer = check_index("Layer", layer, self.n_layer)
         return self.pp[:, layer] + np.log(np.maximum(self.bb[:, layer], 1e-38))
 
     def state_at(self, t: int) -> State:
         """The engine State after token t (e.g. to export it)."""
+        t = check_index("Token", t, self.n_tokens)
+
         def pick(a):
             return torch.from_numpy(np.ascontiguousarray(a[t]))
         return State(att_x=pick(self.att_x), aa=pick(self.aa), bb=pick(self.bb), pp=pick(self.pp),
@@ -210,8 +214,11 @@ def effective_attention(rec: Recording, layer: int, channels, t_from: int = 0, t
     diagonal is the current token's bonus share), and prior[j] the share of the memory carried in
     from before t_from (the initial state, or tokens before the window). Rows sum to 1.
     """
+    layer = check_index("Layer", layer, rec.n_layer)
     channels = np.atleast_1d(np.asarray(channels, dtype=np.int64))
-    t_to = rec.n_tokens if t_to is None else min(t_to, rec.n_tokens)
+    if channels.size == 0 or channels.min() < 0 or channels.max() >= rec.n_embd:
+        raise GenerationError(f"Channels must be between 0 and {rec.n_embd - 1}, and at least one.")
+    t_from, t_to = check_window(t_from, t_to, rec.n_tokens)
     n = t_to - t_from
     w = -np.exp(rec.time_decay[layer, channels].astype(np.float64))  # [c]
     u = rec.time_first[layer, channels].astype(np.float64)

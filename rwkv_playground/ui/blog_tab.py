@@ -1,6 +1,8 @@
 """Blog post / long-form tab: the seed's use case, thousands of tokens at constant memory.
 
-Handlers are module-level functions of the engine and the inputs; `build` lays out and wires.
+The handlers are methods of `BlogTab` (one per event, each callable on its own: the tests call
+them); the form above Write comes as one `Brief`, the sampling controls as one `Sampling`; `build`
+lays out and wires.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Chat tab: streaming replies on a per-visitor recurrent state.
 
-Each handler is a module-level function of the engine and the inputs (readable, callable from a
-test); `build` only lays out the components and wires them. The chat's messages carry the replies
+The handlers are methods of `ChatTab` (one per event, each callable on its own: the tests call
+them); the format controls come as one `ChatFormat`, the sampling controls as one `Sampling`;
+`build` only lays out the components and wires them. The chat's messages carry the replies
 alone; each turn's statistics are shown beside them (the status line and the per-turn table) and
 returned by the API as separate outputs.
 """
@@ -15,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..chat import PRESETS, ChatFormat, ChatSession, default_preset
+from ..chat import PRESETS, ChatFormat, ChatSession, default_preset, model_chat_format
 from . import documents
 from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, friendly_error, session_state,
                      stats_line, stream, wire, with_notices)
@@ -142,6 +143,8 @@ class ChatTab:
         """A page opened: hold the visitor's newest conversation (the outputs of `opened`)."""
         if session.visitor is not None and not session.turns:
             session.open_newest(self.engine.current)
+        if not session.turns:
+            self._model_format(session)
         if notice:
             session.notices.append(notice)
         return self.opened(session, "Welcome back: your conversation is as you left it." if session.turns else "")
@@ -163,7 +166,15 @@ class ChatTab:
             session.new_document()
         except Exception as exc:
             return self.opened(session, friendly_error(exc))
+        self._model_format(session)
         return self.opened(session, "A new conversation: the others are in the list.")
+
+    def _model_format(self, session: ChatSession) -> None:
+        """An empty conversation takes the loaded model's own chat format (World / G1: User /
+        Assistant; Raven and the demo model: Bob / Alice), whatever model the page started with."""
+        loaded = self.engine.current
+        if loaded is not None:
+            session.fmt = model_chat_format(loaded)
 
     def on_rename(self, title, session, request: gr.Request = None):
         session = ensure_session(self.engine, session, ChatSession, request)

@@ -1,7 +1,10 @@
-"""State inspector tab: decay w, bonus u and the WKV accumulators, token by token.
+"""State inspector tab: RWKV-4's decay w, bonus u and WKV accumulators, RWKV-5/6/7's matrix state,
+token by token; the Patching and Experiments panels live in their own modules.
 
 Recording happens once (Record, through the engine's scheduler); every slider move only slices
-the recording and redraws. Handlers are module-level functions; `build` lays out and wires.
+the recording and redraws. The slider handlers are module-level functions of the session (they
+never reach the model); the ones that use the model or the visitor's session are methods of
+`InspectorTab`; `build` lays out and wires.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def parse_channels(spec: str, n_embd: int) -> list[int]:
 def window(rec, token: int, size: int) -> tuple[int, int]:
     size = max(8, min(int(size), rec.n_tokens))
     start = max(0, min(int(token) - size // 2, rec.n_tokens - size))
-    return start, start + size
+    return start, min(start + size, rec.n_tokens)  # (a recording shorter than 8 tokens: all of it)
 
 
 def spikes(rec, count: int = 12) -> list[tuple[str, int]]:
