@@ -36,6 +36,20 @@ struct MatrixLayer {
   Matrix receptance, key, value, output, ffn_key, ffn_value;
 };
 
+// Reads every layer: what all matrix models hold (MatrixLayer::read), then read_own(layer, reader,
+// "blocks.{i}.") for the architecture's own weights.
+template <typename Layer, typename ReadOwn>
+void read_layers(MatrixModel& model, const std::map<std::string, at::Tensor>& named, std::vector<Layer>& layers,
+                 const ReadOwn& read_own) {
+  WeightReader rd = model.reader(named);
+  layers.resize(model.n_layer);
+  for (int64_t i = 0; i < model.n_layer; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    layers[i].read(rd, p, model.n_embd, model.ffn_dim);
+    read_own(layers[i], rd, p);
+  }
+}
+
 // RWKV-5/6's recurrence, one token of one head: y = r^T (diag(u) k v^T + S); S = k v^T + diag(w) S
 // (S[key][value]); defined in step_rwkv5.cpp, used by RWKV-6 too.
 void wkv5_token(float* S, const float* r, const float* k, const float* v, const float* w, const float* u, float* y,

@@ -314,19 +314,10 @@ void layer_norm(const float* x, const float* weight, const float* bias, float ep
   for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - m) * inv_std * weight[c] + bias[c];
 }
 
-// GroupNorm of one row, one group per head of N channels (mean / variance in double, as layer_norm)
+// GroupNorm of one row, one group per head of N channels: each head's channels normalised as a
+// LayerNorm of their own, in place
 void head_group_norm(float* y, const float* weight, const float* bias, float eps, int64_t H, int64_t N) {
-  for (int64_t h = 0; h < H; ++h) {
-    float* g = y + h * N;
-    double sum = 0.0;
-    for (int64_t i = 0; i < N; ++i) sum += g[i];
-    const double mean = sum / N;
-    double sq = 0.0;
-    for (int64_t i = 0; i < N; ++i) sq += (g[i] - mean) * (g[i] - mean);
-    const float inv_std = static_cast<float>(1.0 / std::sqrt(sq / N + eps));
-    const float m = static_cast<float>(mean);
-    for (int64_t i = 0; i < N; ++i) g[i] = (g[i] - m) * inv_std * weight[h * N + i] + bias[h * N + i];
-  }
+  for (int64_t h = 0; h < H; ++h) layer_norm(y + h * N, weight + h * N, bias + h * N, eps, y + h * N, N);
 }
 
 Storage storage_of(const at::Tensor& t) {

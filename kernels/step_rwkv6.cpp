@@ -24,13 +24,8 @@ template <>
 RWKV6Step::MatrixStep(const std::map<std::string, at::Tensor>& named, int64_t n_layer, int64_t n_head,
                         int64_t head_size, double layer_norm_eps, double group_norm_eps, const std::string& isa)
     : model_("RWKV6Step", named, n_layer, n_head, head_size, layer_norm_eps, group_norm_eps, isa) {
-  WeightReader rd = model_.reader(named);
-  const int64_t C = model_.n_embd, F = model_.ffn_dim;
-  layers_.resize(n_layer);
-  for (int64_t i = 0; i < n_layer; ++i) {
-    const std::string p = "blocks." + std::to_string(i) + ".";
-    Layer& l = layers_[i];
-    l.read(rd, p, C, F);
+  const int64_t C = model_.n_embd;
+  read_layers(model_, named, layers_, [&](Layer& l, WeightReader& rd, const std::string& p) {
     l.maa_x = rd.vec(p + "att.time_maa_x", C);
     const char* names[5] = {"w", "k", "v", "r", "g"};
     for (int m = 0; m < 5; ++m) l.maa[m] = rd.vec(p + "att.time_maa_" + names[m], C);
@@ -54,7 +49,7 @@ RWKV6Step::MatrixStep(const std::map<std::string, at::Tensor>& named, int64_t n_
     l.ffn_mix_k = rd.vec(p + "ffn.time_maa_k", C);
     l.ffn_mix_r = rd.vec(p + "ffn.time_maa_r", C);
     l.ffn_receptance = rd.mat(p + "ffn.receptance.weight", C, C);
-  }
+  });
 }
 
 template <>

@@ -42,13 +42,8 @@ template <>
 RWKV7Step::MatrixStep(const std::map<std::string, at::Tensor>& named, int64_t n_layer, int64_t n_head,
                         int64_t head_size, double layer_norm_eps, double group_norm_eps, const std::string& isa)
     : model_("RWKV7Step", named, n_layer, n_head, head_size, layer_norm_eps, group_norm_eps, isa) {
-  WeightReader rd = model_.reader(named);
-  const int64_t C = model_.n_embd, F = model_.ffn_dim;
-  layers_.resize(n_layer);
-  for (int64_t i = 0; i < n_layer; ++i) {
-    const std::string p = "blocks." + std::to_string(i) + ".";
-    Layer& l = layers_[i];
-    l.read(rd, p, C, F);
+  const int64_t C = model_.n_embd;
+  read_layers(model_, named, layers_, [&](Layer& l, WeightReader& rd, const std::string& p) {
     const char* lerps[6] = {"r", "w", "k", "v", "a", "g"};
     for (int m = 0; m < 6; ++m) l.x_[m] = rd.vec(p + "att.x_" + lerps[m], C);
     l.w0 = rd.vec(p + "att.w0", C);
@@ -68,7 +63,7 @@ RWKV7Step::MatrixStep(const std::map<std::string, at::Tensor>& named, int64_t n_
     lora("v", l.v1, l.v2);
     lora("g", l.g1, l.g2);
     l.ffn_x_k = rd.vec(p + "ffn.x_k", C);
-  }
+  });
 }
 
 template <>

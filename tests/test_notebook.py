@@ -242,3 +242,24 @@ def test_stop_strings_round_trip_through_the_cells_text_box(stops):
     shown = format_stops(stops)
     assert "\n" not in shown and "\t" not in shown  # one editable line
     assert parse_stops(shown) == stops
+
+
+def test_a_generate_cells_settings_edited_together_all_stick(engine):
+    """The cell editor sends the limit, the stop strings and the sampling settings in one edit (its
+    boxes' blur): each changed field sticks and governs the next run (a max-tokens change was
+    dropped whenever the settings came along, which was always)."""
+    from rwkv_playground.ui.notebook_tab import NotebookTab
+
+    tab = NotebookTab(engine)
+    session, version, _ = tab.on_add("text", None, 0)
+    session, version, _ = tab.on_add("generate", session, version)
+    cell = session.notebook.cells[1]
+    settings = {"seed": int(cell.settings.get("seed") or 0), "temperature": float(cell.settings.get("temperature", 1.0)),
+                "top_p": float(cell.settings.get("top_p", 0.8))}
+    version, status = tab.on_edit(session, 1, version, max_tokens=7, stop=["QQQ"], settings=settings)
+    assert "will run again" in status, status
+    assert (cell.max_tokens, tuple(cell.stop)) == (7, ("QQQ",))  # kept although the settings did not change
+    version, status = tab.on_edit(session, 1, version, max_tokens=5, stop=["QQQ"], settings={**settings, "seed": 11})
+    assert (cell.max_tokens, cell.settings["seed"]) == (5, 11)
+    *_, (status, _, version) = tab.on_run(session, version)
+    assert status.startswith("Ran cells 1-2") and 0 < len(cell.tokens) <= 5  # the limit governs the run

@@ -18,8 +18,9 @@ from test_saved_work import INTERRUPTED, MESSAGES, SAMPLING, exported_state, rep
 sys.path.insert(0, str(ROOT / "deploy"))
 from local_cluster import LocalCluster, free_port, haproxy_config, missing_packages  # noqa: E402
 
-pytestmark = pytest.mark.skipif(bool(missing_packages()), reason=(
-    f"needs Debian's {' and '.join(missing_packages())} (apt-get install haproxy postgresql; .ci/run installs them)"))
+pytestmark = [pytest.mark.skipif(bool(missing_packages()), reason=(
+    f"needs Debian's {' and '.join(missing_packages())} (apt-get install haproxy postgresql; .ci/run installs them)")),
+    pytest.mark.serial]  # timings between processes: run with the machine to itself (pytest.ini)
 
 LIMITS = [12, 12, 300]
 VISITORS = 6

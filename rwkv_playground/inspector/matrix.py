@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError
-from .recording import check_index, check_window, read_observed
-from ..models import by_name
+from .recording import RecordedText, check_index, check_window, read_observed
 from ..serving.scheduler import run_here
 from ..state import State
 from ..wkv import effective_attention
@@ -42,7 +41,7 @@ TOKEN_NAMES = ("wkv", "att_x", "ffn_x")
 
 
 @dataclass
-class MatrixRecording:
+class MatrixRecording(RecordedText):
     architecture: str  # the name of a matrix-state architecture (models.by_name)
     tokens: list[int]
     token_texts: list[str]
@@ -57,15 +56,6 @@ class MatrixRecording:
     surprisal: np.ndarray  # [T]
     fingerprint: str
     initial_count: int = 0
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def arch(self):
-        """The architecture (models.Architecture) whose model made the recording."""
-        return by_name(self.architecture)
 
     @property
     def n_layer(self) -> int:

@@ -8,7 +8,24 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError
+from ..models import by_name
 from ..state import State
+
+
+class RecordedText:
+    """What every recording answers about the text it read (RWKV-4's and the matrix one)."""
+
+    tokens: list[int]
+    architecture: str
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def arch(self):
+        """The architecture (models.Architecture) whose model made the recording."""
+        return by_name(self.architecture)
 
 
 def check_index(what: str, value, count: int, plural: str | None = None) -> int:

@@ -23,16 +23,15 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError
-from ..models import by_name
 from ..serving.scheduler import run_here
 from ..state import State
-from .recording import check_index, check_window, read_observed
+from .recording import RecordedText, check_index, check_window, read_observed
 
 MAX_RECORD_FLOATS = 400_000_000  # ~1.6 GB of float32 across all recorded arrays
 
 
 @dataclass
-class Recording:
+class Recording(RecordedText):
     tokens: list[int]
     token_texts: list[str]
     time_decay: np.ndarray  # [L, C] raw parameter
@@ -50,15 +49,6 @@ class Recording:
     fingerprint: str
     initial_count: int = 0  # tokens the starting state had already read
     architecture: str = ""  # the architecture that made it (models.by_name), set by record_task
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def arch(self):
-        """The architecture (models.Architecture) whose model made the recording."""
-        return by_name(self.architecture)
 
     @property
     def n_layer(self) -> int:

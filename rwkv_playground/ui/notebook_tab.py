@@ -90,13 +90,15 @@ class NotebookTab:
             return session, version, friendly_error(exc)
 
     def on_edit(self, session, index, version, **fields):
+        """A cell's source, limit, stop strings or sampling settings changed: every changed field
+        sticks and governs the cell's next run (it and the cells below run again)."""
         try:
             notebook = session.notebook
             cell = notebook.cell(index)
+            settings = fields.pop("settings", None)
             changed = {k: v for k, v in fields.items() if v is not None and getattr(cell, k) != v}
-            if "settings" in fields:
-                changed = {"settings": {**cell.settings, **fields["settings"]}} if any(
-                    cell.settings.get(k) != v for k, v in fields["settings"].items()) else {}
+            if settings is not None and any(cell.settings.get(k) != v for k, v in settings.items()):
+                changed["settings"] = {**cell.settings, **settings}
             if not changed:
                 return version, gr.Markdown()
             notebook.edit(index, **changed)
@@ -389,14 +391,18 @@ def build(engine, inspector_state):
                              [version, status], api_visibility="private")
                 else:
                     gr.Textbox(cell.output, lines=3, show_label=False, interactive=False, elem_id=f"nb-cell-{i}-text")
+                    editable = not notebook.read_only  # (inside gr.render Gradio would draw them disabled)
                     with gr.Row():
                         seed = gr.Number(cell.settings.get("seed") or 0, precision=0, label="seed",
-                                         elem_id=f"nb-cell-{i}-seed")
-                        limit = gr.Number(cell.max_tokens, precision=0, label="max tokens", elem_id=f"nb-cell-{i}-max")
-                        temp = gr.Number(cell.settings.get("temperature", 1.0), label="temperature")
-                        top_p = gr.Number(cell.settings.get("top_p", 0.8), label="top_p")
+                                         interactive=editable, elem_id=f"nb-cell-{i}-seed")
+                        limit = gr.Number(cell.max_tokens, precision=0, label="max tokens", interactive=editable,
+                                          elem_id=f"nb-cell-{i}-max")
+                        temp = gr.Number(cell.settings.get("temperature", 1.0), label="temperature",
+                                         interactive=editable, elem_id=f"nb-cell-{i}-temperature")
+                        top_p = gr.Number(cell.settings.get("top_p", 0.8), label="top_p", interactive=editable,
+                                          elem_id=f"nb-cell-{i}-top-p")
                         stop_at = gr.Textbox(format_stops(cell.stop), label="stop at (comma-separated; \\n = line break)",
-                                             elem_id=f"nb-cell-{i}-stop")
+                                             interactive=editable, elem_id=f"nb-cell-{i}-stop")
                     for control in (seed, limit, temp, top_p, stop_at):
                         control.blur(lambda s, v, sd, mx, t, p, st, i=i: tab.on_edit(
                             s, i, v, max_tokens=int(mx), stop=parse_stops(st),
