@@ -69,18 +69,19 @@ def test_round_robin_without_stickiness_fails_gradio(cluster, tmp_path):
                              stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), 30)
-        def failures(url):
+        def failures(url, tries):
             failed = 0
-            for _ in range(6):
+            for _ in range(tries):
                 try:
                     Client(url, verbose=False).predict(None, api_name="/resume")
                 except Exception:  # noqa: BLE001 - any failure of the protocol counts
                     failed += 1
             return failed
 
-        # which calls fail depends on where each request of the protocol lands; some always do
-        assert failures(f"http://127.0.0.1:{port}/") >= 2, "round robin should break Gradio's event stream"
-        assert failures(cluster.url) == 0  # the same calls with the cookie
+        # which calls fail depends on where each request of the protocol lands (1 to 3 of 6 seen):
+        # one failure shows the point, and the same calls with the cookie never fail
+        assert failures(f"http://127.0.0.1:{port}/", 12) >= 1, "round robin should break Gradio's event stream"
+        assert failures(cluster.url, 12) == 0
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)

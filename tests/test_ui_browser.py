@@ -299,7 +299,7 @@ def test_notebook_tab_add_edit_rerun_and_fork(page):
     add_cell(page, "generate", 2)
     limit = page.locator("#nb-cell-1-max input")
     assert limit.is_editable() and page.locator("#nb-cell-1-seed input").is_editable()  # not drawn disabled
-    limit.fill("60")
+    limit.fill("48")  # (a new generate cell writes 60)
     limit.blur()
     wait_for_status(page, "nb-status", ["Cell 2 changed"], timeout=20)
     add_cell(page, "text", 3)
