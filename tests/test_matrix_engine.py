@@ -256,6 +256,7 @@ def test_the_inspector_tab_records_and_draws_the_matrix_state(matrix_engine):
     rec = session.recording
     assert isinstance(rec, MatrixRecording)
     views = rest[:15]
+    assert rest[15:19] == [None] * 4  # RWKV-4's decay / bonus figures are cleared, never left from another model
     decay, distribution, bonus, fourth, matrix, over, attention = views[8:15]
     t = rec.n_tokens - 1
     assert np.allclose(matrix.data[0].z, rec.state_at(t, 1, 1), atol=1e-6)

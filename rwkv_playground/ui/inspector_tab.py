@@ -135,8 +135,8 @@ MATRIX_VIEW_NAMES = ["decay per token", "half-life distribution", "bonus", "in-c
 
 
 def model_figures(runtime) -> tuple:
-    if runtime.architecture.inspector_views != "vector":  # (said by Record; the figures stay empty)
-        return (gr.Plot(),) * 4
+    if runtime.architecture.inspector_views != "vector":  # cleared: no figure outlives the model it came from
+        return (None,) * 4
     td, tf = model_decay_parameters(runtime)
     return (figures.decay_spectrum(td), figures.half_life_heatmap(td), figures.bonus_heatmap(tf),
             figures.bonus_vs_decay(td, tf))
@@ -300,12 +300,16 @@ def build(engine, chat_state, blog_state):
         with gr.Tab("Per-token summary"):
             summary_plot = gr.Plot(elem_id="insp-summary")
         with gr.Tab("WKV accumulators"):
+            gr.Markdown("RWKV-4's vector state (aa, bb, pp per channel); RWKV-5/6/7 keep a matrix per head: "
+                        "see the Matrix state tab.")
             at_token_plot = gr.Plot(elem_id="insp-at-token")
             value_plot = gr.Plot(elem_id="insp-plot")
             lines_plot = gr.Plot(elem_id="insp-lines")
             mass_plot = gr.Plot(elem_id="insp-mass")
             pp_plot = gr.Plot(elem_id="insp-pp")
         with gr.Tab("Effective attention"):
+            gr.Markdown("RWKV-4's attention in closed form, per channel; RWKV-5/6/7's exact attention per head "
+                        "is in the Matrix state tab.")
             attention_plot = gr.Plot(elem_id="insp-attention")
         with gr.Tab("Matrix state (RWKV-5/6/7)"):
             gr.Markdown("One N × N matrix per head. The head slider above picks the head; the attention is "
@@ -322,6 +326,8 @@ def build(engine, chat_state, blog_state):
         with gr.Tab("Experiments"):
             experiments_panel.build(engine, session, token)
         with gr.Tab("Decay and bonus"):
+            gr.Markdown("RWKV-4's time_decay and time_first; RWKV-5/6/7's decay, half-lives and bonus are in "
+                        "the Matrix state tab.")
             decay_plot = gr.Plot(elem_id="insp-decay")
             life_plot = gr.Plot(elem_id="insp-halflife")
             bonus_plot = gr.Plot(elem_id="insp-bonus")
