@@ -40,10 +40,6 @@ class Architecture(ABC):
     # Experiments tab) or "matrix" (the Matrix state tab); patching runs on every architecture
     inspector_views = "vector"
 
-    def bonus_of(self, attention_module) -> torch.Tensor:
-        """The bonus of one layer's time mix as the inspector shows it, [H, N] (matrix models)."""
-        raise NotImplementedError(f"{self.title} has no per-head bonus.")
-
     @abstractmethod
     def decay_rows(self, model, layer: int, batch: int) -> torch.Tensor:
         """One layer's decay as an edit holds it (models.common.Edits.decay), [batch, ...], every row
@@ -146,11 +142,9 @@ class MatrixConfig:
 
     @property
     def n_params(self) -> int:
+        # expected_shapes(): every key of the checkpoint and its shape, defined by each
+        # architecture's config (RWKV5Config, RWKV6Config, RWKV7Config)
         return sum(math.prod(s) for s in self.expected_shapes().values())
-
-    def expected_shapes(self) -> dict[str, tuple]:
-        """Every key of the checkpoint and its shape (each architecture's config says)."""
-        raise NotImplementedError
 
 
 class MatrixArchitecture(Architecture):
@@ -160,6 +154,10 @@ class MatrixArchitecture(Architecture):
     matrix_state = True
     inspector_views = "matrix"
     bonus_label = "bonus u (the current token's weight)"
+
+    @abstractmethod
+    def bonus_of(self, attention_module) -> torch.Tensor:
+        """The bonus of one layer's time mix as the inspector shows it, [H, N]."""
 
     def decay_rows(self, model, layer: int, batch: int) -> torch.Tensor:
         c = model.config
