@@ -10,7 +10,7 @@
 // floats order like their bit patterns), so only the one boundary bucket is ever sorted.
 // Buffers are thread_local: a fresh 200 KB allocation per token costs page faults in a VM.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>

@@ -9,8 +9,15 @@
 // Only exponents <= 0 are ever exponentiated (the running-maximum trick), so nothing overflows
 // for any w or k a float can hold.
 
-#include <torch/extension.h>
+// ATen's own headers, not torch/extension.h: that one header (the whole C++ frontend) costs ~35 s
+// of compile time per file at -O3, most of a cold build
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <cmath>
 #include <cstdint>
@@ -115,8 +122,8 @@ void train_backward_kernel(int64_t B, int64_t T, int64_t C, const acc_t* w, cons
   });
 }
 
-void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
-                  const torch::Tensor& v) {
+void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                  const at::Tensor& v) {
   TORCH_CHECK(k.device().is_cpu(), "wkv_cpu: tensors must be on the CPU");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv_cpu: k and v must be [B, T, C] of equal shape");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "wkv_cpu: k and v must have the same dtype");
@@ -127,21 +134,21 @@ void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::T
 
 }  // namespace
 
-std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                       torch::Tensor v, torch::Tensor aa, torch::Tensor bb,
-                                       torch::Tensor pp) {
+std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
+                                       at::Tensor v, at::Tensor aa, at::Tensor bb,
+                                       at::Tensor pp) {
   check_inputs(w, u, k, v);
   TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv_cpu: w, u must be float32");
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  for (const torch::Tensor* s : {&aa, &bb, &pp}) {  // the same checks as the CUDA binding's
+  for (const at::Tensor* s : {&aa, &bb, &pp}) {  // the same checks as the CUDA binding's
     TORCH_CHECK(s->device().is_cpu(), "wkv_cpu: aa, bb, pp must be on the CPU");
     TORCH_CHECK(s->scalar_type() == at::kFloat, "wkv_cpu: aa, bb, pp must be float32");
-    TORCH_CHECK(s->sizes() == torch::IntArrayRef({B, C}), "wkv_cpu: aa, bb, pp must be [B, C]");
+    TORCH_CHECK(s->sizes() == at::IntArrayRef({B, C}), "wkv_cpu: aa, bb, pp must be [B, C]");
   }
   auto aa_out = aa.contiguous().clone();
   auto bb_out = bb.contiguous().clone();
   auto pp_out = pp.contiguous().clone();
-  auto y = torch::empty_like(v);
+  auto y = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "wkv_cpu_forward", [&] {
     forward_kernel<scalar_t>(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
                              v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), aa_out.data_ptr<float>(),
@@ -150,12 +157,12 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
   return {y, aa_out, bb_out, pp_out};
 }
 
-static std::vector<torch::Tensor> train_forward_impl(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                                     torch::Tensor v) {
+static std::vector<at::Tensor> train_forward_impl(at::Tensor w, at::Tensor u, at::Tensor k,
+                                                     at::Tensor v) {
   check_inputs(w, u, k, v);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  auto y = torch::empty_like(v);
-  auto log_d = torch::empty_like(v);
+  auto y = at::empty_like(v);
+  auto log_d = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_train_forward", [&] {
     train_forward_kernel<scalar_t>(B, T, C, w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                                    k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
@@ -164,19 +171,19 @@ static std::vector<torch::Tensor> train_forward_impl(torch::Tensor w, torch::Ten
   return {y, log_d};
 }
 
-torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v) {
+at::Tensor wkv_train_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v) {
   return train_forward_impl(w, u, k, v)[0];
 }
 
-std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                              torch::Tensor v, torch::Tensor y, torch::Tensor gy) {
+std::vector<at::Tensor> wkv_train_backward(at::Tensor w, at::Tensor u, at::Tensor k,
+                                              at::Tensor v, at::Tensor y, at::Tensor gy) {
   check_inputs(w, u, k, v);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   // Recompute log D_t rather than keep it alive between forward and backward (memory over time).
   auto log_d = train_forward_impl(w, u, k, v)[1];
   gy = gy.contiguous();
-  auto gk = torch::empty_like(k), gv = torch::empty_like(v);
-  auto gw_part = torch::empty({B, C}, k.options()), gu_part = torch::empty({B, C}, k.options());
+  auto gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gw_part = at::empty({B, C}, k.options()), gu_part = at::empty({B, C}, k.options());
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_train_backward", [&] {
     train_backward_kernel<scalar_t>(B, T, C, w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                                     k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),

@@ -4,7 +4,12 @@
 //
 // The tests' CPU emulation (tests/cuda_emulation/) compiles this file too, with stand-ins for the
 // c10/cuda headers, and runs it on CPU tensors: RWKV_ON_DEVICE is then "on the CPU".
-#include <torch/extension.h>
+// ATen and pybind11 with torch's Tensor casters, not torch/extension.h (the whole C++ frontend:
+// ~30 s of compile time for nothing this file uses)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -32,7 +37,7 @@ cudaError_t cuda_wkv7_forward(int dtype, int B, int T, int H, int N, const void*
 
 namespace {
 
-void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k, const torch::Tensor& v) {
+void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(RWKV_ON_DEVICE(k) && RWKV_ON_DEVICE(v) && RWKV_ON_DEVICE(w) && RWKV_ON_DEVICE(u),
               "wkv_cuda: tensors must be on a CUDA device");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv_cuda: k and v must be [B, T, C] of equal shape");
@@ -43,17 +48,17 @@ void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::T
   TORCH_CHECK(k.size(0) * k.size(2) < (1LL << 31) && k.size(1) < (1LL << 31), "wkv_cuda: B * C or T too large");
 }
 
-void check_state(const torch::Tensor& s, const torch::Tensor& k) {  // the same checks as the CPU binding's
+void check_state(const at::Tensor& s, const at::Tensor& k) {  // the same checks as the CPU binding's
   TORCH_CHECK(RWKV_ON_DEVICE(s) && s.device() == k.device(), "wkv_cuda: aa, bb, pp must be on k's CUDA device");
   TORCH_CHECK(s.scalar_type() == at::kFloat, "wkv_cuda: aa, bb, pp must be float32");
-  TORCH_CHECK(s.sizes() == torch::IntArrayRef({k.size(0), k.size(2)}), "wkv_cuda: aa, bb, pp must be [B, C]");
+  TORCH_CHECK(s.sizes() == at::IntArrayRef({k.size(0), k.size(2)}), "wkv_cuda: aa, bb, pp must be [B, C]");
 }
 
 void check_launch(cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "wkv_cuda: the kernel launch failed: ", cudaGetErrorString(error));
 }
 
-int dtype_code(const torch::Tensor& t, const char* op) {
+int dtype_code(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
@@ -63,11 +68,11 @@ int dtype_code(const torch::Tensor& t, const char* op) {
 }
 
 // [B, T, H, N] inputs of one dtype (w: float32), a [B, H, N, N] float32 state, N in {16, 32, 64}
-void check_matrix(const char* op, const std::vector<const torch::Tensor*>& same_dtype, const torch::Tensor& w,
-                  const torch::Tensor& state) {
-  const torch::Tensor& k = *same_dtype.front();
+void check_matrix(const char* op, const std::vector<const at::Tensor*>& same_dtype, const at::Tensor& w,
+                  const at::Tensor& state) {
+  const at::Tensor& k = *same_dtype.front();
   TORCH_CHECK(k.dim() == 4, op, ": inputs must be [B, T, H, N]");
-  for (const torch::Tensor* t : same_dtype) {
+  for (const at::Tensor* t : same_dtype) {
     TORCH_CHECK(RWKV_ON_DEVICE(*t) && t->device() == k.device(), op, ": tensors must be on one CUDA device");
     TORCH_CHECK(t->sizes() == k.sizes(), op, ": r, k, v (kk, a) and w must have one shape [B, T, H, N]");
     TORCH_CHECK(t->scalar_type() == k.scalar_type(), op, ": r, k, v (kk, a) must have one dtype");
@@ -80,50 +85,50 @@ void check_matrix(const char* op, const std::vector<const torch::Tensor*>& same_
   TORCH_CHECK(N == 16 || N == 32 || N == 64, op, ": head size ", N, " is not compiled (16, 32 or 64)");
   TORCH_CHECK(RWKV_ON_DEVICE(state) && state.device() == k.device() && state.scalar_type() == at::kFloat,
               op, ": the state must be float32 on the inputs' device");
-  TORCH_CHECK(state.sizes() == torch::IntArrayRef({k.size(0), k.size(2), N, N}), op, ": the state must be [B, H, N, N]");
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({k.size(0), k.size(2), N, N}), op, ": the state must be [B, H, N, N]");
   TORCH_CHECK(k.size(0) * k.size(2) < (1LL << 31) && k.size(1) < (1LL << 31), op, ": B * H or T too large");
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
-                                        torch::Tensor u, torch::Tensor state) {
+std::vector<at::Tensor> wkv5_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor w,
+                                        at::Tensor u, at::Tensor state) {
   check_matrix("wkv5_cuda", {&k, &r, &v}, w, state);
   TORCH_CHECK(RWKV_ON_DEVICE(u) && u.scalar_type() == at::kFloat && u.is_contiguous() &&
-                  u.sizes() == torch::IntArrayRef({k.size(2), k.size(3)}),
+                  u.sizes() == at::IntArrayRef({k.size(2), k.size(3)}),
               "wkv5_cuda: u must be a contiguous float32 [H, N]");
   const c10::cuda::CUDAGuard guard(k.device());
   auto S = state.contiguous().clone();
-  auto y = torch::empty_like(k);
+  auto y = at::empty_like(k);
   check_launch(cuda_wkv5_forward(dtype_code(k, "wkv5_cuda"), k.size(0), k.size(1), k.size(2), k.size(3), r.data_ptr(),
                                  k.data_ptr(), v.data_ptr(), w.data_ptr<float>(), u.data_ptr<float>(), y.data_ptr(),
                                  S.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
   return {y, S};
 }
 
-std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                        at::Tensor kk, at::Tensor a, at::Tensor state) {
   check_matrix("wkv7_cuda", {&k, &r, &v, &kk, &a}, w, state);
   const c10::cuda::CUDAGuard guard(k.device());
   auto S = state.contiguous().clone();
-  auto y = torch::empty_like(k);
+  auto y = at::empty_like(k);
   check_launch(cuda_wkv7_forward(dtype_code(k, "wkv7_cuda"), k.size(0), k.size(1), k.size(2), k.size(3), r.data_ptr(),
                                  w.data_ptr<float>(), k.data_ptr(), v.data_ptr(), kk.data_ptr(), a.data_ptr(),
                                  y.data_ptr(), S.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
   return {y, S};
 }
 
-std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                       torch::Tensor aa, torch::Tensor bb, torch::Tensor pp) {
+std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                       at::Tensor aa, at::Tensor bb, at::Tensor pp) {
   check_inputs(w, u, k, v);
   TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv_cuda: w, u must be float32");
-  for (const torch::Tensor* s : {&aa, &bb, &pp}) check_state(*s, k);
+  for (const at::Tensor* s : {&aa, &bb, &pp}) check_state(*s, k);
   const c10::cuda::CUDAGuard guard(k.device());
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   auto aa_out = aa.contiguous().clone();
   auto bb_out = bb.contiguous().clone();
   auto pp_out = pp.contiguous().clone();
-  auto y = torch::empty_like(v);
+  auto y = at::empty_like(v);
   int dtype;
   switch (k.scalar_type()) {
     case at::kFloat: dtype = 0; break;
@@ -137,19 +142,19 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
   return {y, aa_out, bb_out, pp_out};
 }
 
-torch::Tensor wkv_train_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v) {
+at::Tensor wkv_train_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v) {
   check_inputs(w, u, k, v);
   TORCH_CHECK(k.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "wkv_cuda: training takes float32");
   const c10::cuda::CUDAGuard guard(k.device());
-  auto y = torch::empty_like(v), log_d = torch::empty_like(v);
+  auto y = at::empty_like(v), log_d = at::empty_like(v);
   check_launch(cuda_wkv_train_forward(k.size(0), k.size(1), k.size(2), w.data_ptr<float>(), u.data_ptr<float>(),
                                       k.data_ptr<float>(), v.data_ptr<float>(), y.data_ptr<float>(),
                                       log_d.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 
-std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                              torch::Tensor y, torch::Tensor gy) {
+std::vector<at::Tensor> wkv_train_backward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                              at::Tensor y, at::Tensor gy) {
   check_inputs(w, u, k, v);
   TORCH_CHECK(k.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "wkv_cuda: training takes float32");
   TORCH_CHECK(y.sizes() == k.sizes() && gy.sizes() == k.sizes(), "wkv_cuda: y and gy must be [B, T, C]");
@@ -159,11 +164,11 @@ std::vector<torch::Tensor> wkv_train_backward(torch::Tensor w, torch::Tensor u, 
   gy = gy.contiguous();
   y = y.contiguous();
   // Recompute log D_t rather than keep it alive between forward and backward (memory over time).
-  auto y_re = torch::empty_like(v), log_d = torch::empty_like(v);
+  auto y_re = at::empty_like(v), log_d = at::empty_like(v);
   check_launch(cuda_wkv_train_forward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
                                       v.data_ptr<float>(), y_re.data_ptr<float>(), log_d.data_ptr<float>(), stream));
-  auto gk = torch::empty_like(k), gv = torch::empty_like(v);
-  auto gw_part = torch::empty({B, C}, k.options()), gu_part = torch::empty({B, C}, k.options());
+  auto gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gw_part = at::empty({B, C}, k.options()), gu_part = at::empty({B, C}, k.options());
   check_launch(cuda_wkv_train_backward(B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
                                        v.data_ptr<float>(), y.data_ptr<float>(), log_d.data_ptr<float>(),
                                        gy.data_ptr<float>(), gw_part.data_ptr<float>(), gu_part.data_ptr<float>(),

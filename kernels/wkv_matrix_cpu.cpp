@@ -9,22 +9,29 @@
 // vectorises (-O3 -march=native). The recurrence is sequential in T; prompts still batch every
 // projection over the chunk (the model's GEMMs), so this loop is a small part of a prompt.
 
-#include <torch/extension.h>
+// ATen's own headers, not torch/extension.h: that one header (the whole C++ frontend) costs ~35 s
+// of compile time per file at -O3, most of a cold build
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <vector>
 
 namespace {
 
-void check(const torch::Tensor& t, const char* name, int64_t dims) {
+void check(const at::Tensor& t, const char* name, int64_t dims) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
   TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dimensions");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_inputs(const std::vector<std::pair<const torch::Tensor*, const char*>>& seq, const torch::Tensor& state) {
+void check_inputs(const std::vector<std::pair<const at::Tensor*, const char*>>& seq, const at::Tensor& state) {
   const auto& first = *seq.front().first;
   for (const auto& [t, name] : seq) {
     check(*t, name, 4);
@@ -39,13 +46,13 @@ void check_inputs(const std::vector<std::pair<const torch::Tensor*, const char*>
 }  // namespace
 
 // y_t = r_t^T (diag(u) k_t v_t^T + S);  S <- k_t v_t^T + diag(w_t) S        (S[key j][value i])
-std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
-                                        torch::Tensor u, torch::Tensor state) {
+std::vector<at::Tensor> wkv5_forward(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor w,
+                                        at::Tensor u, at::Tensor state) {
   check_inputs({{&r, "r"}, {&k, "k"}, {&v, "v"}, {&w, "w"}}, state);
   check(u, "u", 2);
   const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
   TORCH_CHECK(u.size(0) == H && u.size(1) == N, "u must be [H, N]");
-  auto y = torch::empty_like(k);
+  auto y = at::empty_like(k);
   auto S_out = state.clone();
   const float *rp = r.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
               *wp = w.data_ptr<float>(), *up = u.data_ptr<float>();
@@ -79,11 +86,11 @@ std::vector<torch::Tensor> wkv5_forward(torch::Tensor r, torch::Tensor k, torch:
 }
 
 // S <- S diag(w_t) - (S kk_t)(kk_t * a_t)^T + v_t k_t^T;  y_t = S r_t       (S[value i][key j])
-std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+std::vector<at::Tensor> wkv7_forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                        at::Tensor kk, at::Tensor a, at::Tensor state) {
   check_inputs({{&r, "r"}, {&w, "w"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"}}, state);
   const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
-  auto y = torch::empty_like(k);
+  auto y = at::empty_like(k);
   auto S_out = state.clone();
   const float *rp = r.data_ptr<float>(), *wp = w.data_ptr<float>(), *kp = k.data_ptr<float>(),
               *vp = v.data_ptr<float>(), *kkp = kk.data_ptr<float>(), *ap = a.data_ptr<float>();
@@ -276,9 +283,9 @@ void wkv7_train_backward_kernel(int64_t B, int64_t T, int64_t H, int64_t N, cons
   });
 }
 
-void check_train(const std::vector<std::pair<const torch::Tensor*, const char*>>& seq) {
+void check_train(const std::vector<std::pair<const at::Tensor*, const char*>>& seq) {
   const auto& first = *seq.front().first;
-  TORCH_CHECK(first.scalar_type() == torch::kFloat32 || first.scalar_type() == torch::kFloat64,
+  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
               "wkv7 training: inputs must be float32 or float64");
   for (const auto& [t, name] : seq) {
     TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
@@ -291,13 +298,13 @@ void check_train(const std::vector<std::pair<const torch::Tensor*, const char*>>
 }  // namespace
 
 // Training forward from an empty state: (y [B, T, H, N], checkpoints [B, H, ceil(T/16), N, N], final state).
-std::vector<torch::Tensor> wkv7_train_forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                              torch::Tensor kk, torch::Tensor a) {
+std::vector<at::Tensor> wkv7_train_forward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                              at::Tensor kk, at::Tensor a) {
   check_train({{&r, "r"}, {&w, "w"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"}});
   const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
-  auto y = torch::zeros_like(k);
-  auto checkpoints = torch::empty({B, H, (T + kChunk - 1) / kChunk, N, N}, k.options());
-  auto final_state = torch::zeros({B, H, N, N}, k.options());
+  auto y = at::zeros_like(k);
+  auto checkpoints = at::empty({B, H, (T + kChunk - 1) / kChunk, N, N}, k.options());
+  auto final_state = at::zeros({B, H, N, N}, k.options());
   if (B * H * T == 0) return {y, checkpoints, final_state};
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv7_train_forward", [&] {
     wkv7_train_forward_kernel<scalar_t>(B, T, H, N, r.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -309,16 +316,16 @@ std::vector<torch::Tensor> wkv7_train_forward(torch::Tensor r, torch::Tensor w, 
 }
 
 // Its backward: (gr, gw, gk, gv, gkk, ga), each [B, T, H, N], for the gradient gy of y.
-std::vector<torch::Tensor> wkv7_train_backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                               torch::Tensor kk, torch::Tensor a, torch::Tensor checkpoints,
-                                               torch::Tensor gy) {
+std::vector<at::Tensor> wkv7_train_backward(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                               at::Tensor kk, at::Tensor a, at::Tensor checkpoints,
+                                               at::Tensor gy) {
   check_train({{&r, "r"}, {&w, "w"}, {&k, "k"}, {&v, "v"}, {&kk, "kk"}, {&a, "a"}, {&gy, "gy"}});
   const int64_t B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
   TORCH_CHECK(checkpoints.is_contiguous() && checkpoints.scalar_type() == k.scalar_type() &&
-                  checkpoints.sizes() == torch::IntArrayRef({B, H, (T + kChunk - 1) / kChunk, N, N}),
+                  checkpoints.sizes() == at::IntArrayRef({B, H, (T + kChunk - 1) / kChunk, N, N}),
               "checkpoints must be the tensor wkv7_train_forward returned");
-  std::vector<torch::Tensor> grads;
-  for (int i = 0; i < 6; ++i) grads.push_back(torch::zeros_like(k));
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < 6; ++i) grads.push_back(at::zeros_like(k));
   if (B * H * T == 0) return grads;
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv7_train_backward", [&] {
     wkv7_train_backward_kernel<scalar_t>(

@@ -9,7 +9,10 @@
 // the arrays may be, and the inputs must be left as they were.
 #include "cuda_shim.h"
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>  // not torch/extension.h: ~30 s of compile time for nothing used here
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstring>
 #include <string>
@@ -40,14 +43,14 @@ struct Guarded {
   bool output;
   std::vector<unsigned char> bytes, original;
 
-  Guarded(std::string name_, const torch::Tensor& like, bool output_)
+  Guarded(std::string name_, const at::Tensor& like, bool output_)
       : name(std::move(name_)), elem(like.element_size()), count(like.numel()), output(output_) {
     bytes.assign((count + 2 * kGuard) * elem, kGuardByte);
     unsigned char* payload = bytes.data() + kGuard * elem;
     if (output) {
       std::memset(payload, kUnwritten, count * elem);
     } else if (count > 0) {  // (an empty tensor's data pointer may be null)
-      const torch::Tensor c = like.contiguous();
+      const at::Tensor c = like.contiguous();
       std::memcpy(payload, c.data_ptr(), count * elem);
       original.assign(payload, payload + count * elem);
     }
@@ -72,8 +75,8 @@ struct Guarded {
       TORCH_CHECK(!unwritten, "emulated CUDA: element ", i, " of ", name, " was never written");
     }
   }
-  torch::Tensor tensor(const torch::Tensor& like) {
-    auto out = torch::empty_like(like, at::MemoryFormat::Contiguous);
+  at::Tensor tensor(const at::Tensor& like) {
+    auto out = at::empty_like(like, at::MemoryFormat::Contiguous);
     if (count > 0) std::memcpy(out.data_ptr(), data(), count * elem);
     return out;
   }
@@ -83,8 +86,8 @@ void launched(cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "emulated CUDA: the launch failed: ", cudaGetErrorString(error));
 }
 
-std::vector<torch::Tensor> guarded_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                           torch::Tensor aa, torch::Tensor bb, torch::Tensor pp) {
+std::vector<at::Tensor> guarded_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                           at::Tensor aa, at::Tensor bb, at::Tensor pp) {
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   const int dtype = k.scalar_type() == at::kFloat ? 0 : k.scalar_type() == at::kHalf ? 1 : 2;
   Guarded gw("w", w, false), gu("u", u, false), gk("k", k, false), gv("v", v, false), gy("y", v, true);
@@ -106,8 +109,8 @@ std::vector<torch::Tensor> guarded_forward(torch::Tensor w, torch::Tensor u, tor
   return {gy.tensor(v), ga.tensor(aa), gb.tensor(bb), gp.tensor(pp)};
 }
 
-std::vector<torch::Tensor> guarded_train(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                         torch::Tensor gy) {
+std::vector<at::Tensor> guarded_train(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                         at::Tensor gy) {
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   Guarded gw("w", w, false), gu("u", u, false), gk("k", k, false), gv("v", v, false), ggy("gy", gy, false);
   Guarded y("y", v, true), log_d("log_d", v, true);
@@ -116,7 +119,7 @@ std::vector<torch::Tensor> guarded_train(torch::Tensor w, torch::Tensor u, torch
                                   static_cast<float*>(y.data()), static_cast<float*>(log_d.data()), nullptr));
   y.check();
   log_d.check();
-  auto part = torch::empty({B, C}, k.options());
+  auto part = at::empty({B, C}, k.options());
   Guarded gw_part("gw_part", part, true), gu_part("gu_part", part, true), gk_out("gk", k, true), gv_out("gv", v, true);
   launched(cuda_wkv_train_backward(B, T, C, static_cast<float*>(gw.data()), static_cast<float*>(gu.data()),
                                    static_cast<float*>(gk.data()), static_cast<float*>(gv.data()),
@@ -136,12 +139,12 @@ void check_guards_only(const Guarded& g) {
   }
 }
 
-int dtype_of(const torch::Tensor& t) {
+int dtype_of(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? 0 : t.scalar_type() == at::kHalf ? 1 : 2;
 }
 
-std::vector<torch::Tensor> guarded_wkv5(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w,
-                                        torch::Tensor u, torch::Tensor state) {
+std::vector<at::Tensor> guarded_wkv5(at::Tensor r, at::Tensor k, at::Tensor v, at::Tensor w,
+                                        at::Tensor u, at::Tensor state) {
   const int B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
   Guarded gr("r", r, false), gk("k", k, false), gv("v", v, false), gw("w", w, false), gu("u", u, false);
   Guarded gy("y", k, true), gs("state", state, false);
@@ -153,8 +156,8 @@ std::vector<torch::Tensor> guarded_wkv5(torch::Tensor r, torch::Tensor k, torch:
   return {gy.tensor(k), gs.tensor(state)};
 }
 
-std::vector<torch::Tensor> guarded_wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor kk, torch::Tensor a, torch::Tensor state) {
+std::vector<at::Tensor> guarded_wkv7(at::Tensor r, at::Tensor w, at::Tensor k, at::Tensor v,
+                                        at::Tensor kk, at::Tensor a, at::Tensor state) {
   const int B = k.size(0), T = k.size(1), H = k.size(2), N = k.size(3);
   Guarded gr("r", r, false), gw("w", w, false), gk("k", k, false), gv("v", v, false), gkk("kk", kk, false),
       ga("a", a, false);
