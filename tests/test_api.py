@@ -276,7 +276,7 @@ def test_an_api_stream_and_a_browser_chat_run_in_the_same_ticks(client, app_url,
 
 
 def test_a_long_api_prompt_never_freezes_a_chat(client, engine, monkeypatch):
-    """A 60000-token prompt is read in chunks between ticks: a short chat meanwhile is answered first."""
+    """A 20000-token prompt is read in chunks between ticks: a short chat meanwhile is answered first."""
     runtime = engine.current.runtime
     read = runtime.forward
 
@@ -285,14 +285,14 @@ def test_a_long_api_prompt_never_freezes_a_chat(client, engine, monkeypatch):
         return read(*args, **kwargs)
 
     monkeypatch.setattr(runtime, "forward", slow_forward)
-    long_prompt = [(7 * i) % 500 + 10 for i in range(60000)]
+    long_prompt = [(7 * i) % 500 + 10 for i in range(20000)]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         long = pool.submit(client.completions.create, model=MODEL, prompt=long_prompt, max_tokens=4, seed=1)
         assert wait_until(lambda: engine.scheduler.status()["generating"] == 1)
         short = chat(client, max_tokens=12, seed=1)
         assert short.usage.completion_tokens > 0
         assert not long.done(), "the chat was answered while the long prompt was still being read"
-        assert long.result().usage.prompt_tokens == 60000
+        assert long.result().usage.prompt_tokens == 20000
 
 
 def test_a_client_that_disconnects_frees_its_slot_within_a_tick(app_url, engine):
@@ -304,15 +304,20 @@ def test_a_client_that_disconnects_frees_its_slot_within_a_tick(app_url, engine)
             assert engine.scheduler.status()["generating"] == 1
         assert any(line.startswith("data: {") for line in got)
         assert wait_until(lambda: engine.scheduler.status()["generating"] == 0, timeout=5)
-    # the same for a request that is not streamed
+    # the same for a request that is not streamed: its socket closes while the reply is written
+    # (a raw socket: closing an httpx client from another thread does not end a request in flight)
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(app_url)
+    payload = json.dumps({**body, "stream": False}).encode()
     with paced(engine, 0.01):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            http = httpx.Client(timeout=30)
-            future = pool.submit(http.post, app_url + "v1/completions", json={**body, "stream": False})
-            assert wait_until(lambda: engine.scheduler.status()["generating"] == 1, timeout=10)
-            http.close()  # the connection goes away mid-request
-            with pytest.raises(Exception):
-                future.result()
+        client = socket.create_connection((url.hostname, url.port), timeout=10)
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        assert wait_until(lambda: engine.scheduler.status()["generating"] == 1, timeout=10)
+        client.close()  # the connection goes away mid-request
         assert wait_until(lambda: engine.scheduler.status()["generating"] == 0, timeout=5)
 
 

@@ -221,7 +221,7 @@ def test_a_closed_api_client_frees_its_sessions_at_once(app_url, engine):
     (visitor,) = set(engine._visits) - before
     (chat,) = engine._visits[visitor]
     assert chat.memory_bytes() > 0 and chat in engine.memory.sessions()
-    client.close()  # its heartbeat ends: Gradio's unload
+    client.close()  # its heartbeat ends: Gradio's unload (at the next heartbeat: conftest)
     deadline = time.time() + 20
     while time.time() < deadline and visitor in engine._visits:
         time.sleep(0.1)

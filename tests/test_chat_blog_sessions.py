@@ -153,10 +153,24 @@ def test_models_folder_path_safety(engine, tmp_path):
             engine.resolve_choice(bad)
 
 
-def test_download_offline_gives_a_clear_message(engine, monkeypatch):
+def test_download_offline_gives_a_clear_message_at_once(engine, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from conftest import free_port
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LoadError, match="Download failed"):
+    with pytest.raises(LoadError, match="Download failed.*offline mode"):
         engine.download("RWKV-4 Pile 169M")
+    # no network: a hub that does not answer is said at once (huggingface_hub alone retried for 23 s)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(LoadError, match=r"Download failed \(is this machine offline\?\): 127.0.0.1 cannot be reached"):
+        engine.download("RWKV-4 Pile 169M")
+    assert time.monotonic() - started < 5
 
 
 def test_event_functions_in_process(engine):

@@ -139,7 +139,6 @@ def test_a_corrupt_matrix_is_refused_when_quantizing(tmp_path):
         load_runtime(tmp_path / "nan.pth", dtype="int8")
 
 
-@pytest.mark.serial  # a process's peak memory while another one runs beside it is not its own to measure
 def test_loading_int8_peaks_near_the_int8_model(ckpt_dir):
     """A bf16 file loaded as int8, in a fresh process: the resident high-water mark grows by at most
     1.15x the int8 model (each matrix is quantized block by block and its file pages let go)."""

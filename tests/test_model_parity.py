@@ -201,7 +201,6 @@ def test_config_is_inferred_from_weights(tiny_fp32):
     assert info["wkv"] in ("cpu", "reference")
 
 
-@pytest.mark.serial  # a process's peak memory while another one runs beside it is not its own to measure
 def test_bf16_file_loads_as_bf16_without_an_fp32_copy(ckpt_dir):
     """Peak RSS while loading a bf16 checkpoint as bf16 stays close to the weights' size, measured
     in a fresh process: the high-water mark (VmHWM) is reset right before load_runtime."""

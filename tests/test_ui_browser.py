@@ -16,7 +16,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="Chromium is not installed (apt-get install chromium); .ci/run installs it"),
-              pytest.mark.serial]  # a browser's timeouts: run with the machine to itself (pytest.ini)
+              pytest.mark.xdist_group("browser")]  # one Chromium for the module: on one worker (pytest.ini)
 
 
 @pytest.fixture(scope="module")

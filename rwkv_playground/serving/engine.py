@@ -120,6 +120,25 @@ def return_freed_memory(min_interval_s: float = 10.0) -> None:
         pass
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (offline mode, no name resolution, no
+    connection), or None when a connection to it opens."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "offline mode is on (HF_HUB_OFFLINE)."
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or exc})."
+    return None
+
+
 class Engine:
     """The loaded model behind its scheduler, the models folder, and the visitors' sessions."""
 
@@ -279,6 +298,9 @@ class Engine:
             from huggingface_hub import hf_hub_download
         except ImportError:
             raise LoadError("huggingface_hub is not installed (pip install huggingface_hub).") from None
+        unreachable = hub_unreachable()
+        if unreachable:  # at once, not after huggingface_hub's five retries (23 s offline)
+            raise LoadError(f"Download failed (is this machine offline?): {unreachable}")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         if progress:
             progress(f"Downloading {filename} from {repo} ...", 0.0)
