@@ -21,7 +21,7 @@ from local_cluster import LocalCluster, free_port, haproxy_config, missing_packa
 
 pytestmark = [pytest.mark.skipif(bool(missing_packages()), reason=(
     f"needs Debian's {' and '.join(missing_packages())} (apt-get install haproxy postgresql; .ci/run installs them)")),
-    pytest.mark.xdist_group("cluster")]  # one cluster for the module: on one worker (pytest.ini)
+    pytest.mark.waiting, pytest.mark.xdist_group("cluster")]  # one cluster for the module, on one worker (pytest.ini)
 
 LIMITS = [12, 12, 300]
 VISITORS = 6
