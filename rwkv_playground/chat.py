@@ -62,6 +62,14 @@ class Turn:
         self.restored = False
 
 
+@dataclass(eq=False)
+class QueuedMessage:
+    """A message waiting for the reply before it (identity matters: two may hold the same text)."""
+
+    text: str
+    sending: bool = False  # its turn has started: shown as a turn, no longer as queued
+
+
 class ChatSession(Session):
     """One browser session's conversation and recurrent states."""
 
@@ -74,6 +82,9 @@ class ChatSession(Session):
         self.model_fingerprint = ""
         self.undo_depth = max(1, int(undo_depth))
         self.controls: dict = {}  # the sampling controls' values last used (kept with the conversation)
+        # messages sent while a reply was being written, in order: each is sent when the one before
+        # it has its reply (the Chat tab's queue; not saved: a reload or Stop hands them back)
+        self.queued_messages: list[QueuedMessage] = []
 
     def configure(self, settings) -> None:
         self.undo_depth = max(1, int(settings.undo_depth))
@@ -105,10 +116,12 @@ class ChatSession(Session):
             ids += turn.tokens()
         return ids
 
-    def _check_model(self, loaded) -> None:
+    def _check_model(self, loaded) -> bool:
         """A state only means something to the model that made it: after a model change the
-        conversation keeps its text, read again (in the new model's tokens) by the next message."""
-        if self.model_fingerprint and self.model_fingerprint != loaded.runtime.fingerprint and self.turns:
+        conversation keeps its text, read again (in the new model's tokens) by the next message.
+        True when the model changed under the conversation."""
+        changed = bool(self.model_fingerprint and self.model_fingerprint != loaded.runtime.fingerprint and self.turns)
+        if changed:
             encode = loaded.tokenizer.encode
             for i, turn in enumerate(self.turns):
                 turn.drop_states()
@@ -117,6 +130,13 @@ class ChatSession(Session):
             self.notices.append("This conversation was written with another model: its states do not fit this "
                                 "one, so your next message reads the conversation again.")
         self.model_fingerprint = loaded.runtime.fingerprint
+        return changed
+
+    @staticmethod
+    def _why_reread(stats: dict, model_changed: bool) -> dict:
+        if stats.get("history_reread"):
+            stats["history_reread_why"] = "model changed" if model_changed else "state dropped"
+        return stats
 
     # ---- where the next read starts ----------------------------------------------------------
     def _digest(self, upto: int) -> str:
@@ -158,13 +178,14 @@ class ChatSession(Session):
         if not message or not message.strip():
             raise GenerationError("Type a message first.")
         loaded = engine.require()
-        self._check_model(loaded)
+        model_changed = self._check_model(loaded)
         previous = self.turns[-1] if self.turns else None
         turn = Turn(user=message.strip())
         turn.prompt_tokens = loaded.tokenizer.encode(self.fmt.turn_prompt(message, first=previous is None))
         # from the last turn's state (kept, or read back from the store); if it was dropped, from
         # the latest one still kept, reading the turns after it once
-        rest, state, logits, turn.stats = self._resume(len(self.turns))
+        rest, state, logits, stats = self._resume(len(self.turns))
+        turn.stats = self._why_reread(stats, model_changed)
         prompt = rest + turn.prompt_tokens
         self.turns.append(turn)
         yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
@@ -174,7 +195,7 @@ class ChatSession(Session):
         if not self.turns or not self.turns[-1].prompt_tokens:
             raise GenerationError("There is no reply to regenerate yet.")
         loaded = engine.require()
-        self._check_model(loaded)
+        model_changed = self._check_model(loaded)
         if not self.turns:
             raise GenerationError("The model changed: the conversation was cleared.")
         turn = self.turns[-1]
@@ -184,7 +205,8 @@ class ChatSession(Session):
             prompt, state, logits = [], turn.state_prompt, turn.logits_prompt
             turn.stats = {"tokens_saved": state.token_count}
         else:
-            rest, state, logits, turn.stats = self._resume(last)
+            rest, state, logits, stats = self._resume(last)
+            turn.stats = self._why_reread(stats, model_changed)
             prompt = rest + turn.prompt_tokens
         yield from self._reply(engine, loaded, turn, prompt, state, logits, settings, max_tokens)
 

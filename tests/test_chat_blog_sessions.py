@@ -2,6 +2,7 @@
 stop mid-stream, isolation, outline forks, states dropped and rebuilt, and the model folder's path
 safety. Sessions run the model through the engine's scheduler."""
 
+import gradio as gr
 import pytest
 import torch
 
@@ -184,7 +185,9 @@ def test_event_functions_in_process(engine):
     chat = ChatSession()
     outs = list(fns["chat"]("Good morrow.", chat, "Bob", "Alice", "", *sampling, 20, 1))
     messages, status, table, session, textbox = outs[-1]
-    assert session is chat and len(chat.turns) == 1 and textbox == ""
+    # the box is emptied once, when the message is taken; later updates leave what is typed meanwhile
+    assert session is chat and len(chat.turns) == 1 and outs[0][4] == ""
+    assert all(out[4] == gr.skip() for out in outs[1:])
     assert messages[-1] == {"role": "assistant", "content": chat.turns[0].reply}  # the reply alone
     assert "generated" in status and table[0]["generated_tokens"] == chat.turns[0].stats["generated_tokens"]
     hint = list(fns["chat"]("   ", chat, "Bob", "Alice", "", *sampling, 20, 1))[-1]
@@ -257,3 +260,55 @@ def test_the_page_config_never_reaches_the_model(engine, monkeypatch):
 
     monkeypatch.setattr(Runtime, "__deepcopy__", reached, raising=False)
     copy.deepcopy(demo.get_config_file())  # what every page load does
+
+
+def test_a_message_sent_during_a_reply_is_queued_then_sent_and_stop_hands_it_back(engine):
+    """A message sent while a reply streams waits for it (shown as queued, the box emptied once and
+    then left alone) and is sent when it ends: the conversation equals the two messages sent one
+    after the other. Stop hands a queued message back to the box."""
+    from conftest import paced
+    from rwkv_playground.ui import create_app
+    from rwkv_playground.ui.chat_tab import QUEUED, ChatTab
+
+    fns = {f.api_name: f.fn for f in create_app(engine).fns.values() if f.api_name}
+    sampling = (1.0, 0.7, 0, 0.4, 0.4, 0.996)
+
+    def send(chat, message, limit, seed):
+        return fns["chat"](message, chat, "Bob", "Alice", "", *sampling, limit, seed)
+
+    alone = ChatSession()
+    for message, limit, seed in (("Good morrow.", 40, 1), ("What news?", 12, 2)):
+        run(send(alone, message, limit, seed))
+
+    chat = ChatSession()
+    with paced(engine, 0.01):
+        first = send(chat, "Good morrow.", 40, 1)
+        next(first)
+        while not chat.busy:
+            next(first)
+        second = send(chat, "What news?", 12, 2)
+        messages, status, _, _, box = next(second)
+        assert status.startswith("Queued") and box == ""
+        assert messages[-1] == {"role": "user", "content": "What news?" + QUEUED}
+        assert next(second) == (gr.skip(),) * 5  # waiting: nothing changes
+        rest = list(first)
+        assert all(out[4] == gr.skip() for out in rest)  # the first reply never empties the box again
+        assert rest[-1][0][-1]["content"] == "What news?" + QUEUED
+        list(second)
+    assert [(t.user, t.reply) for t in chat.turns] == [(t.user, t.reply) for t in alone.turns]
+    assert chat.queued_messages == []
+
+    # Stop: the reply is cancelled (its generator closed, as Gradio's cancel does) and the queued
+    # message comes back to the box, never sent
+    with paced(engine, 0.01):
+        first = send(chat, "Tell me more.", 40, 3)
+        while not chat.busy:
+            next(first)
+        second = send(chat, "And then?", 12, 4)
+        next(second)
+        first.close()
+        *_, box = ChatTab(engine).on_stop(chat)
+        assert box == "And then?"
+        assert list(second) == [] and chat.queued_messages == []
+    users = [t.user for t in chat.turns]  # (a reply stopped before its first token leaves no turn)
+    assert users[:2] == ["Good morrow.", "What news?"] and "And then?" not in users

@@ -187,6 +187,25 @@ def test_the_model_panel_lists_and_switches_among_architectures(model_files, wor
         eng.scheduler.close()
 
 
+def test_the_page_says_which_model_is_loaded_and_a_reload_ticks_it(model_files, app_model_path):
+    """The banner names the model loaded now and, for the Shakespeare demo, what to expect and how
+    to load G1; a page opened after a switch ticks the loaded model in the list, not the first one."""
+    from rwkv_playground.ui.model_panel import model_banner, on_visit
+
+    eng = Engine(models_dir=model_files["rwkv7"].parent)
+    try:
+        assert model_banner(eng).startswith("No model is loaded")
+        eng.load(app_model_path)
+        banner = model_banner(eng)
+        assert "rwkv4-demo-shakespeare" in banner and "Shakespeare" in banner and "python app.py --model rwkv7-g1" in banner
+        eng.load(eng.resolve_choice(model_files["rwkv6"].name))
+        banner, _, choice = on_visit(eng)
+        assert model_files["rwkv6"].name in banner and "demo" not in banner and "RWKV-6" in banner
+        assert choice.value == model_files["rwkv6"].name
+    finally:
+        eng.scheduler.close()
+
+
 def test_a_bad_file_of_a_new_architecture_keeps_the_current_model(model_files, tmp_path):
     eng = Engine(models_dir=tmp_path)
     try:

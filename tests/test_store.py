@@ -281,6 +281,15 @@ def test_a_conversation_of_another_model_keeps_its_text_and_rereads(engine, load
     run(back.send(engine, "Again.", settings(2), 4))
     assert "another model" in " ".join(back.notices)
     assert back.turns[0].reply == chat.turns[0].reply and back.turns[-1].stats["history_reread"] > 0
+    # the status says why the history was read again: the model, not a dropped state
+    from rwkv_playground.ui.common import stats_line
+
+    assert "written with another model" in stats_line(back.turns[-1].stats)
+    back.turns[-1].drop_states()
+    back.turns[-1].state_after = None
+    run(back.send(engine, "Once more.", settings(3), 4))
+    line = stats_line(back.turns[-1].stats)
+    assert "the saved state had been dropped" in line or "history tokens re-read" not in line
 
 
 def test_schema_migrations_run_once_in_order(tmp_path, monkeypatch):
@@ -333,3 +342,26 @@ def test_a_visitor_past_the_list_limit_is_told_and_loses_nothing(engine, store, 
     assert {d.id for d in visitor.documents("chat")} == {c.doc_id for c in kept}  # the old ones stay
     refused.persist()
     assert any("delete some to keep new ones" in n for n in refused.notices)
+
+
+def test_the_next_visit_opens_the_document_last_opened_and_alike_titles_are_told_apart(engine, store):
+    """Open an older conversation, rename it, reload: the page opens that one (not the one written
+    last). Two documents of the same title, written in the same second, are listed apart."""
+    from rwkv_playground.ui import documents
+
+    key, visitor = store.new_visitor()
+    older = chat_with(engine, visitor, ["A first talk."], max_tokens=4)
+    time.sleep(0.01)
+    newer = chat_with(engine, visitor, ["A first talk."], max_tokens=4)  # the same title
+    store.flush()
+    page = engine.add_session(ChatSession())
+    page.visitor = visitor
+    assert page.open_newest(engine.current) and page.doc_id == newer.doc_id
+    labels = [label for label, _ in documents.choices(page, "chat", "New")]
+    assert len(labels) == 2 and len(set(labels)) == 2, labels
+    assert page.open_stored(older.doc_id, engine.current)
+    visitor.rename(older.doc_id, "Renamed")
+    store.flush()
+    reload = engine.add_session(ChatSession())
+    reload.visitor = store.visitor(key, create=False)
+    assert reload.open_newest(engine.current) and reload.doc_id == older.doc_id and reload.title == "Renamed"

@@ -98,6 +98,8 @@ class Session:
         if doc is None or doc.kind != self.store_kind:
             return False
         self.open_from(doc, loaded)
+        self.visitor.touch(doc_id)  # what a reload reopens (the newest) is what the visitor had open
+        self.visitor.store.flush()
         return True
 
     def delete_stored(self) -> None:

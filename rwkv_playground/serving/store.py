@@ -510,13 +510,23 @@ class Visitor:
             refused, self._refused = self._refused, ""
         return refused
 
-    def rename(self, doc_id: str, title: str) -> None:
-        title = " ".join(str(title).split())[:200] or "Untitled"
-        vid = self.id
+    def touch(self, doc_id: str) -> None:
+        """The document was opened: it becomes the visitor's most recent of its kind (listed first,
+        and what their next visit opens)."""
+        vid, now = self.id, time.time()
 
         def write(conn):
             t = documents_table
-            conn.execute(t.update().where(t.c.id == doc_id, t.c.visitor == vid).values(title=title))
+            conn.execute(t.update().where(t.c.id == doc_id, t.c.visitor == vid).values(updated=now))
+        self.store.submit(write)
+
+    def rename(self, doc_id: str, title: str) -> None:
+        title = " ".join(str(title).split())[:200] or "Untitled"
+        vid, now = self.id, time.time()
+
+        def write(conn):
+            t = documents_table
+            conn.execute(t.update().where(t.c.id == doc_id, t.c.visitor == vid).values(title=title, updated=now))
             body = conn.execute(sa.select(t.c.body).where(t.c.id == doc_id, t.c.visitor == vid)).scalar()
             if body is not None:  # the body carries the title too (exports)
                 data = json.loads(body)

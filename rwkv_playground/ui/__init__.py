@@ -55,7 +55,7 @@ def create_app(engine) -> gr.Blocks:
     store = engine.store
     with gr.Blocks(title="RWKV Playground", analytics_enabled=False) as demo:
         gr.Markdown("## RWKV Playground — chat, long-form writing and a look inside the recurrent state")
-        info = model_panel.build(engine)
+        banner, info, model_choice = model_panel.build(engine)
         # The visitor's key to their saved work: random, made by the server, kept in this browser's
         # storage (encrypted with the store's secret, so a restart reads it back); never in a URL
         visitor_key = (gr.BrowserState(None, storage_key=VISITOR_STORAGE_KEY, secret=store.browser_secret())
@@ -79,8 +79,8 @@ def create_app(engine) -> gr.Blocks:
                     delete_all = gr.Button("Delete my data", variant="stop", elem_id="delete-my-data")
                 deleted = gr.Markdown("", elem_id="delete-status")
         demo.load(model_figures, None, figure_outputs, api_visibility="private")
-        # the panel's description is the server's current one (the model may have been switched)
-        demo.load(partial(model_panel.model_markdown, engine), None, [info], api_visibility="private")
+        # the panel's description and choice are the server's current ones (the model may have been switched)
+        demo.load(partial(model_panel.on_visit, engine), None, [banner, info, model_choice], api_visibility="private")
 
         def sessions_of(request: gr.Request, visitor):
             """This visitor's sessions, known by the page's session id, bound to their saved work."""

@@ -10,18 +10,22 @@ returned by the API as separate outputs.
 from __future__ import annotations
 
 
+import time
+
 import gradio as gr
 
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..chat import PRESETS, ChatFormat, ChatSession, default_preset, model_chat_format
+from ..chat import PRESETS, ChatFormat, ChatSession, QueuedMessage, default_preset, model_chat_format
 from . import documents
 from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, friendly_error, session_state,
                      stats_line, stream, wire, with_notices)
 
 INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
+QUEUED = "\n\n*(queued: sent when the reply above is written; Stop hands it back)*"
+QUEUE_POLL_S = 0.2
 
 
 def messages_of(session: ChatSession) -> list[dict]:
@@ -30,12 +34,39 @@ def messages_of(session: ChatSession) -> list[dict]:
         messages.append({"role": "user", "content": turn.user})
         reply = turn.reply or ("…" if not turn.complete else "(no reply)")
         messages.append({"role": "assistant", "content": reply + (INTERRUPTED if turn.interrupted else "")})
+    for queued in session.queued_messages:
+        if not queued.sending:
+            messages.append({"role": "user", "content": queued.text + QUEUED})
     return messages
 
 
 def stats_table(session: ChatSession) -> list[dict]:
     """Each finished turn's statistics (shown in the UI, and returned by the API on their own)."""
     return [{"turn": number, **turn.stats} for number, turn in enumerate(session.turns, 1) if turn.complete]
+
+
+STATS_COLUMNS = ["Turn", "Prompt tokens", "Prompt tok/s", "Generated", "tok/s", "Reused from the state",
+                 "Stopped by", "Notes"]
+STOP_REASONS = {"max_tokens": "max tokens", "stop_string": "a stop string", "end_of_text": "end of text",
+                "stop_token": "a stop token", "cancelled": "Stop", "closed": "page closed"}
+
+
+def stats_frame(table: list[dict] | None) -> dict:
+    """The per-turn statistics (the JSON the API returns) as a table a person reads."""
+    rows = []
+    for stats in table or []:
+        notes = []
+        if stats.get("history_reread"):
+            notes.append(f"{stats['history_reread']} history tokens re-read")
+        if stats.get("state_from_store"):
+            notes.append("state read back from your saved work")
+        if stats.get("interrupted"):
+            notes.append("interrupted (the server stopped)")
+        rows.append([stats.get("turn", ""), stats.get("prompt_tokens", 0),
+                     round(stats.get("prompt_tokens_per_second") or 0.0), stats.get("generated_tokens", 0),
+                     round(stats.get("tokens_per_second") or 0.0, 1), stats.get("tokens_saved", 0),
+                     STOP_REASONS.get(stats.get("stop_reason", ""), stats.get("stop_reason", "")), "; ".join(notes)])
+    return {"headers": STATS_COLUMNS, "data": rows}
 
 
 def last_stats(session: ChatSession) -> str:
@@ -79,11 +110,31 @@ class ChatTab:
         except Exception as exc:
             yield *view(session, friendly_error(exc)), message
             return
-        session.fmt = replace(fmt, reply_start=reply_start or "")
-        session.controls = sampling.values()
-        for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
-                              lambda status, final: view(session, status), lambda: last_stats(session)):
-            yield *outputs, ""
+        # Every message goes through the session's queue, so a message typed while a reply is
+        # written waits for it (shown as queued) instead of being lost, and two never start at once.
+        entry = QueuedMessage(message)
+        session.queued_messages.append(entry)
+        box = ""  # the box is emptied once, when the message is taken: later updates leave what
+        try:      # the visitor types meanwhile alone
+            if session.busy or session.queued_messages[0] is not entry:
+                yield *view(session, "Queued: your message is sent when the reply being written ends "
+                                     "(Stop hands it back)."), box
+                box = gr.skip()
+                while entry in session.queued_messages and (session.busy or session.queued_messages[0] is not entry):
+                    time.sleep(QUEUE_POLL_S)
+                    yield (gr.skip(),) * 5  # nothing changes; a pause where Stop can cancel this event
+                if entry not in session.queued_messages:  # Stop handed it back
+                    return
+            entry.sending = True
+            session.fmt = replace(fmt, reply_start=reply_start or "")
+            session.controls = sampling.values()
+            for outputs in stream(session, lambda: session.send(self.engine, message, settings, max_tokens),
+                                  lambda status, final: view(session, status), lambda: last_stats(session)):
+                yield *outputs, box
+                box = gr.skip()
+        finally:
+            if entry in session.queued_messages:
+                session.queued_messages.remove(entry)
 
     def on_regenerate(self, session, sampling: Sampling, key=None, request: gr.Request = None):
         """A new reply to the last message, from the state kept after reading it."""
@@ -124,14 +175,26 @@ class ChatTab:
         return view(session, "Conversation cleared.")
 
     def on_stop(self, session, request: gr.Request = None):
-        """After Stop: the partial reply stays, and the state matches it."""
+        """After Stop: the partial reply stays, and the state matches it; messages still queued
+        behind it come back to the message box."""
         session = ensure_session(self.engine, session, ChatSession, request)
+        unsent = [q.text for q in session.queued_messages if not q.sending]
+        session.queued_messages.clear()
         line = last_stats(session)
-        return view(session, with_notices(session, "Stopped. " + line if line else "Stopped."))
+        status = "Stopped. " + line if line else "Stopped."
+        if unsent:
+            status += " Your queued message is back in the box." if len(unsent) == 1 else \
+                f" Your {len(unsent)} queued messages are back in the box."
+        return *view(session, with_notices(session, status)), "\n\n".join(unsent) if unsent else gr.skip()
 
     # ---- the visitor's conversations (the session store) ---------------------------------------
     def conversations(self, session):
         return documents.listing(session, "chat", "New conversation")
+
+    def listed(self, session):
+        """After an event: the list (a new name, a new date) and the Name box (a first message
+        names the conversation)."""
+        return self.conversations(session), session.title if session is not None else ""
 
     def opened(self, session: ChatSession, status: str):
         """Outputs after another conversation is held: the view, its format, the list, its name."""
@@ -255,7 +318,9 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
         clear = gr.Button("✕ Clear", elem_id="chat-clear")
     status = gr.Markdown("", elem_id="chat-status")
     with gr.Accordion("Statistics per turn", open=False):
-        table = gr.JSON([], elem_id="chat-stats")
+        # the API returns each turn's statistics as JSON (this hidden output); people read the table
+        table = gr.JSON([], elem_id="chat-stats", visible=False)
+        table_view = gr.Dataframe(stats_frame([]), interactive=False, elem_id="chat-stats-table", wrap=True)
     sampling = SamplingControls("chat", temperature=1.0, top_p=0.5, presence=0.4, count=0.4, decay=0.996,
                                 max_tokens=200)
     chat_format = ControlGroup([user_name, bot_name, scenario], format_from)
@@ -270,12 +335,13 @@ def build(engine, visitor_key=None) -> SimpleNamespace:
     regen_ev = regenerate.click(*wire(tab.on_regenerate, session, sampling, *key_input), shown,
                                 api_name="regenerate", **model_events)
     stop_ev = stop.click(None, None, None, cancels=[send_ev, submit_ev, regen_ev]).then(
-        tab.on_stop, [session], shown, api_visibility="private")
+        tab.on_stop, [session], [*shown, message], api_visibility="private")
     undo_ev = undo.click(tab.on_undo, [session], shown, api_name="undo", queue=False)
     edit_ev = edit.click(tab.on_edit, [session], [*shown, message], api_visibility="private", queue=False)
     clear_ev = clear.click(tab.on_clear, [session], shown, api_name="clear", queue=False)
     for event in (send_ev, submit_ev, regen_ev, stop_ev, undo_ev, edit_ev, clear_ev):  # a new name, a new date
-        event.then(tab.conversations, [session], [conversations], queue=False, api_visibility="private")
+        event.then(tab.listed, [session], [conversations, title], queue=False, api_visibility="private")
+    table.change(stats_frame, [table], [table_view], queue=False, api_visibility="private")
 
     opened = [*shown, user_name, bot_name, scenario, reply_start, conversations, title, *sampling]
     conversations.input(tab.on_open, [conversations, session], opened, api_name="chat_open", queue=False)

@@ -224,7 +224,9 @@ def stats_line(stats: dict) -> str:
     if stats.get("interrupted"):
         parts.append("interrupted (the server stopped)")
     if stats.get("history_reread"):
-        parts.append(f"{stats['history_reread']} history tokens re-read (the saved state had been dropped)")
+        why = ("the conversation was written with another model" if stats.get("history_reread_why") == "model changed"
+               else "the saved state had been dropped")
+        parts.append(f"{stats['history_reread']} history tokens re-read ({why})")
     if stats.get("stop_reason") in ("cancelled", "closed"):
         parts.append("stopped")
     return " · ".join(parts)

@@ -23,7 +23,11 @@ def choices(session: Session | None, kind: str, unsaved_label: str) -> list[tupl
     if session is None or session.visitor is None:
         return []
     docs = session.visitor.documents(kind)
-    items = [(f"{d.title} · {time.strftime('%d %b %H:%M', time.localtime(d.updated))}", d.id) for d in docs]
+    items, seen = [], {}
+    for d in docs:  # the title and the time to the second; documents still alike get a number
+        label = f"{d.title} · {time.strftime('%d %b %H:%M:%S', time.localtime(d.updated))}"
+        seen[label] = seen.get(label, 0) + 1
+        items.append((label if seen[label] == 1 else f"{label} ({seen[label]})", d.id))
     if not any(d.id == session.doc_id for d in docs):
         items.insert(0, (unsaved_label, NEW))
     return items

@@ -312,7 +312,8 @@ def build(engine, chat_state, blog_state):
                         "is in the Matrix state tab.")
             attention_plot = gr.Plot(elem_id="insp-attention")
         with gr.Tab("Matrix state (RWKV-5/6/7)"):
-            gr.Markdown("One N × N matrix per head. The head slider above picks the head; the attention is "
+            gr.Markdown("For RWKV-5/6/7, which keep one N × N matrix per head (RWKV-4's vector state is in the WKV "
+                        "accumulators tab). The head slider above picks the head; the attention is "
                         "exact (the state is linear in the values) and signed: RWKV-7 removes what it overwrites.")
             m_attention = gr.Plot(elem_id="insp-m-attention")
             m_matrix = gr.Plot(elem_id="insp-m-matrix")

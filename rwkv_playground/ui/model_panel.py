@@ -4,10 +4,11 @@ downloads. Locked (shown, not changeable) for public deployments."""
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
-from ..serving.engine import KNOWN_CHECKPOINTS
+from ..serving.engine import DEMO_CHECKPOINTS, KNOWN_CHECKPOINTS
 from .common import friendly_error
 
 BACKEND_NAMES = {"cpu": "C++", "cuda": "CUDA", "reference": "PyTorch reference"}
@@ -83,12 +84,43 @@ def on_download(engine, label, progress=gr.Progress(track_tqdm=True)):  # shows 
         return gr.Dropdown(), friendly_error(exc)
 
 
+G1_HINT = ("For an assistant that follows instructions, load a G1 model: "
+           "`python app.py --model rwkv7-g1a-0.4b-20250905-ctx4096.pth` (or put it in `--models-dir` and "
+           "pick it under **Model** below).")
+
+
+def model_banner(engine) -> str:
+    """One line at the top of the page: the model loaded now and what to expect of it."""
+    loaded = engine.current
+    if loaded is None:
+        return "No model is loaded: open **Model** below and load one."
+    i = loaded.describe()
+    line = f"Model: **{Path(i['name']).name}** ({i['architecture']}, {i['parameters'] / 1e6:,.0f} M parameters)."
+    if Path(i["name"]).stem in {p.stem for p in DEMO_CHECKPOINTS}:
+        line += (" A tiny demo trained by this project on Shakespeare's plays: it continues text in their "
+                 "style (names, speeches) and does not follow instructions, so a chat or a blog post reads "
+                 "like a play. " + G1_HINT)
+    return line
+
+
+def current_choice(engine, names: list[str]) -> str | None:
+    return engine.current.name if engine.current and engine.current.name in names else None
+
+
+def on_visit(engine):
+    """A page opened: the banner and the panel show the model loaded now (it may have been
+    switched since the server started), and the list ticks it."""
+    names = engine.list_models()
+    return model_banner(engine), model_markdown(engine), gr.Dropdown(choices=names, value=current_choice(engine, names))
+
+
 def build(engine):
     locked = engine.settings.lock_models
+    banner = gr.Markdown(model_banner(engine), elem_id="model-banner")
     with gr.Accordion("Model", open=False, elem_id="model-panel"):
         info = gr.Markdown(model_markdown(engine), elem_id="model-info")
         names = engine.list_models()
-        current = engine.current.name if engine.current and engine.current.name in names else None
+        current = current_choice(engine, names)
         with gr.Row(visible=not locked):
             choice = gr.Dropdown(names, value=current, label="Checkpoint (models folder)", elem_id="model-choice",
                                  scale=3)
@@ -107,8 +139,9 @@ def build(engine):
                        concurrency_id="selftest", concurrency_limit=1)
     if not locked:
         load_btn.click(partial(on_load, engine), [choice], [info, status], api_name="load_model",
-                       concurrency_id="switch", concurrency_limit=1)
+                       concurrency_id="switch", concurrency_limit=1).then(
+            partial(model_banner, engine), None, [banner], queue=False, api_visibility="private")
         refresh_btn.click(partial(on_refresh, engine), None, [choice], queue=False, api_visibility="private")
         download_btn.click(partial(on_download, engine), [known], [choice, status], api_name="download_model",
                            concurrency_id="switch", concurrency_limit=1)
-    return info
+    return banner, info, choice
