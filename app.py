@@ -67,8 +67,10 @@ def parse_args(argv=None):
     d = p.add_argument_group("saved work (conversations, posts, notebooks and their states)")
     d.add_argument("--data-dir", default=None, help="folder of the session store (SQLite); default: "
                    "$XDG_DATA_HOME/rwkv-playground (~/.local/share/rwkv-playground)")
-    d.add_argument("--store", default=None, help="a database URL instead (postgresql://user@host/db) for several "
-                   "app processes on one database")
+    d.add_argument("--store", default=os.environ.get("RWKV_PLAYGROUND_STORE"),
+                   help="a database URL instead (postgresql://user@host/db) for several app processes on one "
+                   "database; a URL with a password belongs in the environment (RWKV_PLAYGROUND_STORE) or in "
+                   "libpq's ~/.pgpass (PGPASSFILE), where `ps` does not show it")
     d.add_argument("--no-store", dest="use_store", action="store_false",
                    help="keep nothing beyond this process (an ephemeral public demo): work lasts as long as the tab")
     d.add_argument("--store-budget-mb", type=int, default=2048, help="disk the stored states may use; past it the "

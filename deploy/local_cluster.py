@@ -5,8 +5,8 @@ recipe of README's "Past one machine", ready to try, and what the tests and benc
     python deploy/local_cluster.py --write-config deploy/haproxy.cfg  # the example configuration
 
 It starts PostgreSQL (a fresh cluster in a temporary folder, on a loopback port), N app processes
-(`app.py --store postgresql://...`, each its own model and scheduler, on the ports after --port)
-and HAProxy (the configuration below) on --port, and stops them all on Ctrl-C. Only Debian's
+(`app.py` with the store's URL in RWKV_PLAYGROUND_STORE, each its own model and scheduler, on the ports after --port)
+and HAProxy (the configuration below) on --port, and stops them all on Ctrl-C or SIGTERM. Only Debian's
 packages: `apt-get install haproxy postgresql`.
 
 HAProxy, what each line is for:
@@ -132,10 +132,10 @@ class LocalCluster:
 
     def __init__(self, processes: int = 2, port: int | None = None, app_args: list[str] | None = None,
                  app_command: list[str] | None = None, workdir: str | os.PathLike | None = None,
-                 sticky: bool = True, env: dict | None = None):
+                 sticky: bool = True, env: dict | None = None, app_ports: list[int] | None = None):
         self.n = processes
         self.port = port or free_port()
-        self.app_ports = [free_port() for _ in range(processes)]
+        self.app_ports = list(app_ports) if app_ports else [free_port() for _ in range(processes)]
         self.app_args = list(app_args or [])
         self.app_command = app_command or [sys.executable, str(ROOT / "app.py")]
         self.work = Path(workdir or tempfile.mkdtemp(prefix="rwkv-cluster-"))
@@ -199,9 +199,10 @@ class LocalCluster:
     # ---- app processes -------------------------------------------------------------------------
     def start_app(self, i: int, wait: bool = True) -> subprocess.Popen:
         log = self.work / f"app{i + 1}.log"
-        proc = subprocess.Popen([*self.app_command, "--store", self.database_url, "--port", str(self.app_ports[i]),
-                                 *self.app_args], cwd=ROOT, env=self.env, stdout=open(log, "ab"),
-                                stderr=subprocess.STDOUT)
+        # the database URL (with its password) through the environment: a command line is public (ps)
+        proc = subprocess.Popen([*self.app_command, "--port", str(self.app_ports[i]), *self.app_args], cwd=ROOT,
+                                env={**self.env, "RWKV_PLAYGROUND_STORE": self.database_url},
+                                stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         self.apps[i] = proc
         if wait:
             wait_http(f"http://127.0.0.1:{self.app_ports[i]}/health", 180, proc, log)
@@ -288,12 +289,20 @@ def main(argv=None) -> int:
         ports = [args.port + 1 + i for i in range(args.processes)]
         Path(args.write_config).write_text(haproxy_config(args.port, ports))
         return 0
-    cluster = LocalCluster(args.processes, args.port, app_args=args.app_args)
+    # the apps on the ports after --port, as deploy/haproxy.cfg and the README say
+    cluster = LocalCluster(args.processes, args.port, app_args=args.app_args,
+                           app_ports=[args.port + 1 + i for i in range(args.processes)])
+
+    def stop_on_signal(signum, _frame):  # SIGTERM / SIGHUP stop everything, as Ctrl-C does
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     print(f"Starting PostgreSQL, {args.processes} app processes and HAProxy in {cluster.work} ...", flush=True)
-    cluster.start()
-    print(f"Open {cluster.url} (apps on ports {cluster.app_ports}; the store on PostgreSQL port {cluster.pg_port}). "
-          "Ctrl-C stops everything.", flush=True)
     try:
+        cluster.start()
+        print(f"Open {cluster.url} (apps on ports {cluster.app_ports}; the store on PostgreSQL port "
+              f"{cluster.pg_port}). Ctrl-C or SIGTERM stops everything.", flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass

@@ -31,6 +31,7 @@ OUTLINE_TEMPLATE = (
     "Alice: Sure, here is an outline of a blog post about {topic}:\n\n1."
 )
 MAX_SECTIONS = 8
+MIN_HEADINGS = 3  # an outline shorter than this is led on, item by item (write_with_outline)
 
 
 def build_prompt(template: str, topic: str, audience: str = "", tone: str = "", key_points: str = "") -> str:
@@ -58,6 +59,22 @@ def parse_outline(text: str) -> list[str]:
         if m and len(m.group(1)) > 1:
             headings.append(m.group(1).rstrip(":"))
     return headings[:MAX_SECTIONS]
+
+
+def summed_stats(parts: list[dict]) -> dict:
+    """The statistics of a post written in several streams (an outline, then its sections): the
+    tokens and seconds of all of them; the stop reason is the last stream's."""
+    if not parts:
+        return {}
+    total = dict(parts[-1])
+    for key in ("prompt_tokens", "prompt_seconds", "generated_tokens", "generation_seconds"):
+        total[key] = sum(part.get(key, 0) for part in parts)
+    total["prompt_tokens_per_second"] = round(total["prompt_tokens"] / total["prompt_seconds"], 2) \
+        if total["prompt_seconds"] > 0 else 0.0
+    total["tokens_per_second"] = round(total["generated_tokens"] / total["generation_seconds"], 2) \
+        if total["generation_seconds"] > 0 else 0.0
+    total["streams"] = len(parts)
+    return total
 
 
 class BlogSession(Session):
@@ -159,19 +176,40 @@ class BlogSession(Session):
         self.model_fingerprint = loaded.runtime.fingerprint
         self.text, self.tokens, self.state, self.logits = "", [], None, None
         outline_tokens = loaded.tokenizer.encode(outline_prompt)
-        outline, gen = "1.", None
-        try:
-            for gen, text in self._generate(engine, loaded, outline_tokens, settings, 200, stop=["\n\n"]):
-                outline = "1." + text
-                self.text = "Outline:\n" + outline
-                yield self.text
-        finally:  # stopped during the outline: Continue resumes after it
-            if gen is not None and gen.prompt_state is not None:
-                self.state, self.logits, self.tokens = gen.state, gen.last_logits, outline_tokens + gen.tokens
-            self.persist()
-        if gen is None or gen.prompt_state is None or gen.stats.stop_reason in ("cancelled", "closed"):
+        outline, parts = "1.", []
+        prompt, state, logits, read_before, stop = outline_tokens, None, None, [], ["\n\n"]
+        # The model writes the outline until a blank line. A model that stops after fewer than
+        # MIN_HEADINGS items (a small one often does) is led on: "\n2." is read, and the model
+        # writes that item's line, until the outline has MIN_HEADINGS headings or goes nowhere.
+        while True:
+            gen, before, text = None, outline, ""
+            try:
+                for gen, text in self._generate(engine, loaded, prompt, settings, 200, stop=stop, state=state,
+                                                logits=logits, read_before=read_before):
+                    outline = before + text
+                    self.text = "Outline:\n" + outline
+                    yield self.text
+            finally:  # stopped during the outline: Continue resumes after it
+                if gen is not None and gen.prompt_state is not None:
+                    self.state, self.logits = gen.state, gen.last_logits
+                    self.tokens = list(read_before) + list(prompt) + gen.tokens
+                self.persist()
+            if gen is None or gen.prompt_state is None or gen.stats.stop_reason in ("cancelled", "closed"):
+                return
+            parts.append(gen.stats.as_dict())
+            headings = parse_outline(outline)
+            if len(headings) >= MIN_HEADINGS or len(parts) > MIN_HEADINGS or not text.strip():
+                break
+            lead = f"\n{len(headings) + 1}."
+            outline += lead
+            prompt, state, logits, read_before, stop = (loaded.tokenizer.encode(lead), self.state, self.logits,
+                                                        list(self.tokens), ["\n"])
+        self.stats = summed_stats(parts)
+        if len(headings) < 2:  # nothing to write by sections: say so rather than end in silence
+            found = f"only one heading ({headings[0]!r})" if headings else "no heading"
+            self.notices.append(f"The model's outline has {found}, too few to write the post section by "
+                                "section: untick “Outline first” to write it in one go, or try another seed.")
             return
-        headings = parse_outline(outline)
         outline_state, outline_logits, outline_read = self.state, self.logits, list(self.tokens)
         body = "Outline:\n" + outline + "\n"
         for number, heading in enumerate(headings, 1):
@@ -191,6 +229,9 @@ class BlogSession(Session):
                     self.state, self.logits = section.state, section.last_logits
                     self.tokens = outline_read + section.prompt_tokens + section.tokens
                 self.text = body + section_head + text
+                if section is not None:
+                    parts.append(section.stats.as_dict())
+                self.stats = summed_stats(parts)  # the whole post's, not the last section's
                 self.persist()  # each finished section
             body = body + section_head + text
             if section is not None and section.stats.stop_reason in ("cancelled", "closed"):

@@ -379,6 +379,7 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
     rescale = dtype == "fp16" and arch.fp16_rescale
     converted = {}
     keys = list(arch.expected_shapes(config))
+    every = max(1, len(keys) // 10)
     for n, key in enumerate(keys):
         original = t = tensors.pop(key)  # drop our reference as we go: peak memory stays near the final size
         is_matrix = key in stored
@@ -401,8 +402,8 @@ def load_runtime(path, device: str = "cpu", dtype: str = "fp32", wkv: str | None
         if converted[key] is not original:
             release_file_pages(original)  # the mmap'd original is read once: let its pages go
         del t, original
-        if n % 8 == 0:
-            report(f"Converting weights ({n + 1}/{len(keys)})", (n + 1) / len(keys))
+        if (n + 1) % every == 0 or n + 1 == len(keys):  # about ten lines, the fraction only ever growing
+            report(f"Converting weights ({n + 1}/{len(keys)})", 0.9 * (n + 1) / len(keys))
     model.load_state_dict(converted, assign=True, strict=True)
     del converted
     model.requires_grad_(False)

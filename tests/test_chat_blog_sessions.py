@@ -312,3 +312,60 @@ def test_a_message_sent_during_a_reply_is_queued_then_sent_and_stop_hands_it_bac
         assert list(second) == [] and chat.queued_messages == []
     users = [t.user for t in chat.turns]  # (a reply stopped before its first token leaves no turn)
     assert users[:2] == ["Good morrow.", "What news?"] and "And then?" not in users
+
+
+def test_outline_mode_gives_a_usable_outline_or_says_why_and_sums_the_whole_post(engine, loaded, monkeypatch):
+    """On the demo model (which often ends its outline after one item) the outline is led on item
+    by item to three headings, or the visitor is told why there are no sections; the statistics are
+    those of every stream of the post (outline and sections), not the last section's."""
+    from rwkv_playground.blog import OUTLINE_TEMPLATE
+    from rwkv_playground.ui.common import stats_line
+
+    streams = []
+    original = BlogSession._generate
+
+    def recorded(self, *args, **kwargs):
+        for gen, text in original(self, *args, **kwargs):
+            if not streams or streams[-1] is not gen:
+                streams.append(gen)
+            yield gen, text
+
+    monkeypatch.setattr(BlogSession, "_generate", recorded)
+    for seed in range(1, 9):
+        streams.clear()
+        b = BlogSession()
+        text = run(b.write_with_outline(engine, build_prompt(OUTLINE_TEMPLATE, "the AI model RWKV"), settings(seed), 30))
+        headings = parse_outline(text.split("\n\n## ")[0].removeprefix("Outline:\n"))
+        if len(headings) >= 2:
+            assert text.count("\n\n## ") == len(headings), (seed, text)
+        else:
+            assert any("too few to write the post section by section" in n for n in b.notices), (seed, text)
+        assert b.stats["generated_tokens"] == sum(g.stats.generated_tokens for g in streams), seed
+        assert b.stats["prompt_tokens"] == sum(g.stats.prompt_tokens for g in streams), seed
+        if len(streams) > 1:
+            assert "the outline and" in stats_line(b.stats) or b.stats["streams"] == len(streams)
+
+
+def test_blog_stop_status_is_the_stopped_runs_or_says_nothing_ran(engine):
+    from conftest import paced
+    from rwkv_playground.ui.blog_tab import BlogTab, Brief
+    from rwkv_playground.ui.common import Sampling
+
+    tab = BlogTab(engine)
+    session = BlogSession()
+    text, status, *_ = tab.on_stop(session, "")
+    assert status == "Nothing was being written."  # (was "Stopped." with nothing stopped)
+    run(tab.on_write(session, "the sea", Brief(), Sampling(max_tokens=20, seed=3)))
+    first_run = dict(session.stats)
+    with paced(engine, 0.01):
+        writing = tab.on_write(session, "a much longer topic about the rivers and the mountains", Brief(),
+                               Sampling(max_tokens=400, seed=3))
+        while not session.busy:
+            next(writing)
+        for _ in range(5):
+            next(writing)
+        writing.close()  # what Gradio's cancel does to the stream
+        _, status, *_ = tab.on_stop(session, "")
+    assert status.startswith("Stopped.") and "stopped" in status
+    assert session.stats["prompt_tokens"] != first_run["prompt_tokens"]  # this run's, not the previous one's
+    assert f"{session.stats['generated_tokens']} generated" in status

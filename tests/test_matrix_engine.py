@@ -357,3 +357,19 @@ def test_a_new_conversation_takes_the_loaded_models_chat_format(matrix_engine):
     assert new[4:6] == ("User", "Assistant") and session.fmt.user == "User", new[4:6]
     fresh = matrix_engine.add_session(ChatSession())
     assert tab.visit(fresh)[4:6] == ("User", "Assistant")
+
+
+def test_the_patching_panel_shows_only_the_controls_of_the_chosen_experiment():
+    from rwkv_playground.ui.patching_panel import ACTIONS, CONTROLS, controls_for
+
+    shown = {}
+    for action in ACTIONS:
+        sentence, *updates = controls_for(action)
+        assert sentence and len(updates) == len(CONTROLS)
+        shown[action] = {name for name, update in zip(CONTROLS, updates) if update["visible"]}
+    assert shown["Blend with the other text"] == {"text"}
+    assert shown["Two models on the recorded text"] == {"other_model"}
+    assert shown["Remove a token"] == {"layers", "removed"}
+    assert shown["Knock out (set the decay of) the parts"] == {"parts", "layers", "channels", "axis", "decay"}
+    assert "window" in shown["Restore sweep (causal trace)"] and "decay" not in shown["Restore from the clean run"]
+    assert set().union(*shown.values()) == set(CONTROLS)  # every control serves some experiment

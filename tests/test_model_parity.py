@@ -278,3 +278,17 @@ def test_fp16_is_close_to_fp32_on_ordinary_weights(tiny_fp32):
     fp16, state16 = load_runtime(tiny_fp32, dtype="fp16").forward(tokens, full_output=True)
     assert rel(fp16, fp32) <= FP16_TOL and (fp16.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
     assert rel(state16.value_estimate(), state32.value_estimate()) <= FP16_TOL
+
+
+def test_load_progress_only_grows_and_stays_short(tmp_path):
+    """The start-up progress: about ten 'Converting weights' lines for any checkpoint, and a
+    fraction that never goes back (it went 99.1 % -> 95.0 % at 'Preparing the kernels')."""
+    from rwkv_playground import load_runtime
+
+    deep = RWKVConfig(n_layer=24, n_embd=32, vocab_size=100, ffn_dim=64)  # many tensors, each small
+    path = write_checkpoint(tmp_path / "deep.pth", deep, seed=5)
+    seen = []
+    load_runtime(path, wkv="reference", step="reference", progress=lambda message, fraction: seen.append((message, fraction)))
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0, seen
+    assert 5 <= sum(m.startswith("Converting weights") for m, _ in seen) <= 11, seen

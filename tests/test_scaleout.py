@@ -6,6 +6,7 @@ dead one. A negative control: round robin without stickiness fails Gradio's prot
 
 import concurrent.futures
 import itertools
+import os
 import sys
 import time
 
@@ -191,3 +192,36 @@ def test_credentials_never_reach_the_logs(cluster):
     text = "".join((cluster.work / f"app{i + 1}.log").read_text(errors="replace") for i in range(cluster.n))
     assert "Saved work: postgresql" in text and "rwkv:***@127.0.0.1" in text
     assert cluster.db_password not in text
+    # nor their command lines, which every user of the machine can read (ps)
+    for proc in cluster.apps:
+        if proc is not None and proc.poll() is None:
+            assert cluster.db_password not in open(f"/proc/{proc.pid}/cmdline", "rb").read().decode(errors="replace")
+
+
+def test_the_script_stops_everything_on_sigterm_and_serves_on_the_documented_ports(app_model_path, tmp_path):
+    """`python deploy/local_cluster.py --port P` puts the apps on P+1.. (as deploy/haproxy.cfg and the
+    README say) and SIGTERM stops PostgreSQL, the apps and HAProxy, as Ctrl-C does."""
+    import signal
+    import socket
+    import subprocess
+
+    def listening(port):
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    port = next(p for p in range(20000, 30000, 7) if not any(listening(p + i) for i in range(2)))
+    log = tmp_path / "cluster.log"
+    script = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--processes", "1",
+                               "--port", str(port), "--", "--model", str(app_model_path)],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_until(lambda: "Open http" in log.read_text() or script.poll() is not None, 180), log.read_text()
+        assert f"apps on ports [{port + 1}]" in log.read_text(), log.read_text()
+        assert answers(f"http://127.0.0.1:{port}/health") and answers(f"http://127.0.0.1:{port + 1}/health")
+        pg_port = int(log.read_text().split("PostgreSQL port ")[1].split(")")[0])
+        script.send_signal(signal.SIGTERM)
+        script.wait(timeout=90)  # it stops what it started before it exits
+        assert not listening(port) and not listening(port + 1) and not listening(pg_port), log.read_text()
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)

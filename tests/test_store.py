@@ -119,6 +119,11 @@ def test_a_reply_cut_by_a_crash_comes_back_as_shown_and_interrupted(engine, load
         assert last.interrupted and last.complete and last.stats["interrupted"]
         assert last.reply in shown and last.reply  # the text that had been shown (within one save)
         assert [t.reply for t in back.turns[:1]] == [chat.turns[0].reply]
+        # the page says what happened (not "as you left it")
+        from rwkv_playground.ui.chat_tab import ChatTab
+
+        status = ChatTab(engine).visit(back)[1]
+        assert "stopped while writing the last reply" in status and "reads it again" in status
         # its state is rebuilt from that text: the first turn's state comes from the store, then
         # the interrupted turn's tokens are read once
         run(back.send(engine, "Go on.", settings(6), 8))
@@ -365,3 +370,32 @@ def test_the_next_visit_opens_the_document_last_opened_and_alike_titles_are_told
     reload = engine.add_session(ChatSession())
     reload.visitor = store.visitor(key, create=False)
     assert reload.open_newest(engine.current) and reload.doc_id == older.doc_id and reload.title == "Renamed"
+
+
+def test_checkpoints_queued_behind_a_newer_one_are_skipped(engine, store):
+    """A stream's text is saved every CHECKPOINT_INTERVAL_S; when the writer falls behind, only the
+    newest text of a document is written (the page's text a second before a crash comes back, not
+    one queued seconds earlier)."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from rwkv_playground.serving.sessions import CHECKPOINT_INTERVAL_S
+
+    assert CHECKPOINT_INTERVAL_S <= 0.5
+    key, visitor = store.new_visitor()
+    chat = chat_with(engine, visitor, ["Speak."], max_tokens=4)
+    store.flush()
+    updates = []
+    sa.event.listen(store.db, "before_cursor_execute",
+                    lambda conn, cursor, statement, *rest: updates.append(statement)
+                    if statement.startswith("UPDATE rwkv_documents") else None)
+    gate = threading.Event()
+    store.submit(lambda conn: gate.wait(10))  # the writer is busy
+    for n in range(5):
+        chat.turns[0].reply = f"text {n}"
+        chat.persist(with_states=False)
+    gate.set()
+    store.flush()
+    assert visitor.load(chat.doc_id).body["turns"][0]["reply"] == "text 4"
+    assert len(updates) == 1, updates

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+import itertools
 import json
 import logging
 import os
@@ -403,6 +404,10 @@ class Visitor:
         self._written: dict[tuple[str, str], str] = {}
         self._refused = ""  # a save the writer refused, for the visitor
         self._lock = threading.Lock()
+        # doc id -> the newest save of it handed to the writer: an older text-only checkpoint still
+        # queued behind it is skipped (a loaded writer must not fall seconds behind a stream)
+        self._newest_save: dict[str, int] = {}
+        self._saves = itertools.count(1)
 
     def documents(self, kind: str) -> list[DocumentInfo]:
         t = documents_table
@@ -473,8 +478,12 @@ class Visitor:
                         deletes.append(slot)
                         del self._written[(d, slot)]
             slots = dict(doc.slots)
+        with self._lock:
+            number = self._newest_save[doc.id] = next(self._saves)
 
         def write(conn: sa.Connection) -> None:
+            if not with_states and self._newest_save.get(doc.id) != number:
+                return  # a newer save of this document is queued: this checkpoint's text is older
             values = dict(b_id=doc.id, b_visitor=vid, b_title=title, b_fingerprint=doc.fingerprint, b_updated=now,
                           b_body=body)
             if conn.execute(UPDATE_DOCUMENT, values).rowcount == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, f
                      stats_line, stream, wire, with_notices)
 
 
+STOP_SETTLE_S = 3.0
 FORM = ("audience", "tone", "key_points", "outline_first", "template")  # kept with a post, besides its topic
 
 
@@ -97,8 +99,19 @@ class BlogTab:
         yield from _run(session, lambda: session.continue_(self.engine, settings, max_tokens), topic)
 
     def on_stop(self, session, topic, request: gr.Request = None):
+        """After Stop (the run's event is cancelled first): the statistics of the run it stopped,
+        once that run has ended, or a sentence saying nothing was being written."""
         session = ensure_session(self.engine, session, BlogSession, request)
-        return view(session, with_notices(session, "Stopped. " + stats_line(session.stats)), topic, final=True)
+        deadline = time.monotonic() + STOP_SETTLE_S
+        while session.busy and time.monotonic() < deadline:  # the cancelled stream ends at its next step
+            time.sleep(0.02)
+        if session.busy:
+            status = "Stopping… the model ends this run at its next step."
+        elif session.stats.get("stop_reason") in ("cancelled", "closed"):
+            status = "Stopped. " + stats_line(session.stats)
+        else:
+            status = "Nothing was being written."
+        return view(session, with_notices(session, status), topic, final=True)
 
     # ---- the visitor's posts (the session store) -------------------------------------------------
     def posts(self, session):

@@ -210,7 +210,12 @@ class ChatTab:
             self._model_format(session)
         if notice:
             session.notices.append(notice)
-        return self.opened(session, "Welcome back: your conversation is as you left it." if session.turns else "")
+        if session.turns and session.turns[-1].interrupted:
+            status = ("The server stopped while writing the last reply: it is kept as far as it was saved (marked "
+                      "interrupted), and your next message reads it again.")
+        else:
+            status = "Welcome back: your conversation is as you left it." if session.turns else ""
+        return self.opened(session, status)
 
     def on_open(self, doc_id, session, request: gr.Request = None):
         session = ensure_session(self.engine, session, ChatSession, request)

@@ -215,6 +215,8 @@ def stats_line(stats: dict) -> str:
         parts.append(read)
     if "generated_tokens" in stats:
         parts.append(f"{stats['generated_tokens']} generated")
+    if stats.get("streams", 1) > 1:  # a post written by outline: the sums of all its streams
+        parts.append(f"the outline and {stats['streams'] - 1} section{'s' if stats['streams'] > 2 else ''}")
     if stats.get("tokens_per_second"):
         parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
     if stats.get("tokens_saved"):

@@ -373,7 +373,9 @@ def build(engine, inspector_state):
     status = gr.Markdown("", elem_id="nb-status")
     live = gr.Textbox(label="Running", lines=2, interactive=False, elem_id="nb-live")
 
-    @gr.render(inputs=[session, version])
+    # one render at a time, app-wide: renders of several page loads at once mutated Gradio's shared
+    # config while another copied it ("dictionary changed size during iteration"); a render is short
+    @gr.render(inputs=[session, version], concurrency_limit=1, concurrency_id="notebook-render")
     def cells(nb_session, _version):
         if nb_session is None or not nb_session.notebook.cells:
             gr.Markdown("Add a text cell to start.", elem_id="nb-empty")

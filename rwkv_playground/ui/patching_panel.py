@@ -23,6 +23,23 @@ from .experiments_panel import export_files, parse_ids
 
 ACTIONS = ["Restore from the clean run", "Restore sweep (causal trace)", "Remove a token", "Blend with the other text",
            "Knock out (erase) the parts", "Knock out (set the decay of) the parts", "Two models on the recorded text"]
+# what each experiment does, and the controls it reads (the others are hidden while it is chosen)
+HELP = {
+    ACTIONS[0]: "Just after the selected token, put a part of the clean run's state into the corrupted reading and "
+                "see how much of the clean prediction returns at every later token.",
+    ACTIONS[1]: "Every part restored after each of the positions before the selected token (a causal trace).",
+    ACTIONS[2]: "Subtract one earlier token's exact contribution from the memory, in the chosen layers.",
+    ACTIONS[3]: "Mix the recorded text's states with the other text's.",
+    ACTIONS[4]: "Erase parts (layers, heads, channels or matrix rows / columns) just after the selected token.",
+    ACTIONS[5]: "Set the decay factor of parts for every later token (1 keeps everything, 0 forgets at once; the "
+                "decay acts on the key channels: RWKV-5/6's rows, RWKV-7's columns).",
+    ACTIONS[6]: "Surprisal and half-lives of another checkpoint on the recorded text.",
+}
+_PARTS_CONTROLS = ("parts", "layers", "channels", "axis")
+USES = {ACTIONS[0]: ("text", *_PARTS_CONTROLS), ACTIONS[1]: ("text", *_PARTS_CONTROLS, "window"),
+        ACTIONS[2]: ("layers", "removed"), ACTIONS[3]: ("text",), ACTIONS[4]: _PARTS_CONTROLS,
+        ACTIONS[5]: (*_PARTS_CONTROLS, "decay"), ACTIONS[6]: ("other_model",)}
+CONTROLS = ("text", "parts", "layers", "channels", "axis", "window", "removed", "other_model", "decay")
 MAX_OTHER_MODEL_BYTES = 2 << 30  # the second model is loaded for the experiment and freed after
 PARTS = ["each layer", "each head of the chosen layers", "channels of the chosen layers"]
 DEFAULT_CORRUPT = ("Romeo: But soft, what light through yonder window breaks?\n"
@@ -250,37 +267,44 @@ class PatchingPanel:
             yield (with_notices(session, friendly_error(exc)), *unchanged)
 
 
+def controls_for(action: str):
+    """The chosen experiment's sentence, and only the controls it reads."""
+    uses = USES.get(action, CONTROLS)
+    return (HELP.get(action, ""), *[gr.update(visible=name in uses) for name in CONTROLS])
+
+
 def build(engine, session, token_slider):
     panel = PatchingPanel(engine)
-    gr.Markdown("The **recorded text is the clean run**; type the corrupted text below (the same number of "
-                "tokens). *Restore*: just after the selected token, put a part of the clean run's state into the "
-                "corrupted reading and see how much of the clean prediction returns at every later token. "
-                "*Sweep*: every part restored after each of the positions before the selected token. *Remove*: "
-                "subtract one earlier token's exact contribution from the memory. *Blend*: mix the two texts' states. *Knock out*: erase "
-                "parts (heads, matrix rows / columns), or set their decay factor for every later token (1 keeps "
-                "everything, 0 forgets at once; the decay acts on the key channels: RWKV-5/6's rows, RWKV-7's "
-                "columns). *Two models*: surprisal and half-lives of another checkpoint "
-                "on the recorded text.")
-    corrupt = gr.Textbox(DEFAULT_CORRUPT, lines=3, label="Corrupted text (or the other text, for Blend)",
-                         elem_id="patch-text")
+    gr.Markdown("The **recorded text is the clean run**; the corrupted text has the same number of tokens.")
     with gr.Row():
         action = gr.Radio(ACTIONS, value=ACTIONS[0], label="Experiment", elem_id="patch-action")
         run_btn = gr.Button("Run", variant="primary", elem_id="patch-run")
+    explained = gr.Markdown(HELP[ACTIONS[0]], elem_id="patch-help")
+    shown = USES[ACTIONS[0]]
+    corrupt = gr.Textbox(DEFAULT_CORRUPT, lines=3, label="Corrupted text (or the other text, for Blend)",
+                         elem_id="patch-text", visible="text" in shown)
     with gr.Row():
-        mode = gr.Dropdown(PARTS, value=PARTS[0], label="Parts to restore", elem_id="patch-parts")
-        layers = gr.Textbox("all", label="Layers (all, 0-3, 1,4)", elem_id="patch-layers")
-        channels = gr.Textbox("0-15", label="Channels (or matrix rows / columns)", elem_id="patch-channels")
-        axis = gr.Dropdown(["rows", "columns"], value="rows", label="Matrix axis", elem_id="patch-axis")
-        window = gr.Slider(1, 128, value=24, step=1, label="Sweep: positions before the token", elem_id="patch-window")
-        removed = gr.Number(0, precision=0, label="Remove: token index", elem_id="patch-removed")
-        other_model = gr.Dropdown(engine.list_models(), label="Two models: the other checkpoint",
-                                  elem_id="patch-other-model")
-        decay = gr.Number(1.0, minimum=0, maximum=1, label="Knock out: decay factor (0 to 1)", elem_id="patch-decay")
+        mode = gr.Dropdown(PARTS, value=PARTS[0], label="Parts", elem_id="patch-parts", visible="parts" in shown)
+        layers = gr.Textbox("all", label="Layers (all, 0-3, 1,4)", elem_id="patch-layers", visible="layers" in shown)
+        channels = gr.Textbox("0-15", label="Channels (or matrix rows / columns)", elem_id="patch-channels",
+                              visible="channels" in shown)
+        axis = gr.Dropdown(["rows", "columns"], value="rows", label="Matrix axis", elem_id="patch-axis",
+                           visible="axis" in shown)
+        window = gr.Slider(1, 128, value=24, step=1, label="Positions before the token", elem_id="patch-window",
+                           visible="window" in shown)
+        removed = gr.Number(0, precision=0, label="Token index to remove", elem_id="patch-removed",
+                            visible="removed" in shown)
+        other_model = gr.Dropdown(engine.list_models(), label="The other checkpoint", elem_id="patch-other-model",
+                                  visible="other_model" in shown)
+        decay = gr.Number(1.0, minimum=0, maximum=1, label="Decay factor (0 to 1)", elem_id="patch-decay",
+                          visible="decay" in shown)
     status = gr.Markdown("", elem_id="patch-status")
     plot = gr.Plot(elem_id="patch-plot")
     table = gr.Markdown("", elem_id="patch-summary")
     files = gr.File(label="Export (figure HTML, CSV, JSON)", file_count="multiple", elem_id="patch-files")
     options = ControlGroup([mode, layers, channels, axis, window, removed, other_model, decay], PatchOptions)
+    action.change(controls_for, [action], [explained, corrupt, mode, layers, channels, axis, window, removed,
+                                           other_model, decay], queue=False, api_visibility="private")
     run_btn.click(*wire(panel.on_run, session, action, corrupt, token_slider, options),
                   [status, plot, table, files], api_name="patching", concurrency_id="model",
                   concurrency_limit=engine.event_concurrency())
