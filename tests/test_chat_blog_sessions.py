@@ -293,6 +293,7 @@ def test_a_message_sent_during_a_reply_is_queued_then_sent_and_stop_hands_it_bac
         assert next(second) == (gr.skip(),) * 5  # waiting: nothing changes
         rest = list(first)
         assert all(out[4] == gr.skip() for out in rest)  # the first reply never empties the box again
+        assert "1 message queued" in rest[0][1]  # its updates say so (they replace the status)
         assert rest[-1][0][-1]["content"] == "What news?" + QUEUED
         list(second)
     assert [(t.user, t.reply) for t in chat.turns] == [(t.user, t.reply) for t in alone.turns]

@@ -75,6 +75,9 @@ def last_stats(session: ChatSession) -> str:
 
 def view(session: ChatSession, status: str):
     """The tab's outputs for a session: messages, status line, per-turn statistics, session."""
+    waiting = sum(1 for queued in session.queued_messages if not queued.sending)
+    if waiting and not status.startswith("Queued"):  # the running reply's updates say it too
+        status += f" · {waiting} message{'s' if waiting > 1 else ''} queued: sent when this reply ends"
     return messages_of(session), status, stats_table(session), session
 
 
