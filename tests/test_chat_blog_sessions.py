@@ -190,6 +190,12 @@ def test_event_functions_in_process(engine):
     assert all(out[4] == gr.skip() for out in outs[1:])
     assert messages[-1] == {"role": "assistant", "content": chat.turns[0].reply}  # the reply alone
     assert "generated" in status and table[0]["generated_tokens"] == chat.turns[0].stats["generated_tokens"]
+    # people read the statistics as a table (the API keeps the JSON above)
+    from rwkv_playground.ui.chat_tab import stats_frame
+
+    frame = stats_frame(table)
+    assert frame["headers"][:4] == ["Turn", "Prompt tokens", "Prompt tok/s", "Generated"]
+    assert frame["data"][0][0] == 1 and frame["data"][0][3] == chat.turns[0].stats["generated_tokens"]
     hint = list(fns["chat"]("   ", chat, "Bob", "Alice", "", *sampling, 20, 1))[-1]
     assert "Type a message" in hint[1] and len(chat.turns) == 1
     huge = list(fns["chat"]("Again.", chat, "Bob", "Alice", "", *sampling, 10**9, 1))[-1]

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from ..chat import PRESETS, ChatFormat, ChatSession, QueuedMessage, default_preset, model_chat_format
 from . import documents
 from .common import (ControlGroup, Sampling, SamplingControls, ensure_session, friendly_error, session_state,
-                     stats_line, stream, wire, with_notices)
+                     stats_line, stats_notes, stream, wire, with_notices)
 
 INTERRUPTED = "\n\n*(interrupted: the server stopped while writing this reply)*"
 QUEUED = "\n\n*(queued: sent when the reply above is written; Stop hands it back)*"
@@ -55,17 +55,11 @@ def stats_frame(table: list[dict] | None) -> dict:
     """The per-turn statistics (the JSON the API returns) as a table a person reads."""
     rows = []
     for stats in table or []:
-        notes = []
-        if stats.get("history_reread"):
-            notes.append(f"{stats['history_reread']} history tokens re-read")
-        if stats.get("state_from_store"):
-            notes.append("state read back from your saved work")
-        if stats.get("interrupted"):
-            notes.append("interrupted (the server stopped)")
         rows.append([stats.get("turn", ""), stats.get("prompt_tokens", 0),
                      round(stats.get("prompt_tokens_per_second") or 0.0), stats.get("generated_tokens", 0),
                      round(stats.get("tokens_per_second") or 0.0, 1), stats.get("tokens_saved", 0),
-                     STOP_REASONS.get(stats.get("stop_reason", ""), stats.get("stop_reason", "")), "; ".join(notes)])
+                     STOP_REASONS.get(stats.get("stop_reason", ""), stats.get("stop_reason", "")),
+                     "; ".join(stats_notes(stats))])
     return {"headers": STATS_COLUMNS, "data": rows}
 
 

@@ -204,6 +204,20 @@ def friendly_error(exc: BaseException) -> str:
     return f"⚠ Something went wrong ({type(exc).__name__}{': ' + first if first else ''}). Details are in the server log."
 
 
+def stats_notes(stats: dict) -> list[str]:
+    """What was unusual about a run: where its state came from, a cut, history read again (and why)."""
+    notes = []
+    if stats.get("state_from_store"):
+        notes.append("the state read back from your saved work")
+    if stats.get("interrupted"):
+        notes.append("interrupted (the server stopped)")
+    if stats.get("history_reread"):
+        why = ("the conversation was written with another model" if stats.get("history_reread_why") == "model changed"
+               else "the saved state had been dropped")
+        notes.append(f"{stats['history_reread']} history tokens re-read ({why})")
+    return notes
+
+
 def stats_line(stats: dict) -> str:
     if not stats:
         return ""
@@ -221,14 +235,7 @@ def stats_line(stats: dict) -> str:
         parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
     if stats.get("tokens_saved"):
         parts.append(f"{stats['tokens_saved']} history tokens reused from the state (not re-read)")
-    if stats.get("state_from_store"):
-        parts.append("the state read back from your saved work")
-    if stats.get("interrupted"):
-        parts.append("interrupted (the server stopped)")
-    if stats.get("history_reread"):
-        why = ("the conversation was written with another model" if stats.get("history_reread_why") == "model changed"
-               else "the saved state had been dropped")
-        parts.append(f"{stats['history_reread']} history tokens re-read ({why})")
+    parts += stats_notes(stats)
     if stats.get("stop_reason") in ("cancelled", "closed"):
         parts.append("stopped")
     return " · ".join(parts)
