@@ -189,7 +189,7 @@ def test_inspector_records_and_token_slider_changes_views(page):
     page.locator("#insp-text textarea").fill("Romeo: But soft, what light through yonder window breaks?\n\n"
                                             "Juliet: O Romeo, Romeo, wherefore art thou Romeo?")
     page.locator("#insp-record").click()
-    wait_for_status(page, "insp-status", ["Recorded", "tokens"], timeout=60)
+    wait_for_status(page, "insp-status", ["Recorded", "tokens", "Move the sliders"], timeout=60)  # not a progress line
     page.locator("#insp-summary .gtitle").wait_for(timeout=20000)
     info_before = page.locator("#insp-token-info").inner_text()
     assert "Token" in info_before
@@ -261,7 +261,7 @@ def test_experiments_tab_knockout_memory_probe_and_causal_trace(page, engine):
     page.get_by_role("tab", name="State inspector").click()
     page.locator("#insp-text textarea").fill(GUIDED_TEXT)
     page.locator("#insp-record").click()
-    wait_for_status(page, "insp-status", ["Recorded", "tokens"], timeout=60)
+    wait_for_status(page, "insp-status", ["Recorded", "tokens", "Move the sliders"], timeout=60)  # not a progress line
     page.get_by_role("tab", name="Experiments").click()
     select_token(page, 4)  # ' Good': the state right after "ROMEO:" is edited
     page.locator("#exp-channel-mode input").click()
@@ -553,7 +553,7 @@ def test_the_matrix_inspector_and_patching_on_the_rwkv7_demo(page):
         pg.get_by_role("tab", name="State inspector").click()
         pg.locator("#insp-text textarea").fill(MATRIX_CLEAN)
         pg.locator("#insp-record").click()
-        status = wait_for_status(pg, "insp-status", ["Recorded", "heads of"], timeout=60)
+        status = wait_for_status(pg, "insp-status", ["Recorded", "heads of", "Move the sliders"], timeout=60)
         assert "⚠" not in status
         pg.get_by_role("tab", name="Matrix state (RWKV-5/6/7)").click()
         wait_for_figure(pg, "insp-m-attention", "exact effective attention", "heatmaplayer")
