@@ -16,9 +16,6 @@ sys.path.insert(0, str(ROOT))
 # The rwkv pip package reads these at import time: plain PyTorch path, TorchScript on.
 os.environ.setdefault("RWKV_JIT_ON", "1")
 os.environ["RWKV_CUDA_ON"] = "0"
-# Gradio notices a closed page at its next heartbeat (15 s by default, then unload frees the
-# visitor's sessions): the same behaviour, tested at a 2 s heartbeat instead of waited out
-os.environ.setdefault("GRADIO_HEARTBEAT_INTERVAL", "2")
 # gradio 6.31 calls a pandas-3-deprecated argument in a worker thread (harmless)
 warnings.filterwarnings("ignore", message="The copy keyword is deprecated")
 

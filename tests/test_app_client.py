@@ -212,16 +212,20 @@ def test_a_model_switch_under_load_ends_running_replies_with_a_sentence(app_url,
         engine.load(app_model_path)  # later tests expect the demo model
 
 
-def test_a_closed_api_client_frees_its_sessions_at_once(app_url, engine):
+def test_a_closed_api_client_frees_its_sessions_at_once(app_url, engine, monkeypatch):
     from gradio_client import Client
 
+    # Gradio notices a closed client at its next heartbeat (15 s by default; read per connection):
+    # the same behaviour at a 2 s heartbeat, for this client only (a short one for every page of a
+    # loaded machine freed live pages' sessions)
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "2")
     before = set(engine._visits)
     client = Client(app_url, verbose=False)
     client.predict("Hello there.", "Bob", "Alice", "", *SAMPLING, 10, 1, api_name="/chat")
     (visitor,) = set(engine._visits) - before
     (chat,) = engine._visits[visitor]
     assert chat.memory_bytes() > 0 and chat in engine.memory.sessions()
-    client.close()  # its heartbeat ends: Gradio's unload (at the next heartbeat: conftest)
+    client.close()  # its heartbeat ends: Gradio's unload, at the next heartbeat
     deadline = time.time() + 20
     while time.time() < deadline and visitor in engine._visits:
         time.sleep(0.1)

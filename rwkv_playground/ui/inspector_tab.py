@@ -229,14 +229,11 @@ class InspectorTab:
         try:
             loaded = self.engine.require()
             ids = tokens_to_record(source, text, chat_session, blog_session, loaded.tokenizer)
-            # the token slider is locked while recording: a token chosen now would be checked
-            # against the previous recording's length (Gradio logs the refusal as a traceback)
-            recording = (unchanged[0], gr.Slider(interactive=False), *unchanged[2:])
             for event in session.record(self.engine, ids):
                 if event.kind == "progress":
-                    yield (f"Recording… {event.value[1]}", *recording)
+                    yield (f"Recording… {event.value[1]}", *unchanged)
                 elif event.kind == "queued":
-                    yield (f"Waiting for the model: place {event.value} in the queue…", *recording)
+                    yield (f"Waiting for the model: place {event.value} in the queue…", *unchanged)
             rec = session.recording
             layer = min(int(layer), rec.n_layer - 1)
             last = rec.n_tokens - 1
@@ -247,12 +244,12 @@ class InspectorTab:
             status = (f"Recorded {rec.n_tokens} tokens × {rec.n_layer} layers × {rec.n_embd} channels{heads}. "
                       "Move the sliders: every view is a slice of this recording.")
             yield (with_notices(session, status), gr.Slider(maximum=rec.n_layer - 1, value=layer),
-                   gr.Slider(maximum=last, value=last, interactive=True),
+                   gr.Slider(maximum=last, value=last),
                    gr.Slider(maximum=max(1, rec.n_head - 1) if matrix else 1, value=head, interactive=matrix),
                    gr.Dropdown(choices=spikes(rec), value=None), *views,
                    *model_figures(loaded.runtime), session)
         except Exception as exc:
-            yield (with_notices(session, friendly_error(exc)), unchanged[0], gr.Slider(interactive=True), *unchanged[2:])
+            yield (with_notices(session, friendly_error(exc)), *unchanged)
 
     def on_compare(self, session, token, file):
         if session is None or session.recording is None or file is None:
