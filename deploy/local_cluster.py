@@ -285,13 +285,11 @@ def main(argv=None) -> int:
                         "on --port, apps on the next ports) and exit")
     parser.add_argument("app_args", nargs="*", help="options for every app.py (after --), e.g. -- --model M.pth")
     args = parser.parse_args(argv)
+    app_ports = [args.port + 1 + i for i in range(args.processes)]  # as deploy/haproxy.cfg and the README say
     if args.write_config:
-        ports = [args.port + 1 + i for i in range(args.processes)]
-        Path(args.write_config).write_text(haproxy_config(args.port, ports))
+        Path(args.write_config).write_text(haproxy_config(args.port, app_ports))
         return 0
-    # the apps on the ports after --port, as deploy/haproxy.cfg and the README say
-    cluster = LocalCluster(args.processes, args.port, app_args=args.app_args,
-                           app_ports=[args.port + 1 + i for i in range(args.processes)])
+    cluster = LocalCluster(args.processes, args.port, app_args=args.app_args, app_ports=app_ports)
 
     def stop_on_signal(signum, _frame):  # SIGTERM / SIGHUP stop everything, as Ctrl-C does
         raise SystemExit(128 + signum)

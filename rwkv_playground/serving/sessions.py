@@ -26,7 +26,7 @@ from .scheduler import Event, Ticket
 log = logging.getLogger("rwkv_playground.sessions")
 # While a reply streams, its text so far is saved this often (text only: a crash loses at most
 # this much of what was shown; the states are saved when the reply ends).
-CHECKPOINT_INTERVAL_S = 0.5  # a crash loses at most this much of a stream (plus the writer's lag)
+CHECKPOINT_INTERVAL_S = 0.5
 
 # Updates handed to all the streams being followed, together, per second at most. One browser
 # needs ~20 a second, but 16 visitors streaming at once need not 320: every update costs the web

@@ -111,13 +111,17 @@ class ChatTab:
         # written waits for it (shown as queued) instead of being lost, and two never start at once.
         entry = QueuedMessage(message)
         session.queued_messages.append(entry)
+
+        def waiting() -> bool:  # still queued (not handed back by Stop) behind a reply or a message
+            return entry in session.queued_messages and (session.busy or session.queued_messages[0] is not entry)
+
         box = ""  # the box is emptied once, when the message is taken: later updates leave what
         try:      # the visitor types meanwhile alone
-            if session.busy or session.queued_messages[0] is not entry:
+            if waiting():
                 yield *view(session, "Queued: your message is sent when the reply being written ends "
                                      "(Stop hands it back)."), box
                 box = gr.skip()
-                while entry in session.queued_messages and (session.busy or session.queued_messages[0] is not entry):
+                while waiting():
                     time.sleep(QUEUE_POLL_S)
                     yield (gr.skip(),) * 5  # nothing changes; a pause where Stop can cancel this event
                 if entry not in session.queued_messages:  # Stop handed it back
